@@ -1,0 +1,53 @@
+"""The job broker on Redis: the data model, the Lua scripts, claim/lease/retry.
+
+Start at `Broker` (broker.py); the data model is described there and in docs/broker.md.
+"""
+
+from emp_hub.broker.broker import Broker, MaintenanceReport
+from emp_hub.broker.connection import connect
+from emp_hub.broker.models import (
+    PRIORITY_MAX,
+    PRIORITY_MIN,
+    BrokerError,
+    CancelResult,
+    Claim,
+    ClassStats,
+    DuplicateJob,
+    Event,
+    InvalidJob,
+    InvalidState,
+    Job,
+    JobNotFound,
+    JobSpec,
+    JobStatus,
+    Page,
+    QueueStats,
+    RequirementsSpec,
+    StaleLease,
+)
+from emp_hub.broker.settings import BrokerSettings
+
+__all__ = [
+    "PRIORITY_MAX",
+    "PRIORITY_MIN",
+    "Broker",
+    "BrokerError",
+    "BrokerSettings",
+    "CancelResult",
+    "Claim",
+    "ClassStats",
+    "DuplicateJob",
+    "Event",
+    "InvalidJob",
+    "InvalidState",
+    "Job",
+    "JobNotFound",
+    "JobSpec",
+    "JobStatus",
+    "MaintenanceReport",
+    "Page",
+    "QueueStats",
+    "RequirementsSpec",
+    "StaleLease",
+    "connect",
+]

@@ -1,0 +1,484 @@
+"""The broker: every job operation, each one Lua script over the Redis data model.
+
+Data model (docs/broker.md has the whole picture); every key starts with "{namespace}:":
+
+    job:<id>            hash: the job record
+    ev:<id>             stream: the job's status and progress events (capped)
+    q:<class>           zset: pending jobs of one requirement class, by score
+    classes             hash: requirement class -> canonical requirements (JSON)
+    classes:ver         counter: bumped when a new class appears
+    nonempty            set: classes with pending jobs
+    seq                 counter: submission order
+    leases              zset: active job -> lease expiry
+    delayed             zset: job waiting for a retry -> when it is due
+    dead                zset: dead-lettered (failed) job -> when it failed
+    expiring            zset: "id TAB service TAB customer TAB status" -> retention end
+    idx:all, idx:status:<s>, idx:svc:<service>, idx:cust:<customer>
+                        zsets: job id -> seq, to list jobs newest first
+    workers             zset: worker id -> last seen
+    worker:<id>         string: the worker's capabilities (JSON), expires
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import secrets
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+from redis.asyncio import Redis
+
+from emp_hub.broker.models import (
+    PRIORITY_MAX,
+    PRIORITY_SCALE,
+    CancelResult,
+    Claim,
+    ClassStats,
+    DuplicateJob,
+    Event,
+    InvalidJob,
+    Job,
+    JobNotFound,
+    JobSpec,
+    JobStatus,
+    Page,
+    QueueStats,
+)
+from emp_hub.broker.scripts import Scripts
+from emp_hub.broker.settings import BrokerSettings
+from emp_worker.capabilities import JobRequirements, WorkerCapabilities, matches
+
+_SUBMIT_FIELDS = 9
+
+
+@dataclass
+class MaintenanceReport:
+    """What one maintenance pass did."""
+
+    requeued: list[str]
+    timed_out: list[str]
+    dead_lettered: list[str]
+    promoted_classes: list[str]
+    purged: int
+    workers_pruned: int
+
+
+class Broker:
+    """Jobs on Redis: submit, claim, lease, progress, complete, fail, retry, cancel.
+
+    One Broker per hub process; any number of them may share one Redis. `redis` must be
+    created with ``decode_responses=True``.
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        settings: BrokerSettings | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.redis = redis
+        self.settings = settings or BrokerSettings()
+        self.clock = clock
+        self.prefix = "{" + self.settings.namespace + "}:"
+        self._scripts = Scripts(redis)
+        s = self.settings
+        self._config = json.dumps(
+            {
+                "pmax": PRIORITY_MAX,
+                "pscale": PRIORITY_SCALE,
+                "event_cap": s.event_cap,
+                "retention": s.retention_s,
+                "dead_retention": s.dead_retention_s,
+                "retry_base": s.retry_base_s,
+                "retry_cap": s.retry_cap_s,
+                "max_orphans": s.max_orphans,
+                "timeout_grace": s.timeout_grace_s,
+                "max_skip": s.max_skip,
+            }
+        )
+        # Requirement classes known to this process, refreshed when the server's version
+        # counter moves; and per distinct capabilities, the classes they satisfy.
+        self._classes: dict[str, JobRequirements] = {}
+        self._classes_ver = "-1"
+        self._matching: dict[str, tuple[str, list[str]]] = {}
+        self._live: dict[str, WorkerCapabilities] = {}
+        self._live_at = float("-inf")
+        self._live_gen = 0  # bumped at every refresh of _live
+        self._counts: tuple[tuple[int, str], dict[str, int]] = ((-1, ""), {})
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def key(self, *parts: str) -> str:
+        """A key in this broker's namespace, e.g. key("job", id)."""
+        return self.prefix + ":".join(parts)
+
+    async def _run(self, name: str, *args: Any) -> Any:
+        return await self._scripts.run(
+            name, self.key("seq"), [self.prefix, repr(self.clock()), self._config, *args]
+        )
+
+    # -- submit ------------------------------------------------------------------------
+
+    async def submit(self, spec: JobSpec) -> Job:
+        """Submit one job. Raises DuplicateJob if its id exists, InvalidJob if too large."""
+        return (await self.submit_many([spec]))[0]
+
+    async def submit_many(self, specs: Sequence[JobSpec]) -> list[Job]:
+        """Submit a batch atomically: every job is stored, or (on any error) none."""
+        if not specs:
+            return []
+        now = self.clock()
+        args: list[Any] = [len(specs)]
+        prepared: list[tuple[JobSpec, str, JobRequirements, str]] = []
+        seen: set[str] = set()
+        for spec in specs:
+            job_id = spec.id or f"job-{uuid.uuid4()}"
+            if job_id in seen:
+                raise DuplicateJob(f"the batch holds job id {job_id} twice")
+            seen.add(job_id)
+            payload = json.dumps(spec.payload, separators=(",", ":"))
+            if len(payload) > self.settings.max_payload_bytes:
+                raise InvalidJob(
+                    f"job {job_id}: payload of {len(payload)} bytes exceeds the cap of "
+                    f"{self.settings.max_payload_bytes} bytes"
+                )
+            req = spec.job_requirements()
+            max_attempts = spec.max_attempts or self.settings.max_attempts
+            args += [
+                job_id,
+                spec.service,
+                req.requirement_class(),
+                req.canonical(),
+                spec.priority,
+                spec.customer or "",
+                max_attempts,
+                repr(spec.timeout),
+                payload,
+            ]
+            prepared.append((spec, job_id, req, payload))
+        first_seq, _new_classes = await self._run("submit", *args)
+        return [
+            Job(
+                id=job_id,
+                service=spec.service,
+                status=JobStatus.PENDING,
+                priority=spec.priority,
+                payload=spec.payload,
+                requirements=req,
+                requirement_class=req.requirement_class(),
+                customer=spec.customer,
+                seq=int(first_seq) + i,
+                attempt=0,
+                failures=0,
+                orphans=0,
+                max_attempts=spec.max_attempts or self.settings.max_attempts,
+                timeout=spec.timeout,
+                created_at=now,
+            )
+            for i, (spec, job_id, req, _payload) in enumerate(prepared)
+        ]
+
+    # -- workers and matching ----------------------------------------------------------
+
+    async def register_worker(self, worker_id: str, caps: WorkerCapabilities) -> None:
+        """Record a live worker and its capabilities (call again to refresh them)."""
+        ttl = self.settings.worker_ttl_s
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zadd(self.key("workers"), {worker_id: self.clock()})
+            pipe.set(self.key("worker", worker_id), caps.model_dump_json(), ex=int(ttl) + 1)
+            await pipe.execute()
+        self._live_at = float("-inf")  # re-read at the next claim
+
+    async def touch_worker(self, worker_id: str) -> None:
+        """Mark a registered worker as still alive (its heartbeat)."""
+        ttl = int(self.settings.worker_ttl_s) + 1
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zadd(self.key("workers"), {worker_id: self.clock()}, xx=True)
+            pipe.expire(self.key("worker", worker_id), ttl)
+            await pipe.execute()
+
+    async def unregister_worker(self, worker_id: str) -> None:
+        """Forget a worker (it disconnected cleanly)."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zrem(self.key("workers"), worker_id)
+            pipe.delete(self.key("worker", worker_id))
+            await pipe.execute()
+        self._live_at = float("-inf")
+
+    async def live_workers(self, *, fresh: bool = False) -> dict[str, WorkerCapabilities]:
+        """Workers heard from within worker_ttl_s, with their capabilities (cached briefly)."""
+        now = self.clock()
+        if not fresh and now - self._live_at < self.settings.live_cache_s:
+            return self._live
+        ids = cast(
+            list[str],
+            await self.redis.zrangebyscore(
+                self.key("workers"), now - self.settings.worker_ttl_s, "+inf"
+            ),
+        )
+        raw = await self.redis.mget([self.key("worker", i) for i in ids]) if ids else []
+        self._live = {
+            i: WorkerCapabilities.model_validate_json(c) for i, c in zip(ids, raw, strict=True) if c
+        }
+        self._live_at = now
+        self._live_gen += 1
+        return self._live
+
+    async def _refresh_classes(self) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.get(self.key("classes:ver"))
+            pipe.hgetall(self.key("classes"))
+            ver, classes = await pipe.execute()
+        self._classes = {c: JobRequirements.model_validate_json(r) for c, r in classes.items()}
+        self._classes_ver = ver or "0"
+
+    def matching_classes(self, caps: WorkerCapabilities) -> list[str]:
+        """The known requirement classes that `caps` satisfies (cached per capabilities)."""
+        cache_key = caps.canonical()
+        hit = self._matching.get(cache_key)
+        if hit is not None and hit[0] == self._classes_ver:
+            return hit[1]
+        found = sorted(c for c, req in self._classes.items() if matches(req, caps))
+        self._matching[cache_key] = (self._classes_ver, found)
+        return found
+
+    async def _claim_plan(self, worker_id: str, caps: WorkerCapabilities) -> list[str]:
+        """Claim-script arguments: each candidate class and whether avoided jobs may go."""
+        classes = self.matching_classes(caps)
+        if not classes:
+            return []
+        counts = self._live_counts(await self.live_workers())
+        plan: list[str] = []
+        for c in classes:
+            others = counts.get(c, 0) - (1 if worker_id in self._live else 0)
+            plan += [c, "1" if others <= 0 else "0"]
+        return plan
+
+    def _live_counts(self, live: dict[str, WorkerCapabilities]) -> dict[str, int]:
+        """How many live workers satisfy each class (computed once per live snapshot)."""
+        snapshot = (self._live_gen, self._classes_ver)
+        if self._counts[0] == snapshot and live is self._live:
+            return self._counts[1]
+        counts: dict[str, int] = {}
+        for caps in live.values():
+            for c in self.matching_classes(caps):
+                counts[c] = counts.get(c, 0) + 1
+        self._counts = (snapshot, counts)
+        return counts
+
+    # -- claim and the life of a claimed job ---------------------------------------------
+
+    async def claim(
+        self, worker_id: str, caps: WorkerCapabilities, *, lease_s: float | None = None
+    ) -> Claim | None:
+        """Take the best job `caps` can run (highest priority, then oldest) and lease it.
+
+        Returns None when no matching job is pending. A job that `worker_id` failed before
+        is passed over while another live worker could run it.
+        """
+        lease = lease_s or self.settings.lease_s
+        for _ in range(3):
+            plan = await self._claim_plan(worker_id, caps)
+            token = secrets.token_hex(12)
+            reply = await self._run(
+                "claim", worker_id, token, lease, self._classes_ver, len(plan) // 2, *plan
+            )
+            if reply[0] == 1:
+                fields = cast(list[str], reply[2])
+                job = Job.from_hash(dict(zip(fields[::2], fields[1::2], strict=True)))
+                return Claim(job=job, token=token, lease_expires=job.lease_expires or 0.0)
+            if reply[1] == self._classes_ver:
+                return None
+            await self._refresh_classes()  # a new class appeared: recompute the candidates
+        return None
+
+    async def extend(
+        self, leases: Iterable[tuple[str, str]], *, lease_s: float | None = None
+    ) -> list[bool]:
+        """Renew the leases of (job id, token) pairs. False: that job is no longer held."""
+        pairs = [x for pair in leases for x in pair]
+        if not pairs:
+            return []
+        reply = await self._run("extend", lease_s or self.settings.lease_s, *pairs)
+        return [bool(x) for x in reply]
+
+    async def progress(self, job_id: str, token: str, progress: float, message: str = "") -> None:
+        """Record progress (0-100) of a held job; also renews its lease."""
+        if not 0 <= progress <= 100:
+            raise InvalidJob(f"progress must be within 0..100, not {progress}")
+        await self._run("progress", job_id, token, repr(progress), message, self.settings.lease_s)
+
+    async def complete(self, job_id: str, token: str, result: Any = None) -> None:
+        """Record the result of a held job. Raises StaleLease if the token no longer holds it."""
+        data = json.dumps(result, separators=(",", ":"))
+        if len(data) > self.settings.max_result_bytes:
+            raise InvalidJob(
+                f"job {job_id}: result of {len(data)} bytes exceeds the cap of "
+                f"{self.settings.max_result_bytes} bytes; upload large outputs instead"
+            )
+        await self._run("complete", job_id, token, data)
+
+    async def fail(
+        self, job_id: str, token: str, error: str, *, retryable: bool = True
+    ) -> JobStatus:
+        """Fail the current attempt: DELAYED (a retry follows) or FAILED (dead-lettered)."""
+        status = await self._run(
+            "fail", job_id, token, error, "1" if retryable else "0", random.random()
+        )
+        return JobStatus(status)
+
+    async def release(self, job_id: str, token: str) -> None:
+        """Hand a held job back without penalty; it keeps its place in line."""
+        await self._run("release", job_id, token)
+
+    async def cancel(self, job_id: str, reason: str = "cancelled") -> CancelResult:
+        """Cancel a job. A pending job is removed; for an active one, tell `worker`."""
+        status, worker = await self._run("cancel", job_id, reason)
+        return CancelResult(previous_status=JobStatus(status), worker=worker or None)
+
+    async def retry(self, job_id: str) -> None:
+        """Re-queue a dead-lettered job with fresh attempts, at its original place."""
+        await self._run("retry", job_id)
+
+    # -- maintenance -------------------------------------------------------------------
+
+    async def maintain(self, *, limit: int = 1000) -> MaintenanceReport:
+        """One idempotent pass: requeue expired leases, promote due retries, purge expired
+        jobs from the indexes, drop dead workers. Every hub replica runs it periodically."""
+        reaped = await self._run("reap", limit, random.random())
+        outcomes = dict(zip(reaped[::2], reaped[1::2], strict=True))
+        promoted = await self._run("promote", limit)
+        purged = await self._run("janitor", limit)
+        pruned = await self.redis.zremrangebyscore(
+            self.key("workers"), "-inf", self.clock() - self.settings.worker_ttl_s
+        )
+        return MaintenanceReport(
+            requeued=[i for i, o in outcomes.items() if o == "requeued"],
+            timed_out=[i for i, o in outcomes.items() if o == "delayed"],
+            dead_lettered=[i for i, o in outcomes.items() if o == "failed"],
+            promoted_classes=list(promoted),
+            purged=int(purged),
+            workers_pruned=int(pruned),
+        )
+
+    # -- reading -----------------------------------------------------------------------
+
+    async def get(self, job_id: str) -> Job:
+        """The job record. Raises JobNotFound."""
+        h = cast(dict[str, str], await self.redis.hgetall(self.key("job", job_id)))
+        if not h:
+            raise JobNotFound(f"no such job: {job_id}")
+        return Job.from_hash(h)
+
+    async def list_jobs(
+        self,
+        *,
+        status: JobStatus | None = None,
+        service: str | None = None,
+        customer: str | None = None,
+        limit: int = 50,
+        cursor: int | None = None,
+    ) -> Page:
+        """Jobs newest first, filtered; walks the most selective index, never all keys."""
+        if customer is not None:
+            index = self.key("idx", "cust", customer)
+        elif service is not None:
+            index = self.key("idx", "svc", service)
+        elif status is not None:
+            index = self.key("idx", "status", status.value)
+        else:
+            index = self.key("idx", "all")
+        jobs: list[Job] = []
+        top = f"({cursor}" if cursor is not None else "+inf"
+        batch = max(limit, 50)
+        budget = 20 * batch
+        while len(jobs) < limit and budget > 0:
+            rows = cast(
+                list[tuple[str, float]],
+                await self.redis.zrevrangebyscore(index, top, "-inf", 0, batch, withscores=True),
+            )
+            if not rows:
+                return Page(jobs=jobs, next_cursor=None)
+            budget -= len(rows)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for job_id, _ in rows:
+                    pipe.hgetall(self.key("job", job_id))
+                hashes = await pipe.execute()
+            for (_job_id, seq), h in zip(rows, hashes, strict=True):
+                top = f"({int(seq)}"
+                if not h:
+                    continue  # expired; the janitor removes the entry
+                job = Job.from_hash(h)
+                if (
+                    (status is None or job.status is status)
+                    and (service is None or job.service == service)
+                    and (customer is None or job.customer == customer)
+                ):
+                    jobs.append(job)
+                    if len(jobs) == limit:
+                        return Page(jobs=jobs, next_cursor=int(seq))
+            if len(rows) < batch:
+                return Page(jobs=jobs, next_cursor=None)
+        return Page(jobs=jobs, next_cursor=int(top[1:]) if top != "+inf" else None)
+
+    async def events(
+        self, job_id: str, *, after: str | None = None, count: int = 100
+    ) -> list[Event]:
+        """The job's events after stream id `after` (all when None), oldest first."""
+        start = f"({after}" if after else "-"
+        rows = cast(
+            list[tuple[str, dict[str, str]]],
+            await self.redis.xrange(self.key("ev", job_id), start, "+", count=count),
+        )
+        out = []
+        for event_id, fields in rows:
+            data = dict(fields)
+            out.append(
+                Event(id=event_id, type=data.pop("type"), ts=float(data.pop("ts")), data=data)
+            )
+        return out
+
+    async def stats(self) -> QueueStats:
+        """Depth per class and priority, set sizes, and unschedulable classes."""
+        if self._classes_ver == "-1":
+            await self._refresh_classes()
+        nonempty = sorted(cast(set[str], await self.redis.smembers(self.key("nonempty"))))
+        if any(c not in self._classes for c in nonempty):
+            await self._refresh_classes()
+        live = await self.live_workers(fresh=True)
+        counts = self._live_counts(live)
+        classes: list[ClassStats] = []
+        for c in nonempty:
+            flat = await self._run("depth", c)
+            by_priority = {int(p): int(n) for p, n in zip(flat[::2], flat[1::2], strict=True)}
+            pending = sum(by_priority.values())
+            if not pending:
+                continue
+            classes.append(
+                ClassStats(
+                    requirement_class=c,
+                    requirements=self._classes[c],
+                    pending=pending,
+                    by_priority=by_priority,
+                    matching_workers=counts.get(c, 0),
+                    unschedulable=counts.get(c, 0) == 0,
+                )
+            )
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name in ("leases", "delayed", "dead"):
+                pipe.zcard(self.key(name))
+            active, delayed, dead = await pipe.execute()
+        return QueueStats(
+            classes=classes,
+            pending=sum(c.pending for c in classes),
+            active=active,
+            delayed=delayed,
+            dead=dead,
+            unschedulable_jobs=sum(c.pending for c in classes if c.unschedulable),
+            live_workers=len(live),
+        )

@@ -1,0 +1,58 @@
+-- Claim the best job among the heads of the candidate queues and lease it.
+-- ARGV[4] worker, ARGV[5] token, ARGV[6] lease seconds, ARGV[7] the version of the class
+-- list the candidates were computed from, ARGV[8] number of queues, then per queue:
+-- class, allow_avoided ("1" when no other live worker can run that class).
+-- Returns {0, classes_version} (nothing, or the candidates are out of date: a new class
+-- appeared) or {1, classes_version, HGETALL of the job}.
+local worker, token, lease = ARGV[4], ARGV[5], tonumber(ARGV[6])
+local nq = tonumber(ARGV[8])
+local ver = redis.call('GET', P .. 'classes:ver') or '0'
+if ver ~= ARGV[7] then return {0, ver} end
+local classes, allow, offs, heads = {}, {}, {}, {}
+
+local function peek(i)
+  local r = redis.call('ZRANGE', qkey(classes[i]), offs[i], offs[i], 'WITHSCORES')
+  if r[1] then heads[i] = {r[1], tonumber(r[2])} else heads[i] = false end
+end
+
+for i = 1, nq do
+  classes[i] = ARGV[7 + 2 * i]
+  allow[i] = ARGV[8 + 2 * i] == '1'
+  offs[i] = 0
+  peek(i)
+end
+
+local needle = '|' .. worker .. '|'
+for _ = 1, CFG.max_skip do
+  local best = nil
+  for i = 1, nq do
+    if heads[i] and (best == nil or heads[i][2] < heads[best][2]) then best = i end
+  end
+  if best == nil then return {0, ver} end
+  local id = heads[best][1]
+  local avoid = redis.call('HGET', jkey(id), 'avoid')
+  if avoid and not allow[best] and string.find(avoid, needle, 1, true) then
+    offs[best] = offs[best] + 1
+    peek(best)
+  else
+    dequeue(id, classes[best])
+    local k = jkey(id)
+    local j = hget(id, {'seq', 'timeout'})
+    local timeout = tonumber(j.timeout)
+    local deadline = 0
+    local expires = NOW + lease
+    if timeout > 0 then
+      deadline = NOW + timeout + CFG.timeout_grace
+      if deadline < expires then expires = deadline end
+    end
+    redis.call('HSET', k, 'worker', worker, 'token', token, 'claimed_at', NOW_S,
+      'deadline', deadline, 'lease_expires', expires, 'progress', 0, 'message', '')
+    redis.call('HDEL', k, 'started_at')
+    redis.call('HINCRBY', k, 'attempt', 1)
+    redis.call('ZADD', P .. 'leases', expires, id)
+    set_status(id, j.seq, 'pending', 'active')
+    event(id, 'type', 'status', 'status', 'active', 'worker', worker)
+    return {1, ver, redis.call('HGETALL', k)}
+  end
+end
+return {0, ver}

@@ -1,0 +1,102 @@
+-- Shared helpers, prepended to every broker script (see scripts.py).
+-- ARGV[1] is the key prefix (e.g. "{emp}:", one hash tag so every key lives in one slot),
+-- ARGV[2] the current time in seconds, ARGV[3] the broker's settings as JSON.
+-- Scores and sequence numbers are passed to redis.call as numbers, which Redis formats
+-- exactly (%.17g); they are never concatenated into strings (Lua would round them).
+local P = ARGV[1]
+local NOW_S = ARGV[2]
+local NOW = tonumber(NOW_S)
+local CFG = cjson.decode(ARGV[3])
+
+local function jkey(id) return P .. 'job:' .. id end
+local function ekey(id) return P .. 'ev:' .. id end
+local function qkey(class) return P .. 'q:' .. class end
+
+-- Read some fields of a job's hash into a table (false for missing ones).
+local function hget(id, fields)
+  local values = redis.call('HMGET', jkey(id), unpack(fields))
+  local out = {}
+  for i, f in ipairs(fields) do out[f] = values[i] end
+  return out
+end
+
+-- Append an event to the job's capped stream.
+local function event(id, ...)
+  redis.call('XADD', ekey(id), 'MAXLEN', '~', CFG.event_cap, '*', 'ts', NOW_S, ...)
+end
+
+local function set_status(id, seq, old, new)
+  redis.call('ZREM', P .. 'idx:status:' .. old, id)
+  redis.call('ZADD', P .. 'idx:status:' .. new, seq, id)
+  redis.call('HSET', jkey(id), 'status', new)
+end
+
+local function enqueue(id, class, score)
+  redis.call('ZADD', qkey(class), score, id)
+  redis.call('SADD', P .. 'nonempty', class)
+end
+
+local function dequeue(id, class)
+  redis.call('ZREM', qkey(class), id)
+  if redis.call('ZCARD', qkey(class)) == 0 then
+    redis.call('SREM', P .. 'nonempty', class)
+  end
+end
+
+-- Check that `token` holds the active job `id`; returns its fields or an error reply.
+local function held(id, token, fields)
+  local want = {'status', 'token'}
+  for _, f in ipairs(fields) do want[#want + 1] = f end
+  local j = hget(id, want)
+  if not j.status then
+    return nil, redis.error_reply('NOJOB no such job: ' .. id)
+  end
+  if j.status ~= 'active' or j.token ~= token then
+    return nil, redis.error_reply('STALE the lease token does not hold job ' .. id ..
+      ' (it is ' .. j.status .. ')')
+  end
+  return j
+end
+
+-- Make a job terminal: status, timestamps, retention (EXPIRE) and the janitor's entry.
+local function finish(id, old, new, ttl)
+  local j = hget(id, {'seq', 'service', 'customer'})
+  set_status(id, j.seq, old, new)
+  local k = jkey(id)
+  redis.call('HSET', k, 'finished_at', NOW_S, 'token', '')
+  local member = id .. '\t' .. j.service .. '\t' .. j.customer .. '\t' .. new
+  redis.call('HSET', k, 'xm', member)
+  redis.call('ZADD', P .. 'expiring', NOW + ttl, member)
+  redis.call('EXPIRE', k, ttl)
+  redis.call('EXPIRE', ekey(id), ttl)
+end
+
+-- Move an active job to the dead-letter set: failed for good, kept for dead_retention.
+local function dead_letter(id, err)
+  redis.call('ZADD', P .. 'dead', NOW, id)
+  redis.call('HSET', jkey(id), 'error', err)
+  finish(id, 'active', 'failed', CFG.dead_retention)
+  event(id, 'type', 'status', 'status', 'failed', 'error', err)
+  return 'failed'
+end
+
+-- The current attempt of an active job failed: back off and retry, or dead-letter it.
+-- The worker that failed it is remembered so it is not handed the job again while
+-- another worker can take it.
+local function fail_attempt(id, err, retryable, jitter)
+  local j = hget(id, {'failures', 'max_attempts', 'worker', 'seq', 'avoid'})
+  local failures = tonumber(j.failures) + 1
+  local k = jkey(id)
+  redis.call('HSET', k, 'failures', failures, 'token', '', 'error', err,
+    'avoid', (j.avoid or '|') .. j.worker .. '|')
+  if retryable and failures < tonumber(j.max_attempts) then
+    local backoff = math.min(CFG.retry_cap, CFG.retry_base * 2 ^ (failures - 1))
+    backoff = backoff * (0.5 + 0.5 * jitter)
+    redis.call('ZADD', P .. 'delayed', NOW + backoff, id)
+    redis.call('HSET', k, 'retry_at', NOW + backoff)
+    set_status(id, j.seq, 'active', 'delayed')
+    event(id, 'type', 'status', 'status', 'delayed', 'error', err)
+    return 'delayed'
+  end
+  return dead_letter(id, err)
+end

@@ -1,0 +1,11 @@
+-- Complete a held job with its result. ARGV[4] id, ARGV[5] token, ARGV[6] result JSON.
+local id, token = ARGV[4], ARGV[5]
+local j, err = held(id, token, {'worker'})
+if not j then return err end
+local k = jkey(id)
+redis.call('HSET', k, 'result', ARGV[6], 'progress', 100)
+redis.call('HSETNX', k, 'started_at', NOW_S)
+redis.call('ZREM', P .. 'leases', id)
+finish(id, 'active', 'completed', CFG.retention)
+event(id, 'type', 'status', 'status', 'completed', 'worker', j.worker)
+return j.worker

@@ -1,0 +1,20 @@
+-- Extend the leases of jobs a worker holds (its heartbeat).
+-- ARGV[4] lease seconds, then pairs of job id and token. Returns 1/0 per job:
+-- 0 means the token no longer holds the job and the worker should drop it.
+local lease = tonumber(ARGV[4])
+local out = {}
+for i = 5, #ARGV, 2 do
+  local id, token = ARGV[i], ARGV[i + 1]
+  local t = redis.call('HMGET', jkey(id), 'status', 'token', 'deadline')
+  if t[1] == 'active' and t[2] == token then
+    local expires = NOW + lease
+    local deadline = tonumber(t[3])
+    if deadline > 0 and deadline < expires then expires = deadline end
+    redis.call('ZADD', P .. 'leases', 'XX', expires, id)
+    redis.call('HSET', jkey(id), 'lease_expires', expires)
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 0
+  end
+end
+return out

@@ -1,0 +1,15 @@
+-- Record progress of a held job and extend its lease.
+-- ARGV[4] id, ARGV[5] token, ARGV[6] progress, ARGV[7] message, ARGV[8] lease seconds.
+local id, token = ARGV[4], ARGV[5]
+local j, err = held(id, token, {'deadline'})
+if not j then return err end
+local k = jkey(id)
+redis.call('HSET', k, 'progress', ARGV[6], 'message', ARGV[7])
+redis.call('HSETNX', k, 'started_at', NOW_S)
+local expires = NOW + tonumber(ARGV[8])
+local deadline = tonumber(j.deadline)
+if deadline > 0 and deadline < expires then expires = deadline end
+redis.call('ZADD', P .. 'leases', 'XX', expires, id)
+redis.call('HSET', k, 'lease_expires', expires)
+event(id, 'type', 'progress', 'progress', ARGV[6], 'message', ARGV[7])
+return 1

@@ -1,0 +1,221 @@
+"""The broker's data: what a client submits, what a job record holds, and the errors."""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from emp_worker.capabilities import NAME_PATTERN, Isolation, JobRequirements, Name
+
+#: Priorities run from PRIORITY_MIN to PRIORITY_MAX; higher runs first.
+PRIORITY_MIN = -1000
+PRIORITY_MAX = 1000
+#: A job's queue score is (PRIORITY_MAX - priority) * PRIORITY_SCALE + seq: one integer,
+#: exact in a double (< 2**53) while seq < 2**42. See docs/broker.md.
+PRIORITY_SCALE = 2**42
+#: Job ids: printable, no whitespace (ids of the original system like "job-<uuid>" fit).
+JOB_ID_PATTERN = r"^[A-Za-z0-9_.:@+=/-]{1,200}$"
+JobId = Annotated[str, Field(pattern=JOB_ID_PATTERN)]
+
+
+class JobStatus(StrEnum):
+    """Where a job is in its life. Terminal: completed, failed, cancelled."""
+
+    PENDING = "pending"
+    ACTIVE = "active"
+    DELAYED = "delayed"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        """True for completed, failed and cancelled."""
+        return self in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+class RequirementsSpec(BaseModel):
+    """The requirements a client may give beside service and customer."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    gpu_memory_gb: float = Field(default=0, ge=0)
+    gpu_count: int = Field(default=0, ge=0, le=64)
+    models: list[Name] = Field(default_factory=list)
+    isolation: Isolation = Isolation.NONE
+    region: Name | None = None
+    tags: list[Name] = Field(default_factory=list)
+    cpu_cores: int = Field(default=0, ge=0)
+    ram_gb: float = Field(default=0, ge=0)
+
+
+class JobSpec(BaseModel):
+    """A job as submitted. Unknown fields are an error."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    service: str = Field(pattern=NAME_PATTERN, description="The service (job_type) to run.")
+    payload: dict[str, Any] = Field(default_factory=dict)
+    priority: int = Field(default=0, ge=PRIORITY_MIN, le=PRIORITY_MAX)
+    id: JobId | None = Field(default=None, description="Client-given id; must be new.")
+    customer: Name | None = None
+    requirements: RequirementsSpec = Field(default_factory=RequirementsSpec)
+    max_attempts: int | None = Field(default=None, ge=1, le=100)
+    timeout: float = Field(default=0, ge=0, description="Seconds per attempt; 0: no limit.")
+
+    def job_requirements(self) -> JobRequirements:
+        """The hard requirements in canonical form (service and customer included)."""
+        return JobRequirements(
+            service=self.service, customer=self.customer, **self.requirements.model_dump()
+        )
+
+
+class Job(BaseModel):
+    """A job record as stored by the broker."""
+
+    id: str
+    service: str
+    status: JobStatus
+    priority: int
+    payload: dict[str, Any]
+    requirements: JobRequirements
+    requirement_class: str
+    customer: str | None
+    seq: int
+    attempt: int = Field(description="How many times the job was claimed.")
+    failures: int = Field(description="Failed attempts (timeouts included).")
+    orphans: int = Field(description="Times its worker was lost (lease expired).")
+    max_attempts: int
+    timeout: float
+    worker: str | None = None
+    created_at: float
+    claimed_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    lease_expires: float | None = None
+    retry_at: float | None = None
+    progress: float = 0
+    message: str | None = None
+    result: Any = None
+    error: str | None = None
+
+    @classmethod
+    def from_hash(cls, h: dict[str, str]) -> Job:
+        """Build a Job from the fields of its Redis hash."""
+
+        def opt(name: str) -> str | None:
+            value = h.get(name)
+            return value if value else None
+
+        def opt_float(name: str) -> float | None:
+            value = opt(name)
+            return float(value) if value is not None and float(value) > 0 else None
+
+        return cls(
+            id=h["id"],
+            service=h["service"],
+            status=JobStatus(h["status"]),
+            priority=int(h["priority"]),
+            payload=json.loads(h["payload"]),
+            requirements=JobRequirements.model_validate_json(h["requirements"]),
+            requirement_class=h["class"],
+            customer=opt("customer"),
+            seq=int(h["seq"]),
+            attempt=int(h.get("attempt", 0)),
+            failures=int(h.get("failures", 0)),
+            orphans=int(h.get("orphans", 0)),
+            max_attempts=int(h["max_attempts"]),
+            timeout=float(h.get("timeout", 0)),
+            worker=opt("worker"),
+            created_at=float(h["created_at"]),
+            claimed_at=opt_float("claimed_at"),
+            started_at=opt_float("started_at"),
+            finished_at=opt_float("finished_at"),
+            lease_expires=opt_float("lease_expires") if h.get("status") == "active" else None,
+            retry_at=opt_float("retry_at") if h.get("status") == "delayed" else None,
+            progress=float(h.get("progress") or 0),
+            message=opt("message"),
+            result=json.loads(h["result"]) if h.get("result") else None,
+            error=opt("error"),
+        )
+
+
+class Claim(BaseModel):
+    """A job handed to a worker, with the lease token that proves it holds it."""
+
+    job: Job
+    token: str
+    lease_expires: float
+
+
+class CancelResult(BaseModel):
+    """What a cancel did: the status the job had, and the worker to tell if it was active."""
+
+    previous_status: JobStatus
+    worker: str | None
+
+
+class ClassStats(BaseModel):
+    """Pending jobs of one requirement class."""
+
+    requirement_class: str
+    requirements: JobRequirements
+    pending: int
+    by_priority: dict[int, int]
+    matching_workers: int
+    unschedulable: bool = Field(description="Pending jobs and no live worker can run them.")
+
+
+class QueueStats(BaseModel):
+    """Queue depths per class and priority, and the counts of the other sets."""
+
+    classes: list[ClassStats]
+    pending: int
+    active: int
+    delayed: int
+    dead: int
+    unschedulable_jobs: int
+    live_workers: int
+
+
+class Event(BaseModel):
+    """One entry of a job's event stream (status changes and progress)."""
+
+    id: str = Field(description="Stream id; pass it back as `after` to resume.")
+    type: str
+    ts: float
+    data: dict[str, str]
+
+
+class Page(BaseModel):
+    """A page of jobs, newest first; pass `next_cursor` back for the next page."""
+
+    jobs: list[Job]
+    next_cursor: int | None
+
+
+class BrokerError(Exception):
+    """Base of the broker's errors."""
+
+
+class JobNotFound(BrokerError):
+    """No job with that id (or it expired)."""
+
+
+class DuplicateJob(BrokerError):
+    """A job with that id already exists."""
+
+
+class StaleLease(BrokerError):
+    """The lease token does not hold the job (it expired, was cancelled or reassigned)."""
+
+
+class InvalidState(BrokerError):
+    """The job is not in a state that allows the operation."""
+
+
+class InvalidJob(BrokerError):
+    """The submitted job is not acceptable (too large, bad values)."""

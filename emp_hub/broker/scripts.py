@@ -1,0 +1,68 @@
+"""The broker's Lua scripts: loaded once, run with EVALSHA, reloaded after NOSCRIPT.
+
+Each script is the shared prelude (lua/common.lua) followed by its own body (lua/NAME.lua).
+redis-py's Script object runs EVALSHA and, when the server answers NOSCRIPT (a restarted
+Redis, a SCRIPT FLUSH, a failover), loads the source and runs it again.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from importlib.resources import files
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+from redis.exceptions import ResponseError
+
+from emp_hub.broker.models import BrokerError, DuplicateJob, InvalidState, JobNotFound, StaleLease
+
+NAMES = (
+    "submit",
+    "claim",
+    "extend",
+    "progress",
+    "complete",
+    "fail",
+    "release",
+    "cancel",
+    "retry",
+    "reap",
+    "promote",
+    "janitor",
+    "depth",
+)
+
+_ERRORS: dict[str, type[BrokerError]] = {
+    "NOJOB": JobNotFound,
+    "DUPLICATE": DuplicateJob,
+    "STALE": StaleLease,
+    "STATE": InvalidState,
+}
+
+
+@cache
+def source(name: str) -> str:
+    """The full source of one script: prelude plus body."""
+    lua = files("emp_hub.broker") / "lua"
+    return (lua / "common.lua").read_text() + "\n" + (lua / f"{name}.lua").read_text()
+
+
+class Scripts:
+    """The broker's scripts registered on one Redis client."""
+
+    def __init__(self, redis: Redis) -> None:
+        self._scripts: dict[str, AsyncScript] = {
+            name: redis.register_script(source(name)) for name in NAMES
+        }
+
+    async def run(self, name: str, key: str, args: list[Any]) -> Any:
+        """Run script `name`; `key` names the slot (all keys share one hash tag)."""
+        try:
+            return await self._scripts[name](keys=[key], args=args)
+        except ResponseError as exc:
+            code, _, message = str(exc).partition(" ")
+            error = _ERRORS.get(code)
+            if error is None:
+                raise
+            raise error(message) from None

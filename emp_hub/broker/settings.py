@@ -1,0 +1,45 @@
+"""The broker's knobs. Every one is documented in docs/broker.md."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class BrokerSettings(BaseModel):
+    """Settings of one broker deployment (shared by every hub replica on one Redis)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    namespace: str = Field(
+        default="emp",
+        pattern=r"^[A-Za-z0-9_.:-]{1,64}$",
+        description="Key namespace: every key is '{namespace}:...'; one hash tag, one slot.",
+    )
+    lease_s: float = Field(default=30, gt=0, description="Lease length; heartbeats renew it.")
+    timeout_grace_s: float = Field(
+        default=30, ge=0, description="How long after a job's timeout the lease still holds."
+    )
+    max_attempts: int = Field(default=3, ge=1, description="Default attempts per job.")
+    max_orphans: int = Field(
+        default=3, ge=0, description="Lost workers a job survives before it is dead-lettered."
+    )
+    retry_base_s: float = Field(default=2, ge=0, description="First retry delay.")
+    retry_cap_s: float = Field(default=300, ge=0, description="Largest retry delay.")
+    retention_s: int = Field(
+        default=86_400, ge=1, description="How long completed and cancelled jobs are kept."
+    )
+    dead_retention_s: int = Field(
+        default=7 * 86_400, ge=1, description="How long failed (dead-lettered) jobs are kept."
+    )
+    event_cap: int = Field(default=500, ge=10, description="Events kept per job (approx.).")
+    max_payload_bytes: int = Field(default=8 * 2**20, ge=1, description="Payload size cap.")
+    max_result_bytes: int = Field(default=2**20, ge=1, description="Result size cap.")
+    worker_ttl_s: float = Field(
+        default=60, gt=0, description="A worker not heard from for this long is not live."
+    )
+    live_cache_s: float = Field(
+        default=1.0, ge=0, description="How long the list of live workers is cached."
+    )
+    max_skip: int = Field(
+        default=64, ge=1, description="Jobs a claim may pass over that avoid the worker."
+    )

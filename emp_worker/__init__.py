@@ -1,0 +1,3 @@
+"""emp worker runtime and plugin SDK."""
+
+__version__ = "0.1.0"

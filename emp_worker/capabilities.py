@@ -1,0 +1,172 @@
+"""What a job needs, what a worker offers, and the one predicate that matches them.
+
+A job's hard requirements are put in canonical form; the hash of that form is the job's
+*requirement class*. Jobs of one class wait in one queue, so the broker can find the best job
+for a worker by looking only at the heads of the queues whose class the worker satisfies.
+The matching rules are written down in docs/matching.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+#: Names of services, models, tags and regions: printable, no whitespace.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,199}$"
+#: Customer ids follow the same rule.
+Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+
+
+class Isolation(StrEnum):
+    """How strictly work of one customer is kept apart from other customers' work."""
+
+    NONE = "none"
+    LOOSE = "loose"
+    STRICT = "strict"
+
+
+def _sorted_unique(value: Any) -> Any:
+    """Turn any iterable of names into a sorted tuple without duplicates."""
+    if isinstance(value, str):
+        raise ValueError("expected a list of names, not a string")
+    if isinstance(value, list | tuple | set | frozenset):
+        return tuple(sorted(set(value)))
+    return value
+
+
+def _sort_sets(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _sort_sets(v) for k, v in value.items()}
+    if isinstance(value, list):
+        items = [_sort_sets(v) for v in value]
+        if all(isinstance(v, str) for v in items):
+            return sorted(items)
+        return items
+    return value
+
+
+def _canonical_json(data: Any) -> str:
+    """JSON with sorted keys and sorted lists of names: equal content, equal text."""
+    return json.dumps(_sort_sets(data), sort_keys=True, separators=(",", ":"))
+
+
+class JobRequirements(BaseModel):
+    """The hard requirements of a job: a worker runs it only if it satisfies all of them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    service: Name
+    gpu_memory_gb: float = Field(default=0, ge=0, description="Minimum memory of each GPU.")
+    gpu_count: int = Field(default=0, ge=0, le=64, description="GPUs needed (0: any).")
+    models: tuple[Name, ...] = Field(default=(), description="Models the service must have.")
+    customer: Name | None = None
+    isolation: Isolation = Isolation.NONE
+    region: Name | None = None
+    tags: tuple[Name, ...] = ()
+    cpu_cores: int = Field(default=0, ge=0)
+    ram_gb: float = Field(default=0, ge=0)
+
+    _norm = field_validator("models", "tags", mode="before")(_sorted_unique)
+
+    @field_validator("isolation")
+    @classmethod
+    def _isolation_needs_customer(cls, value: Isolation, info: Any) -> Isolation:
+        if value is not Isolation.NONE and info.data.get("customer") is None:
+            raise ValueError(f"isolation {value.value!r} needs a customer")
+        return value
+
+    @property
+    def gpus_needed(self) -> int:
+        """How many GPUs the job needs: gpu_count, or one if only GPU memory is given."""
+        return max(self.gpu_count, 1 if self.gpu_memory_gb > 0 else 0)
+
+    def canonical(self) -> str:
+        """The canonical JSON form: the same requirements always give the same text."""
+        return _canonical_json(self.model_dump(mode="json"))
+
+    def requirement_class(self) -> str:
+        """The stable hash of the canonical form, naming the job's queue."""
+        return hashlib.sha256(self.canonical().encode()).hexdigest()[:20]
+
+
+class GPU(BaseModel):
+    """One GPU of a worker."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = "gpu"
+    memory_gb: float = Field(default=0, ge=0)
+
+
+class CustomerAccess(BaseModel):
+    """Which customers' jobs a worker may run."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    isolation: Isolation = Isolation.NONE
+    allowed: frozenset[Name] = frozenset()
+    denied: frozenset[Name] = frozenset()
+
+
+class WorkerCapabilities(BaseModel):
+    """What a worker offers: services, models per service, hardware, place and access."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    services: frozenset[Name]
+    models: dict[Name, frozenset[Name]] = Field(default_factory=dict)
+    gpus: tuple[GPU, ...] = ()
+    cpu_cores: int = Field(default=0, ge=0)
+    ram_gb: float = Field(default=0, ge=0)
+    disk_gb: float = Field(default=0, ge=0)
+    region: Name | None = None
+    tags: frozenset[Name] = frozenset()
+    customer_access: CustomerAccess = CustomerAccess()
+
+    def canonical(self) -> str:
+        """Canonical JSON of the capabilities (sets sorted), usable as a cache key."""
+        return _canonical_json(self.model_dump(mode="json"))
+
+
+def customer_allows(req: JobRequirements, access: CustomerAccess) -> bool:
+    """The customer-isolation half of matching (see docs/matching.md)."""
+    customer = req.customer
+    if customer is not None and customer in access.denied:
+        return False
+    # What the worker demands.
+    if access.isolation is Isolation.STRICT and customer not in access.allowed:
+        return False
+    if (
+        access.isolation is Isolation.LOOSE
+        and customer is not None
+        and (customer not in access.allowed)
+    ):
+        return False
+    # What the job demands.
+    if req.isolation is Isolation.STRICT:
+        return access.isolation is Isolation.STRICT and access.allowed == {customer}
+    if req.isolation is Isolation.LOOSE:
+        return access.isolation is not Isolation.NONE and customer in access.allowed
+    return True
+
+
+def matches(req: JobRequirements, caps: WorkerCapabilities) -> bool:
+    """True when a worker with `caps` may run a job with requirements `req`."""
+    if req.service not in caps.services:
+        return False
+    if req.models and not set(req.models) <= caps.models.get(req.service, frozenset()):
+        return False
+    needed = req.gpus_needed
+    if needed and sum(1 for g in caps.gpus if g.memory_gb >= req.gpu_memory_gb) < needed:
+        return False
+    if req.region is not None and req.region != caps.region:
+        return False
+    if not set(req.tags) <= caps.tags:
+        return False
+    if req.cpu_cores > caps.cpu_cores or req.ram_gb > caps.ram_gb:
+        return False
+    return customer_allows(req, caps.customer_access)
