@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from enum import StrEnum
+from functools import cached_property
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -84,13 +85,15 @@ class JobRequirements(BaseModel):
         """How many GPUs the job needs: gpu_count, or one if only GPU memory is given."""
         return max(self.gpu_count, 1 if self.gpu_memory_gb > 0 else 0)
 
-    def canonical(self) -> str:
+    @cached_property
+    def canonical_json(self) -> str:
         """The canonical JSON form: the same requirements always give the same text."""
         return _canonical_json(self.model_dump(mode="json"))
 
+    @cached_property
     def requirement_class(self) -> str:
         """The stable hash of the canonical form, naming the job's queue."""
-        return hashlib.sha256(self.canonical().encode()).hexdigest()[:20]
+        return hashlib.sha256(self.canonical_json.encode()).hexdigest()[:20]
 
 
 class GPU(BaseModel):
@@ -127,7 +130,8 @@ class WorkerCapabilities(BaseModel):
     tags: frozenset[Name] = frozenset()
     customer_access: CustomerAccess = CustomerAccess()
 
-    def canonical(self) -> str:
+    @cached_property
+    def canonical_json(self) -> str:
         """Canonical JSON of the capabilities (sets sorted), usable as a cache key."""
         return _canonical_json(self.model_dump(mode="json"))
 

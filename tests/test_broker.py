@@ -521,3 +521,15 @@ async def test_concurrent_claimers_each_job_once(broker: Broker) -> None:
     await asyncio.gather(*(worker(f"w{i}") for i in range(25)))
     assert sorted(taken) == sorted(j.id for j in jobs)
     assert (await broker.stats()).active == 0
+
+
+async def test_claim_many_fills_free_slots_in_order(broker: Broker) -> None:
+    jobs = await broker.submit_many([JobSpec(service="sim", priority=p) for p in (1, 3, 2, 3)])
+    claims = await broker.claim_many("w", SIM, 3)
+    best = sorted(jobs, key=lambda j: (-j.priority, j.seq))
+    assert [c.job.id for c in claims] == [j.id for j in best[:3]]
+    assert len({c.token for c in claims}) == 3
+    assert [c.job.id for c in await broker.claim_many("w", SIM, 5)] == [best[3].id]
+    assert await broker.claim_many("w", SIM, 5) == []
+    for c in claims:
+        await broker.complete(c.job.id, c.token, None)

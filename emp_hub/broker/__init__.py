@@ -24,6 +24,7 @@ from emp_hub.broker.models import (
     QueueStats,
     RequirementsSpec,
     StaleLease,
+    Submitted,
 )
 from emp_hub.broker.settings import BrokerSettings
 
@@ -49,5 +50,6 @@ __all__ = [
     "QueueStats",
     "RequirementsSpec",
     "StaleLease",
+    "Submitted",
     "connect",
 ]

@@ -47,12 +47,11 @@ from emp_hub.broker.models import (
     JobStatus,
     Page,
     QueueStats,
+    Submitted,
 )
-from emp_hub.broker.scripts import Scripts
+from emp_hub.broker.scripts import CONFIG_FIELDS, Scripts
 from emp_hub.broker.settings import BrokerSettings
 from emp_worker.capabilities import JobRequirements, WorkerCapabilities, matches
-
-_SUBMIT_FIELDS = 9
 
 
 @dataclass
@@ -87,22 +86,22 @@ class Broker:
         self.prefix = "{" + self.settings.namespace + "}:"
         self._scripts = Scripts(redis)
         s = self.settings
-        self._config = json.dumps(
-            {
-                "pmax": PRIORITY_MAX,
-                "pscale": PRIORITY_SCALE,
-                "event_cap": s.event_cap,
-                "retention": s.retention_s,
-                "dead_retention": s.dead_retention_s,
-                "retry_base": s.retry_base_s,
-                "retry_cap": s.retry_cap_s,
-                "max_orphans": s.max_orphans,
-                "timeout_grace": s.timeout_grace_s,
-                "max_skip": s.max_skip,
-            }
-        )
+        config = {
+            "pmax": PRIORITY_MAX,
+            "pscale": PRIORITY_SCALE,
+            "event_cap": s.event_cap,
+            "retention": s.retention_s,
+            "dead_retention": s.dead_retention_s,
+            "retry_base": s.retry_base_s,
+            "retry_cap": s.retry_cap_s,
+            "max_orphans": s.max_orphans,
+            "timeout_grace": s.timeout_grace_s,
+            "max_skip": s.max_skip,
+        }
+        self._config = " ".join(repr(config[name]) for name in CONFIG_FIELDS)
         # Requirement classes known to this process, refreshed when the server's version
         # counter moves; and per distinct capabilities, the classes they satisfy.
+        self._req_cache: dict[tuple[str, str | None, str], JobRequirements] = {}
         self._classes: dict[str, JobRequirements] = {}
         self._classes_ver = "-1"
         self._matching: dict[str, tuple[str, list[str]]] = {}
@@ -124,17 +123,17 @@ class Broker:
 
     # -- submit ------------------------------------------------------------------------
 
-    async def submit(self, spec: JobSpec) -> Job:
+    async def submit(self, spec: JobSpec) -> Submitted:
         """Submit one job. Raises DuplicateJob if its id exists, InvalidJob if too large."""
         return (await self.submit_many([spec]))[0]
 
-    async def submit_many(self, specs: Sequence[JobSpec]) -> list[Job]:
+    async def submit_many(self, specs: Sequence[JobSpec]) -> list[Submitted]:
         """Submit a batch atomically: every job is stored, or (on any error) none."""
         if not specs:
             return []
         now = self.clock()
-        args: list[Any] = [len(specs)]
-        prepared: list[tuple[JobSpec, str, JobRequirements, str]] = []
+        rows: list[list[str]] = []
+        accepted: list[tuple[str, JobSpec, JobRequirements, int]] = []
         seen: set[str] = set()
         for spec in specs:
             job_id = spec.id or f"job-{uuid.uuid4()}"
@@ -147,41 +146,43 @@ class Broker:
                     f"job {job_id}: payload of {len(payload)} bytes exceeds the cap of "
                     f"{self.settings.max_payload_bytes} bytes"
                 )
-            req = spec.job_requirements()
+            req = self._requirements(spec)
             max_attempts = spec.max_attempts or self.settings.max_attempts
-            args += [
-                job_id,
-                spec.service,
-                req.requirement_class(),
-                req.canonical(),
-                spec.priority,
-                spec.customer or "",
-                max_attempts,
-                repr(spec.timeout),
-                payload,
-            ]
-            prepared.append((spec, job_id, req, payload))
-        first_seq, _new_classes = await self._run("submit", *args)
+            rows.append(
+                [
+                    job_id,
+                    spec.service,
+                    req.requirement_class,
+                    req.canonical_json,
+                    str(spec.priority),
+                    spec.customer or "",
+                    str(max_attempts),
+                    repr(spec.timeout),
+                    payload,
+                ]
+            )
+            accepted.append((job_id, spec, req, max_attempts))
+        first_seq, _new_classes = await self._run("submit", json.dumps(rows, separators=(",", ":")))
         return [
-            Job(
+            Submitted(
                 id=job_id,
-                service=spec.service,
-                status=JobStatus.PENDING,
-                priority=spec.priority,
-                payload=spec.payload,
-                requirements=req,
-                requirement_class=req.requirement_class(),
-                customer=spec.customer,
                 seq=int(first_seq) + i,
-                attempt=0,
-                failures=0,
-                orphans=0,
-                max_attempts=spec.max_attempts or self.settings.max_attempts,
-                timeout=spec.timeout,
+                priority=spec.priority,
+                requirement_class=req.requirement_class,
                 created_at=now,
             )
-            for i, (spec, job_id, req, _payload) in enumerate(prepared)
+            for i, (job_id, spec, req, _) in enumerate(accepted)
         ]
+
+    def _requirements(self, spec: JobSpec) -> JobRequirements:
+        """The spec's requirements, parsed and hashed once per distinct set (few exist)."""
+        key = (spec.service, spec.customer, spec.requirements.model_dump_json())
+        req = self._req_cache.get(key)
+        if req is None:
+            if len(self._req_cache) > 4096:
+                self._req_cache.clear()
+            req = self._req_cache[key] = spec.job_requirements()
+        return req
 
     # -- workers and matching ----------------------------------------------------------
 
@@ -239,7 +240,7 @@ class Broker:
 
     def matching_classes(self, caps: WorkerCapabilities) -> list[str]:
         """The known requirement classes that `caps` satisfies (cached per capabilities)."""
-        cache_key = caps.canonical()
+        cache_key = caps.canonical_json
         hit = self._matching.get(cache_key)
         if hit is not None and hit[0] == self._classes_ver:
             return hit[1]
@@ -281,21 +282,34 @@ class Broker:
         Returns None when no matching job is pending. A job that `worker_id` failed before
         is passed over while another live worker could run it.
         """
+        claims = await self.claim_many(worker_id, caps, 1, lease_s=lease_s)
+        return claims[0] if claims else None
+
+    async def claim_many(
+        self,
+        worker_id: str,
+        caps: WorkerCapabilities,
+        count: int,
+        *,
+        lease_s: float | None = None,
+    ) -> list[Claim]:
+        """Claim up to `count` jobs at once, best first (a worker filling its free slots)."""
         lease = lease_s or self.settings.lease_s
         for _ in range(3):
             plan = await self._claim_plan(worker_id, caps)
-            token = secrets.token_hex(12)
+            prefix = secrets.token_hex(12)
             reply = await self._run(
-                "claim", worker_id, token, lease, self._classes_ver, len(plan) // 2, *plan
+                "claim", worker_id, prefix, lease, count, self._classes_ver, len(plan) // 2, *plan
             )
             if reply[0] == 1:
-                fields = cast(list[str], reply[2])
-                job = Job.from_hash(dict(zip(fields[::2], fields[1::2], strict=True)))
-                return Claim(job=job, token=token, lease_expires=job.lease_expires or 0.0)
-            if reply[1] == self._classes_ver:
-                return None
+                claims = []
+                for i, fields in enumerate(cast(list[list[str]], reply[2:]), start=1):
+                    job = Job.from_hash(dict(zip(fields[::2], fields[1::2], strict=True)))
+                    token = f"{prefix}:{i}"
+                    claims.append(Claim(job=job, token=token, lease_expires=job.lease_expires or 0))
+                return claims
             await self._refresh_classes()  # a new class appeared: recompute the candidates
-        return None
+        return []
 
     async def extend(
         self, leases: Iterable[tuple[str, str]], *, lease_s: float | None = None

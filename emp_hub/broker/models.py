@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from enum import StrEnum
+from functools import lru_cache
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -120,7 +122,7 @@ class Job(BaseModel):
             status=JobStatus(h["status"]),
             priority=int(h["priority"]),
             payload=json.loads(h["payload"]),
-            requirements=JobRequirements.model_validate_json(h["requirements"]),
+            requirements=_requirements(h["requirements"]),
             requirement_class=h["class"],
             customer=opt("customer"),
             seq=int(h["seq"]),
@@ -141,6 +143,23 @@ class Job(BaseModel):
             result=json.loads(h["result"]) if h.get("result") else None,
             error=opt("error"),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    """A job just accepted: its id and its place in line (seq orders submissions)."""
+
+    id: str
+    seq: int
+    priority: int
+    requirement_class: str
+    created_at: float
+
+
+@lru_cache(maxsize=4096)
+def _requirements(canonical_json: str) -> JobRequirements:
+    """Parse stored requirements; there are few distinct ones, so parse each once."""
+    return JobRequirements.model_validate_json(canonical_json)
 
 
 class Claim(BaseModel):

@@ -33,6 +33,20 @@ NAMES = (
     "depth",
 )
 
+#: The settings every script receives in ARGV[3], in this order (see lua/common.lua).
+CONFIG_FIELDS = (
+    "pmax",
+    "pscale",
+    "event_cap",
+    "retention",
+    "dead_retention",
+    "retry_base",
+    "retry_cap",
+    "max_orphans",
+    "timeout_grace",
+    "max_skip",
+)
+
 _ERRORS: dict[str, type[BrokerError]] = {
     "NOJOB": JobNotFound,
     "DUPLICATE": DuplicateJob,
@@ -43,9 +57,16 @@ _ERRORS: dict[str, type[BrokerError]] = {
 
 @cache
 def source(name: str) -> str:
-    """The full source of one script: prelude plus body."""
+    """The full source of one script: the settings' names, the prelude, the body."""
     lua = files("emp_hub.broker") / "lua"
-    return (lua / "common.lua").read_text() + "\n" + (lua / f"{name}.lua").read_text()
+    fields = ", ".join(f"'{f}'" for f in CONFIG_FIELDS)
+    return "\n".join(
+        [
+            f"local CONFIG_FIELDS = {{{fields}}}",
+            (lua / "common.lua").read_text(),
+            (lua / f"{name}.lua").read_text(),
+        ]
+    )
 
 
 class Scripts:

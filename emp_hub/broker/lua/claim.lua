@@ -1,13 +1,15 @@
--- Claim the best job among the heads of the candidate queues and lease it.
--- ARGV[4] worker, ARGV[5] token, ARGV[6] lease seconds, ARGV[7] the version of the class
--- list the candidates were computed from, ARGV[8] number of queues, then per queue:
--- class, allow_avoided ("1" when no other live worker can run that class).
--- Returns {0, classes_version} (nothing, or the candidates are out of date: a new class
--- appeared) or {1, classes_version, HGETALL of the job}.
-local worker, token, lease = ARGV[4], ARGV[5], tonumber(ARGV[6])
-local nq = tonumber(ARGV[8])
+-- Claim up to `count` of the best jobs among the heads of the candidate queues; lease each.
+-- ARGV[4] worker, ARGV[5] token prefix (job i gets token prefix:i), ARGV[6] lease seconds,
+-- ARGV[7] count, ARGV[8] the version of the class list the candidates were computed from,
+-- ARGV[9] number of queues, then per queue: class, allow_avoided ("1" when no other live
+-- worker can run that class).
+-- Returns {0, classes_version} when the candidates are out of date (a new class appeared),
+-- else {1, classes_version, HGETALL of each claimed job...} (none when nothing matched).
+local worker, prefix, lease = ARGV[4], ARGV[5], tonumber(ARGV[6])
+local count = tonumber(ARGV[7])
 local ver = redis.call('GET', P .. 'classes:ver') or '0'
-if ver ~= ARGV[7] then return {0, ver} end
+if ver ~= ARGV[8] then return {0, ver} end
+local nq = tonumber(ARGV[9])
 local classes, allow, offs, heads = {}, {}, {}, {}
 
 local function peek(i)
@@ -16,43 +18,50 @@ local function peek(i)
 end
 
 for i = 1, nq do
-  classes[i] = ARGV[7 + 2 * i]
-  allow[i] = ARGV[8 + 2 * i] == '1'
+  classes[i] = ARGV[8 + 2 * i]
+  allow[i] = ARGV[9 + 2 * i] == '1'
   offs[i] = 0
   peek(i)
 end
 
+local function take(id, class, token)
+  dequeue(id, class)
+  local k = jkey(id)
+  local j = hget(id, {'seq', 'timeout'})
+  local timeout = tonumber(j.timeout)
+  local deadline = 0
+  local expires = NOW + lease
+  if timeout > 0 then
+    deadline = NOW + timeout + CFG.timeout_grace
+    if deadline < expires then expires = deadline end
+  end
+  redis.call('HSET', k, 'worker', worker, 'token', token, 'claimed_at', NOW_S,
+    'deadline', deadline, 'lease_expires', expires, 'progress', 0, 'message', '')
+  redis.call('HDEL', k, 'started_at')
+  redis.call('HINCRBY', k, 'attempt', 1)
+  redis.call('ZADD', P .. 'leases', expires, id)
+  set_status(id, j.seq, 'pending', 'active')
+  event(id, 'type', 'status', 'status', 'active', 'worker', worker)
+  return redis.call('HGETALL', k)
+end
+
+local out = {1, ver}
 local needle = '|' .. worker .. '|'
-for _ = 1, CFG.max_skip do
+local skips = 0
+while #out - 2 < count and skips <= CFG.max_skip do
   local best = nil
   for i = 1, nq do
     if heads[i] and (best == nil or heads[i][2] < heads[best][2]) then best = i end
   end
-  if best == nil then return {0, ver} end
+  if best == nil then break end
   local id = heads[best][1]
   local avoid = redis.call('HGET', jkey(id), 'avoid')
   if avoid and not allow[best] and string.find(avoid, needle, 1, true) then
     offs[best] = offs[best] + 1
-    peek(best)
+    skips = skips + 1
   else
-    dequeue(id, classes[best])
-    local k = jkey(id)
-    local j = hget(id, {'seq', 'timeout'})
-    local timeout = tonumber(j.timeout)
-    local deadline = 0
-    local expires = NOW + lease
-    if timeout > 0 then
-      deadline = NOW + timeout + CFG.timeout_grace
-      if deadline < expires then expires = deadline end
-    end
-    redis.call('HSET', k, 'worker', worker, 'token', token, 'claimed_at', NOW_S,
-      'deadline', deadline, 'lease_expires', expires, 'progress', 0, 'message', '')
-    redis.call('HDEL', k, 'started_at')
-    redis.call('HINCRBY', k, 'attempt', 1)
-    redis.call('ZADD', P .. 'leases', expires, id)
-    set_status(id, j.seq, 'pending', 'active')
-    event(id, 'type', 'status', 'status', 'active', 'worker', worker)
-    return {1, ver, redis.call('HGETALL', k)}
+    out[#out + 1] = take(id, classes[best], prefix .. ':' .. (#out - 1))
   end
+  peek(best)
 end
-return {0, ver}
+return out

@@ -1,12 +1,21 @@
 -- Shared helpers, prepended to every broker script (see scripts.py).
 -- ARGV[1] is the key prefix (e.g. "{emp}:", one hash tag so every key lives in one slot),
--- ARGV[2] the current time in seconds, ARGV[3] the broker's settings as JSON.
+-- ARGV[2] the current time in seconds, ARGV[3] the broker's settings: numbers separated by
+-- spaces, in the order of CONFIG_FIELDS (cheaper to parse than JSON). scripts.py defines
+-- CONFIG_FIELDS in a line it puts before this file.
 -- Scores and sequence numbers are passed to redis.call as numbers, which Redis formats
 -- exactly (%.17g); they are never concatenated into strings (Lua would round them).
 local P = ARGV[1]
 local NOW_S = ARGV[2]
 local NOW = tonumber(NOW_S)
-local CFG = cjson.decode(ARGV[3])
+local CFG = {}
+do
+  local i = 1
+  for value in string.gmatch(ARGV[3], '%S+') do
+    CFG[CONFIG_FIELDS[i]] = tonumber(value)
+    i = i + 1
+  end
+end
 
 local function jkey(id) return P .. 'job:' .. id end
 local function ekey(id) return P .. 'ev:' .. id end

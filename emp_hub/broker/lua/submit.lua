@@ -1,10 +1,10 @@
 -- Submit a batch of jobs atomically: all or none.
--- ARGV[4] = n, then 9 fields per job:
--- id, service, class, requirements, priority, customer, max_attempts, timeout, payload.
-local n = tonumber(ARGV[4])
-local F = 9
-for i = 0, n - 1 do
-  local id = ARGV[5 + i * F]
+-- ARGV[4] = a JSON array with one array of strings per job:
+-- [id, service, class, requirements, priority, customer, max_attempts, timeout, payload].
+local jobs = cjson.decode(ARGV[4])
+local n = #jobs
+for i = 1, n do
+  local id = jobs[i][1]
   if redis.call('EXISTS', jkey(id)) == 1 then
     return redis.error_reply('DUPLICATE a job with id ' .. id .. ' already exists')
   end
@@ -12,16 +12,15 @@ end
 local last = redis.call('INCRBY', P .. 'seq', n)
 local first = last - n + 1
 local new_classes = {}
-for i = 0, n - 1 do
-  local b = 5 + i * F
-  local id, service, class, req = ARGV[b], ARGV[b + 1], ARGV[b + 2], ARGV[b + 3]
-  local customer = ARGV[b + 5]
-  local seq = first + i
-  local score = (CFG.pmax - tonumber(ARGV[b + 4])) * CFG.pscale + seq
+for i = 1, n do
+  local id, service, class, req, priority, customer, max_attempts, timeout, payload =
+    unpack(jobs[i])
+  local seq = first + i - 1
+  local score = (CFG.pmax - tonumber(priority)) * CFG.pscale + seq
   redis.call('HSET', jkey(id), 'id', id, 'service', service, 'class', class,
-    'requirements', req, 'priority', ARGV[b + 4], 'seq', seq, 'score', score,
+    'requirements', req, 'priority', priority, 'seq', seq, 'score', score,
     'customer', customer, 'status', 'pending', 'attempt', 0, 'failures', 0, 'orphans', 0,
-    'max_attempts', ARGV[b + 6], 'timeout', ARGV[b + 7], 'payload', ARGV[b + 8],
+    'max_attempts', max_attempts, 'timeout', timeout, 'payload', payload,
     'created_at', NOW_S, 'progress', 0)
   enqueue(id, class, score)
   if redis.call('HSETNX', P .. 'classes', class, req) == 1 then

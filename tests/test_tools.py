@@ -1,0 +1,36 @@
+"""The demo and the benchmark script keep working (small sizes; figures are not checked)."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+from rich.console import Console
+
+from benchmarks import claim as claim_benchmark
+from emp_hub.demo import run_demo
+
+
+async def test_demo_runs_every_scenario(redis_url: str) -> None:
+    out = io.StringIO()
+    await run_demo(redis_url, Console(file=out, width=200))
+    text = out.getvalue()
+    assert "crashed while running crash-victim" in text
+    assert "lease of crash-victim expired: requeued in place" in text
+    assert "stopped cancel-me: it was cancelled" in text
+    assert "unschedulable: 1 job(s) of service 'a1111'" in text
+    assert text.count("completed") >= 9
+
+
+@pytest.mark.timeout(300)
+def test_claim_benchmark_prints_its_json(
+    redis_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    claim_benchmark.main(["--sizes", "300", "--url", redis_url, "--cc-jobs", "200"])
+    report = json.loads(capsys.readouterr().out)
+    assert report["conditions"]["classes"] == 100
+    [row] = report["results"]
+    assert row["backlog"] == 300
+    assert row["ours"]["p99_ms"] > 0 and row["scan"]["p99_ms"] > 0
+    assert report["submit_jobs_per_s"] > 0 and report["claim_complete_per_s"] > 0
