@@ -35,7 +35,7 @@ import redis.asyncio
 
 import emp_hub
 from emp_hub.broker import Broker, BrokerSettings, JobSpec, RequirementsSpec, connect
-from emp_hub.embedded import EmbeddedValkey
+from emp_hub.embedded import redis_url_or_embedded
 from emp_worker.capabilities import JobRequirements, WorkerCapabilities, matches
 
 CLASSES = 100
@@ -269,11 +269,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, default=8, help="claim+complete tasks")
     args = parser.parse_args(argv)
     sizes = args.sizes or ([1_000, 100_000] if args.quick else [1_000, 100_000, 1_000_000])
-    if args.url:
-        report = run_loop(run(args.url, sizes, args.cc_jobs, args.concurrency))
-    else:
-        with tempfile.TemporaryDirectory() as tmp, EmbeddedValkey(Path(tmp)) as server:
-            report = run_loop(run(server.url, sizes, args.cc_jobs, args.concurrency))
+    with tempfile.TemporaryDirectory() as tmp, redis_url_or_embedded(args.url, Path(tmp)) as url:
+        report = run_loop(run(url, sizes, args.cc_jobs, args.concurrency))
     print(json.dumps(report, indent=2))
 
 

@@ -28,7 +28,7 @@ from emp_hub.broker import (
     StaleLease,
     connect,
 )
-from emp_hub.embedded import EmbeddedValkey
+from emp_hub.embedded import redis_url_or_embedded
 from emp_worker.capabilities import GPU, CustomerAccess, Isolation, WorkerCapabilities
 
 WORKERS: dict[str, WorkerCapabilities] = {
@@ -261,12 +261,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     console = Console()
     try:
-        if args.redis_url:
-            asyncio.run(run_demo(args.redis_url, console))
-            return
-        with tempfile.TemporaryDirectory() as tmp, EmbeddedValkey(Path(tmp)) as server:
-            console.log(f"embedded Valkey at {server.url} (data in {tmp})")
-            asyncio.run(run_demo(server.url, console))
+        with (
+            tempfile.TemporaryDirectory() as tmp,
+            redis_url_or_embedded(args.redis_url, Path(tmp)) as url,
+        ):
+            console.log(f"Redis at {url}" if args.redis_url else f"embedded Valkey at {url}")
+            asyncio.run(run_demo(url, console))
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: stopped the workers and the server[/]")
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 
@@ -79,3 +81,14 @@ class EmbeddedValkey:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+@contextmanager
+def redis_url_or_embedded(url: str | None, data_dir: Path | None = None) -> Iterator[str]:
+    """The Redis URL to use: `url` when one is configured; otherwise start an embedded
+    Valkey (data in `data_dir`, default_data_dir() when None), yield its URL, stop it."""
+    if url:
+        yield url
+        return
+    with EmbeddedValkey(data_dir) as server:
+        yield server.url

@@ -10,11 +10,13 @@ import asyncio
 from pathlib import Path
 
 import pytest
+import redis.asyncio
+import redis.exceptions
 
 from emp_hub.broker import Broker, BrokerSettings, JobSpec, JobStatus
 from emp_hub.broker.connection import connect
 from emp_hub.broker.scripts import source
-from emp_hub.embedded import EmbeddedValkey
+from emp_hub.embedded import EmbeddedValkey, redis_url_or_embedded
 from emp_worker.capabilities import WorkerCapabilities
 
 pytestmark = pytest.mark.broker
@@ -66,3 +68,17 @@ async def test_crash_keeps_what_was_synced(tmp_path: Path) -> None:
     finally:
         await client.aclose()
         server.stop()
+
+
+async def test_embedded_default_starts_and_stops(tmp_path: Path) -> None:
+    with redis_url_or_embedded(None, tmp_path / "data") as url:
+        client = connect(url)
+        assert await client.ping()
+        assert (await client.config_get("appendonly"))["appendonly"] == "yes"
+        await client.aclose()
+    plain = redis.asyncio.Redis.from_url(url)  # no retries: fail fast, the server is gone
+    with pytest.raises(redis.exceptions.ConnectionError):
+        await plain.ping()
+    await plain.aclose()
+    with redis_url_or_embedded("redis://example:1/0") as given:
+        assert given == "redis://example:1/0"
