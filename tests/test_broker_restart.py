@@ -80,5 +80,5 @@ async def test_embedded_default_starts_and_stops(tmp_path: Path) -> None:
     with pytest.raises(redis.exceptions.ConnectionError):
         await plain.ping()
     await plain.aclose()
-    with redis_url_or_embedded("redis://example:1/0") as given:
+    with redis_url_or_embedded("redis://example:1/0", tmp_path) as given:
         assert given == "redis://example:1/0"

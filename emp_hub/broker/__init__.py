@@ -25,6 +25,7 @@ from emp_hub.broker.models import (
     RequirementsSpec,
     StaleLease,
     Submitted,
+    TooLarge,
 )
 from emp_hub.broker.settings import BrokerSettings
 
@@ -51,5 +52,6 @@ __all__ = [
     "RequirementsSpec",
     "StaleLease",
     "Submitted",
+    "TooLarge",
     "connect",
 ]

@@ -48,6 +48,7 @@ from emp_hub.broker.models import (
     Page,
     QueueStats,
     Submitted,
+    TooLarge,
 )
 from emp_hub.broker.scripts import CONFIG_FIELDS, Scripts
 from emp_hub.broker.settings import BrokerSettings
@@ -142,7 +143,7 @@ class Broker:
             seen.add(job_id)
             payload = json.dumps(spec.payload, separators=(",", ":"))
             if len(payload) > self.settings.max_payload_bytes:
-                raise InvalidJob(
+                raise TooLarge(
                     f"job {job_id}: payload of {len(payload)} bytes exceeds the cap of "
                     f"{self.settings.max_payload_bytes} bytes"
                 )
@@ -331,7 +332,7 @@ class Broker:
         """Record the result of a held job. Raises StaleLease if the token no longer holds it."""
         data = json.dumps(result, separators=(",", ":"))
         if len(data) > self.settings.max_result_bytes:
-            raise InvalidJob(
+            raise TooLarge(
                 f"job {job_id}: result of {len(data)} bytes exceeds the cap of "
                 f"{self.settings.max_result_bytes} bytes; upload large outputs instead"
             )
@@ -449,13 +450,33 @@ class Broker:
             list[tuple[str, dict[str, str]]],
             await self.redis.xrange(self.key("ev", job_id), start, "+", count=count),
         )
-        out = []
-        for event_id, fields in rows:
-            data = dict(fields)
-            out.append(
-                Event(id=event_id, type=data.pop("type"), ts=float(data.pop("ts")), data=data)
-            )
-        return out
+        return [_event(event_id, fields) for event_id, fields in rows]
+
+    async def wait_events(
+        self, job_id: str, *, after: str | None = None, block_s: float = 15.0
+    ) -> list[Event]:
+        """Like events(), but when nothing came after `after` yet, wait up to `block_s`
+        for something to come (XREAD BLOCK; it holds one connection while it waits)."""
+        ready = await self.events(job_id, after=after)
+        if ready:
+            return ready
+        reply = cast(
+            list[tuple[str, list[tuple[str, dict[str, str]]]]],
+            await self.redis.xread(
+                {self.key("ev", job_id): after or "0-0"}, count=100, block=int(block_s * 1000)
+            ),
+        )
+        return [_event(i, f) for _, rows in reply for i, f in rows]
+
+    async def position(self, job: Job) -> int | None:
+        """How many pending jobs of the job's class are ahead of it (0: next), or None
+        when it is not pending."""
+        if job.status is not JobStatus.PENDING:
+            return None
+        rank = cast(
+            int | None, await self.redis.zrank(self.key("q", job.requirement_class), job.id)
+        )
+        return rank
 
     async def stats(self) -> QueueStats:
         """Depth per class and priority, set sizes, and unschedulable classes."""
@@ -496,3 +517,8 @@ class Broker:
             unschedulable_jobs=sum(c.pending for c in classes if c.unschedulable),
             live_workers=len(live),
         )
+
+
+def _event(event_id: str, fields: dict[str, str]) -> Event:
+    data = dict(fields)
+    return Event(id=event_id, type=data.pop("type"), ts=float(data.pop("ts")), data=data)

@@ -237,4 +237,8 @@ class InvalidState(BrokerError):
 
 
 class InvalidJob(BrokerError):
-    """The submitted job is not acceptable (too large, bad values)."""
+    """The submitted job or report is not acceptable (bad values)."""
+
+
+class TooLarge(InvalidJob):
+    """A payload or result is over its size cap."""

@@ -1,0 +1,482 @@
+"""The hub's HTTP API. The original emp-redis routes keep their bodies and fields."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, cast
+
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from emp_hub.app import Hub
+from emp_hub.auth import Principal, Role
+from emp_hub.broker import (
+    PRIORITY_MAX,
+    PRIORITY_MIN,
+    BrokerError,
+    CancelResult,
+    DuplicateJob,
+    InvalidState,
+    Job,
+    JobNotFound,
+    JobSpec,
+    JobStatus,
+    QueueStats,
+    RequirementsSpec,
+    StaleLease,
+    TooLarge,
+)
+from emp_hub.broker.models import JOB_ID_PATTERN, Event
+from emp_worker.capabilities import NAME_PATTERN, WorkerCapabilities
+
+router = APIRouter()
+
+TERMINAL = {s.value for s in JobStatus if s.terminal}
+
+
+# -- dependencies ------------------------------------------------------------------------
+
+
+def get_hub(request: Request) -> Hub:
+    """The hub state of this process."""
+    hub: Hub = request.app.state.hub
+    return hub
+
+
+HubDep = Annotated[Hub, Depends(get_hub)]
+
+
+async def authenticated(
+    hub: HubDep,
+    authorization: Annotated[str | None, Header()] = None,
+    token: Annotated[str | None, Query(description="Token, when no header can be set.")] = None,
+) -> Principal:
+    """The caller, from `Authorization: Bearer <token>` or `?token=`; 401 otherwise."""
+    given = token
+    if authorization:
+        scheme, _, value = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not value:
+            raise HTTPException(401, "use 'Authorization: Bearer <token>'")
+        given = value.strip()
+    principal = await hub.tokens.authenticate(given)
+    if principal is None:
+        raise HTTPException(
+            401,
+            "missing token" if not given else "invalid token",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    return principal
+
+
+def role(*allowed: Role) -> Any:
+    """A dependency that lets only callers with one of these roles through (403)."""
+
+    async def check(principal: Annotated[Principal, Depends(authenticated)]) -> Principal:
+        if principal.role not in allowed:
+            names = ", ".join(r.value for r in allowed)
+            raise HTTPException(403, f"this needs a token with role {names}")
+        return principal
+
+    return Depends(check)
+
+
+Submitter = Annotated[Principal, role(Role.ADMIN, Role.CLIENT)]
+Reader = Annotated[Principal, role(Role.ADMIN, Role.CLIENT, Role.MONITOR)]
+Operator = Annotated[Principal, role(Role.ADMIN, Role.MONITOR)]
+
+
+async def visible_job(hub: Hub, principal: Principal, job_id: str) -> Job:
+    """The job, if this caller may see it; 404 for missing and hidden jobs alike."""
+    try:
+        job = await hub.broker.get(job_id)
+    except JobNotFound:
+        job = None
+    if job is None or not principal.may_see(job.customer):
+        raise HTTPException(404, f"Job with ID {job_id} not found")
+    return job
+
+
+# -- models ------------------------------------------------------------------------------
+
+
+class SubmitRequest(BaseModel):
+    """A job to submit. The original body (job_type, payload, priority, job_id, wait,
+    timeout) works unchanged; the other fields are new."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    job_type: str | None = Field(default=None, pattern=NAME_PATTERN, description="The service.")
+    service: str | None = Field(default=None, pattern=NAME_PATTERN, description="= job_type.")
+    payload: dict[str, Any] = Field(default_factory=dict)
+    priority: int = Field(default=0, ge=PRIORITY_MIN, le=PRIORITY_MAX)
+    job_id: str | None = Field(default=None, pattern=JOB_ID_PATTERN)
+    wait: bool = Field(default=False, description="Answer only when the job has ended.")
+    timeout: float = Field(default=300, gt=0, le=3600, description="How long `wait` waits.")
+    requirements: RequirementsSpec = Field(default_factory=RequirementsSpec)
+    customer: str | None = Field(default=None, pattern=NAME_PATTERN)
+    max_attempts: int | None = Field(default=None, ge=1, le=100)
+    job_timeout: float = Field(default=0, ge=0, description="Seconds per attempt; 0: none.")
+    idempotency_key: str | None = Field(
+        default=None,
+        max_length=200,
+        description="A retried submit with the same key (and token) returns the first job.",
+    )
+
+    @model_validator(mode="after")
+    def _one_service(self) -> SubmitRequest:
+        if (self.job_type is None) == (self.service is None):
+            raise ValueError("give the service as job_type (or service), exactly once")
+        return self
+
+    def spec(self, principal: Principal, job_id: str | None = None) -> JobSpec:
+        """The broker's JobSpec, with the customer a scoped token imposes."""
+        customer = self.customer
+        if principal.customer is not None:
+            if customer not in (None, principal.customer):
+                raise HTTPException(403, f"this token submits only as {principal.customer}")
+            customer = principal.customer
+        return JobSpec(
+            service=self.job_type or self.service or "",
+            payload=self.payload,
+            priority=self.priority,
+            id=job_id or self.job_id or None,
+            customer=customer,
+            requirements=self.requirements,
+            max_attempts=self.max_attempts,
+            timeout=self.job_timeout,
+        )
+
+
+class SubmitResponse(BaseModel):
+    """The answer to a submit (without `wait`)."""
+
+    success: bool = True
+    job_id: str
+    message: str
+    status: str = "pending"
+    position: int | None = None
+    duplicate: bool = Field(default=False, description="An earlier submit had this key.")
+
+
+class JobView(BaseModel):
+    """A job as the API shows it: the original fields first, then ours."""
+
+    job_id: str
+    status: str
+    job_type: str
+    worker_id: str | None
+    created_at: float
+    claimed_at: float | None
+    completed_at: float | None
+    position: int | None = Field(description="Pending jobs of its class ahead of it (0-based).")
+    display_position: int | None = Field(description="position + 1")
+    progress: float
+    result: Any
+    error: str | None
+    payload: dict[str, Any]
+    failures: int
+    priority: int
+    customer: str | None
+    requirements: dict[str, Any]
+    attempt: int
+    orphans: int
+    max_attempts: int
+    message: str | None
+    started_at: float | None
+    finished_at: float | None
+
+    @classmethod
+    def of(cls, job: Job, position: int | None) -> JobView:
+        """The view of a broker Job."""
+        return cls(
+            job_id=job.id,
+            status=job.status.value,
+            job_type=job.service,
+            worker_id=job.worker,
+            created_at=job.created_at,
+            claimed_at=job.claimed_at,
+            completed_at=job.finished_at if job.status is JobStatus.COMPLETED else None,
+            position=position,
+            display_position=None if position is None else position + 1,
+            progress=job.progress,
+            result=job.result,
+            error=job.error,
+            payload=job.payload,
+            failures=job.failures,
+            priority=job.priority,
+            customer=job.customer,
+            requirements=job.requirements.model_dump(mode="json"),
+            attempt=job.attempt,
+            orphans=job.orphans,
+            max_attempts=job.max_attempts,
+            message=job.message,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+        )
+
+
+class BatchRequest(BaseModel):
+    """Several jobs, submitted atomically: all are accepted or none is."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    jobs: list[SubmitRequest] = Field(min_length=1, max_length=10_000)
+
+
+class BatchResponse(BaseModel):
+    """The ids of a batch's jobs, in the order given."""
+
+    success: bool = True
+    job_ids: list[str]
+
+
+class JobList(BaseModel):
+    """A page of jobs, newest first."""
+
+    jobs: list[JobView]
+    next_cursor: int | None = Field(description="Pass as `cursor` for the next page.")
+
+
+class CancelRequest(BaseModel):
+    """Why the job is cancelled."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field(default="Manually cancelled", max_length=1000)
+
+
+class WorkerView(BaseModel):
+    """A live worker."""
+
+    worker_id: str
+    capabilities: WorkerCapabilities
+
+
+# -- routes ------------------------------------------------------------------------------
+
+
+async def _job_view(hub: Hub, job: Job) -> JobView:
+    return JobView.of(job, await hub.broker.position(job))
+
+
+async def _rate_limit(hub: Hub, principal: Principal, cost: int) -> None:
+    wait = await hub.limiter.take(principal.token_id, cost)
+    if wait:
+        retry = "3600" if math.isinf(wait) else str(max(1, math.ceil(wait)))
+        raise HTTPException(
+            429,
+            f"too many submissions for this token; retry in {retry} s",
+            headers={"Retry-After": retry},
+        )
+
+
+async def _wait_until_done(hub: Hub, job_id: str, seconds: float) -> None:
+    """Return when the job has ended, or after `seconds`."""
+    deadline = time.monotonic() + seconds
+    after = None
+    while (left := deadline - time.monotonic()) > 0:
+        events = await hub.broker.wait_events(job_id, after=after, block_s=min(left, 10))
+        for event in events:
+            after = event.id
+            if event.type == "status" and event.data.get("status") in TERMINAL:
+                return
+        if not events and (await hub.broker.get(job_id)).status.terminal:
+            return  # its events were trimmed or expired
+
+
+@router.post(
+    "/api/jobs",
+    response_model=SubmitResponse | JobView,
+    tags=["jobs"],
+    responses={409: {"description": "A job with that id exists"}, 429: {}, 413: {}},
+)
+async def submit_job(body: SubmitRequest, hub: HubDep, principal: Submitter) -> Any:
+    """Submit a job. With `wait`, answer with the job once it has ended (or `timeout`)."""
+    await _rate_limit(hub, principal, 1)
+    job_id = body.job_id
+    if body.idempotency_key is not None:
+        key = hub.broker.key("idem", principal.token_id, body.idempotency_key)
+        candidate = job_id or f"job-rest-{uuid.uuid4()}"
+        if not await hub.redis.set(key, candidate, nx=True, ex=86_400):
+            existing = cast(str, await hub.redis.get(key))
+            job = await visible_job(hub, principal, existing)
+            return SubmitResponse(
+                job_id=job.id,
+                message=f"Job already submitted with ID: {job.id}",
+                status=job.status.value,
+                position=await hub.broker.position(job),
+                duplicate=True,
+            )
+        job_id = candidate
+    spec = body.spec(principal, job_id or f"job-rest-{uuid.uuid4()}")
+    submitted = await hub.broker.submit(spec)
+    if body.wait:
+        await _wait_until_done(hub, submitted.id, body.timeout)
+        return await _job_view(hub, await hub.broker.get(submitted.id))
+    job = await hub.broker.get(submitted.id)
+    return SubmitResponse(
+        job_id=submitted.id,
+        message=f"Job submitted successfully with ID: {submitted.id}",
+        status=job.status.value,
+        position=await hub.broker.position(job),
+    )
+
+
+@router.post("/api/jobs/batch", response_model=BatchResponse, tags=["jobs"])
+async def submit_batch(body: BatchRequest, hub: HubDep, principal: Submitter) -> BatchResponse:
+    """Submit several jobs at once: all are accepted, or (on any error) none."""
+    for item in body.jobs:
+        if item.wait or item.idempotency_key is not None:
+            raise HTTPException(422, "wait and idempotency_key do not apply to batches")
+    specs = [item.spec(principal, item.job_id or f"job-rest-{uuid.uuid4()}") for item in body.jobs]
+    await _rate_limit(hub, principal, len(specs))
+    submitted = await hub.broker.submit_many(specs)
+    return BatchResponse(job_ids=[s.id for s in submitted])
+
+
+@router.get("/api/jobs/{job_id}", response_model=JobView, tags=["jobs"])
+async def get_job(job_id: str, hub: HubDep, principal: Reader) -> JobView:
+    """A job's state (404 when unknown, or not visible to this token)."""
+    return await _job_view(hub, await visible_job(hub, principal, job_id))
+
+
+@router.get("/api/jobs", response_model=JobList, tags=["jobs"])
+async def list_jobs(
+    hub: HubDep,
+    principal: Reader,
+    status: JobStatus | None = None,
+    service: Annotated[str | None, Query(pattern=NAME_PATTERN)] = None,
+    customer: Annotated[str | None, Query(pattern=NAME_PATTERN)] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    cursor: Annotated[int | None, Query(ge=0)] = None,
+) -> JobList:
+    """Jobs newest first, filtered by status, service and customer; paginated."""
+    if principal.customer is not None:
+        if customer not in (None, principal.customer):
+            return JobList(jobs=[], next_cursor=None)
+        customer = principal.customer
+    page = await hub.broker.list_jobs(
+        status=status, service=service, customer=customer, limit=limit, cursor=cursor
+    )
+    views = [await _job_view(hub, job) for job in page.jobs]
+    return JobList(jobs=views, next_cursor=page.next_cursor)
+
+
+@router.post("/api/jobs/{job_id}/cancel", response_model=CancelResult, tags=["jobs"])
+async def cancel_job(
+    job_id: str, hub: HubDep, principal: Submitter, body: CancelRequest | None = None
+) -> CancelResult:
+    """Cancel a job: a pending one is removed; the worker running an active one is told."""
+    await visible_job(hub, principal, job_id)
+    result = await hub.broker.cancel(job_id, (body or CancelRequest()).reason)
+    if result.worker is not None:
+        await hub.redis.publish(
+            hub.broker.key("cancel"), json.dumps({"job_id": job_id, "worker": result.worker})
+        )
+    return result
+
+
+@router.post("/api/jobs/{job_id}/retry", response_model=JobView, tags=["jobs"])
+async def retry_job(job_id: str, hub: HubDep, principal: Submitter) -> JobView:
+    """Re-queue a failed (dead-lettered) job with fresh attempts."""
+    await visible_job(hub, principal, job_id)
+    await hub.broker.retry(job_id)
+    return await _job_view(hub, await hub.broker.get(job_id))
+
+
+@router.get(
+    "/api/jobs/{job_id}/events",
+    tags=["jobs"],
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}}},
+)
+async def job_events(
+    job_id: str,
+    hub: HubDep,
+    principal: Reader,
+    last_event_id: Annotated[str | None, Header()] = None,
+    after: Annotated[str | None, Query(pattern=r"^\d+-\d+$")] = None,
+) -> StreamingResponse:
+    """The job's status and progress as server-sent events, until it ends. Resumes after
+    the `Last-Event-ID` header (or `after`), so a reconnect misses nothing."""
+    await visible_job(hub, principal, job_id)
+    start = last_event_id or after
+
+    async def stream() -> AsyncIterator[str]:
+        cursor = start
+        while True:
+            events = await hub.broker.wait_events(job_id, after=cursor, block_s=15)
+            if not events:
+                try:
+                    if (await hub.broker.get(job_id)).status.terminal:
+                        return
+                except JobNotFound:
+                    return
+                yield ": keep-alive\n\n"
+                continue
+            for event in events:
+                cursor = event.id
+                yield _sse(event)
+                if event.type == "status" and event.data.get("status") in TERMINAL:
+                    return
+
+    return StreamingResponse(
+        stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+    )
+
+
+def _sse(event: Event) -> str:
+    data = json.dumps({"type": event.type, "ts": event.ts, **event.data})
+    return f"id: {event.id}\nevent: {event.type}\ndata: {data}\n\n"
+
+
+@router.get("/api/workers", response_model=list[WorkerView], tags=["operations"])
+async def list_workers(hub: HubDep, principal: Operator) -> list[WorkerView]:
+    """Live workers and their capabilities."""
+    live = await hub.broker.live_workers(fresh=True)
+    return [WorkerView(worker_id=w, capabilities=c) for w, c in sorted(live.items())]
+
+
+@router.get("/api/queues", response_model=QueueStats, tags=["operations"])
+async def queues(hub: HubDep, principal: Operator) -> QueueStats:
+    """Pending jobs per requirement class and priority, and the unschedulable ones."""
+    return await hub.broker.stats()
+
+
+@router.get("/health/live", tags=["operations"])
+async def live() -> dict[str, str]:
+    """The process answers."""
+    return {"status": "ok"}
+
+
+@router.get("/health/ready", tags=["operations"], responses={503: {}})
+async def ready(hub: HubDep) -> Response:
+    """The hub can reach Redis (503 otherwise)."""
+    try:
+        await asyncio.wait_for(hub.redis.ping(), timeout=2)
+    except Exception as exc:
+        return JSONResponse({"status": "unavailable", "reason": str(exc)}, status_code=503)
+    return JSONResponse({"status": "ok"})
+
+
+# -- errors ------------------------------------------------------------------------------
+
+ERROR_STATUS: dict[type[BrokerError], int] = {
+    JobNotFound: 404,
+    DuplicateJob: 409,
+    StaleLease: 409,
+    InvalidState: 409,
+    TooLarge: 413,
+}
+
+
+async def broker_error(request: Request, exc: Exception) -> JSONResponse:
+    """A broker error as an HTTP answer with its reason."""
+    status = next((s for t, s in ERROR_STATUS.items() if isinstance(exc, t)), 422)
+    return JSONResponse({"detail": str(exc)}, status_code=status)

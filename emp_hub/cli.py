@@ -1,0 +1,165 @@
+"""emp-hub: run the hub, and manage its tokens.
+
+    emp-hub serve [--host H] [--port P] [--workers N]
+    emp-hub token create --role client [--customer acme] [--name NAME]
+    emp-hub token list [--json]
+    emp-hub token revoke ID
+
+Settings come from EMP_* variables (docs/configuration.md); the command-line options
+override them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import redis.exceptions
+
+import emp_hub
+from emp_hub.auth import Role, TokenStore
+from emp_hub.broker import connect
+from emp_hub.embedded import redis_url_or_embedded
+from emp_hub.settings import HubSettings
+
+
+def serve(settings: HubSettings, workers: int) -> None:
+    """Run the hub under uvicorn until interrupted."""
+    import uvicorn
+
+    from emp_hub.app import create_app
+
+    ws_max = int(settings.max_ws_message_size_mb * 2**20)
+    if workers > 1:
+        # Each worker process builds its own app from the same environment.
+        os.environ["EMP_HOST"], os.environ["EMP_PORT"] = settings.host, str(settings.port)
+        uvicorn.run(
+            "emp_hub.app:create_app",
+            factory=True,
+            host=settings.host,
+            port=settings.port,
+            workers=workers,
+            log_level=settings.log_level,
+            ws_max_size=ws_max,
+        )
+        return
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        ws_max_size=ws_max,
+    )
+
+
+async def with_tokens(settings: HubSettings, action: Callable[[TokenStore], Awaitable[int]]) -> int:
+    """Run `action` on the token store of the configured (or embedded) Redis."""
+    with redis_url_or_embedded(settings.redis_url, settings.data_dir / "valkey") as url:
+        client = connect(url, retries=2)
+        try:
+            return await action(TokenStore(client, settings.broker.namespace))
+        finally:
+            await client.aclose()
+
+
+def token_command(settings: HubSettings, args: argparse.Namespace) -> int:
+    """emp-hub token create|list|revoke."""
+
+    async def create(store: TokenStore) -> int:
+        token = await store.create(Role(args.role), name=args.name or "", customer=args.customer)
+        print(token)
+        print("(shown once: store it now; `emp-hub token list` shows its id)", file=sys.stderr)
+        return 0
+
+    async def list_tokens(store: TokenStore) -> int:
+        records = await store.list()
+        if args.json:
+            print(json.dumps([r.model_dump(mode="json") for r in records], indent=2))
+            return 0
+        if not records:
+            print("no tokens (the hub is open unless EMP_AUTH_TOKEN is set)")
+        for r in records:
+            scope = f" customer={r.customer}" if r.customer else ""
+            print(f"{r.id}  {r.role.value:<8} {r.name}{scope}")
+        return 0
+
+    async def revoke(store: TokenStore) -> int:
+        if await store.revoke(args.id):
+            print(f"revoked {args.id}")
+            return 0
+        print(f"no token with id {args.id}", file=sys.stderr)
+        return 1
+
+    actions: dict[str, Callable[[TokenStore], Awaitable[int]]] = {
+        "create": create,
+        "list": list_tokens,
+        "revoke": revoke,
+    }
+    return asyncio.run(with_tokens(settings, actions[args.token_command]))
+
+
+def parser() -> argparse.ArgumentParser:
+    """The emp-hub command line."""
+    p = argparse.ArgumentParser(
+        prog="emp-hub",
+        description="The emp hub: HTTP and WebSocket API over the job broker.",
+        epilog="Settings: EMP_* environment variables (see docs/configuration.md). "
+        "Without EMP_REDIS_URL the hub starts an embedded Valkey in EMP_DATA_DIR.",
+    )
+    p.add_argument("--version", action="version", version=f"emp-hub {emp_hub.__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="run the hub")
+    s.add_argument("--host", help="address to listen on (default 127.0.0.1, EMP_HOST)")
+    s.add_argument("--port", type=int, help="port to listen on (default 8001, EMP_PORT)")
+    s.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="hub processes on this port (needs EMP_REDIS_URL: they share it)",
+    )
+    t = sub.add_parser("token", help="create, list and revoke tokens")
+    tsub = t.add_subparsers(dest="token_command", required=True)
+    c = tsub.add_parser("create", help="create a token and print it (once)")
+    c.add_argument("--role", required=True, choices=[r.value for r in Role])
+    c.add_argument("--customer", help="scope a client token to one customer")
+    c.add_argument("--name", help="a name to recognise the token by")
+    ls = tsub.add_parser("list", help="list tokens (ids, roles, names; never the tokens)")
+    ls.add_argument("--json", action="store_true", help="print JSON")
+    r = tsub.add_parser("revoke", help="revoke a token by its id")
+    r.add_argument("id", help="the token's id, as `token list` shows it")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of emp-hub."""
+    args = parser().parse_args(argv)
+    overrides: dict[str, Any] = {}
+    if args.command == "serve":
+        overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    try:
+        settings = HubSettings(**overrides)
+        if args.command == "serve":
+            if args.workers > 1 and not settings.redis_url:
+                print(
+                    "emp-hub: --workers needs EMP_REDIS_URL (processes share one Redis)",
+                    file=sys.stderr,
+                )
+                return 2
+            serve(settings, args.workers)
+            return 0
+        return token_command(settings, args)
+    except ValueError as exc:  # bad settings or arguments
+        print(f"emp-hub: {exc}", file=sys.stderr)
+        return 2
+    except redis.exceptions.ConnectionError as exc:
+        print(f"emp-hub: cannot reach Redis: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

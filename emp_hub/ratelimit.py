@@ -1,0 +1,51 @@
+"""Submission rate limits per token, shared by every hub replica (GCRA in one Lua script)."""
+
+from __future__ import annotations
+
+import time
+from typing import cast
+
+import redis.asyncio
+
+# Generic cell rate algorithm: one key per token holds the "theoretical arrival time".
+# ARGV: now, seconds per job (1/rate), burst (jobs), cost (jobs in this request).
+# Returns {allowed (1/0), seconds to wait before retrying (string)}.
+_GCRA = """
+local now, interval = tonumber(ARGV[1]), tonumber(ARGV[2])
+local burst, cost = tonumber(ARGV[3]), tonumber(ARGV[4])
+local tat = tonumber(redis.call('GET', KEYS[1]) or ARGV[1])
+if tat < now then tat = now end
+local new_tat = tat + cost * interval
+local allow_at = new_tat - burst * interval
+if allow_at > now then
+  return {0, tostring(allow_at - now)}
+end
+redis.call('SET', KEYS[1], tostring(new_tat), 'PX', math.ceil((new_tat - now) * 1000) + 1000)
+return {1, '0'}
+"""
+
+
+class RateLimiter:
+    """Allows `rate` jobs a second per token, with bursts of up to `burst` jobs."""
+
+    def __init__(
+        self, client: redis.asyncio.Redis, namespace: str, rate: float, burst: int
+    ) -> None:
+        self.prefix = "{" + namespace + "}:rate:"
+        self.rate = rate
+        self.burst = burst
+        self._script = client.register_script(_GCRA)
+
+    async def take(self, token_id: str, cost: int = 1) -> float:
+        """Spend `cost` jobs of the token's allowance. Returns 0 when allowed, else the
+        seconds to wait before the request would be allowed."""
+        if cost > self.burst:
+            return float("inf")
+        allowed, wait = cast(
+            list[int | str],
+            await self._script(
+                keys=[self.prefix + token_id],
+                args=[repr(time.time()), repr(1 / self.rate), self.burst, cost],
+            ),
+        )
+        return 0.0 if allowed == 1 else float(wait)

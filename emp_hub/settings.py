@@ -1,0 +1,86 @@
+"""The hub's settings: EMP_* environment variables, plus the original emp-redis names.
+
+Every setting is listed in docs/configuration.md.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from emp_hub.broker import BrokerSettings
+
+
+def default_data_dir() -> Path:
+    """$XDG_DATA_HOME/emp (~/.local/share/emp)."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "emp"
+
+
+def _env(name: str, *legacy: str) -> AliasChoices:
+    """Environment names of a setting: EMP_<NAME> first, then the original ones."""
+    return AliasChoices(f"EMP_{name.upper()}", *legacy)
+
+
+class HubSettings(BaseSettings):
+    """Settings of one hub replica. Replicas sharing a Redis share the broker settings."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="EMP_",
+        env_nested_delimiter="__",
+        extra="ignore",
+        populate_by_name=True,
+    )
+
+    redis_url: str | None = Field(
+        default=None,
+        validation_alias=_env("redis_url", "REDIS_URL"),
+        description="Redis or Valkey URL; unset: start an embedded Valkey in data_dir.",
+    )
+    data_dir: Path = Field(
+        default_factory=default_data_dir,
+        validation_alias=_env("data_dir"),
+        description="Where the embedded Valkey keeps its data.",
+    )
+    host: str = Field(default="127.0.0.1", validation_alias=_env("host"))
+    port: int = Field(default=8001, ge=0, le=65535, validation_alias=_env("port"))
+    auth_token: SecretStr | None = Field(
+        default=None,
+        validation_alias=_env("auth_token", "WEBSOCKET_AUTH_TOKEN"),
+        description="One shared admin token (the original WEBSOCKET_AUTH_TOKEN).",
+    )
+    max_ws_message_size_mb: float = Field(
+        default=100,
+        gt=0,
+        validation_alias=_env("max_ws_message_size_mb", "MAX_WS_MESSAGE_SIZE_MB"),
+        description="Largest WebSocket message accepted, in MB.",
+    )
+    max_body_bytes: int = Field(
+        default=16 * 2**20,
+        gt=0,
+        validation_alias=_env("max_body_bytes"),
+        description="Largest HTTP request body accepted (413 above it).",
+    )
+    submit_rate: float = Field(
+        default=100,
+        gt=0,
+        validation_alias=_env("submit_rate"),
+        description="Jobs per second one token may submit, sustained.",
+    )
+    submit_burst: int = Field(
+        default=1000,
+        ge=1,
+        validation_alias=_env("submit_burst"),
+        description="Jobs one token may submit at once above the sustained rate.",
+    )
+    maintenance_interval_s: float = Field(
+        default=1.0,
+        gt=0,
+        validation_alias=_env("maintenance_interval_s"),
+        description="How often the hub requeues expired leases and promotes due retries.",
+    )
+    log_level: str = Field(default="info", validation_alias=_env("log_level", "LOG_LEVEL"))
+    broker: BrokerSettings = Field(default_factory=BrokerSettings)

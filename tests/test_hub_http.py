@@ -1,0 +1,348 @@
+"""The hub's HTTP API, against the real app under uvicorn and a real Redis-protocol server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+import redis.asyncio
+from pydantic import SecretStr
+
+from emp_hub.auth import Role, TokenStore
+from emp_hub.broker import Broker, BrokerSettings
+from emp_hub.settings import HubSettings
+from emp_worker.capabilities import WorkerCapabilities
+from tests.hub_server import running_hub
+
+SIM = WorkerCapabilities(services={"simulation"})
+
+
+@pytest.fixture
+def hub_settings(redis_url: str, namespace: str) -> HubSettings:
+    return HubSettings(
+        redis_url=redis_url,
+        broker=BrokerSettings(namespace=namespace, live_cache_s=0, max_payload_bytes=10_000),
+        max_body_bytes=50_000,
+        submit_rate=1000,
+        submit_burst=1000,
+        maintenance_interval_s=0.2,
+    )
+
+
+@pytest.fixture
+async def base_url(hub_settings: HubSettings) -> AsyncIterator[str]:
+    async with running_hub(hub_settings) as url:
+        yield url
+
+
+@pytest.fixture
+async def http(
+    base_url: str, redis_client: redis.asyncio.Redis
+) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
+        yield client
+
+
+@pytest.fixture
+def broker(redis_client: redis.asyncio.Redis, hub_settings: HubSettings) -> Broker:
+    """A broker on the hub's namespace: plays the worker's side in these tests."""
+    return Broker(redis_client, hub_settings.broker)
+
+
+async def run_one(broker: Broker, result: Any = None, steps: int = 0) -> str:
+    """Claim the next simulation job, report progress, complete it; returns its id."""
+    for _ in range(200):
+        claim = await broker.claim("w1", SIM)
+        if claim is not None:
+            for step in range(1, steps + 1):
+                await broker.progress(claim.job.id, claim.token, 100 * step / steps, f"s{step}")
+            await broker.complete(claim.job.id, claim.token, result)
+            return claim.job.id
+        await asyncio.sleep(0.02)
+    raise AssertionError("no job to claim")
+
+
+async def test_original_rest_flow(http: httpx.AsyncClient, broker: Broker) -> None:
+    """The recorded emp-redis REST exchanges: submit, poll, wait, unknown id, missing type."""
+    r = await http.post(
+        "/api/jobs", json={"job_type": "simulation", "payload": {"prompt": "a red fox"}}
+    )
+    assert r.status_code == 200
+    body = r.json()
+    assert body["success"] is True and body["job_id"].startswith("job-rest-")
+    assert body["message"] == f"Job submitted successfully with ID: {body['job_id']}"
+    job = (await http.get(f"/api/jobs/{body['job_id']}")).json()
+    assert job["status"] == "pending" and job["position"] == 0 and job["display_position"] == 1
+    assert job["payload"] == {"prompt": "a red fox"} and job["job_type"] == "simulation"
+
+    await run_one(broker, {"status": "success"})
+    job = (await http.get(f"/api/jobs/{body['job_id']}")).json()
+    assert job["status"] == "completed" and job["result"] == {"status": "success"}
+    assert job["worker_id"] == "w1" and job["completed_at"] >= job["claimed_at"]
+
+    waiter = asyncio.create_task(
+        http.post(
+            "/api/jobs",
+            json={
+                "job_type": "simulation",
+                "payload": {"prompt": "sync"},
+                "job_id": "rest-job-2",
+                "wait": True,
+                "timeout": 30,
+            },
+        )
+    )
+    assert await run_one(broker, {"ok": 1}, steps=2) == "rest-job-2"
+    r = await waiter
+    assert r.status_code == 200
+    assert r.json()["status"] == "completed" and r.json()["result"] == {"ok": 1}
+
+    r = await http.get("/api/jobs/does-not-exist")
+    assert r.status_code == 404 and r.json() == {"detail": "Job with ID does-not-exist not found"}
+    r = await http.post("/api/jobs", json={"payload": {}})
+    assert r.status_code == 422 and "job_type" in r.text
+
+
+async def test_wait_times_out_with_the_pending_job(http: httpx.AsyncClient) -> None:
+    r = await http.post("/api/jobs", json={"job_type": "nobody", "wait": True, "timeout": 0.5})
+    assert r.status_code == 200 and r.json()["status"] == "pending"
+
+
+async def test_bad_input(http: httpx.AsyncClient) -> None:
+    cases: list[tuple[dict[str, Any], int, str]] = [
+        ({"job_type": "s", "colour": "red"}, 422, "Extra inputs"),
+        ({"job_type": "s", "priority": 5000}, 422, "less than or equal to 1000"),
+        ({"job_type": "s", "job_id": "has space"}, 422, "job_id"),
+        ({"job_type": "s", "service": "s"}, 422, "exactly once"),
+        ({"job_type": "s", "requirements": {"vram": 3}}, 422, "Extra inputs"),
+        ({"job_type": "s", "payload": {"x": "y" * 20_000}}, 413, "exceeds the cap"),
+        ({"job_type": "s", "payload": {"x": "y" * 60_000}}, 413, "request body over"),
+    ]
+    for body, status, reason in cases:
+        r = await http.post("/api/jobs", json=body)
+        assert (r.status_code, reason in r.text) == (status, True), (body, r.text)
+    r = await http.post(
+        "/api/jobs", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 422
+    await http.post("/api/jobs", json={"job_type": "s", "job_id": "taken"})
+    r = await http.post("/api/jobs", json={"job_type": "s", "job_id": "taken"})
+    assert r.status_code == 409 and "already exists" in r.json()["detail"]
+    r = await http.get("/api/jobs", params={"limit": 0})
+    assert r.status_code == 422
+
+
+async def test_batch_is_all_or_nothing(http: httpx.AsyncClient) -> None:
+    r = await http.post(
+        "/api/jobs/batch", json={"jobs": [{"job_type": "s", "priority": p} for p in (1, 2, 3)]}
+    )
+    assert r.status_code == 200 and len(r.json()["job_ids"]) == 3
+    r = await http.post(
+        "/api/jobs/batch",
+        json={"jobs": [{"job_type": "s", "job_id": "b1"}, {"job_type": "s", "job_id": "b1"}]},
+    )
+    assert r.status_code == 409
+    assert (await http.get("/api/jobs/b1")).status_code == 404
+    assert (await http.post("/api/jobs/batch", json={"jobs": []})).status_code == 422
+
+
+async def test_list_cancel_retry(http: httpx.AsyncClient, broker: Broker) -> None:
+    ids = [
+        (await http.post("/api/jobs", json={"job_type": "simulation", "customer": c})).json()[
+            "job_id"
+        ]
+        for c in ("acme", "globex", "acme")
+    ]
+    page = (await http.get("/api/jobs", params={"customer": "acme"})).json()
+    assert [j["job_id"] for j in page["jobs"]] == [ids[2], ids[0]]
+    page = (await http.get("/api/jobs", params={"limit": 2})).json()
+    assert len(page["jobs"]) == 2 and page["next_cursor"] is not None
+    rest = (await http.get("/api/jobs", params={"cursor": page["next_cursor"]})).json()
+    assert [j["job_id"] for j in rest["jobs"]] == [ids[0]]
+
+    r = await http.post(f"/api/jobs/{ids[1]}/cancel", json={"reason": "no longer needed"})
+    assert r.status_code == 200 and r.json() == {"previous_status": "pending", "worker": None}
+    assert (await http.post(f"/api/jobs/{ids[1]}/cancel")).status_code == 409
+    assert (await http.post("/api/jobs/nope/cancel")).status_code == 404
+    cancelled = (await http.get("/api/jobs", params={"status": "cancelled"})).json()["jobs"]
+    assert [j["job_id"] for j in cancelled] == [ids[1]]
+
+    claim = await broker.claim("w1", SIM)
+    assert claim is not None
+    await broker.fail(claim.job.id, claim.token, "fatal", retryable=False)
+    r = await http.post(f"/api/jobs/{claim.job.id}/retry")
+    assert r.status_code == 200 and r.json()["status"] == "pending"
+    assert (await http.post(f"/api/jobs/{claim.job.id}/retry")).status_code == 409
+
+
+async def test_cancel_active_is_announced(
+    http: httpx.AsyncClient, broker: Broker, redis_client: redis.asyncio.Redis
+) -> None:
+    job_id = (await http.post("/api/jobs", json={"job_type": "simulation"})).json()["job_id"]
+    claim = await broker.claim("gpu-7", SIM)
+    assert claim is not None
+    pubsub = redis_client.pubsub()
+    await pubsub.subscribe(broker.key("cancel"))
+    r = await http.post(f"/api/jobs/{job_id}/cancel")
+    assert r.json() == {"previous_status": "active", "worker": "gpu-7"}
+    for _ in range(50):
+        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.1)
+        if message:
+            assert json.loads(message["data"]) == {"job_id": job_id, "worker": "gpu-7"}
+            break
+    else:
+        raise AssertionError("no cancel announcement")
+    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+async def test_events_stream_and_resume(http: httpx.AsyncClient, broker: Broker) -> None:
+    job_id = (await http.post("/api/jobs", json={"job_type": "simulation"})).json()["job_id"]
+
+    async def read_stream(headers: dict[str, str]) -> list[tuple[str, dict[str, Any]]]:
+        events = []
+        async with http.stream("GET", f"/api/jobs/{job_id}/events", headers=headers) as r:
+            assert r.headers["content-type"].startswith("text/event-stream")
+            event_id = None
+            async for line in r.aiter_lines():
+                if line.startswith("id: "):
+                    event_id = line[4:]
+                elif line.startswith("data: "):
+                    assert event_id is not None
+                    events.append((event_id, json.loads(line[6:])))
+        return events
+
+    reader = asyncio.create_task(read_stream({}))
+    await asyncio.sleep(0.2)
+    await run_one(broker, {"ok": True}, steps=3)
+    events = await asyncio.wait_for(reader, 10)
+    kinds = [(e["type"], e.get("status") or e.get("progress")) for _, e in events]
+    assert kinds == [
+        ("status", "pending"),
+        ("status", "active"),
+        ("progress", "33.333333333333336"),
+        ("progress", "66.66666666666667"),
+        ("progress", "100.0"),
+        ("status", "completed"),
+    ]
+    resumed = await read_stream({"Last-Event-ID": events[3][0]})
+    assert [i for i, _ in resumed] == [i for i, _ in events[4:]]
+
+
+async def test_idempotency_key(http: httpx.AsyncClient) -> None:
+    body = {"job_type": "s", "idempotency_key": "order-42"}
+    first = (await http.post("/api/jobs", json=body)).json()
+    second = (await http.post("/api/jobs", json=body)).json()
+    assert second["job_id"] == first["job_id"] and second["duplicate"] is True
+    assert first["duplicate"] is False
+    jobs = (await http.get("/api/jobs")).json()["jobs"]
+    assert len(jobs) == 1
+
+
+async def test_operations_endpoints(http: httpx.AsyncClient, broker: Broker) -> None:
+    await broker.register_worker("w1", SIM)
+    await http.post("/api/jobs", json={"job_type": "a1111", "priority": 2})
+    workers = (await http.get("/api/workers")).json()
+    assert [w["worker_id"] for w in workers] == ["w1"]
+    queues = (await http.get("/api/queues")).json()
+    assert queues["unschedulable_jobs"] == 1 and queues["live_workers"] == 1
+    assert queues["classes"][0]["by_priority"] == {"2": 1}
+    assert (await http.get("/health/live")).json() == {"status": "ok"}
+    assert (await http.get("/health/ready")).json() == {"status": "ok"}
+    assert "/api/jobs" in (await http.get("/openapi.json")).json()["paths"]
+    assert (await http.get("/docs")).status_code == 200
+
+
+# -- auth ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def tokens(redis_client: redis.asyncio.Redis, namespace: str) -> dict[str, str]:
+    store = TokenStore(redis_client, namespace)
+    return {
+        "admin": await store.create(Role.ADMIN),
+        "client": await store.create(Role.CLIENT),
+        "acme": await store.create(Role.CLIENT, customer="acme"),
+        "globex": await store.create(Role.CLIENT, customer="globex"),
+        "worker": await store.create(Role.WORKER),
+        "monitor": await store.create(Role.MONITOR),
+    }
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def test_tokens_and_roles(tokens: dict[str, str], http: httpx.AsyncClient) -> None:
+    body = {"job_type": "s"}
+    assert (await http.post("/api/jobs", json=body)).status_code == 401
+    r = await http.post("/api/jobs", json=body, headers=bearer("emp_wrong"))
+    assert r.status_code == 401 and r.json()["detail"] == "invalid token"
+    r = await http.post("/api/jobs", json=body, headers={"Authorization": "Basic x"})
+    assert r.status_code == 401
+    r = await http.post("/api/jobs", json=body, params={"token": tokens["client"]})
+    assert r.status_code == 200
+    job_id = r.json()["job_id"]
+    for who in ("worker", "monitor"):
+        r = await http.post("/api/jobs", json=body, headers=bearer(tokens[who]))
+        assert r.status_code == 403, who
+    assert (
+        await http.get(f"/api/jobs/{job_id}", headers=bearer(tokens["worker"]))
+    ).status_code == 403
+    assert (
+        await http.get(f"/api/jobs/{job_id}", headers=bearer(tokens["monitor"]))
+    ).status_code == 200
+    assert (await http.get("/api/queues", headers=bearer(tokens["client"]))).status_code == 403
+    assert (await http.get("/api/queues", headers=bearer(tokens["monitor"]))).status_code == 200
+    r = await http.post(f"/api/jobs/{job_id}/cancel", headers=bearer(tokens["monitor"]))
+    assert r.status_code == 403
+    assert (await http.get("/health/live")).status_code == 200  # no token needed
+
+
+async def test_customer_scoping(tokens: dict[str, str], http: httpx.AsyncClient) -> None:
+    acme, globex = bearer(tokens["acme"]), bearer(tokens["globex"])
+    r = await http.post("/api/jobs", json={"job_type": "s"}, headers=acme)
+    acme_job = r.json()["job_id"]
+    assert (await http.get(f"/api/jobs/{acme_job}", headers=acme)).json()["customer"] == "acme"
+    r = await http.post("/api/jobs", json={"job_type": "s", "customer": "globex"}, headers=acme)
+    assert r.status_code == 403
+    globex_job = (await http.post("/api/jobs", json={"job_type": "s"}, headers=globex)).json()[
+        "job_id"
+    ]
+    for path in (f"/api/jobs/{globex_job}", f"/api/jobs/{globex_job}/events"):
+        assert (await http.get(path, headers=acme)).status_code == 404, path
+    for path in (f"/api/jobs/{globex_job}/cancel", f"/api/jobs/{globex_job}/retry"):
+        assert (await http.post(path, headers=acme)).status_code == 404, path
+    listed = (await http.get("/api/jobs", headers=acme)).json()["jobs"]
+    assert [j["job_id"] for j in listed] == [acme_job]
+    other = await http.get("/api/jobs", params={"customer": "globex"}, headers=acme)
+    assert other.json()["jobs"] == []
+    admin_view = (await http.get("/api/jobs", headers=bearer(tokens["admin"]))).json()["jobs"]
+    assert len(admin_view) == 2
+
+
+async def test_shared_legacy_token(hub_settings: HubSettings) -> None:
+    settings = hub_settings.model_copy(update={"auth_token": SecretStr("legacy-test-token")})
+    async with running_hub(settings) as url, httpx.AsyncClient(base_url=url) as http:
+        assert (await http.get("/api/jobs")).status_code == 401
+        assert (
+            await http.get("/api/jobs", params={"token": "legacy-test-token"})
+        ).status_code == 200
+        assert (await http.get("/api/jobs", headers=bearer("legacy-test-token"))).status_code == 200
+
+
+async def test_rate_limit(hub_settings: HubSettings) -> None:
+    settings = hub_settings.model_copy(update={"submit_rate": 0.5, "submit_burst": 3})
+    async with running_hub(settings) as url, httpx.AsyncClient(base_url=url) as http:
+        codes = [
+            (await http.post("/api/jobs", json={"job_type": "s"})).status_code for _ in range(4)
+        ]
+        assert codes == [200, 200, 200, 429]
+        r = await http.post("/api/jobs", json={"job_type": "s"})
+        assert r.status_code == 429 and 1 <= int(r.headers["Retry-After"]) <= 2
+        r = await http.post("/api/jobs/batch", json={"jobs": [{"job_type": "s"}] * 5})
+        assert r.status_code == 429
+        assert (await http.get("/api/jobs")).status_code == 200  # reads are not limited
