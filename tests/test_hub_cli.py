@@ -10,6 +10,8 @@ import redis
 
 from emp_hub.cli import main
 
+pytestmark = pytest.mark.hub
+
 
 @pytest.fixture(autouse=True)
 def hub_env(monkeypatch: pytest.MonkeyPatch, redis_url: str, namespace: str) -> Iterator[None]:

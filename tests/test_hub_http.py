@@ -18,11 +18,14 @@ from emp_hub.settings import HubSettings
 from emp_worker.capabilities import WorkerCapabilities
 from tests.hub_server import running_hub
 
+pytestmark = pytest.mark.hub
+
 SIM = WorkerCapabilities(services={"simulation"})
 
 
 @pytest.fixture
-def hub_settings(redis_url: str, namespace: str) -> HubSettings:
+def hub_settings(redis_url: str, namespace: str, redis_client: redis.asyncio.Redis) -> HubSettings:
+    """Settings of a hub on the test's namespace (redis_client removes it afterwards)."""
     return HubSettings(
         redis_url=redis_url,
         broker=BrokerSettings(namespace=namespace, live_cache_s=0, max_payload_bytes=10_000),
