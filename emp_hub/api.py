@@ -12,7 +12,7 @@ from typing import Annotated, Any, cast
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from emp_hub.app import Hub
 from emp_hub.auth import Principal, Role
@@ -141,16 +141,20 @@ class SubmitRequest(BaseModel):
             if customer not in (None, principal.customer):
                 raise HTTPException(403, f"this token submits only as {principal.customer}")
             customer = principal.customer
-        return JobSpec(
-            service=self.job_type or self.service or "",
-            payload=self.payload,
-            priority=self.priority,
-            id=job_id or self.job_id or None,
-            customer=customer,
-            requirements=self.requirements,
-            max_attempts=self.max_attempts,
-            timeout=self.job_timeout,
-        )
+        try:
+            return JobSpec(
+                service=self.job_type or self.service or "",
+                payload=self.payload,
+                priority=self.priority,
+                id=job_id or self.job_id or None,
+                customer=customer,
+                requirements=self.requirements,
+                max_attempts=self.max_attempts,
+                timeout=self.job_timeout,
+            )
+        except ValidationError as exc:
+            detail = [{"loc": ["body", *e["loc"]], "msg": e["msg"]} for e in exc.errors()]
+            raise HTTPException(422, detail) from None
 
 
 class SubmitResponse(BaseModel):

@@ -82,5 +82,11 @@ class HubSettings(BaseSettings):
         validation_alias=_env("maintenance_interval_s"),
         description="How often the hub requeues expired leases and promotes due retries.",
     )
+    shutdown_timeout_s: float = Field(
+        default=10,
+        gt=0,
+        validation_alias=_env("shutdown_timeout_s"),
+        description="On stop, how long open requests (waits, event streams) may finish.",
+    )
     log_level: str = Field(default="info", validation_alias=_env("log_level", "LOG_LEVEL"))
     broker: BrokerSettings = Field(default_factory=BrokerSettings)

@@ -79,6 +79,8 @@ def test_bad_specs_are_rejected() -> None:
         JobSpec.model_validate({"payload": {}})
     with pytest.raises(ValidationError, match="id"):
         JobSpec(service="sim", id="has space")
+    with pytest.raises(ValidationError, match="needs a customer"):
+        JobSpec(service="sim", requirements=RequirementsSpec(isolation=Isolation.STRICT))
 
 
 @pytest.fixture

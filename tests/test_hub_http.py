@@ -122,6 +122,7 @@ async def test_bad_input(http: httpx.AsyncClient) -> None:
         ({"job_type": "s", "job_id": "has space"}, 422, "job_id"),
         ({"job_type": "s", "service": "s"}, 422, "exactly once"),
         ({"job_type": "s", "requirements": {"vram": 3}}, 422, "Extra inputs"),
+        ({"job_type": "s", "requirements": {"isolation": "strict"}}, 422, "needs a customer"),
         ({"job_type": "s", "payload": {"x": "y" * 20_000}}, 413, "exceeds the cap"),
         ({"job_type": "s", "payload": {"x": "y" * 60_000}}, 413, "request body over"),
     ]

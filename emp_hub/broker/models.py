@@ -8,7 +8,7 @@ from enum import StrEnum
 from functools import lru_cache
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from emp_worker.capabilities import NAME_PATTERN, Isolation, JobRequirements, Name
 
@@ -67,6 +67,11 @@ class JobSpec(BaseModel):
     requirements: RequirementsSpec = Field(default_factory=RequirementsSpec)
     max_attempts: int | None = Field(default=None, ge=1, le=100)
     timeout: float = Field(default=0, ge=0, description="Seconds per attempt; 0: no limit.")
+
+    @model_validator(mode="after")
+    def _requirements_hold_together(self) -> JobSpec:
+        self.job_requirements()  # e.g. isolation needs a customer
+        return self
 
     def job_requirements(self) -> JobRequirements:
         """The hard requirements in canonical form (service and customer included)."""
