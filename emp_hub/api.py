@@ -378,11 +378,11 @@ async def cancel_job(
 ) -> CancelResult:
     """Cancel a job: a pending one is removed; the worker running an active one is told."""
     await visible_job(hub, principal, job_id)
-    result = await hub.broker.cancel(job_id, (body or CancelRequest()).reason)
+    reason = (body or CancelRequest()).reason
+    result = await hub.broker.cancel(job_id, reason)
     if result.worker is not None:
-        await hub.redis.publish(
-            hub.broker.key("cancel"), json.dumps({"job_id": job_id, "worker": result.worker})
-        )
+        notice = {"job_id": job_id, "worker": result.worker, "reason": reason}
+        await hub.redis.publish(hub.broker.key("cancel"), json.dumps(notice))
     return result
 
 

@@ -89,7 +89,8 @@ async def _hub(settings: HubSettings, url: str) -> AsyncIterator[Hub]:
 
 def create_app(settings: HubSettings | None = None) -> FastAPI:
     """The hub's ASGI app."""
-    from emp_hub.api import broker_error, router  # the routes need Hub, defined above
+    from emp_hub import ws  # the routes need Hub, defined above
+    from emp_hub.api import broker_error, router
 
     settings = settings or HubSettings()
 
@@ -97,7 +98,14 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with open_hub(settings) as hub:
             app.state.hub = hub
-            yield
+            app.state.dispatcher = dispatcher = ws.Dispatcher(hub)
+            stop = asyncio.Event()
+            listener = asyncio.create_task(dispatcher.listen(stop))
+            try:
+                yield
+            finally:
+                stop.set()
+                await listener
 
     app = FastAPI(
         title="emp hub",
@@ -106,6 +114,7 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.include_router(router)
+    app.include_router(ws.router)
     app.add_exception_handler(BrokerError, broker_error)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     return app

@@ -196,7 +196,8 @@ async def test_cancel_active_is_announced(
     for _ in range(50):
         message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.1)
         if message:
-            assert json.loads(message["data"]) == {"job_id": job_id, "worker": "gpu-7"}
+            notice = json.loads(message["data"])
+            assert notice == {"job_id": job_id, "worker": "gpu-7", "reason": "Manually cancelled"}
             break
     else:
         raise AssertionError("no cancel announcement")

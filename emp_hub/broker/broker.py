@@ -231,13 +231,19 @@ class Broker:
         self._live_gen += 1
         return self._live
 
-    async def _refresh_classes(self) -> None:
+    async def refresh_classes(self) -> None:
+        """Re-read the requirement classes (a new one appeared)."""
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.get(self.key("classes:ver"))
             pipe.hgetall(self.key("classes"))
             ver, classes = await pipe.execute()
         self._classes = {c: JobRequirements.model_validate_json(r) for c, r in classes.items()}
         self._classes_ver = ver or "0"
+
+    @property
+    def known_classes(self) -> dict[str, JobRequirements]:
+        """The requirement classes this process knows of (see refresh_classes)."""
+        return self._classes
 
     def matching_classes(self, caps: WorkerCapabilities) -> list[str]:
         """The known requirement classes that `caps` satisfies (cached per capabilities)."""
@@ -309,7 +315,7 @@ class Broker:
                     token = f"{prefix}:{i}"
                     claims.append(Claim(job=job, token=token, lease_expires=job.lease_expires or 0))
                 return claims
-            await self._refresh_classes()  # a new class appeared: recompute the candidates
+            await self.refresh_classes()  # a new class appeared: recompute the candidates
         return []
 
     async def extend(
@@ -481,10 +487,10 @@ class Broker:
     async def stats(self) -> QueueStats:
         """Depth per class and priority, set sizes, and unschedulable classes."""
         if self._classes_ver == "-1":
-            await self._refresh_classes()
+            await self.refresh_classes()
         nonempty = sorted(cast(set[str], await self.redis.smembers(self.key("nonempty"))))
         if any(c not in self._classes for c in nonempty):
-            await self._refresh_classes()
+            await self.refresh_classes()
         live = await self.live_workers(fresh=True)
         counts = self._live_counts(live)
         classes: list[ClassStats] = []

@@ -52,6 +52,14 @@ local function dequeue(id, class)
   end
 end
 
+-- Tell every hub replica that jobs of these classes became pending (channel "work",
+-- message: the class ids separated by spaces), so parked workers wake up at once.
+local function announce(classes)
+  if #classes > 0 then
+    redis.call('PUBLISH', P .. 'work', table.concat(classes, ' '))
+  end
+end
+
 -- Check that `token` holds the active job `id`; returns its fields or an error reply.
 local function held(id, token, fields)
   local want = {'status', 'token'}

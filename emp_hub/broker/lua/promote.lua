@@ -12,4 +12,5 @@ for _, id in ipairs(due) do
     classes[#classes + 1] = j.class
   end
 end
+announce(classes)
 return classes

@@ -4,6 +4,7 @@
 -- CFG.max_orphans. ARGV[5] jitter. Returns a flat list of id, outcome.
 local due = redis.call('ZRANGEBYSCORE', P .. 'leases', '-inf', NOW, 'LIMIT', 0, tonumber(ARGV[4]))
 local out = {}
+local requeued = {}
 for _, id in ipairs(due) do
   redis.call('ZREM', P .. 'leases', id)
   local j = hget(id, {'status', 'deadline', 'orphans', 'class', 'score', 'seq', 'timeout'})
@@ -24,10 +25,12 @@ for _, id in ipairs(due) do
         set_status(id, j.seq, 'active', 'pending')
         event(id, 'type', 'status', 'status', 'pending', 'reason', 'lease expired')
         outcome = 'requeued'
+        requeued[#requeued + 1] = j.class
       end
     end
   end
   out[#out + 1] = id
   out[#out + 1] = outcome
 end
+announce(requeued)
 return out

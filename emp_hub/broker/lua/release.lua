@@ -8,4 +8,5 @@ redis.call('HSET', jkey(id), 'token', '', 'worker', '')
 enqueue(id, j.class, j.score)
 set_status(id, j.seq, 'active', 'pending')
 event(id, 'type', 'status', 'status', 'pending', 'reason', 'released')
+announce({j.class})
 return 1

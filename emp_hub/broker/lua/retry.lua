@@ -16,4 +16,5 @@ redis.call('HDEL', k, 'finished_at', 'xm', 'retry_at')
 enqueue(id, j.class, j.score)
 set_status(id, j.seq, 'failed', 'pending')
 event(id, 'type', 'status', 'status', 'pending', 'reason', 'retried')
+announce({j.class})
 return 1

@@ -1,0 +1,306 @@
+"""The worker WebSocket (`/ws/worker/{worker_id}`) and the dispatcher that feeds it.
+
+Pull model: a worker says how many slots are free (`request_job`); the hub claims the best
+matching jobs atomically and sends `job_assigned` (with the lease token). With nothing to
+do, the request stays parked in this replica; the broker's scripts publish the classes of
+jobs that become pending (channel `{namespace}:work`), and every replica wakes the parked
+workers that match them. Nobody polls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from pydantic import ValidationError
+
+from emp_hub.app import Hub
+from emp_hub.auth import Principal, Role
+from emp_hub.broker import BrokerError, StaleLease
+from emp_worker.capabilities import WorkerCapabilities
+from emp_worker.protocol import (
+    CompleteJob,
+    FailJob,
+    RegisterWorker,
+    ReleaseJob,
+    RequestJob,
+    UpdateJobProgress,
+    WorkerHeartbeat,
+    WorkerStatus,
+    hub_message,
+    worker_message,
+)
+
+log = logging.getLogger("emp_hub.ws")
+router = APIRouter()
+
+#: A parked request is retried this often even without a wake-up (a missed message).
+SAFETY_WAKE_S = 5.0
+
+
+@dataclass(eq=False)
+class WorkerSession:
+    """One connected worker on this replica."""
+
+    worker_id: str
+    websocket: WebSocket
+    caps: WorkerCapabilities | None = None
+    held: dict[str, str] = field(default_factory=dict)  # job id -> lease token
+    wanted: int = 0
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    closed: bool = False
+    send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def send(self, message: dict[str, Any]) -> None:
+        """Send one message (serialised: the feeder and the receive loop both send)."""
+        async with self.send_lock:
+            await self.websocket.send_text(json.dumps(message))
+
+    async def error(self, error: str, details: Any = None) -> None:
+        """An `error` message; the connection stays open."""
+        body = {"error": error} if details is None else {"error": error, "details": details}
+        await self.send(hub_message("error", **body))
+
+
+class Dispatcher:
+    """This replica's connected workers, woken by the broker's announcements."""
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+        self.sessions: dict[str, WorkerSession] = {}
+
+    async def listen(self, stop: asyncio.Event) -> None:
+        """Follow the work and cancel channels until `stop`."""
+        broker = self.hub.broker
+        pubsub = self.hub.redis.pubsub()
+        await pubsub.subscribe(broker.key("work"), broker.key("cancel"))
+        try:
+            while not stop.is_set():
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
+                if message is None:
+                    continue
+                if message["channel"] == broker.key("work"):
+                    await self.wake(message["data"].split())
+                else:
+                    await self.tell_cancel(json.loads(message["data"]))
+        finally:
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def wake(self, classes: list[str]) -> None:
+        """Wake the parked workers that can run jobs of these classes."""
+        broker = self.hub.broker
+        if any(c not in broker.known_classes for c in classes):
+            await broker.refresh_classes()
+        wanted = set(classes)
+        for session in self.sessions.values():
+            if (
+                session.wanted
+                and session.caps is not None
+                and (wanted.intersection(broker.matching_classes(session.caps)))
+            ):
+                session.wake.set()
+
+    async def tell_cancel(self, notice: dict[str, str]) -> None:
+        """Tell the worker running a cancelled job, if it is connected here."""
+        session = self.sessions.get(notice["worker"])
+        job_id = notice["job_id"]
+        if session is not None and session.held.pop(job_id, None) is not None:
+            await session.send(
+                hub_message("cancel_job", job_id=job_id, reason=notice.get("reason", "cancelled"))
+            )
+
+    async def feed(self, session: WorkerSession) -> None:
+        """Claim jobs for the session's free slots whenever it is woken."""
+        while not session.closed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(session.wake.wait(), SAFETY_WAKE_S)
+            session.wake.clear()
+            if session.closed or not session.wanted or session.caps is None:
+                continue
+            claims = await self.hub.broker.claim_many(
+                session.worker_id, session.caps, session.wanted
+            )
+            for claim in claims:
+                job = claim.job
+                session.held[job.id] = claim.token
+                session.wanted -= 1
+                await session.send(
+                    hub_message(
+                        "job_assigned",
+                        job_id=job.id,
+                        worker_id=session.worker_id,
+                        job_type=job.service,
+                        priority=job.priority,
+                        params=job.payload,
+                        lease_token=claim.token,
+                        attempt=job.attempt,
+                        timeout=job.timeout,
+                        lease_expires=claim.lease_expires,
+                    )
+                )
+
+
+async def authenticate_ws(websocket: WebSocket, hub: Hub, roles: set[Role]) -> Principal | None:
+    """The caller of a WebSocket (token in ?token= or Authorization: Bearer). On failure,
+    answer as the original hub did (an `error` message), then close (1008)."""
+    token = websocket.query_params.get("token")
+    header = websocket.headers.get("authorization", "")
+    if header.lower().startswith("bearer "):
+        token = header[7:].strip()
+    principal = await hub.tokens.authenticate(token)
+    if principal is None or principal.role not in roles:
+        await websocket.accept()
+        reason = "Invalid token" if principal is None else "this token may not connect here"
+        await websocket.send_text(
+            json.dumps(hub_message("error", error=f"Authentication failed: {reason}"))
+        )
+        await websocket.close(code=1008)
+        return None
+    return principal
+
+
+@router.websocket("/ws/worker/{worker_id}")
+async def worker_socket(websocket: WebSocket, worker_id: str) -> None:
+    """A worker's connection: registration, pulls, progress, results."""
+    hub: Hub = websocket.app.state.hub
+    dispatcher: Dispatcher = websocket.app.state.dispatcher
+    if await authenticate_ws(websocket, hub, {Role.WORKER, Role.ADMIN}) is None:
+        return
+    await websocket.accept()
+    session = WorkerSession(worker_id, websocket)
+    previous = dispatcher.sessions.get(worker_id)
+    if previous is not None:
+        previous.closed = True  # the same worker reconnected: the new socket wins
+    dispatcher.sessions[worker_id] = session
+    await session.send(
+        {
+            "type": "connection_established",
+            "message": f"Welcome Worker {worker_id}! Connected to emp hub",
+        }
+    )
+    feeder = asyncio.create_task(dispatcher.feed(session))
+    try:
+        while True:
+            text = await websocket.receive_text()
+            await handle(session, hub, text)
+    except WebSocketDisconnect:
+        pass
+    finally:
+        session.closed = True
+        session.wake.set()
+        await feeder  # it ends by itself: no Redis command is cut in half
+        if dispatcher.sessions.get(worker_id) is session:
+            del dispatcher.sessions[worker_id]
+
+
+async def handle(session: WorkerSession, hub: Hub, text: str) -> None:
+    """Act on one message from a worker. Bad input gets an `error` and changes nothing."""
+    try:
+        raw = json.loads(text)
+    except ValueError:
+        await session.error("message is not JSON")
+        return
+    if not isinstance(raw, dict) or not isinstance(raw.get("type"), str):
+        await session.error("message must be a JSON object with a string `type`")
+        return
+    try:
+        message = worker_message.validate_python(raw)
+    except ValidationError as exc:
+        known = "union_tag_invalid" in {e["type"] for e in exc.errors()}
+        if known:
+            await session.error(f"unknown message type: {raw['type']}")
+        else:
+            await session.error(f"invalid {raw['type']} message", exc.errors(include_url=False))
+        return
+    broker = hub.broker
+    worker_id = session.worker_id
+    try:
+        if isinstance(message, RegisterWorker):
+            session.caps = message.worker_capabilities()
+            await broker.register_worker(worker_id, session.caps)
+            tokens = {h.job_id: h.lease_token for h in message.jobs}
+            kept = await broker.extend(tokens.items())
+            session.held.update(
+                {job: token for (job, token), ok in zip(tokens.items(), kept, strict=True) if ok}
+            )
+            await session.send(
+                hub_message(
+                    "worker_registered",
+                    worker_id=worker_id,
+                    status="active",
+                    jobs=sorted(session.held),
+                )
+            )
+            if message.subscribe_to_jobs:
+                await session.send(hub_message("job_notifications_subscribed", worker_id=worker_id))
+        elif session.caps is None:
+            await session.error("register_worker first")
+        elif isinstance(message, RequestJob):
+            session.wanted = message.slots
+            session.wake.set()
+        elif isinstance(message, WorkerHeartbeat | WorkerStatus):
+            await broker.touch_worker(worker_id)
+            held = list(session.held.items())
+            kept = await broker.extend(held)
+            lost = [job for (job, _), ok in zip(held, kept, strict=True) if not ok]
+            for job in lost:
+                session.held.pop(job, None)
+            if isinstance(message, WorkerHeartbeat):
+                await session.send(
+                    hub_message("worker_heartbeat_ack", worker_id=worker_id, lost=lost)
+                )
+        else:
+            await job_message(session, hub, message)
+    except StaleLease as exc:
+        session.held.pop(getattr(message, "job_id", ""), None)
+        await session.error(str(exc))
+    except BrokerError as exc:
+        await session.error(str(exc))
+
+
+async def job_message(
+    session: WorkerSession,
+    hub: Hub,
+    message: UpdateJobProgress | CompleteJob | FailJob | ReleaseJob,
+) -> None:
+    """Progress, result, failure or release of a job this connection holds."""
+    token = session.held.get(message.job_id)
+    if token is None:
+        await session.error(f"worker {session.worker_id} does not hold job {message.job_id}")
+        return
+    broker = hub.broker
+    worker_id = session.worker_id
+    if isinstance(message, UpdateJobProgress):
+        if message.progress < 0:  # keep-alive
+            await broker.extend([(message.job_id, token)])
+        else:
+            await broker.progress(message.job_id, token, message.progress, message.message or "")
+    elif isinstance(message, CompleteJob):
+        await broker.complete(message.job_id, token, message.result)
+        del session.held[message.job_id]
+        await session.send(
+            hub_message("job_completed_ack", job_id=message.job_id, worker_id=worker_id)
+        )
+    elif isinstance(message, FailJob):
+        status = await broker.fail(
+            message.job_id, token, message.error, retryable=message.retryable
+        )
+        del session.held[message.job_id]
+        await session.send(
+            hub_message(
+                "job_failed_ack",
+                job_id=message.job_id,
+                worker_id=worker_id,
+                error=message.error,
+                status=status.value,
+            )
+        )
+    else:
+        await broker.release(message.job_id, token)
+        del session.held[message.job_id]
+        await session.send(hub_message("job_released", job_id=message.job_id, worker_id=worker_id))

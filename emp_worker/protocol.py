@@ -1,0 +1,126 @@
+"""Wire messages between worker and hub (JSON text frames `{"type": ..., ...}`).
+
+The original emp-redis types and fields are kept; the pull model adds `request_job`,
+`release_job`, lease tokens in `job_assigned`, `cancel_job` to the worker, and `lost` jobs
+in the heartbeat acknowledgement. docs/protocol.md lists every message with an example.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from emp_worker.capabilities import WorkerCapabilities
+
+
+class Message(BaseModel):
+    """Fields every message may carry. Unknown extra fields are tolerated (and ignored),
+    as original workers send some (connector details, message ids)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    timestamp: float = Field(default_factory=time.time)
+
+
+class HeldJob(BaseModel):
+    """A job a reconnecting worker still runs, with the lease token it was given."""
+
+    job_id: str
+    lease_token: str
+
+
+class RegisterWorker(Message):
+    """First message of a worker: who it is and what it can do."""
+
+    type: Literal["register_worker"]
+    worker_id: str | None = None
+    capabilities: dict[str, Any] = Field(default_factory=dict)
+    subscribe_to_jobs: bool = True
+    status: str = "idle"
+    jobs: list[HeldJob] = Field(default_factory=list, description="Jobs kept over a reconnect.")
+
+    def worker_capabilities(self) -> WorkerCapabilities:
+        """Our capabilities, or the original shape ({"supported_job_types": [...]})."""
+        if "services" in self.capabilities:
+            return WorkerCapabilities.model_validate(self.capabilities)
+        return WorkerCapabilities(services=self.capabilities.get("supported_job_types", []))
+
+
+class RequestJob(Message):
+    """Pull model: the worker has `slots` free slots; the hub answers with job_assigned
+    messages now or as soon as matching jobs arrive."""
+
+    type: Literal["request_job"]
+    slots: int = Field(default=1, ge=0, le=1000)
+
+
+class WorkerHeartbeat(Message):
+    """Liveness; renews the leases of the jobs this connection holds."""
+
+    type: Literal["worker_heartbeat"]
+    worker_id: str | None = None
+    status: str = "idle"
+    load: float = 0
+
+
+class WorkerStatus(Message):
+    """The original worker's status report (idle/busy)."""
+
+    type: Literal["worker_status"]
+    worker_id: str | None = None
+    status: str = "idle"
+
+
+class UpdateJobProgress(Message):
+    """Progress of a held job: 0-100 (-1: keep-alive only)."""
+
+    type: Literal["update_job_progress"]
+    job_id: str
+    progress: float = Field(ge=-1, le=100)
+    status: str = "processing"
+    message: str | None = None
+
+
+class CompleteJob(Message):
+    """The result of a held job."""
+
+    type: Literal["complete_job"]
+    job_id: str
+    result: Any = None
+
+
+class FailJob(Message):
+    """A held job's attempt failed."""
+
+    type: Literal["fail_job"]
+    job_id: str
+    error: str = "failed"
+    retryable: bool = True
+
+
+class ReleaseJob(Message):
+    """Hand a held job back without penalty (e.g. on shutdown)."""
+
+    type: Literal["release_job"]
+    job_id: str
+
+
+WorkerMessage = Annotated[
+    RegisterWorker
+    | RequestJob
+    | WorkerHeartbeat
+    | WorkerStatus
+    | UpdateJobProgress
+    | CompleteJob
+    | FailJob
+    | ReleaseJob,
+    Field(discriminator="type"),
+]
+worker_message = TypeAdapter(WorkerMessage)
+
+
+def hub_message(type_: str, **fields: Any) -> dict[str, Any]:
+    """A hub-to-peer message with its type and timestamp."""
+    return {"type": type_, "timestamp": time.time(), **fields}
