@@ -12,6 +12,7 @@ from typing import Annotated, Any, cast
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from emp_hub.app import Hub
@@ -320,6 +321,7 @@ async def submit_job(body: SubmitRequest, hub: HubDep, principal: Submitter) -> 
         job_id = candidate
     spec = body.spec(principal, job_id or f"job-rest-{uuid.uuid4()}")
     submitted = await hub.broker.submit(spec)
+    hub.metrics.submitted.labels(spec.service).inc()
     if body.wait:
         await _wait_until_done(hub, submitted.id, body.timeout)
         return await _job_view(hub, await hub.broker.get(submitted.id))
@@ -341,6 +343,8 @@ async def submit_batch(body: BatchRequest, hub: HubDep, principal: Submitter) ->
     specs = [item.spec(principal, item.job_id or f"job-rest-{uuid.uuid4()}") for item in body.jobs]
     await _rate_limit(hub, principal, len(specs))
     submitted = await hub.broker.submit_many(specs)
+    for spec in specs:
+        hub.metrics.submitted.labels(spec.service).inc()
     return BatchResponse(job_ids=[s.id for s in submitted])
 
 
@@ -377,10 +381,11 @@ async def cancel_job(
     job_id: str, hub: HubDep, principal: Submitter, body: CancelRequest | None = None
 ) -> CancelResult:
     """Cancel a job: a pending one is removed; the worker running an active one is told."""
-    await visible_job(hub, principal, job_id)
+    job = await visible_job(hub, principal, job_id)
     reason = (body or CancelRequest()).reason
     result = await hub.broker.cancel(job_id, reason)
     if result.worker is not None:
+        hub.metrics.finished.labels(job.service, "cancelled").inc()
         notice = {"job_id": job_id, "worker": result.worker, "reason": reason}
         await hub.redis.publish(hub.broker.key("cancel"), json.dumps(notice))
     return result
@@ -451,6 +456,20 @@ async def list_workers(hub: HubDep, principal: Operator) -> list[WorkerView]:
 async def queues(hub: HubDep, principal: Operator) -> QueueStats:
     """Pending jobs per requirement class and priority, and the unschedulable ones."""
     return await hub.broker.stats()
+
+
+@router.get(
+    "/metrics",
+    tags=["operations"],
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}},
+)
+async def metrics(request: Request, hub: HubDep, principal: Operator) -> Response:
+    """Prometheus metrics: jobs by service and outcome, queue depth, unschedulable jobs,
+    workers, claim and submit-to-start latency."""
+    connected = len(request.app.state.dispatcher.sessions)
+    body = hub.metrics.render(await hub.broker.stats(), connected)
+    return Response(content=body, media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/health/live", tags=["operations"])

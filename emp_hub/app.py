@@ -18,6 +18,7 @@ import emp_hub
 from emp_hub.auth import TokenStore
 from emp_hub.broker import Broker, BrokerError, connect
 from emp_hub.embedded import redis_url_or_embedded
+from emp_hub.metrics import Metrics
 from emp_hub.ratelimit import RateLimiter
 from emp_hub.settings import HubSettings
 
@@ -33,6 +34,7 @@ class Hub:
     broker: Broker
     tokens: TokenStore
     limiter: RateLimiter
+    metrics: Metrics
 
 
 async def maintain_until(stop: asyncio.Event, broker: Broker, interval: float) -> None:
@@ -72,6 +74,7 @@ async def _hub(settings: HubSettings, url: str) -> AsyncIterator[Hub]:
         broker=Broker(client, settings.broker),
         tokens=TokenStore(client, namespace, shared),
         limiter=RateLimiter(client, namespace, settings.submit_rate, settings.submit_burst),
+        metrics=Metrics(),
     )
     if await hub.tokens.is_open():
         log.warning("no auth token configured and none created: the hub is open to anyone")

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +52,7 @@ class WorkerSession:
     websocket: WebSocket
     caps: WorkerCapabilities | None = None
     held: dict[str, str] = field(default_factory=dict)  # job id -> lease token
+    services: dict[str, str] = field(default_factory=dict)  # job id -> service (metrics)
     wanted: int = 0
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     closed: bool = False
@@ -122,12 +124,17 @@ class Dispatcher:
             session.wake.clear()
             if session.closed or not session.wanted or session.caps is None:
                 continue
+            started = time.perf_counter()
             claims = await self.hub.broker.claim_many(
                 session.worker_id, session.caps, session.wanted
             )
+            metrics = self.hub.metrics
+            metrics.claim_seconds.observe(time.perf_counter() - started)
             for claim in claims:
                 job = claim.job
+                metrics.submit_to_start.observe((job.claimed_at or 0) - job.created_at)
                 session.held[job.id] = claim.token
+                session.services[job.id] = job.service
                 session.wanted -= 1
                 await session.send(
                     hub_message(
@@ -275,6 +282,9 @@ async def job_message(
         return
     broker = hub.broker
     worker_id = session.worker_id
+    service = session.services.get(message.job_id, "unknown")
+    if not isinstance(message, UpdateJobProgress):
+        session.services.pop(message.job_id, None)  # the job leaves this worker
     if isinstance(message, UpdateJobProgress):
         if message.progress < 0:  # keep-alive
             await broker.extend([(message.job_id, token)])
@@ -283,6 +293,7 @@ async def job_message(
     elif isinstance(message, CompleteJob):
         await broker.complete(message.job_id, token, message.result)
         del session.held[message.job_id]
+        hub.metrics.finished.labels(service, "completed").inc()
         await session.send(
             hub_message("job_completed_ack", job_id=message.job_id, worker_id=worker_id)
         )
@@ -303,4 +314,5 @@ async def job_message(
     else:
         await broker.release(message.job_id, token)
         del session.held[message.job_id]
+        hub.metrics.finished.labels(service, "released").inc()
         await session.send(hub_message("job_released", job_id=message.job_id, worker_id=worker_id))

@@ -254,3 +254,20 @@ async def test_two_hubs_share_one_redis(hub_settings: HubSettings) -> None:
         async with httpx.AsyncClient(base_url=hub_a) as http:
             await http.post(f"/api/jobs/{job_id}/cancel")
         assert (await w.expect("cancel_job", wait=3))["job_id"] == job_id
+
+
+async def test_metrics(base_url: str) -> None:
+    async with worker(base_url, "w1") as w:
+        await w.send("request_job", slots=1)
+        job_id = await submit(base_url)
+        await w.expect("job_assigned")
+        await w.send("complete_job", job_id=job_id, result=None)
+        await w.expect("job_completed_ack")
+        await submit(base_url, job_type="a1111", priority=4)
+        async with httpx.AsyncClient(base_url=base_url) as http:
+            text = (await http.get("/metrics")).text
+    assert 'emp_jobs_submitted_total{service="simulation"} 1.0' in text
+    assert 'emp_job_attempts_finished_total{outcome="completed",service="simulation"} 1.0' in text
+    assert "emp_claim_seconds_count" in text and "emp_submit_to_start_seconds_bucket" in text
+    assert "emp_unschedulable_jobs 1.0" in text and "emp_connected_workers 1.0" in text
+    assert 'priority="4",requirement_class=' in text
