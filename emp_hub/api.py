@@ -267,7 +267,7 @@ class WorkerView(BaseModel):
 
 
 async def _job_view(hub: Hub, job: Job) -> JobView:
-    return JobView.of(job, await hub.broker.position(job))
+    return JobView.of(job, await hub.broker.position(job.id, job.requirement_class))
 
 
 async def _rate_limit(hub: Hub, principal: Principal, cost: int) -> None:
@@ -315,7 +315,7 @@ async def submit_job(body: SubmitRequest, hub: HubDep, principal: Submitter) -> 
                 job_id=job.id,
                 message=f"Job already submitted with ID: {job.id}",
                 status=job.status.value,
-                position=await hub.broker.position(job),
+                position=await hub.broker.position(job.id, job.requirement_class),
                 duplicate=True,
             )
         job_id = candidate
@@ -325,12 +325,12 @@ async def submit_job(body: SubmitRequest, hub: HubDep, principal: Submitter) -> 
     if body.wait:
         await _wait_until_done(hub, submitted.id, body.timeout)
         return await _job_view(hub, await hub.broker.get(submitted.id))
-    job = await hub.broker.get(submitted.id)
+    position = await hub.broker.position(submitted.id, submitted.requirement_class)
     return SubmitResponse(
         job_id=submitted.id,
         message=f"Job submitted successfully with ID: {submitted.id}",
-        status=job.status.value,
-        position=await hub.broker.position(job),
+        status="pending" if position is not None else "active",
+        position=position,
     )
 
 

@@ -75,6 +75,7 @@ class Dispatcher:
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
         self.sessions: dict[str, WorkerSession] = {}
+        self._turn = 0
 
     async def listen(self, stop: asyncio.Event) -> None:
         """Follow the work and cancel channels until `stop`."""
@@ -87,25 +88,33 @@ class Dispatcher:
                 if message is None:
                     continue
                 if message["channel"] == broker.key("work"):
-                    await self.wake(message["data"].split())
+                    announced = [item.partition(":") for item in message["data"].split()]
+                    await self.wake({c: int(n) for c, _, n in announced})
                 else:
                     await self.tell_cancel(json.loads(message["data"]))
         finally:
             await pubsub.aclose()  # type: ignore[no-untyped-call]
 
-    async def wake(self, classes: list[str]) -> None:
-        """Wake the parked workers that can run jobs of these classes."""
+    async def wake(self, jobs: dict[str, int]) -> None:
+        """Wake parked workers that can run the new jobs (class -> how many): as many free
+        slots as there are jobs, not every matching worker (no thundering herd). Sessions
+        are visited from a rotating start, so the waiting is shared out."""
         broker = self.hub.broker
-        if any(c not in broker.known_classes for c in classes):
+        if any(c not in broker.known_classes for c in jobs):
             await broker.refresh_classes()
-        wanted = set(classes)
-        for session in self.sessions.values():
-            if (
-                session.wanted
-                and session.caps is not None
-                and (wanted.intersection(broker.matching_classes(session.caps)))
-            ):
-                session.wake.set()
+        left = dict(jobs)
+        sessions = list(self.sessions.values())
+        self._turn = (self._turn + 1) % max(1, len(sessions))
+        for session in sessions[self._turn :] + sessions[: self._turn]:
+            if not session.wanted or session.caps is None or session.wake.is_set():
+                continue
+            for c in broker.matching_classes(session.caps):
+                if left.get(c, 0) > 0:
+                    left[c] -= min(left[c], session.wanted)
+                    session.wake.set()
+                    break
+            if not any(left.values()):
+                return
 
     async def tell_cancel(self, notice: dict[str, str]) -> None:
         """Tell the worker running a cancelled job, if it is connected here."""
@@ -148,6 +157,7 @@ class Dispatcher:
                         attempt=job.attempt,
                         timeout=job.timeout,
                         lease_expires=claim.lease_expires,
+                        created_at=job.created_at,
                     )
                 )
 

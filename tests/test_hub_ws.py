@@ -271,3 +271,27 @@ async def test_metrics(base_url: str) -> None:
     assert "emp_claim_seconds_count" in text and "emp_submit_to_start_seconds_bucket" in text
     assert "emp_unschedulable_jobs 1.0" in text and "emp_connected_workers 1.0" in text
     assert 'priority="4",requirement_class=' in text
+
+
+async def test_one_job_wakes_one_parked_worker(base_url: str) -> None:
+    """No thundering herd: a single new job wakes a single idle worker, not all of them."""
+    async with (
+        worker(base_url, "w0") as w0,
+        worker(base_url, "w1") as w1,
+        worker(base_url, "w2") as w2,
+        httpx.AsyncClient(base_url=base_url) as http,
+    ):
+        peers = [w0, w1, w2]
+        for w in peers:
+            await w.send("request_job", slots=1)
+        await asyncio.sleep(0.3)
+
+        def claims(text: str) -> float:
+            line = next(x for x in text.splitlines() if x.startswith("emp_claim_seconds_count"))
+            return float(line.split()[1])
+
+        before = claims((await http.get("/metrics")).text)
+        await submit(base_url)
+        got = await asyncio.gather(*(w.recv(wait=1) for w in peers), return_exceptions=True)
+        assert sum(isinstance(g, dict) and g["type"] == "job_assigned" for g in got) == 1
+        assert claims((await http.get("/metrics")).text) - before == 1

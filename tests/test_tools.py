@@ -9,6 +9,7 @@ import pytest
 from rich.console import Console
 
 from benchmarks import claim as claim_benchmark
+from benchmarks import hub as hub_benchmark
 from emp_hub.demo import run_demo
 
 
@@ -34,3 +35,13 @@ def test_claim_benchmark_prints_its_json(
     assert row["backlog"] == 300
     assert row["ours"]["p99_ms"] > 0 and row["scan"]["p99_ms"] > 0
     assert report["submit_jobs_per_s"] > 0 and report["claim_complete_per_s"] > 0
+
+
+@pytest.mark.timeout(300)
+def test_hub_benchmark_prints_its_json(redis_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    hub_benchmark.main(["--jobs", "200", "--workers", "4", "--samples", "10", "--url", redis_url])
+    report = json.loads(capsys.readouterr().out)
+    assert [r["replicas"] for r in report["results"]] == [1, 2]
+    for row in report["results"]:
+        assert row["throughput"]["jobs"] == 200 and row["throughput"]["jobs_per_s"] > 0
+        assert row["submit_to_assigned"]["from_submission"]["p99_ms"] > 0

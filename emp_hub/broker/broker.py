@@ -474,15 +474,11 @@ class Broker:
         )
         return [_event(i, f) for _, rows in reply for i, f in rows]
 
-    async def position(self, job: Job) -> int | None:
-        """How many pending jobs of the job's class are ahead of it (0: next), or None
-        when it is not pending."""
-        if job.status is not JobStatus.PENDING:
-            return None
-        rank = cast(
-            int | None, await self.redis.zrank(self.key("q", job.requirement_class), job.id)
-        )
-        return rank
+    async def position(self, job_id: str, requirement_class: str) -> int | None:
+        """How many pending jobs of its class are ahead of the job (0: next), or None when
+        it is not pending."""
+        rank = await self.redis.zrank(self.key("q", requirement_class), job_id)
+        return cast(int | None, rank)
 
     async def stats(self) -> QueueStats:
         """Depth per class and priority, set sizes, and unschedulable classes."""

@@ -52,12 +52,22 @@ local function dequeue(id, class)
   end
 end
 
--- Tell every hub replica that jobs of these classes became pending (channel "work",
--- message: the class ids separated by spaces), so parked workers wake up at once.
+-- Tell every hub replica that jobs became pending (channel "work"), so parked workers
+-- wake up at once. `classes` lists a class once per job; the message says
+-- "class:count class:count ..." so a replica wakes as many workers as there are jobs.
 local function announce(classes)
-  if #classes > 0 then
-    redis.call('PUBLISH', P .. 'work', table.concat(classes, ' '))
+  if #classes == 0 then return end
+  local counts, order = {}, {}
+  for _, class in ipairs(classes) do
+    if not counts[class] then
+      counts[class] = 0
+      order[#order + 1] = class
+    end
+    counts[class] = counts[class] + 1
   end
+  local parts = {}
+  for i, class in ipairs(order) do parts[i] = class .. ':' .. counts[class] end
+  redis.call('PUBLISH', P .. 'work', table.concat(parts, ' '))
 end
 
 -- Check that `token` holds the active job `id`; returns its fields or an error reply.

@@ -12,7 +12,7 @@ end
 local last = redis.call('INCRBY', P .. 'seq', n)
 local first = last - n + 1
 local new_classes = {}
-local touched, seen = {}, {}
+local touched = {}
 for i = 1, n do
   local id, service, class, req, priority, customer, max_attempts, timeout, payload =
     unpack(jobs[i])
@@ -24,10 +24,7 @@ for i = 1, n do
     'max_attempts', max_attempts, 'timeout', timeout, 'payload', payload,
     'created_at', NOW_S, 'progress', 0)
   enqueue(id, class, score)
-  if not seen[class] then
-    seen[class] = true
-    touched[#touched + 1] = class
-  end
+  touched[#touched + 1] = class
   if redis.call('HSETNX', P .. 'classes', class, req) == 1 then
     redis.call('INCR', P .. 'classes:ver')
     new_classes[#new_classes + 1] = class

@@ -1,0 +1,233 @@
+"""End to end through the hub: simulated workers speaking the protocol. Prints JSON.
+
+The hub runs as real `emp-hub serve` processes (one, then two replicas on one Redis).
+In this process, 50 asyncio workers connect over WebSocket, ask for one job at a time and
+complete each at once. We measure
+
+* throughput: 20,000 jobs submitted in HTTP batches while the workers run, jobs/s from the
+  first submit to the last completion;
+* submit-to-assigned latency with idle workers waiting, one job at a time: from the job's
+  submission (its `created_at`, stamped by the hub) to the `job_assigned` frame arriving at
+  a worker, and from just before the client's HTTP request (p50, p99).
+
+Usage: python benchmarks/hub.py [--jobs N] [--workers N] [--url REDIS_URL]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import websockets
+
+import emp_hub
+from emp_hub.broker import connect
+from emp_hub.embedded import free_port, redis_url_or_embedded
+
+
+@asynccontextmanager
+async def hubs(redis_url: str, count: int, namespace: str) -> AsyncIterator[list[str]]:
+    """`count` hub processes on one Redis; yields their base URLs."""
+    env = {
+        **os.environ,
+        "EMP_REDIS_URL": redis_url,
+        "EMP_BROKER__NAMESPACE": namespace,
+        "EMP_LOG_LEVEL": "warning",
+        "EMP_SUBMIT_RATE": "1000000",
+        "EMP_SUBMIT_BURST": "1000000",
+    }
+    procs, urls = [], []
+    for _ in range(count):
+        port = free_port()
+        procs.append(
+            await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "emp_hub.cli", "serve", "--port", str(port), env=env
+            )
+        )
+        urls.append(f"http://127.0.0.1:{port}")
+    try:
+        async with httpx.AsyncClient() as http:
+            for url in urls:
+                for _ in range(400):
+                    try:
+                        if (await http.get(f"{url}/health/ready")).status_code == 200:
+                            break
+                    except httpx.TransportError:
+                        await asyncio.sleep(0.05)
+        yield urls
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            await asyncio.wait_for(proc.wait(), 15)
+        client = connect(redis_url)
+        keys = [k async for k in client.scan_iter(match="{" + namespace + "}:*", count=1000)]
+        for i in range(0, len(keys), 1000):
+            await client.unlink(*keys[i : i + 1000])
+        await client.aclose()
+
+
+class Workers:
+    """Simulated workers: one slot each, complete every job at once."""
+
+    def __init__(self) -> None:
+        self.done = 0
+        self.assigned_at: dict[str, float] = {}
+        self.from_created: list[float] = []
+        self.assignment = asyncio.Event()  # set at every assignment
+        self.all_done = asyncio.Event()
+        self.expected = 0
+
+    async def run(self, url: str, worker_id: str, ready: asyncio.Event) -> None:
+        ws_url = url.replace("http", "ws") + f"/ws/worker/{worker_id}"
+        async with websockets.connect(ws_url, max_size=None) as conn:
+            await conn.send(
+                json.dumps(
+                    {
+                        "type": "register_worker",
+                        "worker_id": worker_id,
+                        "capabilities": {"services": ["noop"]},
+                    }
+                )
+            )
+            await conn.send(json.dumps({"type": "request_job", "slots": 1}))
+            ready.set()
+            async for raw in conn:
+                message = json.loads(raw)
+                if message["type"] != "job_assigned":
+                    continue
+                self.assigned_at[message["job_id"]] = time.perf_counter()
+                self.from_created.append(time.time() - message["created_at"])
+                self.assignment.set()
+                await conn.send(
+                    json.dumps(
+                        {"type": "complete_job", "job_id": message["job_id"], "result": None}
+                    )
+                )
+                await conn.send(json.dumps({"type": "request_job", "slots": 1}))
+                self.done += 1
+                if self.done >= self.expected:
+                    self.all_done.set()
+
+
+async def start_workers(urls: list[str], count: int) -> tuple[Workers, list[asyncio.Task[None]]]:
+    workers = Workers()
+    tasks = []
+    for i in range(count):
+        ready = asyncio.Event()
+        tasks.append(asyncio.create_task(workers.run(urls[i % len(urls)], f"bench-{i}", ready)))
+        await ready.wait()
+    await asyncio.sleep(0.5)  # every request parked
+    return workers, tasks
+
+
+async def throughput(urls: list[str], workers: int, jobs: int) -> dict[str, Any]:
+    pool, tasks = await start_workers(urls, workers)
+    pool.expected = jobs
+    batch = [{"job_type": "noop", "payload": {}} for _ in range(500)]
+    start = time.perf_counter()
+    async with httpx.AsyncClient(timeout=60) as http:
+        for i in range(0, jobs, 500):
+            url = urls[(i // 500) % len(urls)]
+            r = await http.post(f"{url}/api/jobs/batch", json={"jobs": batch[: jobs - i]})
+            r.raise_for_status()
+    await asyncio.wait_for(pool.all_done.wait(), 600)
+    elapsed = time.perf_counter() - start
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return {
+        "jobs": jobs,
+        "workers": workers,
+        "seconds": round(elapsed, 2),
+        "jobs_per_s": round(jobs / elapsed),
+    }
+
+
+async def latency(urls: list[str], workers: int, samples: int) -> dict[str, Any]:
+    pool, tasks = await start_workers(urls, workers)
+    pool.expected = samples
+    out = []
+    async with httpx.AsyncClient(timeout=30) as http:
+        for i in range(samples):
+            url = urls[i % len(urls)]
+            before = time.perf_counter()
+            r = await http.post(f"{url}/api/jobs", json={"job_type": "noop"})
+            job_id = r.json()["job_id"]
+            while job_id not in pool.assigned_at:
+                pool.assignment.clear()
+                if job_id not in pool.assigned_at:
+                    await pool.assignment.wait()
+            out.append(pool.assigned_at[job_id] - before)
+            await asyncio.sleep(0.005)  # the worker is idle and waiting again
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return {
+        "samples": samples,
+        "from_http_request": percentiles(out),
+        "from_submission": percentiles(pool.from_created),
+    }
+
+
+def percentiles(samples: list[float]) -> dict[str, float]:
+    """p50 and p99 in milliseconds."""
+    ordered = sorted(samples)
+    return {
+        "p50_ms": round(statistics.median(ordered) * 1000, 2),
+        "p99_ms": round(ordered[int(0.99 * (len(ordered) - 1))] * 1000, 2),
+    }
+
+
+async def run(redis_url: str, jobs: int, workers: int, samples: int) -> dict[str, Any]:
+    results = []
+    for replicas in (1, 2):
+        async with hubs(redis_url, replicas, f"bench-hub-{replicas}-{os.getpid()}") as urls:
+            results.append(
+                {
+                    "replicas": replicas,
+                    "throughput": await throughput(urls, workers, jobs),
+                    "submit_to_assigned": await latency(urls, workers, samples),
+                }
+            )
+            print(f"{replicas} replica(s): done", file=sys.stderr)
+    return {
+        "conditions": {
+            "version": emp_hub.__version__,
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "workers": workers,
+            "jobs": jobs,
+            "worker_side": "asyncio WebSocket clients in the benchmark process, 1 slot each",
+            "submit": "HTTP batches of 500 (throughput); single HTTP submits (latency)",
+        },
+        "results": results,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", type=int, default=20_000)
+    parser.add_argument("--workers", type=int, default=50)
+    parser.add_argument("--samples", type=int, default=500, help="latency samples")
+    parser.add_argument("--url", help="Redis URL (default: an embedded Valkey in a temp dir)")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp, redis_url_or_embedded(args.url, Path(tmp)) as url:
+        report = asyncio.run(run(url, args.jobs, args.workers, args.samples))
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
