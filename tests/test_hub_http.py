@@ -351,3 +351,22 @@ async def test_rate_limit(hub_settings: HubSettings) -> None:
         r = await http.post("/api/jobs/batch", json={"jobs": [{"job_type": "s"}] * 5})
         assert r.status_code == 429
         assert (await http.get("/api/jobs")).status_code == 200  # reads are not limited
+
+
+async def test_event_stream_outlives_quiet_periods(http: httpx.AsyncClient, broker: Broker) -> None:
+    """Nothing happens for longer than a Redis client's default read timeout (5 s): the
+    stream waits and still delivers what comes after."""
+    job_id = (await http.post("/api/jobs", json={"job_type": "simulation"})).json()["job_id"]
+
+    async def later() -> None:
+        await asyncio.sleep(6.5)
+        await run_one(broker, {"late": True})
+
+    worker = asyncio.create_task(later())
+    seen = []
+    async with http.stream("GET", f"/api/jobs/{job_id}/events") as r:
+        async for line in r.aiter_lines():
+            if line.startswith("data: "):
+                seen.append(json.loads(line[6:]).get("status"))
+    await worker
+    assert seen == ["pending", "active", "completed"]

@@ -462,7 +462,9 @@ class Broker:
         self, job_id: str, *, after: str | None = None, block_s: float = 15.0
     ) -> list[Event]:
         """Like events(), but when nothing came after `after` yet, wait up to `block_s`
-        for something to come (XREAD BLOCK; it holds one connection while it waits)."""
+        (at most 15) for something to come (XREAD BLOCK; it holds one connection while it
+        waits)."""
+        block_s = min(block_s, 15.0)
         ready = await self.events(job_id, after=after)
         if ready:
             return ready

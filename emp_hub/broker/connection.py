@@ -18,4 +18,7 @@ def connect(url: str, *, retries: int = 12) -> redis.asyncio.Redis:
         retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries=retries),
         retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
         health_check_interval=30,
+        # Above the longest blocking read the hub makes (XREAD BLOCK of up to 15 s).
+        socket_timeout=30,
+        socket_connect_timeout=5,
     )
