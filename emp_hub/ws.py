@@ -22,9 +22,10 @@ from pydantic import ValidationError
 
 from emp_hub.app import Hub
 from emp_hub.auth import Principal, Role
-from emp_hub.broker import BrokerError, StaleLease
+from emp_hub.broker import BrokerError, Claim, JobStatus, StaleLease
 from emp_worker.capabilities import WorkerCapabilities
 from emp_worker.protocol import (
+    ClaimJob,
     CompleteJob,
     FailJob,
     RegisterWorker,
@@ -42,6 +43,8 @@ router = APIRouter()
 
 #: A parked request is retried this often even without a wake-up (a missed message).
 SAFETY_WAKE_S = 5.0
+#: How long a job offered to an original worker (job_available) stays reserved for it.
+OFFER_S = 10.0
 
 
 @dataclass(eq=False)
@@ -54,6 +57,8 @@ class WorkerSession:
     held: dict[str, str] = field(default_factory=dict)  # job id -> lease token
     services: dict[str, str] = field(default_factory=dict)  # job id -> service (metrics)
     wanted: int = 0
+    original: bool = False  # an original emp-redis worker: offers, then claim_job
+    offered: dict[str, str] = field(default_factory=dict)  # job id -> token, reserved
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     closed: bool = False
     send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -141,10 +146,13 @@ class Dispatcher:
             metrics.claim_seconds.observe(time.perf_counter() - started)
             for claim in claims:
                 job = claim.job
+                session.wanted -= 1
+                if session.original:
+                    await self.offer(session, claim)
+                    continue
                 metrics.submit_to_start.observe((job.claimed_at or 0) - job.created_at)
                 session.held[job.id] = claim.token
                 session.services[job.id] = job.service
-                session.wanted -= 1
                 await session.send(
                     hub_message(
                         "job_assigned",
@@ -160,6 +168,60 @@ class Dispatcher:
                         created_at=job.created_at,
                     )
                 )
+
+    async def offer(self, session: WorkerSession, claim: Claim) -> None:
+        """Offer a job to an original worker: it is reserved for it (leased for OFFER_S);
+        claim_job confirms it, silence hands it back."""
+        job = claim.job
+        session.offered[job.id] = claim.token
+        await session.send(
+            hub_message(
+                "job_available",
+                job_id=job.id,
+                job_type=job.service,
+                priority=job.priority,
+                job_request_payload=job.payload,
+            )
+        )
+        asyncio.get_running_loop().call_later(
+            OFFER_S, lambda: asyncio.ensure_future(self.withdraw(session, job.id))
+        )
+
+    async def withdraw(self, session: WorkerSession, job_id: str) -> None:
+        """The offer ran out unclaimed: hand the job back, offer the next one."""
+        token = session.offered.pop(job_id, None)
+        if token is None:
+            return
+        with contextlib.suppress(BrokerError):
+            await self.hub.broker.release(job_id, token)
+        if not session.closed and not session.held:
+            session.wanted = 1
+            session.wake.set()
+
+    async def take_offer(self, session: WorkerSession, job_id: str) -> None:
+        """claim_job: the original worker takes the job it was offered."""
+        token = session.offered.pop(job_id, None)
+        if token is None:
+            await session.error(f"job {job_id} is not offered to worker {session.worker_id}")
+            return
+        claim = await self.hub.broker.extend([(job_id, token)])
+        if not claim[0]:
+            await session.error(f"job {job_id} is no longer available")
+            return
+        job = await self.hub.broker.get(job_id)
+        self.hub.metrics.submit_to_start.observe((job.claimed_at or 0) - job.created_at)
+        session.held[job_id] = token
+        session.services[job_id] = job.service
+        await session.send(
+            hub_message(
+                "job_assigned",
+                job_id=job_id,
+                worker_id=session.worker_id,
+                job_type=job.service,
+                priority=job.priority,
+                params=job.payload,
+            )
+        )
 
 
 async def authenticate_ws(websocket: WebSocket, hub: Hub, roles: set[Role]) -> Principal | None:
@@ -204,7 +266,7 @@ async def worker_socket(websocket: WebSocket, worker_id: str) -> None:
     try:
         while True:
             text = await websocket.receive_text()
-            await handle(session, hub, text)
+            await handle(session, dispatcher, text)
     except WebSocketDisconnect:
         pass
     finally:
@@ -215,8 +277,9 @@ async def worker_socket(websocket: WebSocket, worker_id: str) -> None:
             del dispatcher.sessions[worker_id]
 
 
-async def handle(session: WorkerSession, hub: Hub, text: str) -> None:
+async def handle(session: WorkerSession, dispatcher: Dispatcher, text: str) -> None:
     """Act on one message from a worker. Bad input gets an `error` and changes nothing."""
+    hub = dispatcher.hub
     try:
         raw = json.loads(text)
     except ValueError:
@@ -239,6 +302,7 @@ async def handle(session: WorkerSession, hub: Hub, text: str) -> None:
     try:
         if isinstance(message, RegisterWorker):
             session.caps = message.worker_capabilities()
+            session.original = message.original
             await broker.register_worker(worker_id, session.caps)
             tokens = {h.job_id: h.lease_token for h in message.jobs}
             kept = await broker.extend(tokens.items())
@@ -260,6 +324,8 @@ async def handle(session: WorkerSession, hub: Hub, text: str) -> None:
         elif isinstance(message, RequestJob):
             session.wanted = message.slots
             session.wake.set()
+        elif isinstance(message, ClaimJob):
+            await dispatcher.take_offer(session, message.job_id)
         elif isinstance(message, WorkerHeartbeat | WorkerStatus):
             await broker.touch_worker(worker_id)
             held = list(session.held.items())
@@ -273,6 +339,9 @@ async def handle(session: WorkerSession, hub: Hub, text: str) -> None:
                 )
         else:
             await job_message(session, hub, message)
+        if session.original and not session.held and not session.offered and not session.wanted:
+            session.wanted = 1  # idle again: offer the next job
+            session.wake.set()
     except StaleLease as exc:
         session.held.pop(getattr(message, "job_id", ""), None)
         await session.error(str(exc))
@@ -312,6 +381,8 @@ async def job_message(
             message.job_id, token, message.error, retryable=message.retryable
         )
         del session.held[message.job_id]
+        outcome = "retrying" if status is JobStatus.DELAYED else "failed"
+        hub.metrics.finished.labels(service, outcome).inc()
         await session.send(
             hub_message(
                 "job_failed_ack",

@@ -41,6 +41,11 @@ class RegisterWorker(Message):
     status: str = "idle"
     jobs: list[HeldJob] = Field(default_factory=list, description="Jobs kept over a reconnect.")
 
+    @property
+    def original(self) -> bool:
+        """An original emp-redis worker (it waits for job_available offers)."""
+        return "supported_job_types" in self.capabilities and "services" not in self.capabilities
+
     def worker_capabilities(self) -> WorkerCapabilities:
         """Our capabilities, or the original shape ({"supported_job_types": [...]})."""
         if "services" in self.capabilities:
@@ -54,6 +59,15 @@ class RequestJob(Message):
 
     type: Literal["request_job"]
     slots: int = Field(default=1, ge=0, le=1000)
+
+
+class ClaimJob(Message):
+    """The original worker takes the job it was offered (job_available)."""
+
+    type: Literal["claim_job"]
+    job_id: str
+    worker_id: str | None = None
+    claim_timeout: float = 30
 
 
 class WorkerHeartbeat(Message):
@@ -110,6 +124,7 @@ class ReleaseJob(Message):
 WorkerMessage = Annotated[
     RegisterWorker
     | RequestJob
+    | ClaimJob
     | WorkerHeartbeat
     | WorkerStatus
     | UpdateJobProgress
