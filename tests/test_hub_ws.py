@@ -210,10 +210,13 @@ async def test_heartbeat_and_reconnect_keep_the_job(base_url: str) -> None:
 
 
 async def test_original_worker_registration_shape(base_url: str) -> None:
+    """Capabilities in the original shape mark an original worker: it gets offers."""
     legacy = {"version": "1.0.0", "supported_job_types": ["simulation"], "cpu": True}
     async with worker(base_url, "legacy-1", legacy) as w:
         job_id = await submit(base_url)
-        await w.send("request_job", slots=1)
+        offer = await w.expect("job_available")
+        assert offer["job_id"] == job_id and offer["job_request_payload"] == {}
+        await w.send("claim_job", worker_id="legacy-1", job_id=job_id, claim_timeout=30)
         assert (await w.expect("job_assigned"))["job_id"] == job_id
 
 
