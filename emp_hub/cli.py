@@ -4,6 +4,7 @@
     emp-hub token create --role client [--customer acme] [--name NAME]
     emp-hub token list [--json]
     emp-hub token revoke ID
+    emp-hub migrate-emp-redis --from REDIS_URL [--dry-run]
 
 Settings come from EMP_* variables (docs/configuration.md); the command-line options
 override them.
@@ -103,6 +104,36 @@ def token_command(settings: HubSettings, args: argparse.Namespace) -> int:
     return asyncio.run(with_tokens(settings, actions[args.token_command]))
 
 
+def migrate_command(settings: HubSettings, args: argparse.Namespace) -> int:
+    """emp-hub migrate-emp-redis --from URL [--dry-run]."""
+    from emp_hub.broker import Broker
+    from emp_hub.migrate import migrate
+
+    async def run(url: str) -> int:
+        old, new = connect(args.source, retries=2), connect(url, retries=2)
+        try:
+            report = await migrate(old, Broker(new, settings.broker), dry_run=args.dry_run)
+        finally:
+            await old.aclose()
+            await new.aclose()
+        verb = "would import" if args.dry_run else "imported"
+        count = report.pending + report.requeued_running + report.finished
+        print(
+            f"scanned {report.scanned} old jobs: {report.pending} pending, "
+            f"{report.requeued_running} running (queued again), {report.finished} finished"
+        )
+        print(
+            f"{verb} {count if args.dry_run else report.imported}"
+            + ("" if args.dry_run else f", skipped {report.skipped_existing} already here")
+        )
+        for problem in report.unreadable:
+            print(f"not imported: {problem}", file=sys.stderr)
+        return 0
+
+    with redis_url_or_embedded(settings.redis_url, settings.data_dir / "valkey") as url:
+        return asyncio.run(run(url))
+
+
 def parser() -> argparse.ArgumentParser:
     """The emp-hub command line."""
     p = argparse.ArgumentParser(
@@ -132,6 +163,20 @@ def parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true", help="print JSON")
     r = tsub.add_parser("revoke", help="revoke a token by its id")
     r.add_argument("id", help="the token's id, as `token list` shows it")
+    m = sub.add_parser(
+        "migrate-emp-redis",
+        help="import the jobs of an emp-redis deployment",
+        description="Pending jobs keep their order; finished ones become history; the old "
+        "keys are only read.",
+    )
+    m.add_argument(
+        "--from",
+        dest="source",
+        required=True,
+        metavar="REDIS_URL",
+        help="the emp-redis deployment's Redis",
+    )
+    m.add_argument("--dry-run", action="store_true", help="count, write nothing")
     return p
 
 
@@ -152,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             serve(settings, args.workers)
             return 0
+        if args.command == "migrate-emp-redis":
+            return migrate_command(settings, args)
         return token_command(settings, args)
     except ValueError as exc:  # bad settings or arguments
         print(f"emp-hub: {exc}", file=sys.stderr)

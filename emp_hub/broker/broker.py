@@ -40,6 +40,7 @@ from emp_hub.broker.models import (
     ClassStats,
     DuplicateJob,
     Event,
+    FinishedJob,
     InvalidJob,
     Job,
     JobNotFound,
@@ -184,6 +185,33 @@ class Broker:
                 self._req_cache.clear()
             req = self._req_cache[key] = spec.job_requirements()
         return req
+
+    async def import_finished(self, jobs: Sequence[FinishedJob]) -> int:
+        """Store finished jobs of another system as history (with the usual retention);
+        ids that exist are skipped. Returns how many were stored."""
+        rows = []
+        for job in jobs:
+            req = self._requirements(job.spec)
+            rows.append(
+                [
+                    job.spec.id or "",
+                    job.spec.service,
+                    req.requirement_class,
+                    req.canonical_json,
+                    str(job.spec.priority),
+                    job.spec.customer or "",
+                    job.status.value,
+                    json.dumps(job.spec.payload),
+                    json.dumps(job.result),
+                    job.error or "",
+                    repr(job.created_at),
+                    repr(job.finished_at),
+                    job.worker or "",
+                ]
+            )
+        if not rows:
+            return 0
+        return int(await self._run("import", json.dumps(rows, separators=(",", ":"))))
 
     # -- workers and matching ----------------------------------------------------------
 

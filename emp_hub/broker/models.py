@@ -150,6 +150,19 @@ class Job(BaseModel):
         )
 
 
+@dataclass(frozen=True)
+class FinishedJob:
+    """A job that ended in another system, imported as history (see Broker.import_finished)."""
+
+    spec: JobSpec
+    status: JobStatus
+    created_at: float
+    finished_at: float
+    result: Any = None
+    error: str | None = None
+    worker: str | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class Submitted:
     """A job just accepted: its id and its place in line (seq orders submissions)."""

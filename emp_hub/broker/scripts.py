@@ -31,6 +31,7 @@ NAMES = (
     "promote",
     "janitor",
     "depth",
+    "import",
 )
 
 #: The settings every script receives in ARGV[3], in this order (see lua/common.lua).

@@ -1,0 +1,33 @@
+-- Import finished jobs of another system as history (the migration from emp-redis).
+-- ARGV[4] = a JSON array with one array of strings per job:
+-- [id, service, class, requirements, priority, customer, status, payload, result, error,
+--  created_at, finished_at, worker]. status is completed, failed or cancelled.
+-- Jobs whose id exists are skipped. Returns the number imported.
+local jobs = cjson.decode(ARGV[4])
+local imported = 0
+for _, j in ipairs(jobs) do
+  local id, service, class, req, priority, customer, status = unpack(j, 1, 7)
+  local payload, result, err, created_at, finished_at, worker = unpack(j, 8, 13)
+  if redis.call('EXISTS', jkey(id)) == 0 then
+    local seq = redis.call('INCR', P .. 'seq')
+    local score = (CFG.pmax - tonumber(priority)) * CFG.pscale + seq
+    redis.call('HSET', jkey(id), 'id', id, 'service', service, 'class', class,
+      'requirements', req, 'priority', priority, 'seq', seq, 'score', score,
+      'customer', customer, 'status', 'imported', 'attempt', 1, 'failures', 0, 'orphans', 0,
+      'max_attempts', 1, 'timeout', 0, 'payload', payload, 'created_at', created_at,
+      'progress', status == 'completed' and 100 or 0, 'result', result, 'worker', worker)
+    redis.call('HSETNX', P .. 'classes', class, req)
+    redis.call('ZADD', P .. 'idx:all', seq, id)
+    redis.call('ZADD', P .. 'idx:svc:' .. service, seq, id)
+    if customer ~= '' then redis.call('ZADD', P .. 'idx:cust:' .. customer, seq, id) end
+    if status == 'failed' then
+      dead_letter(id, err)
+    else
+      if err ~= '' then redis.call('HSET', jkey(id), 'error', err) end
+      finish(id, 'imported', status, CFG.retention)
+    end
+    redis.call('HSET', jkey(id), 'finished_at', finished_at)
+    imported = imported + 1
+  end
+end
+return imported
