@@ -15,7 +15,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
@@ -45,6 +45,13 @@ router = APIRouter()
 SAFETY_WAKE_S = 5.0
 #: How long a job offered to an original worker (job_available) stays reserved for it.
 OFFER_S = 10.0
+
+
+class Watcher(Protocol):
+    """A connection that follows jobs (a client; see ws_client.py)."""
+
+    async def forward(self, event: dict[str, str]) -> None:
+        """Send the peer what this job event means to it."""
 
 
 @dataclass(eq=False)
@@ -80,21 +87,26 @@ class Dispatcher:
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
         self.sessions: dict[str, WorkerSession] = {}
+        # Client connections following a job (ws_client.py), by job id.
+        self.watchers: dict[str, set[Watcher]] = {}
         self._turn = 0
 
     async def listen(self, stop: asyncio.Event) -> None:
         """Follow the work and cancel channels until `stop`."""
         broker = self.hub.broker
         pubsub = self.hub.redis.pubsub()
-        await pubsub.subscribe(broker.key("work"), broker.key("cancel"))
+        await pubsub.subscribe(broker.key("work"), broker.key("cancel"), broker.key("events"))
         try:
             while not stop.is_set():
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
                 if message is None:
                     continue
-                if message["channel"] == broker.key("work"):
+                channel = message["channel"]
+                if channel == broker.key("work"):
                     announced = [item.partition(":") for item in message["data"].split()]
                     await self.wake({c: int(n) for c, _, n in announced})
+                elif channel == broker.key("events"):
+                    await self.forward(json.loads(message["data"]))
                 else:
                     await self.tell_cancel(json.loads(message["data"]))
         finally:
@@ -120,6 +132,11 @@ class Dispatcher:
                     break
             if not any(left.values()):
                 return
+
+    async def forward(self, event: dict[str, str]) -> None:
+        """Pass a job event to the client connections following that job."""
+        for watcher in list(self.watchers.get(event["job"], ())):
+            await watcher.forward(event)
 
     async def tell_cancel(self, notice: dict[str, str]) -> None:
         """Tell the worker running a cancelled job, if it is connected here."""
@@ -368,7 +385,15 @@ async def job_message(
         if message.progress < 0:  # keep-alive
             await broker.extend([(message.job_id, token)])
         else:
-            await broker.progress(message.job_id, token, message.progress, message.message or "")
+            details = (message.model_extra or {}).get("connector_details")
+            await broker.progress(
+                message.job_id,
+                token,
+                message.progress,
+                message.message or "",
+                message.status,
+                details,
+            )
     elif isinstance(message, CompleteJob):
         await broker.complete(message.job_id, token, message.result)
         del session.held[message.job_id]

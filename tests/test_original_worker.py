@@ -1,9 +1,11 @@
-"""An unmodified emp-redis worker against our hub: the recorded frames of the original
-worker (tests/fixtures/emp-redis/happy_ws.jsonl, copied from the reference recordings) are
-replayed, and every reply must have the recorded type, order and fields."""
+"""Unmodified emp-redis peers against our hub: the recorded frames of the original worker
+and client (tests/fixtures/emp-redis/*.jsonl, copied from the reference recordings) are
+replayed, and every reply must have the recorded type, order and fields (minus the
+original's bugs, as the reference lists them)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,7 +24,7 @@ pytestmark = pytest.mark.hub
 
 FIXTURES = Path(__file__).parent / "fixtures" / "emp-redis"
 #: Fields whose values differ by nature between runs.
-VARYING = {"timestamp", "message", "worker_id", "message_id"}
+VARYING = {"timestamp", "message", "worker_id", "message_id", "notified_workers"}
 
 
 def recorded(scenario: str, conn: str) -> list[dict[str, Any]]:
@@ -48,6 +50,106 @@ async def base_url(
     settings = HubSettings(redis_url=redis_url, broker=BrokerSettings(namespace=namespace))
     async with running_hub(settings) as url:
         yield url
+
+
+def check_reply(got: dict[str, Any], want: dict[str, Any], ids: dict[str, str]) -> None:
+    """Our reply has the recorded type, every recorded field, and the same values where
+    they do not vary by nature."""
+    assert got["type"] == want["type"], (got, want)
+    missing = set(want) - set(got)
+    assert not missing, f"{want['type']} lacks {missing}"
+    for key, value in want.items():
+        if key == "job_id" and value in ids:
+            assert got[key] == ids[value]
+        elif key not in VARYING and key != "job_id":
+            assert got[key] == value, (key, got, want)
+
+
+async def replay_worker(url: str, frames: list[dict[str, Any]], ids: dict[str, str]) -> None:
+    """Play the recorded original worker; recorded job ids map to ours by its offers."""
+    async with websockets.connect(url) as conn:
+        for frame in frames:
+            msg = frame["msg"]
+            if frame["dir"] == "to_hub":
+                out = dict(msg)
+                if "job_id" in out:
+                    out["job_id"] = ids.get(out["job_id"], out["job_id"])
+                await conn.send(json.dumps(out))
+                continue
+            got = json.loads(await conn.recv())
+            if msg["type"] == "job_available":
+                ids.setdefault(msg["job_id"], got.get("job_id", ""))
+            check_reply(got, msg, ids)
+
+
+async def test_original_client_and_worker(base_url: str) -> None:
+    """Both recorded peers of happy_ws at once: the client submits and follows two jobs,
+    the original worker runs them."""
+    worker_frames = recorded("happy_ws", "worker")
+    client_frames = recorded("happy_ws", "client")
+    ids: dict[str, str] = {}
+    ws = base_url.replace("http", "ws")
+    worker = asyncio.create_task(
+        replay_worker(f"{ws}/ws/worker/{worker_frames[0]['msg']['worker_id']}", worker_frames, ids)
+    )
+    async with websockets.connect(f"{ws}/ws/client/client-1") as conn:
+        for frame in client_frames:
+            msg = frame["msg"]
+            if frame["dir"] == "to_hub":
+                await conn.send(json.dumps(msg))
+                continue
+            if msg["type"] == "update_job_progress" and msg["progress"] == -1:
+                continue  # keep-alives are not forwarded to clients
+            got = json.loads(await asyncio.wait_for(conn.recv(), 10))
+            if msg["type"] == "job_accepted":
+                ids.setdefault(msg["job_id"], got["job_id"])
+            check_reply(got, msg, ids)
+    await asyncio.wait_for(worker, 10)
+
+
+async def test_original_client_extras(base_url: str) -> None:
+    """stay_alive, stats subscriptions, status requests, errors, id reuse."""
+    url = base_url.replace("http", "ws") + "/ws/client/client-x"
+    async with websockets.connect(url) as conn:
+
+        async def ask(message: dict[str, Any] | str) -> dict[str, Any]:
+            await conn.send(message if isinstance(message, str) else json.dumps(message))
+            reply: dict[str, Any] = json.loads(await asyncio.wait_for(conn.recv(), 5))
+            return reply
+
+        assert json.loads(await conn.recv())["type"] == "connection_established"
+        assert (await ask({"type": "stay_alive"}))["job_id"] == "keep-alive"
+        assert (await ask({"type": "subscribe_stats", "enabled": True}))["channels"] == ["stats"]
+        assert "monitors only" in (await ask({"type": "request_stats"}))["error"]
+        assert (await ask({"type": "request_job_status", "job_id": "nope"}))["error"] == (
+            "Job nope not found"
+        )
+        assert (await ask({"type": "request_job_status"}))["error"] == (
+            "Missing job_id in request_job_status request"
+        )
+        assert (await ask({"type": "no_such_message_type"}))["error"] == (
+            "Unsupported message type: no_such_message_type"
+        )
+        assert (await ask("this is not json"))["error"] == "Invalid JSON format"
+        job = {"type": "submit_job", "message_id": "x-1", "job_type": "nobody", "payload": {}}
+        accepted = await ask(job)
+        assert (accepted["type"], accepted["position"], accepted["notified_workers"]) == (
+            "job_accepted",
+            1,
+            0,
+        )
+        assert "already exists" in (await ask(job))["error"]  # the original said nothing
+        status = await ask({"type": "request_job_status", "job_id": "x-1"})
+        assert (status["type"], status["status"]) == ("response_job_status", "pending")
+        cancelled = await ask({"type": "cancel_job", "job_id": "x-1", "reason": "nobody"})
+        assert cancelled["message"] == "Job cancelled: nobody"
+        again = await ask({"type": "cancel_job", "job_id": "x-1"})
+        assert again["type"] == "error" and "terminal state" in again["error"]
+        assert (await ask({"type": "cancel_job"}))[
+            "error"
+        ] == "Missing job_id in cancel_job request"
+        with pytest.raises(TimeoutError):  # answered once, not twice as the original did
+            await asyncio.wait_for(conn.recv(), 0.5)
 
 
 async def test_original_worker_runs_jobs(base_url: str) -> None:

@@ -356,11 +356,30 @@ class Broker:
         reply = await self._run("extend", lease_s or self.settings.lease_s, *pairs)
         return [bool(x) for x in reply]
 
-    async def progress(self, job_id: str, token: str, progress: float, message: str = "") -> None:
-        """Record progress (0-100) of a held job; also renews its lease."""
+    async def progress(
+        self,
+        job_id: str,
+        token: str,
+        progress: float,
+        message: str = "",
+        stage: str = "",
+        details: Any = None,
+    ) -> None:
+        """Record progress (0-100) of a held job, with an optional message, stage label
+        (started, processing, ...) and connector details (JSON); also renews its lease."""
         if not 0 <= progress <= 100:
             raise InvalidJob(f"progress must be within 0..100, not {progress}")
-        await self._run("progress", job_id, token, repr(progress), message, self.settings.lease_s)
+        extra = "" if details is None else json.dumps(details, separators=(",", ":"))
+        await self._run(
+            "progress",
+            job_id,
+            token,
+            repr(progress),
+            message,
+            self.settings.lease_s,
+            stage,
+            extra,
+        )
 
     async def complete(self, job_id: str, token: str, result: Any = None) -> None:
         """Record the result of a held job. Raises StaleLease if the token no longer holds it."""

@@ -29,9 +29,15 @@ local function hget(id, fields)
   return out
 end
 
--- Append an event to the job's capped stream.
+-- Append an event to the job's capped stream, and publish it (channel "events") for the
+-- WebSocket clients following the job on any hub replica.
 local function event(id, ...)
-  redis.call('XADD', ekey(id), 'MAXLEN', '~', CFG.event_cap, '*', 'ts', NOW_S, ...)
+  local stream_id = redis.call('XADD', ekey(id), 'MAXLEN', '~', CFG.event_cap, '*',
+    'ts', NOW_S, ...)
+  local fields = {job = id, id = stream_id, ts = NOW_S}
+  local kv = {...}
+  for i = 1, #kv, 2 do fields[kv[i]] = kv[i + 1] end
+  redis.call('PUBLISH', P .. 'events', cjson.encode(fields))
 end
 
 local function set_status(id, seq, old, new)

@@ -1,5 +1,7 @@
 -- Record progress of a held job and extend its lease.
--- ARGV[4] id, ARGV[5] token, ARGV[6] progress, ARGV[7] message, ARGV[8] lease seconds.
+-- ARGV[4] id, ARGV[5] token, ARGV[6] progress, ARGV[7] message, ARGV[8] lease seconds,
+-- ARGV[9] the worker's stage label (e.g. started, processing, finalizing), ARGV[10]
+-- connector details (JSON, may be empty).
 local id, token = ARGV[4], ARGV[5]
 local j, err = held(id, token, {'deadline'})
 if not j then return err end
@@ -11,5 +13,6 @@ local deadline = tonumber(j.deadline)
 if deadline > 0 and deadline < expires then expires = deadline end
 redis.call('ZADD', P .. 'leases', 'XX', expires, id)
 redis.call('HSET', k, 'lease_expires', expires)
-event(id, 'type', 'progress', 'progress', ARGV[6], 'message', ARGV[7])
+event(id, 'type', 'progress', 'progress', ARGV[6], 'message', ARGV[7], 'stage', ARGV[9],
+  'details', ARGV[10])
 return 1

@@ -1,0 +1,294 @@
+"""The client WebSocket (`/ws/client/{client_id}`): the original emp-redis client protocol.
+
+A client submits jobs and follows them: the submitter is subscribed to its job, and
+`subscribe_job` / `request_job_status` subscribe to others (in the original they never
+did). Job events come from the broker (published by its scripts on `{namespace}:events`)
+through the dispatcher, so a client on one replica follows a worker on another.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+
+from emp_hub.app import Hub
+from emp_hub.auth import Principal, Role
+from emp_hub.broker import (
+    BrokerError,
+    DuplicateJob,
+    InvalidState,
+    JobNotFound,
+    JobSpec,
+    JobStatus,
+)
+from emp_hub.ws import Dispatcher, authenticate_ws
+from emp_worker.capabilities import matches
+from emp_worker.protocol import hub_message
+
+router = APIRouter()
+
+
+def job_status(job_id: str, status: str, **fields: Any) -> dict[str, Any]:
+    """A `response_job_status` message with every original field."""
+    body = {
+        "progress": None,
+        "worker_id": None,
+        "started_at": None,
+        "completed_at": None,
+        "result": None,
+        "message": None,
+        **fields,
+    }
+    return hub_message("response_job_status", job_id=job_id, status=status, **body)
+
+
+@dataclass(eq=False)
+class ClientSession:
+    """One connected client on this replica."""
+
+    client_id: str
+    websocket: WebSocket
+    principal: Principal
+    dispatcher: Dispatcher
+    following: set[str] = field(default_factory=set)
+    workers: dict[str, str] = field(default_factory=dict)  # job id -> worker (for progress)
+    quiet_cancel: set[str] = field(default_factory=set)  # cancels this client already heard
+
+    async def send(self, message: dict[str, Any]) -> None:
+        """Send one message."""
+        await self.websocket.send_text(json.dumps(message))
+
+    async def error(self, error: str) -> None:
+        """An `error` message; the connection stays open."""
+        await self.send(hub_message("error", error=error, details=None))
+
+    def follow(self, job_id: str) -> None:
+        """Receive this job's events from now on."""
+        self.following.add(job_id)
+        self.dispatcher.watchers.setdefault(job_id, set()).add(self)
+
+    def unfollow_all(self) -> None:
+        """The connection ended."""
+        for job_id in self.following:
+            watchers = self.dispatcher.watchers.get(job_id)
+            if watchers is not None:
+                watchers.discard(self)
+                if not watchers:
+                    del self.dispatcher.watchers[job_id]
+
+    async def forward(self, event: dict[str, str]) -> None:
+        """Translate a broker event of a followed job into the original messages."""
+        job_id = event["job"]
+        if event["type"] == "progress":
+            await self.send(
+                hub_message(
+                    "update_job_progress",
+                    job_id=job_id,
+                    worker_id=self.workers.get(job_id),
+                    progress=float(event["progress"]),
+                    status=event.get("stage") or "processing",
+                    message=event.get("message") or None,
+                    connector_details=json.loads(event["details"])
+                    if event.get("details")
+                    else None,
+                )
+            )
+            return
+        status = event.get("status")
+        if status == "active":
+            self.workers[job_id] = event.get("worker", "")
+            await self.send(job_status(job_id, "processing", worker_id=event.get("worker")))
+        elif status == "completed":
+            job = await self.dispatcher.hub.broker.get(job_id)
+            await self.send(
+                hub_message("complete_job", job_id=job_id, worker_id=job.worker, result=job.result)
+            )
+        elif status == "failed":
+            await self.send(
+                hub_message(
+                    "fail_job",
+                    job_id=job_id,
+                    worker_id=self.workers.get(job_id),
+                    error=event.get("error"),
+                )
+            )
+        elif status == "delayed":
+            await self.send(
+                hub_message(
+                    "update_job_progress",
+                    job_id=job_id,
+                    worker_id=self.workers.get(job_id),
+                    progress=0,
+                    status="retrying",
+                    message=event.get("error"),
+                    connector_details=None,
+                )
+            )
+        elif status == "cancelled" and job_id not in self.quiet_cancel:
+            await self.send(
+                job_status(job_id, "cancelled", message=f"Job cancelled: {event.get('reason')}")
+            )
+
+
+@router.websocket("/ws/client/{client_id}")
+async def client_socket(websocket: WebSocket, client_id: str) -> None:
+    """A client's connection: submit jobs and follow them."""
+    hub: Hub = websocket.app.state.hub
+    dispatcher: Dispatcher = websocket.app.state.dispatcher
+    principal = await authenticate_ws(websocket, hub, {Role.CLIENT, Role.ADMIN})
+    if principal is None:
+        return
+    await websocket.accept()
+    session = ClientSession(client_id, websocket, principal, dispatcher)
+    await session.send(
+        hub_message(
+            "connection_established", message=f"Welcome Client {client_id}! Connected to emp hub"
+        )
+    )
+    try:
+        while True:
+            await handle(session, hub, await websocket.receive_text())
+    except WebSocketDisconnect:
+        pass
+    finally:
+        session.unfollow_all()
+
+
+async def handle(session: ClientSession, hub: Hub, text: str) -> None:
+    """Act on one client message; bad input gets an `error` and changes nothing."""
+    try:
+        message = json.loads(text)
+    except ValueError:
+        await session.error("Invalid JSON format")
+        return
+    if not isinstance(message, dict):
+        await session.error("Invalid message: expected a JSON object")
+        return
+    kind = message.get("type")
+    job_id = message.get("job_id")
+    needs_id = {"request_job_status", "subscribe_job", "cancel_job", "force_retry_job"}
+    if kind in needs_id and not isinstance(job_id, str):
+        await session.error(f"Missing job_id in {kind} request")
+        return
+    try:
+        if kind == "submit_job":
+            await submit(session, hub, message)
+        elif kind == "request_job_status":
+            job = await visible(session, hub, str(job_id))
+            session.follow(job.id)
+            await session.send(
+                job_status(
+                    job.id,
+                    job.status.value,
+                    progress=job.progress,
+                    worker_id=job.worker,
+                    started_at=job.started_at,
+                    completed_at=job.finished_at if job.status is JobStatus.COMPLETED else None,
+                    result=job.result,
+                    message=job.message,
+                )
+            )
+        elif kind == "subscribe_job":
+            job = await visible(session, hub, str(job_id))
+            session.follow(job.id)
+            await session.send(
+                hub_message("subscription_confirmed", job_id=job.id, monitor_id=None, channels=None)
+            )
+        elif kind == "cancel_job":
+            await cancel(session, hub, str(job_id), message.get("reason") or "Manually cancelled")
+        elif kind == "force_retry_job":
+            job = await visible(session, hub, str(job_id))
+            if job.status is JobStatus.FAILED:
+                await hub.broker.retry(job.id)
+                await session.send(job_status(job.id, "pending", message="Job queued again"))
+            else:
+                await session.send(
+                    job_status(
+                        job.id, job.status.value, message="Job has no failure history to clear."
+                    )
+                )
+        elif kind == "stay_alive":
+            await session.send(
+                job_status("keep-alive", "acknowledged", message="Connection is alive")
+            )
+        elif kind == "subscribe_stats":
+            await session.send(
+                hub_message(
+                    "subscription_confirmed", job_id="stats", monitor_id=None, channels=["stats"]
+                )
+            )
+        elif kind == "request_stats":
+            await session.error("Stats requests are restricted to monitors only")
+        else:
+            await session.error(f"Unsupported message type: {kind}")
+    except JobNotFound:
+        await session.error(f"Job {job_id} not found")
+    except BrokerError as exc:
+        await session.error(str(exc))
+
+
+async def visible(session: ClientSession, hub: Hub, job_id: str) -> Any:
+    """The job, if this client may see it (JobNotFound otherwise)."""
+    job = await hub.broker.get(job_id)
+    if not session.principal.may_see(job.customer):
+        raise JobNotFound(job_id)
+    return job
+
+
+async def submit(session: ClientSession, hub: Hub, message: dict[str, Any]) -> None:
+    """submit_job: accept, follow, and say where the job stands."""
+    job_id = message.get("message_id") or f"job-{uuid.uuid4()}"
+    try:
+        spec = JobSpec(
+            id=job_id,
+            service=message.get("job_type") or "",
+            payload=message.get("payload") or {},
+            priority=int(message.get("priority") or 0),
+            customer=session.principal.customer,
+        )
+    except (ValueError, TypeError) as exc:
+        await session.error(f"Invalid submit_job: {str(exc).splitlines()[0]}")
+        return
+    try:
+        submitted = await hub.broker.submit(spec)
+    except DuplicateJob:
+        await session.error(f"Job id {job_id} already exists; choose another message_id")
+        return
+    hub.metrics.submitted.labels(spec.service).inc()
+    session.follow(submitted.id)
+    position = await hub.broker.position(submitted.id, submitted.requirement_class)
+    requirements = spec.job_requirements()
+    live = await hub.broker.live_workers()
+    able = sum(1 for caps in live.values() if matches(requirements, caps))
+    await session.send(
+        hub_message(
+            "job_accepted",
+            job_id=submitted.id,
+            status="pending",
+            position=None if position is None else position + 1,
+            estimated_start=None,
+            notified_workers=able,
+        )
+    )
+
+
+async def cancel(session: ClientSession, hub: Hub, job_id: str, reason: str) -> None:
+    """cancel_job: answered once (the original answered twice); its worker is told."""
+    try:
+        await visible(session, hub, job_id)
+        session.quiet_cancel.add(job_id)
+        result = await hub.broker.cancel(job_id, reason)
+    except (JobNotFound, InvalidState):
+        session.quiet_cancel.discard(job_id)
+        await session.error(
+            f"Failed to cancel job {job_id}. Job may not exist or is already in a terminal state."
+        )
+        return
+    if result.worker is not None:
+        notice = {"job_id": job_id, "worker": result.worker, "reason": reason}
+        await hub.redis.publish(hub.broker.key("cancel"), json.dumps(notice))
+    await session.send(job_status(job_id, "cancelled", message=f"Job cancelled: {reason}"))
