@@ -92,7 +92,7 @@ async def _hub(settings: HubSettings, url: str) -> AsyncIterator[Hub]:
 
 def create_app(settings: HubSettings | None = None) -> FastAPI:
     """The hub's ASGI app."""
-    from emp_hub import ws, ws_client  # the routes need Hub, defined above
+    from emp_hub import ws, ws_client, ws_monitor  # the routes need Hub, defined above
     from emp_hub.api import broker_error, router
 
     settings = settings or HubSettings()
@@ -119,6 +119,7 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
     app.include_router(router)
     app.include_router(ws.router)
     app.include_router(ws_client.router)
+    app.include_router(ws_monitor.router)
     app.add_exception_handler(BrokerError, broker_error)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     return app

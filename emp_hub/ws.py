@@ -87,8 +87,9 @@ class Dispatcher:
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
         self.sessions: dict[str, WorkerSession] = {}
-        # Client connections following a job (ws_client.py), by job id.
+        # Client connections following a job (ws_client.py), by job id; monitors follow all.
         self.watchers: dict[str, set[Watcher]] = {}
+        self.monitors: set[Watcher] = set()
         self._turn = 0
 
     async def listen(self, stop: asyncio.Event) -> None:
@@ -135,8 +136,11 @@ class Dispatcher:
 
     async def forward(self, event: dict[str, str]) -> None:
         """Pass a job event to the client connections following that job."""
-        for watcher in list(self.watchers.get(event["job"], ())):
-            await watcher.forward(event)
+        for watcher in [*self.watchers.get(event["job"], ()), *self.monitors]:
+            try:
+                await watcher.forward(event)
+            except Exception:  # a peer that just went away must not stop the others
+                log.debug("could not forward an event", exc_info=True)
 
     async def tell_cancel(self, notice: dict[str, str]) -> None:
         """Tell the worker running a cancelled job, if it is connected here."""

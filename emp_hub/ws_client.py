@@ -62,6 +62,10 @@ class ClientSession:
         """Send one message."""
         await self.websocket.send_text(json.dumps(message))
 
+    async def send_job_message(self, message: dict[str, Any]) -> None:
+        """Send a message about a followed job (monitors add who submitted it)."""
+        await self.send(message)
+
     async def error(self, error: str) -> None:
         """An `error` message; the connection stays open."""
         await self.send(hub_message("error", error=error, details=None))
@@ -84,7 +88,7 @@ class ClientSession:
         """Translate a broker event of a followed job into the original messages."""
         job_id = event["job"]
         if event["type"] == "progress":
-            await self.send(
+            await self.send_job_message(
                 hub_message(
                     "update_job_progress",
                     job_id=job_id,
@@ -101,14 +105,16 @@ class ClientSession:
         status = event.get("status")
         if status == "active":
             self.workers[job_id] = event.get("worker", "")
-            await self.send(job_status(job_id, "processing", worker_id=event.get("worker")))
+            await self.send_job_message(
+                job_status(job_id, "processing", worker_id=event.get("worker"))
+            )
         elif status == "completed":
             job = await self.dispatcher.hub.broker.get(job_id)
-            await self.send(
+            await self.send_job_message(
                 hub_message("complete_job", job_id=job_id, worker_id=job.worker, result=job.result)
             )
         elif status == "failed":
-            await self.send(
+            await self.send_job_message(
                 hub_message(
                     "fail_job",
                     job_id=job_id,
@@ -117,7 +123,7 @@ class ClientSession:
                 )
             )
         elif status == "delayed":
-            await self.send(
+            await self.send_job_message(
                 hub_message(
                     "update_job_progress",
                     job_id=job_id,
@@ -129,7 +135,7 @@ class ClientSession:
                 )
             )
         elif status == "cancelled" and job_id not in self.quiet_cancel:
-            await self.send(
+            await self.send_job_message(
                 job_status(job_id, "cancelled", message=f"Job cancelled: {event.get('reason')}")
             )
 

@@ -224,3 +224,50 @@ async def test_unclaimed_offer_returns_to_the_queue(base_url: str) -> None:
             assert (job["status"], job["worker_id"], job["orphans"]) == ("active", "silent", 0)
     finally:
         ws.OFFER_S = before
+
+
+async def test_original_monitor(
+    base_url: str, redis_client: redis.asyncio.Redis, namespace: str
+) -> None:
+    """The recorded monitor's requests, stats, and copies of every job's messages."""
+    from emp_hub.broker import Broker
+    from emp_worker.capabilities import WorkerCapabilities
+
+    ws = base_url.replace("http", "ws")
+    async with websockets.connect(f"{ws}/ws/monitor/mon-1") as mon:
+
+        async def next_of(kind: str) -> dict[str, Any]:
+            while True:
+                message: dict[str, Any] = json.loads(await asyncio.wait_for(mon.recv(), 5))
+                if message["type"] == kind:
+                    return message
+
+        await next_of("connection_established")
+        await mon.send(json.dumps({"type": "subscribe", "channels": []}))
+        stats = await next_of("stats_broadcast")
+        assert set(stats) >= {"connections", "workers", "system", "message_id"}
+        assert stats["connections"]["monitors"] == ["mon-1"]
+        assert (await next_of("subscription_confirmed"))["channels"] == []
+        await mon.send(json.dumps({"type": "stay_alive"}))
+        await next_of("stay_alive_response")
+        await mon.send(json.dumps({"type": "request_stats"}))
+        assert (await next_of("error"))["error"] == "Unsupported message type: request_stats"
+        await mon.send("not json either")
+        assert (await next_of("error"))["error"] == "Invalid JSON format"
+
+        async with httpx.AsyncClient(base_url=base_url) as http:
+            await http.post("/api/jobs", json={"job_type": "simulation", "job_id": "m-1"})
+        assert (await next_of("stats_broadcast"))["system"]["queues"]["total"] == 1
+        broker = Broker(redis_client, BrokerSettings(namespace=namespace))
+        claim = await broker.claim("w1", WorkerCapabilities(services={"simulation"}))
+        assert claim is not None
+        started = await next_of("response_job_status")
+        assert (started["job_id"], started["status"], started["client_id"]) == (
+            "m-1",
+            "processing",
+            None,
+        )
+        await broker.progress("m-1", claim.token, 50, "half", "processing")
+        assert (await next_of("update_job_progress"))["progress"] == 50
+        await broker.complete("m-1", claim.token, {"ok": True})
+        assert (await next_of("complete_job"))["result"] == {"ok": True}

@@ -1,0 +1,146 @@
+"""The monitor WebSocket (`/ws/monitor/{monitor_id}`): the original emp-redis monitor.
+
+A monitor sees every job's messages (as clients get them, plus `client_id`) and a
+`stats_broadcast` every couple of seconds: connections, workers, queues and jobs. Queue and
+worker figures come from Redis, so every replica reports the whole deployment; the
+connection lists are this replica's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+
+from emp_hub.app import Hub
+from emp_hub.auth import Role
+from emp_hub.ws import Dispatcher, authenticate_ws
+from emp_hub.ws_client import ClientSession
+from emp_worker.protocol import hub_message
+
+router = APIRouter()
+
+#: Seconds between two stats broadcasts to a monitor.
+STATS_INTERVAL_S = 2.0
+
+
+@dataclass(eq=False)
+class MonitorSession(ClientSession):
+    """A monitor: a client that follows every job, and gets the stats."""
+
+    async def send_job_message(self, message: dict[str, Any]) -> None:
+        await self.send({**message, "client_id": None})
+
+
+async def stats_broadcast(hub: Hub, dispatcher: Dispatcher) -> dict[str, Any]:
+    """The original stats message, from Redis and this replica's connections."""
+    stats = await hub.broker.stats()
+    live = await hub.broker.live_workers(fresh=True)
+    workers = {}
+    for worker_id, caps in sorted(live.items()):
+        session = dispatcher.sessions.get(worker_id)
+        busy = bool(session and session.held)
+        status = "busy" if busy else "idle"
+        workers[worker_id] = {
+            "status": status,
+            "connection_status": status,
+            "is_accepting_jobs": not busy,
+            "capabilities": caps.model_dump(mode="json"),
+            "supported_job_types": sorted(caps.services),
+        }
+    busy_workers = [w for w, info in workers.items() if info["status"] == "busy"]
+    monitors = [getattr(m, "client_id", "") for m in dispatcher.monitors]
+    clients = sorted(
+        {getattr(w, "client_id", "") for ws in dispatcher.watchers.values() for w in ws}
+        - set(monitors)
+    )
+    return hub_message(
+        "stats_broadcast",
+        message_id=f"stats-{int(time.time())}",
+        connections={
+            "clients": clients,
+            "workers": sorted(dispatcher.sessions),
+            "monitors": sorted(monitors),
+        },
+        workers=workers,
+        system={
+            "queues": {"priority": stats.pending, "standard": 0, "total": stats.pending},
+            "jobs": {
+                "total": stats.pending + stats.active + stats.delayed,
+                "status": {
+                    "pending": stats.pending,
+                    "active": stats.active,
+                    "delayed": stats.delayed,
+                    "failed": stats.dead,
+                },
+                "active_jobs": [],
+            },
+            "workers": {
+                "total": len(workers),
+                "status": {"idle": len(workers) - len(busy_workers), "busy": len(busy_workers)},
+                "active_workers": busy_workers,
+            },
+        },
+    )
+
+
+@router.websocket("/ws/monitor/{monitor_id}")
+async def monitor_socket(websocket: WebSocket, monitor_id: str) -> None:
+    """A monitor's connection."""
+    hub: Hub = websocket.app.state.hub
+    dispatcher: Dispatcher = websocket.app.state.dispatcher
+    principal = await authenticate_ws(websocket, hub, {Role.MONITOR, Role.ADMIN})
+    if principal is None:
+        return
+    await websocket.accept()
+    session = MonitorSession(monitor_id, websocket, principal, dispatcher)
+    await session.send(
+        hub_message(
+            "connection_established", message=f"Welcome Monitor {monitor_id}! Connected to emp hub"
+        )
+    )
+    dispatcher.monitors.add(session)
+    closed = asyncio.Event()
+
+    async def broadcast() -> None:
+        while not closed.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(closed.wait(), STATS_INTERVAL_S)
+            if not closed.is_set():
+                try:
+                    await session.send(await stats_broadcast(hub, dispatcher))
+                except Exception:  # the socket closed meanwhile
+                    return
+
+    ticker = asyncio.create_task(broadcast())
+    try:
+        while True:
+            text = await websocket.receive_text()
+            try:
+                message = json.loads(text)
+                kind = message.get("type") if isinstance(message, dict) else None
+            except ValueError:
+                await session.send(hub_message("error", error="Invalid JSON format"))
+                continue
+            if kind == "subscribe":
+                await session.send(await stats_broadcast(hub, dispatcher))
+                await session.send(
+                    hub_message("subscription_confirmed", channels=message.get("channels") or [])
+                )
+            elif kind == "get_system_status":
+                await session.send(await stats_broadcast(hub, dispatcher))
+            elif kind == "stay_alive":
+                await session.send(hub_message("stay_alive_response"))
+            else:
+                await session.send(hub_message("error", error=f"Unsupported message type: {kind}"))
+    except WebSocketDisconnect:
+        pass
+    finally:
+        closed.set()
+        dispatcher.monitors.discard(session)
+        await ticker  # ends by itself: a Redis read is never cut in half
