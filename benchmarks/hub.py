@@ -26,6 +26,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +38,17 @@ from emp_hub.broker import connect
 from emp_hub.embedded import free_port, redis_url_or_embedded
 
 
+@dataclass
+class RunningHub:
+    """A hub process of a benchmark."""
+
+    url: str
+    pid: int
+
+
 @asynccontextmanager
-async def hubs(redis_url: str, count: int, namespace: str) -> AsyncIterator[list[str]]:
-    """`count` hub processes on one Redis; yields their base URLs."""
+async def hubs(redis_url: str, count: int, namespace: str) -> AsyncIterator[list[RunningHub]]:
+    """`count` hub processes on one Redis, in a namespace removed afterwards."""
     env = {
         **os.environ,
         "EMP_REDIS_URL": redis_url,
@@ -66,7 +75,7 @@ async def hubs(redis_url: str, count: int, namespace: str) -> AsyncIterator[list
                             break
                     except httpx.TransportError:
                         await asyncio.sleep(0.05)
-        yield urls
+        yield [RunningHub(url, proc.pid) for url, proc in zip(urls, procs, strict=True)]
     finally:
         for proc in procs:
             proc.terminate()
@@ -194,7 +203,9 @@ def percentiles(samples: list[float]) -> dict[str, float]:
 async def run(redis_url: str, jobs: int, workers: int, samples: int) -> dict[str, Any]:
     results = []
     for replicas in (1, 2):
-        async with hubs(redis_url, replicas, f"bench-hub-{replicas}-{os.getpid()}") as urls:
+        namespace = f"bench-hub-{replicas}-{os.getpid()}"
+        async with hubs(redis_url, replicas, namespace) as running:
+            urls = [h.url for h in running]
             results.append(
                 {
                     "replicas": replicas,

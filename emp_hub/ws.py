@@ -13,10 +13,12 @@ import asyncio
 import contextlib
 import json
 import logging
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import redis.exceptions
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
@@ -41,8 +43,9 @@ from emp_worker.protocol import (
 log = logging.getLogger("emp_hub.ws")
 router = APIRouter()
 
-#: A parked request is retried this often even without a wake-up (a missed message).
-SAFETY_WAKE_S = 5.0
+#: A parked request is retried about this often even without a wake-up, in case an
+#: announcement was missed (jittered, so thousands of idle workers do not claim in step).
+SAFETY_WAKE_S = 60.0
 #: How long a job offered to an original worker (job_available) stays reserved for it.
 OFFER_S = 10.0
 
@@ -99,7 +102,15 @@ class Dispatcher:
         await pubsub.subscribe(broker.key("work"), broker.key("cancel"), broker.key("events"))
         try:
             while not stop.is_set():
-                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
+                try:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
+                except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+                    # Redis went away: redis-py resubscribes when it is back. Whatever was
+                    # announced meanwhile is lost, so every parked worker claims once more.
+                    log.warning("lost the announcement channels; reconnecting")
+                    await asyncio.sleep(0.5)
+                    self.wake_all()
+                    continue
                 if message is None:
                     continue
                 channel = message["channel"]
@@ -134,6 +145,12 @@ class Dispatcher:
             if not any(left.values()):
                 return
 
+    def wake_all(self) -> None:
+        """Wake every parked worker (after announcements may have been missed)."""
+        for session in self.sessions.values():
+            if session.wanted:
+                session.wake.set()
+
     async def forward(self, event: dict[str, str]) -> None:
         """Pass a job event to the client connections following that job."""
         for watcher in [*self.watchers.get(event["job"], ()), *self.monitors]:
@@ -155,7 +172,9 @@ class Dispatcher:
         """Claim jobs for the session's free slots whenever it is woken."""
         while not session.closed:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(session.wake.wait(), SAFETY_WAKE_S)
+                await asyncio.wait_for(
+                    session.wake.wait(), SAFETY_WAKE_S * random.uniform(0.5, 1.5)
+                )
             session.wake.clear()
             if session.closed or not session.wanted or session.caps is None:
                 continue

@@ -7,13 +7,23 @@ import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
+#: Connections one process may open to Redis. When all are busy, a command waits for one
+#: (up to POOL_WAIT_S) instead of failing: redis-py's default pool (100) raised "Too many
+#: connections" as soon as a few hundred workers registered at once.
+MAX_CONNECTIONS = 1000
+POOL_WAIT_S = 20
 
-def connect(url: str, *, retries: int = 12) -> redis.asyncio.Redis:
-    """An asyncio Redis client for the broker: responses decoded as text, and commands
-    retried with backoff (by default for about 10 s) while the server restarts or fails
-    over."""
-    return redis.asyncio.Redis.from_url(
+
+def connect(
+    url: str, *, retries: int = 12, max_connections: int = MAX_CONNECTIONS
+) -> redis.asyncio.Redis:
+    """An asyncio Redis client for the broker: responses decoded as text, commands retried
+    with backoff (by default for about 10 s) while the server restarts or fails over, and a
+    pool that makes a command wait for a free connection rather than fail."""
+    pool = redis.asyncio.BlockingConnectionPool.from_url(
         url,
+        max_connections=max_connections,
+        timeout=POOL_WAIT_S,
         decode_responses=True,
         retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries=retries),
         retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
@@ -22,3 +32,4 @@ def connect(url: str, *, retries: int = 12) -> redis.asyncio.Redis:
         socket_timeout=30,
         socket_connect_timeout=5,
     )
+    return redis.asyncio.Redis.from_pool(pool)
