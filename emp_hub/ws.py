@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from emp_hub.app import Hub
 from emp_hub.auth import Principal, Role
-from emp_hub.broker import BrokerError, Claim, JobStatus, StaleLease
+from emp_hub.broker import BrokerError, Claim, Job, JobStatus, StaleLease
 from emp_worker.capabilities import WorkerCapabilities
 from emp_worker.protocol import (
     ClaimJob,
@@ -182,32 +182,35 @@ class Dispatcher:
             claims = await self.hub.broker.claim_many(
                 session.worker_id, session.caps, session.wanted
             )
-            metrics = self.hub.metrics
-            metrics.claim_seconds.observe(time.perf_counter() - started)
+            self.hub.metrics.claim_seconds.observe(time.perf_counter() - started)
             for claim in claims:
                 job = claim.job
                 session.wanted -= 1
                 if session.original:
                     await self.offer(session, claim)
                     continue
-                metrics.submit_to_start.observe((job.claimed_at or 0) - job.created_at)
-                session.held[job.id] = claim.token
-                session.services[job.id] = job.service
-                await session.send(
-                    hub_message(
-                        "job_assigned",
-                        job_id=job.id,
-                        worker_id=session.worker_id,
-                        job_type=job.service,
-                        priority=job.priority,
-                        params=job.payload,
-                        lease_token=claim.token,
-                        attempt=job.attempt,
-                        timeout=job.timeout,
-                        lease_expires=claim.lease_expires,
-                        created_at=job.created_at,
-                    )
-                )
+                await self.assign(session, job, claim.token)
+
+    async def assign(self, session: WorkerSession, job: Job, token: str) -> None:
+        """The worker holds the job now: remember its token, tell the worker."""
+        self.hub.metrics.submit_to_start.observe((job.claimed_at or 0) - job.created_at)
+        session.held[job.id] = token
+        session.services[job.id] = job.service
+        await session.send(
+            hub_message(
+                "job_assigned",
+                job_id=job.id,
+                worker_id=session.worker_id,
+                job_type=job.service,
+                priority=job.priority,
+                params=job.payload,
+                lease_token=token,
+                attempt=job.attempt,
+                timeout=job.timeout,
+                lease_expires=job.lease_expires,
+                created_at=job.created_at,
+            )
+        )
 
     async def offer(self, session: WorkerSession, claim: Claim) -> None:
         """Offer a job to an original worker: it is reserved for it (leased for OFFER_S);
@@ -244,24 +247,11 @@ class Dispatcher:
         if token is None:
             await session.error(f"job {job_id} is not offered to worker {session.worker_id}")
             return
-        claim = await self.hub.broker.extend([(job_id, token)])
-        if not claim[0]:
+        [still_held] = await self.hub.broker.extend([(job_id, token)])  # a full lease now
+        if not still_held:
             await session.error(f"job {job_id} is no longer available")
             return
-        job = await self.hub.broker.get(job_id)
-        self.hub.metrics.submit_to_start.observe((job.claimed_at or 0) - job.created_at)
-        session.held[job_id] = token
-        session.services[job_id] = job.service
-        await session.send(
-            hub_message(
-                "job_assigned",
-                job_id=job_id,
-                worker_id=session.worker_id,
-                job_type=job.service,
-                priority=job.priority,
-                params=job.payload,
-            )
-        )
+        await self.assign(session, await self.hub.broker.get(job_id), token)
 
 
 async def authenticate_ws(websocket: WebSocket, hub: Hub, roles: set[Role]) -> Principal | None:
