@@ -298,3 +298,20 @@ async def test_one_job_wakes_one_parked_worker(base_url: str) -> None:
         got = await asyncio.gather(*(w.recv(wait=1) for w in peers), return_exceptions=True)
         assert sum(isinstance(g, dict) and g["type"] == "job_assigned" for g in got) == 1
         assert claims((await http.get("/metrics")).text) - before == 1
+
+
+@pytest.mark.parametrize("route", ["worker/w1", "client/c1", "monitor/m1"])
+async def test_every_socket_refuses_a_bad_token(
+    hub_settings: HubSettings, redis_client: redis.asyncio.Redis, namespace: str, route: str
+) -> None:
+    """As the original did (invalid_token recording): an error message, then the close."""
+    await TokenStore(redis_client, namespace).create(Role.ADMIN)
+    async with running_hub(hub_settings) as base_url:
+        for query in ("", "?token=wrong"):
+            url = base_url.replace("http", "ws") + f"/ws/{route}{query}"
+            async with websockets.connect(url) as conn:
+                first = json.loads(await conn.recv())
+                assert first["type"] == "error"
+                assert first["error"] == "Authentication failed: Invalid token"
+                with pytest.raises(websockets.ConnectionClosed):
+                    await conn.recv()
