@@ -92,7 +92,7 @@ async def _hub(settings: HubSettings, url: str) -> AsyncIterator[Hub]:
 
 def create_app(settings: HubSettings | None = None) -> FastAPI:
     """The hub's ASGI app."""
-    from emp_hub import ws, ws_client, ws_monitor  # the routes need Hub, defined above
+    from emp_hub import outputs, ws, ws_client, ws_monitor  # the routes need Hub (above)
     from emp_hub.api import broker_error, router
 
     settings = settings or HubSettings()
@@ -117,6 +117,7 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.include_router(router)
+    app.include_router(outputs.router)
     app.include_router(ws.router)
     app.include_router(ws_client.router)
     app.include_router(ws_monitor.router)

@@ -45,6 +45,12 @@ class HubSettings(BaseSettings):
         validation_alias=_env("data_dir"),
         description="Where the embedded Valkey keeps its data.",
     )
+    output_dir: Path | None = Field(
+        default=None,
+        validation_alias=_env("output_dir"),
+        description="Where uploaded job outputs are kept (default: data_dir/outputs); "
+        "replicas must share it.",
+    )
     host: str = Field(default="127.0.0.1", validation_alias=_env("host"))
     port: int = Field(default=8001, ge=0, le=65535, validation_alias=_env("port"))
     auth_token: SecretStr | None = Field(
@@ -90,3 +96,8 @@ class HubSettings(BaseSettings):
     )
     log_level: str = Field(default="info", validation_alias=_env("log_level", "LOG_LEVEL"))
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
+
+    @property
+    def outputs(self) -> Path:
+        """The directory of uploaded outputs."""
+        return self.output_dir or self.data_dir / "outputs"

@@ -370,3 +370,53 @@ async def test_event_stream_outlives_quiet_periods(http: httpx.AsyncClient, brok
                 seen.append(json.loads(line[6:]).get("status"))
     await worker
     assert seen == ["pending", "active", "completed"]
+
+
+async def test_outputs(
+    hub_settings: HubSettings,
+    redis_client: redis.asyncio.Redis,
+    namespace: str,
+    broker: Broker,
+    tmp_path: Any,
+) -> None:
+    """Uploaded by the worker holding the job, downloaded by whoever may read the job."""
+    store = TokenStore(redis_client, namespace)
+    worker_token = await store.create(Role.WORKER)
+    acme = await store.create(Role.CLIENT, customer="acme")
+    globex = await store.create(Role.CLIENT, customer="globex")
+    settings = hub_settings.model_copy(update={"output_dir": tmp_path})
+    async with running_hub(settings) as url, httpx.AsyncClient(base_url=url) as http:
+        job_id = (
+            await http.post("/api/jobs", json={"job_type": "simulation"}, headers=bearer(acme))
+        ).json()["job_id"]
+        claim = await broker.claim("w1", SIM)
+        assert claim is not None
+        png = b"\x89PNG\r\n\x1a\n" + bytes(100)
+        put = f"/api/jobs/{job_id}/outputs/image-0.png"
+        r = await http.put(
+            put, content=png, headers={**bearer(worker_token), "X-Lease-Token": claim.token}
+        )
+        assert r.status_code == 201
+        ref = r.json()
+        assert (ref["size"], ref["content_type"], ref["url"]) == (108, "image/png", put)
+        r = await http.put(
+            put, content=b"x", headers={**bearer(worker_token), "X-Lease-Token": "stale"}
+        )
+        assert r.status_code == 409
+        r = await http.put(
+            put, content=b"x", headers={**bearer(acme), "X-Lease-Token": claim.token}
+        )
+        assert r.status_code == 403  # a client cannot upload
+        r = await http.put(
+            f"/api/jobs/{job_id}/outputs/..evil",
+            content=b"x",
+            headers={**bearer(worker_token), "X-Lease-Token": claim.token},
+        )
+        assert r.status_code == 422
+        got = await http.get(put, headers=bearer(acme))
+        assert got.content == png and got.headers["content-type"] == "image/png"
+        listed = (await http.get(f"/api/jobs/{job_id}/outputs", headers=bearer(acme))).json()
+        assert listed == [ref]
+        assert (await http.get(put, headers=bearer(globex))).status_code == 404
+        missing = await http.get(f"/api/jobs/{job_id}/outputs/nope.png", headers=bearer(acme))
+        assert missing.status_code == 404

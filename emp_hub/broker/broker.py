@@ -400,6 +400,11 @@ class Broker:
         )
         return JobStatus(status)
 
+    async def holds(self, job_id: str, token: str) -> bool:
+        """Whether `token` holds the active job `job_id` (e.g. to accept its outputs)."""
+        status, current = await self.redis.hmget(self.key("job", job_id), ["status", "token"])
+        return status == "active" and current == token and bool(token)
+
     async def release(self, job_id: str, token: str) -> None:
         """Hand a held job back without penalty; it keeps its place in line."""
         await self._run("release", job_id, token)
