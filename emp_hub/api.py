@@ -382,13 +382,7 @@ async def cancel_job(
 ) -> CancelResult:
     """Cancel a job: a pending one is removed; the worker running an active one is told."""
     job = await visible_job(hub, principal, job_id)
-    reason = (body or CancelRequest()).reason
-    result = await hub.broker.cancel(job_id, reason)
-    if result.worker is not None:
-        hub.metrics.finished.labels(job.service, "cancelled").inc()
-        notice = {"job_id": job_id, "worker": result.worker, "reason": reason}
-        await hub.redis.publish(hub.broker.key("cancel"), json.dumps(notice))
-    return result
+    return await hub.cancel(job, (body or CancelRequest()).reason)
 
 
 @router.post("/api/jobs/{job_id}/retry", response_model=JobView, tags=["jobs"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import emp_hub
 from emp_hub.auth import TokenStore
-from emp_hub.broker import Broker, BrokerError, connect
+from emp_hub.broker import Broker, BrokerError, CancelResult, Job, connect
 from emp_hub.embedded import redis_url_or_embedded
 from emp_hub.metrics import Metrics
 from emp_hub.ratelimit import RateLimiter
@@ -35,6 +36,16 @@ class Hub:
     tokens: TokenStore
     limiter: RateLimiter
     metrics: Metrics
+
+    async def cancel(self, job: Job, reason: str) -> CancelResult:
+        """Cancel a job and, when it was running, tell its worker on whichever replica
+        holds its connection (channel `{namespace}:cancel`)."""
+        result = await self.broker.cancel(job.id, reason)
+        if result.worker is not None:
+            self.metrics.finished.labels(job.service, "cancelled").inc()
+            notice = {"job_id": job.id, "worker": result.worker, "reason": reason}
+            await self.redis.publish(self.broker.key("cancel"), json.dumps(notice))
+        return result
 
 
 async def maintain_until(stop: asyncio.Event, broker: Broker, interval: float) -> None:

@@ -18,8 +18,6 @@ from typing import Any
 
 import httpx
 
-TERMINAL = ("completed", "failed", "cancelled")
-
 
 class EmpError(Exception):
     """Something went wrong talking to the hub; str() says what, for a person."""

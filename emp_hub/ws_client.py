@@ -285,16 +285,13 @@ async def submit(session: ClientSession, hub: Hub, message: dict[str, Any]) -> N
 async def cancel(session: ClientSession, hub: Hub, job_id: str, reason: str) -> None:
     """cancel_job: answered once (the original answered twice); its worker is told."""
     try:
-        await visible(session, hub, job_id)
+        job = await visible(session, hub, job_id)
         session.quiet_cancel.add(job_id)
-        result = await hub.broker.cancel(job_id, reason)
+        await hub.cancel(job, reason)
     except (JobNotFound, InvalidState):
         session.quiet_cancel.discard(job_id)
         await session.error(
             f"Failed to cancel job {job_id}. Job may not exist or is already in a terminal state."
         )
         return
-    if result.worker is not None:
-        notice = {"job_id": job_id, "worker": result.worker, "reason": reason}
-        await hub.redis.publish(hub.broker.key("cancel"), json.dumps(notice))
     await session.send(job_status(job_id, "cancelled", message=f"Job cancelled: {reason}"))
