@@ -175,6 +175,7 @@ class JobView(BaseModel):
     job_id: str
     status: str
     job_type: str
+    client_id: str | None = Field(description="The original client connection that submitted it.")
     worker_id: str | None
     created_at: float
     claimed_at: float | None
@@ -203,6 +204,7 @@ class JobView(BaseModel):
             job_id=job.id,
             status=job.status.value,
             job_type=job.service,
+            client_id=job.client_id,
             worker_id=job.worker,
             created_at=job.created_at,
             claimed_at=job.claimed_at,
@@ -387,7 +389,8 @@ async def cancel_job(
 
 @router.post("/api/jobs/{job_id}/retry", response_model=JobView, tags=["jobs"])
 async def retry_job(job_id: str, hub: HubDep, principal: Submitter) -> JobView:
-    """Re-queue a failed (dead-lettered) job with fresh attempts."""
+    """Re-queue a failed (dead-lettered) job with fresh attempts; a job waiting for a retry
+    is queued now, for any worker."""
     await visible_job(hub, principal, job_id)
     await hub.broker.retry(job_id)
     return await _job_view(hub, await hub.broker.get(job_id))

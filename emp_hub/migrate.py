@@ -70,6 +70,7 @@ def to_spec(h: dict[str, str]) -> JobSpec:
         service=h.get("job_type") or h.get("type") or "",
         payload=payload,
         priority=max(-1000, min(1000, priority)),
+        client_id=h.get("client_id") or None,
     )
 
 

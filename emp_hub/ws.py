@@ -29,10 +29,12 @@ from emp_worker.capabilities import WorkerCapabilities
 from emp_worker.protocol import (
     ClaimJob,
     CompleteJob,
+    ConnectorWsStatus,
     FailJob,
     RegisterWorker,
     ReleaseJob,
     RequestJob,
+    ServiceRequest,
     UpdateJobProgress,
     WorkerHeartbeat,
     WorkerStatus,
@@ -48,6 +50,8 @@ router = APIRouter()
 SAFETY_WAKE_S = 60.0
 #: How long a job offered to an original worker (job_available) stays reserved for it.
 OFFER_S = 10.0
+#: An offer's lease outlasts its reservation by this much (see Dispatcher.feed).
+OFFER_GRACE_S = 5.0
 
 
 class Watcher(Protocol):
@@ -69,6 +73,7 @@ class WorkerSession:
     wanted: int = 0
     original: bool = False  # an original emp-redis worker: offers, then claim_job
     offered: dict[str, str] = field(default_factory=dict)  # job id -> token, reserved
+    status: str = ""  # the last status it reported (idle/busy), as monitors last heard it
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     closed: bool = False
     send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -152,8 +157,11 @@ class Dispatcher:
                 session.wake.set()
 
     async def forward(self, event: dict[str, str]) -> None:
-        """Pass a job event to the client connections following that job."""
-        for watcher in [*self.watchers.get(event["job"], ()), *self.monitors]:
+        """Pass a job event to the client connections following that job (and monitors);
+        a worker's status report goes to the monitors only."""
+        job_id = event.get("job")
+        watchers = self.watchers.get(job_id, ()) if job_id else ()
+        for watcher in [*watchers, *self.monitors]:
             try:
                 await watcher.forward(event)
             except Exception:  # a peer that just went away must not stop the others
@@ -179,8 +187,13 @@ class Dispatcher:
             if session.closed or not session.wanted or session.caps is None:
                 continue
             started = time.perf_counter()
+            # An offer to an original worker is leased past its reservation, so that an
+            # unclaimed offer is handed back by withdraw(), not reaped as a lost worker.
             claims = await self.hub.broker.claim_many(
-                session.worker_id, session.caps, session.wanted
+                session.worker_id,
+                session.caps,
+                session.wanted,
+                lease_s=OFFER_S + OFFER_GRACE_S if session.original else None,
             )
             self.hub.metrics.claim_seconds.observe(time.perf_counter() - started)
             for claim in claims:
@@ -213,7 +226,7 @@ class Dispatcher:
         )
 
     async def offer(self, session: WorkerSession, claim: Claim) -> None:
-        """Offer a job to an original worker: it is reserved for it (leased for OFFER_S);
+        """Offer a job to an original worker: it is reserved for it for OFFER_S;
         claim_job confirms it, silence hands it back."""
         job = claim.job
         session.offered[job.id] = claim.token
@@ -367,6 +380,21 @@ async def handle(session: WorkerSession, dispatcher: Dispatcher, text: str) -> N
                 await session.send(
                     hub_message("worker_heartbeat_ack", worker_id=worker_id, lost=lost)
                 )
+            if isinstance(message, WorkerStatus) or message.status != session.status:
+                session.status = message.status
+                extra = message.model_extra or {}
+                await tell_monitors(
+                    hub,
+                    hub_message(
+                        "worker_status",
+                        message_id=f"worker-status-{int(time.time())}",
+                        worker_id=worker_id,
+                        status=message.status,
+                        connector_statuses=extra.get("connector_statuses"),
+                    ),
+                )
+        elif isinstance(message, ConnectorWsStatus | ServiceRequest):
+            await tell_monitors(hub, {**message.model_dump(mode="json"), "worker_id": worker_id})
         else:
             await job_message(session, hub, message)
         if session.original and not session.held and not session.offered and not session.wanted:
@@ -377,6 +405,12 @@ async def handle(session: WorkerSession, dispatcher: Dispatcher, text: str) -> N
         await session.error(str(exc))
     except BrokerError as exc:
         await session.error(str(exc))
+
+
+async def tell_monitors(hub: Hub, message: dict[str, Any]) -> None:
+    """Send a message to the monitors of every replica (through the events channel)."""
+    event = {"type": "monitor", "message": message}
+    await hub.redis.publish(hub.broker.key("events"), json.dumps(event))
 
 
 async def job_message(

@@ -70,8 +70,10 @@ class ClientSession:
         """An `error` message; the connection stays open."""
         await self.send(hub_message("error", error=error, details=None))
 
-    def follow(self, job_id: str) -> None:
-        """Receive this job's events from now on."""
+    def follow(self, job_id: str, worker: str | None = None) -> None:
+        """Receive this job's events from now on (`worker`: who runs it now)."""
+        if worker:
+            self.workers[job_id] = worker
         self.following.add(job_id)
         self.dispatcher.watchers.setdefault(job_id, set()).add(self)
 
@@ -86,7 +88,9 @@ class ClientSession:
 
     async def forward(self, event: dict[str, str]) -> None:
         """Translate a broker event of a followed job into the original messages."""
-        job_id = event["job"]
+        job_id = event.get("job")
+        if job_id is None:  # not a job's event (a worker's status report)
+            return
         if event["type"] == "progress":
             await self.send_job_message(
                 hub_message(
@@ -185,7 +189,7 @@ async def handle(session: ClientSession, hub: Hub, text: str) -> None:
             await submit(session, hub, message)
         elif kind == "request_job_status":
             job = await visible(session, hub, str(job_id))
-            session.follow(job.id)
+            session.follow(job.id, job.worker)
             await session.send(
                 job_status(
                     job.id,
@@ -200,7 +204,7 @@ async def handle(session: ClientSession, hub: Hub, text: str) -> None:
             )
         elif kind == "subscribe_job":
             job = await visible(session, hub, str(job_id))
-            session.follow(job.id)
+            session.follow(job.id, job.worker)
             await session.send(
                 hub_message("subscription_confirmed", job_id=job.id, monitor_id=None, channels=None)
             )
@@ -208,9 +212,17 @@ async def handle(session: ClientSession, hub: Hub, text: str) -> None:
             await cancel(session, hub, str(job_id), message.get("reason") or "Manually cancelled")
         elif kind == "force_retry_job":
             job = await visible(session, hub, str(job_id))
-            if job.status is JobStatus.FAILED:
+            waiting = job.status in {JobStatus.DELAYED, JobStatus.PENDING} and job.failures
+            if job.status is JobStatus.FAILED or waiting:
                 await hub.broker.retry(job.id)
-                await session.send(job_status(job.id, "pending", message="Job queued again"))
+                await session.send(
+                    job_status(
+                        job.id,
+                        "pending",
+                        message="Job failure history cleared. Job can now be assigned to any "
+                        "worker.",
+                    )
+                )
             else:
                 await session.send(
                     job_status(
@@ -255,6 +267,7 @@ async def submit(session: ClientSession, hub: Hub, message: dict[str, Any]) -> N
             payload=message.get("payload") or {},
             priority=int(message.get("priority") or 0),
             customer=session.principal.customer,
+            client_id=session.client_id,
         )
     except (ValueError, TypeError) as exc:
         await session.error(f"Invalid submit_job: {str(exc).splitlines()[0]}")

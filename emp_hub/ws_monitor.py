@@ -1,6 +1,8 @@
 """The monitor WebSocket (`/ws/monitor/{monitor_id}`): the original emp-redis monitor.
 
-A monitor sees every job's messages (as clients get them, plus `client_id`) and a
+A monitor sees every job's messages (as clients get them, plus `client_id`), every
+worker's `worker_status`, `connector_ws_status` and `service_request` (through Redis, so
+from workers on any replica), and a
 `stats_broadcast` every couple of seconds: connections, workers, queues and jobs. Queue and
 worker figures come from Redis, so every replica reports the whole deployment; the
 connection lists are this replica's.
@@ -12,13 +14,14 @@ import asyncio
 import contextlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from emp_hub.app import Hub
 from emp_hub.auth import Role
+from emp_hub.broker import JobNotFound
 from emp_hub.ws import Dispatcher, authenticate_ws
 from emp_hub.ws_client import ClientSession
 from emp_worker.protocol import hub_message
@@ -29,12 +32,37 @@ router = APIRouter()
 STATS_INTERVAL_S = 2.0
 
 
+#: How many jobs' submitting clients a monitor remembers (a cache in front of Redis).
+CLIENT_CACHE = 10_000
+
+
 @dataclass(eq=False)
 class MonitorSession(ClientSession):
-    """A monitor: a client that follows every job, and gets the stats."""
+    """A monitor: a client that follows every job, and gets the stats and the workers'
+    status reports."""
+
+    clients: dict[str, str | None] = field(default_factory=dict)  # job id -> its client
 
     async def send_job_message(self, message: dict[str, Any]) -> None:
-        await self.send({**message, "client_id": None})
+        """Job messages as clients get them, plus the submitting client's id."""
+        job_id = message["job_id"]
+        if job_id not in self.clients:
+            if len(self.clients) >= CLIENT_CACHE:
+                self.clients.clear()
+            try:
+                job = await self.dispatcher.hub.broker.get(job_id)
+                self.clients[job_id] = job.client_id
+            except JobNotFound:
+                self.clients[job_id] = None
+        await self.send({**message, "client_id": self.clients[job_id]})
+
+    async def forward(self, event: dict[str, Any]) -> None:
+        """A job event, or a message for monitors only (`worker_status`,
+        `connector_ws_status`, `service_request`: see ws.tell_monitors)."""
+        if event["type"] == "monitor":
+            await self.send(event["message"])
+        else:
+            await super().forward(event)
 
 
 async def stats_broadcast(hub: Hub, dispatcher: Dispatcher) -> dict[str, Any]:
@@ -125,7 +153,7 @@ async def monitor_socket(websocket: WebSocket, monitor_id: str) -> None:
                 message = json.loads(text)
                 kind = message.get("type") if isinstance(message, dict) else None
             except ValueError:
-                await session.send(hub_message("error", error="Invalid JSON format"))
+                await session.send(hub_message("error", error="Invalid JSON format", details=None))
                 continue
             if kind == "subscribe":
                 await session.send(await stats_broadcast(hub, dispatcher))
@@ -137,7 +165,9 @@ async def monitor_socket(websocket: WebSocket, monitor_id: str) -> None:
             elif kind == "stay_alive":
                 await session.send(hub_message("stay_alive_response"))
             else:
-                await session.send(hub_message("error", error=f"Unsupported message type: {kind}"))
+                await session.send(
+                    hub_message("error", error=f"Unsupported message type: {kind}", details=None)
+                )
     except WebSocketDisconnect:
         pass
     finally:

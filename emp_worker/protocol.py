@@ -121,6 +121,29 @@ class ReleaseJob(Message):
     job_id: str
 
 
+class ConnectorWsStatus(Message):
+    """The state of a connector's link to its service; relayed to monitors."""
+
+    type: Literal["connector_ws_status"]
+    worker_id: str | None = None
+    connector_type: str
+    connected: bool
+    service_name: str | None = None
+    details: Any = None
+    last_ping: float | None = None
+
+
+class ServiceRequest(Message):
+    """A request a connector made to its service for a job; relayed to monitors."""
+
+    type: Literal["service_request"]
+    job_id: str
+    worker_id: str | None = None
+    service: str | None = None
+    request_type: str | None = None
+    content: Any = None
+
+
 WorkerMessage = Annotated[
     RegisterWorker
     | RequestJob
@@ -130,7 +153,9 @@ WorkerMessage = Annotated[
     | UpdateJobProgress
     | CompleteJob
     | FailJob
-    | ReleaseJob,
+    | ReleaseJob
+    | ConnectorWsStatus
+    | ServiceRequest,
     Field(discriminator="type"),
 ]
 worker_message = TypeAdapter(WorkerMessage)

@@ -309,6 +309,27 @@ async def test_failed_worker_is_passed_over(broker: Broker, clock: Clock) -> Non
     assert again.job.id == job.id
 
 
+async def test_retry_a_waiting_job_now_for_any_worker(broker: Broker) -> None:
+    """force_retry_job: a job waiting for its next attempt is queued at once, and the
+    worker that failed it may take it even while another worker could."""
+    await broker.register_worker("w1", SIM)
+    await broker.register_worker("w2", SIM)
+    job = await broker.submit(JobSpec(service="sim"))
+    claim = await broker.claim("w1", SIM)
+    assert claim is not None
+    await broker.fail(job.id, claim.token, "flaky")
+    assert (await broker.get(job.id)).status is JobStatus.DELAYED
+    await broker.retry(job.id)
+    waiting = await broker.get(job.id)
+    assert (waiting.status, waiting.failures) == (JobStatus.PENDING, 1)
+    again = await broker.claim("w1", SIM)
+    assert again is not None
+    assert again.job.id == job.id
+    await broker.fail(job.id, again.token, "flaky again")
+    await broker.maintain()  # not due yet: stays delayed
+    assert (await broker.stats()).delayed == 1
+
+
 async def test_release_keeps_place_and_attempts(broker: Broker) -> None:
     first, _second = await broker.submit_many([JobSpec(service="sim"), JobSpec(service="sim")])
     claim = await broker.claim("w", SIM)

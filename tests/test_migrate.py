@@ -120,6 +120,8 @@ async def test_migration(
     done = await broker.get("rest-job-2")
     assert done.status is JobStatus.COMPLETED and done.result["status"] == "success"
     assert done.created_at == pytest.approx(1795926932.0300791)
+    assert done.client_id == "rest-api-client"
+    assert (await broker.get("fail-job-2")).client_id == "client-1"
     assert (await broker.get("nst-job-1")).status is JobStatus.CANCELLED
     assert await redis_client.ttl(broker.key("job", "rest-job-2")) > 0
     history = await broker.list_jobs(status=JobStatus.COMPLETED, limit=10)

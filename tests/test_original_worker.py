@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,19 +18,9 @@ import websockets
 from emp_hub.broker import BrokerSettings
 from emp_hub.settings import HubSettings
 from tests.hub_server import running_hub
+from tests.replay import VARYING, check_reply, recorded
 
 pytestmark = pytest.mark.hub
-
-FIXTURES = Path(__file__).parent / "fixtures" / "emp-redis"
-#: Fields whose values differ by nature between runs.
-VARYING = {"timestamp", "message", "worker_id", "message_id", "notified_workers"}
-
-
-def recorded(scenario: str, conn: str) -> list[dict[str, Any]]:
-    """The frames of one connection of a recorded scenario, in order."""
-    lines = (FIXTURES / f"{scenario}.jsonl").read_text().splitlines()
-    rows = [json.loads(line) for line in lines]
-    return [r for r in rows if r["conn"] == conn and "_event" not in r["msg"]]
 
 
 def client_submits(scenario: str) -> list[dict[str, Any]]:
@@ -50,19 +39,6 @@ async def base_url(
     settings = HubSettings(redis_url=redis_url, broker=BrokerSettings(namespace=namespace))
     async with running_hub(settings) as url:
         yield url
-
-
-def check_reply(got: dict[str, Any], want: dict[str, Any], ids: dict[str, str]) -> None:
-    """Our reply has the recorded type, every recorded field, and the same values where
-    they do not vary by nature."""
-    assert got["type"] == want["type"], (got, want)
-    missing = set(want) - set(got)
-    assert not missing, f"{want['type']} lacks {missing}"
-    for key, value in want.items():
-        if key == "job_id" and value in ids:
-            assert got[key] == ids[value]
-        elif key not in VARYING and key != "job_id":
-            assert got[key] == value, (key, got, want)
 
 
 async def replay_worker(url: str, frames: list[dict[str, Any]], ids: dict[str, str]) -> None:

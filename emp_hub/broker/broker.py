@@ -161,6 +161,7 @@ class Broker:
                     str(max_attempts),
                     repr(spec.timeout),
                     payload,
+                    spec.client_id or "",
                 ]
             )
             accepted.append((job_id, spec, req, max_attempts))
@@ -207,6 +208,7 @@ class Broker:
                     repr(job.created_at),
                     repr(job.finished_at),
                     job.worker or "",
+                    job.spec.client_id or "",
                 ]
             )
         if not rows:
@@ -415,7 +417,9 @@ class Broker:
         return CancelResult(previous_status=JobStatus(status), worker=worker or None)
 
     async def retry(self, job_id: str) -> None:
-        """Re-queue a dead-lettered job with fresh attempts, at its original place."""
+        """Re-queue a dead-lettered job with fresh attempts, at its original place; a job
+        waiting for its next attempt is queued now, and the workers that failed it may take
+        it again."""
         await self._run("retry", job_id)
 
     # -- maintenance -------------------------------------------------------------------

@@ -67,6 +67,11 @@ class JobSpec(BaseModel):
     requirements: RequirementsSpec = Field(default_factory=RequirementsSpec)
     max_attempts: int | None = Field(default=None, ge=1, le=100)
     timeout: float = Field(default=0, ge=0, description="Seconds per attempt; 0: no limit.")
+    client_id: str | None = Field(
+        default=None,
+        max_length=200,
+        description="The client connection that submitted it (original protocol).",
+    )
 
     @model_validator(mode="after")
     def _requirements_hold_together(self) -> JobSpec:
@@ -98,6 +103,7 @@ class Job(BaseModel):
     max_attempts: int
     timeout: float
     worker: str | None = None
+    client_id: str | None = None
     created_at: float
     claimed_at: float | None = None
     started_at: float | None = None
@@ -137,6 +143,7 @@ class Job(BaseModel):
             max_attempts=int(h["max_attempts"]),
             timeout=float(h.get("timeout", 0)),
             worker=opt("worker"),
+            client_id=opt("client"),
             created_at=float(h["created_at"]),
             claimed_at=opt_float("claimed_at"),
             started_at=opt_float("started_at"),

@@ -1,13 +1,13 @@
 -- Import finished jobs of another system as history (the migration from emp-redis).
 -- ARGV[4] = a JSON array with one array of strings per job:
 -- [id, service, class, requirements, priority, customer, status, payload, result, error,
---  created_at, finished_at, worker]. status is completed, failed or cancelled.
+--  created_at, finished_at, worker, client]. status is completed, failed or cancelled.
 -- Jobs whose id exists are skipped. Returns the number imported.
 local jobs = cjson.decode(ARGV[4])
 local imported = 0
 for _, j in ipairs(jobs) do
   local id, service, class, req, priority, customer, status = unpack(j, 1, 7)
-  local payload, result, err, created_at, finished_at, worker = unpack(j, 8, 13)
+  local payload, result, err, created_at, finished_at, worker, client = unpack(j, 8, 14)
   if redis.call('EXISTS', jkey(id)) == 0 then
     local seq = redis.call('INCR', P .. 'seq')
     local score = (CFG.pmax - tonumber(priority)) * CFG.pscale + seq
@@ -15,7 +15,8 @@ for _, j in ipairs(jobs) do
       'requirements', req, 'priority', priority, 'seq', seq, 'score', score,
       'customer', customer, 'status', 'imported', 'attempt', 1, 'failures', 0, 'orphans', 0,
       'max_attempts', 1, 'timeout', 0, 'payload', payload, 'created_at', created_at,
-      'progress', status == 'completed' and 100 or 0, 'result', result, 'worker', worker)
+      'progress', status == 'completed' and 100 or 0, 'result', result, 'worker', worker,
+      'client', client)
     redis.call('HSETNX', P .. 'classes', class, req)
     redis.call('ZADD', P .. 'idx:all', seq, id)
     redis.call('ZADD', P .. 'idx:svc:' .. service, seq, id)

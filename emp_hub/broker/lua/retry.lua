@@ -1,12 +1,30 @@
--- Re-queue a dead-lettered job with fresh attempts, at its original place. ARGV[4] id.
+-- Retry a job now. ARGV[4] id.
+-- A dead-lettered (failed) job is re-queued with fresh attempts, at its original place.
+-- A job waiting for its next attempt (delayed, or pending after failures) is queued now,
+-- and the workers that failed it may take it again (the original force_retry_job).
 local id = ARGV[4]
-local j = hget(id, {'status', 'class', 'score', 'seq', 'xm'})
+local j = hget(id, {'status', 'class', 'score', 'seq', 'xm', 'avoid'})
 if not j.status then return redis.error_reply('NOJOB no such job: ' .. id) end
+local k = jkey(id)
+if j.status == 'delayed' then
+  redis.call('ZREM', P .. 'delayed', id)
+  redis.call('HSET', k, 'avoid', '')
+  redis.call('HDEL', k, 'retry_at')
+  enqueue(id, j.class, j.score)
+  set_status(id, j.seq, 'delayed', 'pending')
+  event(id, 'type', 'status', 'status', 'pending', 'reason', 'retried')
+  announce({j.class})
+  return 1
+end
+if j.status == 'pending' and j.avoid and j.avoid ~= '' then
+  redis.call('HSET', k, 'avoid', '')
+  announce({j.class})
+  return 1
+end
 if j.status ~= 'failed' then
   return redis.error_reply('STATE job ' .. id .. ' is ' .. j.status ..
-    '; only failed (dead-lettered) jobs can be retried')
+    '; only failed jobs and jobs waiting for a retry can be retried')
 end
-local k = jkey(id)
 redis.call('ZREM', P .. 'dead', id)
 redis.call('ZREM', P .. 'expiring', j.xm)
 redis.call('PERSIST', k)

@@ -1,6 +1,7 @@
 -- Submit a batch of jobs atomically: all or none.
 -- ARGV[4] = a JSON array with one array of strings per job:
--- [id, service, class, requirements, priority, customer, max_attempts, timeout, payload].
+-- [id, service, class, requirements, priority, customer, max_attempts, timeout, payload,
+--  client].
 local jobs = cjson.decode(ARGV[4])
 local n = #jobs
 for i = 1, n do
@@ -14,7 +15,7 @@ local first = last - n + 1
 local new_classes = {}
 local touched = {}
 for i = 1, n do
-  local id, service, class, req, priority, customer, max_attempts, timeout, payload =
+  local id, service, class, req, priority, customer, max_attempts, timeout, payload, client =
     unpack(jobs[i])
   local seq = first + i - 1
   local score = (CFG.pmax - tonumber(priority)) * CFG.pscale + seq
@@ -22,7 +23,7 @@ for i = 1, n do
     'requirements', req, 'priority', priority, 'seq', seq, 'score', score,
     'customer', customer, 'status', 'pending', 'attempt', 0, 'failures', 0, 'orphans', 0,
     'max_attempts', max_attempts, 'timeout', timeout, 'payload', payload,
-    'created_at', NOW_S, 'progress', 0)
+    'created_at', NOW_S, 'progress', 0, 'client', client)
   enqueue(id, class, score)
   touched[#touched + 1] = class
   if redis.call('HSETNX', P .. 'classes', class, req) == 1 then
