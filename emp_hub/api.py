@@ -20,6 +20,7 @@ from emp_hub.auth import Principal, Role
 from emp_hub.broker import (
     PRIORITY_MAX,
     PRIORITY_MIN,
+    TERMINAL,
     BrokerError,
     CancelResult,
     DuplicateJob,
@@ -38,13 +39,11 @@ from emp_worker.capabilities import NAME_PATTERN, WorkerCapabilities
 
 router = APIRouter()
 
-TERMINAL = {s.value for s in JobStatus if s.terminal}
-
 
 # -- dependencies ------------------------------------------------------------------------
 
 
-def get_hub(request: Request) -> Hub:
+async def get_hub(request: Request) -> Hub:
     """The hub state of this process."""
     hub: Hub = request.app.state.hub
     return hub
@@ -327,7 +326,7 @@ async def submit_job(body: SubmitRequest, hub: HubDep, principal: Submitter) -> 
     if body.wait:
         await _wait_until_done(hub, submitted.id, body.timeout)
         return await _job_view(hub, await hub.broker.get(submitted.id))
-    position = await hub.broker.position(submitted.id, submitted.requirement_class)
+    position = submitted.position
     return SubmitResponse(
         job_id=submitted.id,
         message=f"Job submitted successfully with ID: {submitted.id}",

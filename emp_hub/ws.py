@@ -15,6 +15,7 @@ import json
 import logging
 import random
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -57,8 +58,8 @@ OFFER_GRACE_S = 5.0
 class Watcher(Protocol):
     """A connection that follows jobs (a client; see ws_client.py)."""
 
-    async def forward(self, event: dict[str, str]) -> None:
-        """Send the peer what this job event means to it."""
+    async def forward(self, event: dict[str, Any]) -> None:
+        """Send the peer what this event means to it."""
 
 
 @dataclass(eq=False)
@@ -96,19 +97,72 @@ class Dispatcher:
         self.hub = hub
         self.sessions: dict[str, WorkerSession] = {}
         # Client connections following a job (ws_client.py), by job id; monitors follow all.
+        # This replica subscribes to a job's event channel only while someone here follows
+        # the job, and to all of them only while a monitor is connected: a replica nobody
+        # watches through decodes no job events at all.
         self.watchers: dict[str, set[Watcher]] = {}
         self.monitors: set[Watcher] = set()
+        self._pubsub = hub.redis.pubsub()
+        self._confirmations: dict[str, asyncio.Future[None]] = {}
         self._turn = 0
+        # Jobs submitted through this replica wake its workers without the pub/sub round
+        # trip; the announcement that comes back with this broker's origin is skipped.
+        hub.broker.on_submit = self.wake_for_submit
+
+    async def watch(self, job_id: str, watcher: Watcher) -> None:
+        """Send this job's events to `watcher` from now on."""
+        watchers = self.watchers.setdefault(job_id, set())
+        watchers.add(watcher)
+        if len(watchers) == 1:
+            await self._subscribe(self.hub.broker.key("jev", job_id))
+
+    async def unwatch(self, job_id: str, watcher: Watcher) -> None:
+        """Stop sending this job's events to `watcher`."""
+        watchers = self.watchers.get(job_id)
+        if watchers is None:
+            return
+        watchers.discard(watcher)
+        if not watchers:
+            del self.watchers[job_id]
+            await self._pubsub.unsubscribe(self.hub.broker.key("jev", job_id))
+
+    async def add_monitor(self, monitor: Watcher) -> None:
+        """A monitor: every job's events, and the messages for monitors."""
+        self.monitors.add(monitor)
+        if len(self.monitors) == 1:
+            await self._subscribe(self.hub.broker.key("jev", "*"), pattern=True)
+
+    async def remove_monitor(self, monitor: Watcher) -> None:
+        """The monitor went away."""
+        self.monitors.discard(monitor)
+        if not self.monitors:
+            await self._pubsub.punsubscribe(self.hub.broker.key("jev", "*"))
+
+    async def _subscribe(self, channel: str, *, pattern: bool = False) -> None:
+        """Subscribe, and return once Redis confirmed it (events published after this
+        returns reach this replica)."""
+        confirmed = asyncio.get_running_loop().create_future()
+        self._confirmations[channel] = confirmed
+        if pattern:
+            await self._pubsub.psubscribe(channel)
+        else:
+            await self._pubsub.subscribe(channel)
+        try:
+            await asyncio.wait_for(confirmed, 5)
+        except TimeoutError:
+            log.warning("Redis did not confirm the subscription to %s in 5 s", channel)
+        finally:
+            self._confirmations.pop(channel, None)
 
     async def listen(self, stop: asyncio.Event) -> None:
-        """Follow the work and cancel channels until `stop`."""
+        """Follow the work, cancel, monitor and watched jobs' channels until `stop`."""
         broker = self.hub.broker
-        pubsub = self.hub.redis.pubsub()
-        await pubsub.subscribe(broker.key("work"), broker.key("cancel"), broker.key("events"))
+        pubsub = self._pubsub
+        await pubsub.subscribe(broker.key("work"), broker.key("cancel"), broker.key("monitor"))
         try:
             while not stop.is_set():
                 try:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
+                    message = await pubsub.get_message(timeout=0.5)
                 except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
                     # Redis went away: redis-py resubscribes when it is back. Whatever was
                     # announced meanwhile is lost, so every parked worker claims once more.
@@ -118,14 +172,27 @@ class Dispatcher:
                     continue
                 if message is None:
                     continue
-                channel = message["channel"]
-                if channel == broker.key("work"):
-                    announced = [item.partition(":") for item in message["data"].split()]
-                    await self.wake({c: int(n) for c, _, n in announced})
-                elif channel == broker.key("events"):
-                    await self.forward(json.loads(message["data"]))
-                else:
+                kind, channel = message["type"], message["channel"]
+                if kind in {"subscribe", "psubscribe"}:
+                    confirmed = self._confirmations.get(channel)
+                    if confirmed is not None and not confirmed.done():
+                        confirmed.set_result(None)
+                elif kind in {"unsubscribe", "punsubscribe"}:
+                    pass
+                elif kind == "pmessage":  # every job's events: for the monitors
+                    await self.forward(json.loads(message["data"]), self.monitors)
+                elif channel == broker.key("work"):
+                    origin, *items = message["data"].split()
+                    if origin != broker.origin:  # our own submits woke our workers already
+                        announced = [item.rpartition(":") for item in items]
+                        await self.wake({c: int(n) for c, _, n in announced})
+                elif channel == broker.key("cancel"):
                     await self.tell_cancel(json.loads(message["data"]))
+                elif channel == broker.key("monitor"):
+                    await self.forward(json.loads(message["data"]), self.monitors)
+                else:  # a watched job's events
+                    event = json.loads(message["data"])
+                    await self.forward(event, self.watchers.get(event["job"], ()))
         finally:
             await pubsub.aclose()  # type: ignore[no-untyped-call]
 
@@ -150,18 +217,21 @@ class Dispatcher:
             if not any(left.values()):
                 return
 
+    async def wake_for_submit(self, jobs: dict[str, int]) -> None:
+        """Jobs were submitted through this replica: wake its parked workers, and let them
+        send their claims before the submitting request goes on to build its answer."""
+        await self.wake(jobs)
+        await asyncio.sleep(0)
+
     def wake_all(self) -> None:
         """Wake every parked worker (after announcements may have been missed)."""
         for session in self.sessions.values():
             if session.wanted:
                 session.wake.set()
 
-    async def forward(self, event: dict[str, str]) -> None:
-        """Pass a job event to the client connections following that job (and monitors);
-        a worker's status report goes to the monitors only."""
-        job_id = event.get("job")
-        watchers = self.watchers.get(job_id, ()) if job_id else ()
-        for watcher in [*watchers, *self.monitors]:
+    async def forward(self, event: dict[str, Any], watchers: Iterable[Watcher]) -> None:
+        """Pass an event to the connections that follow it."""
+        for watcher in list(watchers):
             try:
                 await watcher.forward(event)
             except Exception:  # a peer that just went away must not stop the others
@@ -179,10 +249,9 @@ class Dispatcher:
     async def feed(self, session: WorkerSession) -> None:
         """Claim jobs for the session's free slots whenever it is woken."""
         while not session.closed:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    session.wake.wait(), SAFETY_WAKE_S * random.uniform(0.5, 1.5)
-                )
+            with contextlib.suppress(TimeoutError):  # asyncio.timeout: no extra task per wait
+                async with asyncio.timeout(SAFETY_WAKE_S * random.uniform(0.5, 1.5)):
+                    await session.wake.wait()
             session.wake.clear()
             if session.closed or not session.wanted or session.caps is None:
                 continue
@@ -408,9 +477,9 @@ async def handle(session: WorkerSession, dispatcher: Dispatcher, text: str) -> N
 
 
 async def tell_monitors(hub: Hub, message: dict[str, Any]) -> None:
-    """Send a message to the monitors of every replica (through the events channel)."""
+    """Send a message to the monitors of every replica (through the monitor channel)."""
     event = {"type": "monitor", "message": message}
-    await hub.redis.publish(hub.broker.key("events"), json.dumps(event))
+    await hub.redis.publish(hub.broker.key("monitor"), json.dumps(event))
 
 
 async def job_message(

@@ -2,8 +2,10 @@
 
 A client submits jobs and follows them: the submitter is subscribed to its job, and
 `subscribe_job` / `request_job_status` subscribe to others (in the original they never
-did). Job events come from the broker (published by its scripts on `{namespace}:events`)
-through the dispatcher, so a client on one replica follows a worker on another.
+did); a job is followed until it ends. Job events come from the broker (published by its
+scripts on `{namespace}:jev:<job id>`) through the dispatcher, which subscribes to a job's
+channel while someone on this replica follows it, so a client on one replica follows a
+worker on another.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from emp_hub.app import Hub
 from emp_hub.auth import Principal, Role
 from emp_hub.broker import (
+    TERMINAL,
     BrokerError,
     DuplicateJob,
     InvalidState,
@@ -57,6 +60,8 @@ class ClientSession:
     following: set[str] = field(default_factory=set)
     workers: dict[str, str] = field(default_factory=dict)  # job id -> worker (for progress)
     quiet_cancel: set[str] = field(default_factory=set)  # cancels this client already heard
+    # Events of jobs being submitted, held until their job_accepted is sent.
+    held: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     async def send(self, message: dict[str, Any]) -> None:
         """Send one message."""
@@ -70,27 +75,39 @@ class ClientSession:
         """An `error` message; the connection stays open."""
         await self.send(hub_message("error", error=error, details=None))
 
-    def follow(self, job_id: str, worker: str | None = None) -> None:
+    async def follow(self, job_id: str, worker: str | None = None) -> None:
         """Receive this job's events from now on (`worker`: who runs it now)."""
         if worker:
             self.workers[job_id] = worker
         self.following.add(job_id)
-        self.dispatcher.watchers.setdefault(job_id, set()).add(self)
+        await self.dispatcher.watch(job_id, self)
 
-    def unfollow_all(self) -> None:
+    async def unfollow(self, job_id: str) -> None:
+        """Stop following a job (it ended, or the connection did)."""
+        self.following.discard(job_id)
+        self.workers.pop(job_id, None)
+        self.quiet_cancel.discard(job_id)
+        await self.dispatcher.unwatch(job_id, self)
+
+    async def unfollow_all(self) -> None:
         """The connection ended."""
-        for job_id in self.following:
-            watchers = self.dispatcher.watchers.get(job_id)
-            if watchers is not None:
-                watchers.discard(self)
-                if not watchers:
-                    del self.dispatcher.watchers[job_id]
+        for job_id in list(self.following):
+            await self.unfollow(job_id)
 
-    async def forward(self, event: dict[str, str]) -> None:
+    async def forward(self, event: dict[str, Any]) -> None:
         """Translate a broker event of a followed job into the original messages."""
         job_id = event.get("job")
         if job_id is None:  # not a job's event (a worker's status report)
             return
+        if job_id in self.held:
+            self.held[job_id].append(event)
+            return
+        await self.tell(job_id, event)
+        if event.get("status") in TERMINAL:
+            await self.unfollow(job_id)
+
+    async def tell(self, job_id: str, event: dict[str, Any]) -> None:
+        """Send what one event of a followed job means in the original protocol."""
         if event["type"] == "progress":
             await self.send_job_message(
                 hub_message(
@@ -165,7 +182,7 @@ async def client_socket(websocket: WebSocket, client_id: str) -> None:
     except WebSocketDisconnect:
         pass
     finally:
-        session.unfollow_all()
+        await session.unfollow_all()
 
 
 async def handle(session: ClientSession, hub: Hub, text: str) -> None:
@@ -189,7 +206,7 @@ async def handle(session: ClientSession, hub: Hub, text: str) -> None:
             await submit(session, hub, message)
         elif kind == "request_job_status":
             job = await visible(session, hub, str(job_id))
-            session.follow(job.id, job.worker)
+            await session.follow(job.id, job.worker)
             await session.send(
                 job_status(
                     job.id,
@@ -204,7 +221,7 @@ async def handle(session: ClientSession, hub: Hub, text: str) -> None:
             )
         elif kind == "subscribe_job":
             job = await visible(session, hub, str(job_id))
-            session.follow(job.id, job.worker)
+            await session.follow(job.id, job.worker)
             await session.send(
                 hub_message("subscription_confirmed", job_id=job.id, monitor_id=None, channels=None)
             )
@@ -272,14 +289,26 @@ async def submit(session: ClientSession, hub: Hub, message: dict[str, Any]) -> N
     except (ValueError, TypeError) as exc:
         await session.error(f"Invalid submit_job: {str(exc).splitlines()[0]}")
         return
+    # Follow the job before it exists (its first events may come at once), and hold its
+    # events until the client has its job_accepted.
+    known = job_id in session.following
+    session.held[job_id] = []
+    await session.follow(job_id)
     try:
         submitted = await hub.broker.submit(spec)
     except DuplicateJob:
+        session.held.pop(job_id, None)
+        if not known:
+            await session.unfollow(job_id)
         await session.error(f"Job id {job_id} already exists; choose another message_id")
         return
+    except BaseException:
+        session.held.pop(job_id, None)
+        if not known:
+            await session.unfollow(job_id)
+        raise
     hub.metrics.submitted.labels(spec.service).inc()
-    session.follow(submitted.id)
-    position = await hub.broker.position(submitted.id, submitted.requirement_class)
+    position = submitted.position
     requirements = spec.job_requirements()
     live = await hub.broker.live_workers()
     able = sum(1 for caps in live.values() if matches(requirements, caps))
@@ -293,6 +322,8 @@ async def submit(session: ClientSession, hub: Hub, message: dict[str, Any]) -> N
             notified_workers=able,
         )
     )
+    for event in session.held.pop(job_id, []):
+        await session.forward(event)
 
 
 async def cancel(session: ClientSession, hub: Hub, job_id: str, reason: str) -> None:

@@ -132,7 +132,7 @@ async def monitor_socket(websocket: WebSocket, monitor_id: str) -> None:
             "connection_established", message=f"Welcome Monitor {monitor_id}! Connected to emp hub"
         )
     )
-    dispatcher.monitors.add(session)
+    await dispatcher.add_monitor(session)
     closed = asyncio.Event()
 
     async def broadcast() -> None:
@@ -172,5 +172,5 @@ async def monitor_socket(websocket: WebSocket, monitor_id: str) -> None:
         pass
     finally:
         closed.set()
-        dispatcher.monitors.discard(session)
+        await dispatcher.remove_monitor(session)
         await ticker  # ends by itself: a Redis read is never cut in half

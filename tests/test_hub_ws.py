@@ -259,6 +259,53 @@ async def test_two_hubs_share_one_redis(hub_settings: HubSettings) -> None:
         assert (await w.expect("cancel_job", wait=3))["job_id"] == job_id
 
 
+async def test_progress_reaches_followers_on_another_replica(
+    hub_settings: HubSettings, redis_client: redis.asyncio.Redis, namespace: str
+) -> None:
+    """A client and a monitor on one replica follow a job run by a worker on the other:
+    its progress, result and the worker's status reach them; once the job ended, nobody
+    is subscribed to its channel any more."""
+    async with (
+        running_hub(hub_settings) as hub_a,
+        running_hub(hub_settings) as hub_b,
+        worker(hub_b, "w-b") as w,
+        websockets.connect(hub_a.replace("http", "ws") + "/ws/client/c-a") as client_conn,
+        websockets.connect(hub_a.replace("http", "ws") + "/ws/monitor/m-a") as monitor_conn,
+    ):
+        client, monitor = Peer(client_conn), Peer(monitor_conn)
+        await client.expect("connection_established")
+        await monitor.expect("connection_established")
+        await w.send("request_job", slots=1)
+        await client.send("submit_job", message_id="x-1", job_type="simulation", payload={})
+        assert (await client.expect("job_accepted"))["job_id"] == "x-1"
+        assigned = await w.expect("job_assigned", wait=3)
+        assert (await client.expect("response_job_status"))["status"] == "processing"
+        channel = "{" + namespace + "}:jev:x-1"
+        assert (await redis_client.pubsub_numsub(channel))[0][1] == 1  # hub A only
+        await w.send("worker_status", status="busy")
+        await w.send(
+            "update_job_progress", job_id="x-1", progress=40, message="step 2", status="running"
+        )
+        progress = await client.expect("update_job_progress")
+        assert (progress["progress"], progress["worker_id"]) == (40, "w-b")
+        await w.send("complete_job", job_id=assigned["job_id"], result={"ok": 1})
+        assert (await client.expect("complete_job"))["result"] == {"ok": 1}
+        heard = []
+        while not heard or heard[-1]["type"] != "complete_job":
+            message = await monitor.recv()
+            if message["type"] != "stats_broadcast":
+                heard.append(message)
+        assert [m["type"] for m in heard] == [
+            "response_job_status",
+            "worker_status",
+            "update_job_progress",
+            "complete_job",
+        ]
+        assert heard[1]["worker_id"] == "w-b" and heard[0]["client_id"] == "c-a"
+        await asyncio.sleep(0.2)
+        assert (await redis_client.pubsub_numsub(channel))[0][1] == 0
+
+
 async def test_metrics(base_url: str) -> None:
     async with worker(base_url, "w1") as w:
         await w.send("request_job", slots=1)

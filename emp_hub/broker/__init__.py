@@ -8,6 +8,7 @@ from emp_hub.broker.connection import connect
 from emp_hub.broker.models import (
     PRIORITY_MAX,
     PRIORITY_MIN,
+    TERMINAL,
     BrokerError,
     CancelResult,
     Claim,
@@ -32,6 +33,7 @@ from emp_hub.broker.settings import BrokerSettings
 __all__ = [
     "PRIORITY_MAX",
     "PRIORITY_MIN",
+    "TERMINAL",
     "Broker",
     "BrokerError",
     "BrokerSettings",

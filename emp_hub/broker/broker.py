@@ -22,11 +22,13 @@ Data model (docs/broker.md has the whole picture); every key starts with "{names
 from __future__ import annotations
 
 import json
+import logging
 import random
 import secrets
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -54,6 +56,8 @@ from emp_hub.broker.models import (
 from emp_hub.broker.scripts import CONFIG_FIELDS, Scripts
 from emp_hub.broker.settings import BrokerSettings
 from emp_worker.capabilities import JobRequirements, WorkerCapabilities, matches
+
+log = logging.getLogger("emp_hub.broker")
 
 
 @dataclass
@@ -85,6 +89,11 @@ class Broker:
         self.redis = redis
         self.settings = settings or BrokerSettings()
         self.clock = clock
+        #: Names this broker in its announcements of submitted jobs (see `on_submit`).
+        self.origin = uuid.uuid4().hex[:12]
+        #: Called with {class: count} after each submit: a hub wakes its own parked workers
+        #: at once, and skips the announcement that comes back with its origin.
+        self.on_submit: Callable[[dict[str, int]], Awaitable[None]] | None = None
         self.prefix = "{" + self.settings.namespace + "}:"
         self._scripts = Scripts(redis)
         s = self.settings
@@ -165,7 +174,14 @@ class Broker:
                 ]
             )
             accepted.append((job_id, spec, req, max_attempts))
-        first_seq, _new_classes = await self._run("submit", json.dumps(rows, separators=(",", ":")))
+        first_seq, _new_classes, rank = await self._run(
+            "submit", json.dumps(rows, separators=(",", ":")), self.origin
+        )
+        if self.on_submit is not None:
+            try:
+                await self.on_submit(Counter(req.requirement_class for _, _, req, _ in accepted))
+            except Exception:  # waking local workers is a shortcut; the jobs are stored
+                log.exception("could not wake local workers after a submit")
         return [
             Submitted(
                 id=job_id,
@@ -173,6 +189,7 @@ class Broker:
                 priority=spec.priority,
                 requirement_class=req.requirement_class,
                 created_at=now,
+                position=int(rank) if rank >= 0 else None,
             )
             for i, (job_id, spec, req, _) in enumerate(accepted)
         ]

@@ -39,6 +39,10 @@ class JobStatus(StrEnum):
         return self in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED)
 
 
+#: The terminal statuses' names, as events and the API carry them.
+TERMINAL = frozenset(s.value for s in JobStatus if s.terminal)
+
+
 class RequirementsSpec(BaseModel):
     """The requirements a client may give beside service and customer."""
 
@@ -179,6 +183,8 @@ class Submitted:
     priority: int
     requirement_class: str
     created_at: float
+    #: Pending jobs of its class ahead of it right after the submit (single submits only).
+    position: int | None = None
 
 
 @lru_cache(maxsize=4096)

@@ -29,15 +29,15 @@ local function hget(id, fields)
   return out
 end
 
--- Append an event to the job's capped stream, and publish it (channel "events") for the
--- WebSocket clients following the job on any hub replica.
+-- Append an event to the job's capped stream, and publish it (channel "jev:<id>") for the
+-- WebSocket clients and monitors following the job on any hub replica.
 local function event(id, ...)
   local stream_id = redis.call('XADD', ekey(id), 'MAXLEN', '~', CFG.event_cap, '*',
     'ts', NOW_S, ...)
   local fields = {job = id, id = stream_id, ts = NOW_S}
   local kv = {...}
   for i = 1, #kv, 2 do fields[kv[i]] = kv[i + 1] end
-  redis.call('PUBLISH', P .. 'events', cjson.encode(fields))
+  redis.call('PUBLISH', P .. 'jev:' .. id, cjson.encode(fields))
 end
 
 local function set_status(id, seq, old, new)
@@ -61,7 +61,10 @@ end
 -- Tell every hub replica that jobs became pending (channel "work"), so parked workers
 -- wake up at once. `classes` lists a class once per job; the message says
 -- "class:count class:count ..." so a replica wakes as many workers as there are jobs.
-local function announce(classes)
+-- Publish "<origin> class:count ..." on the work channel: how many jobs of each class
+-- became pending. `origin` names the broker that submitted them (it has woken its own
+-- workers already); '-' for everything else.
+local function announce(classes, origin)
   if #classes == 0 then return end
   local counts, order = {}, {}
   for _, class in ipairs(classes) do
@@ -73,7 +76,7 @@ local function announce(classes)
   end
   local parts = {}
   for i, class in ipairs(order) do parts[i] = class .. ':' .. counts[class] end
-  redis.call('PUBLISH', P .. 'work', table.concat(parts, ' '))
+  redis.call('PUBLISH', P .. 'work', (origin or '-') .. ' ' .. table.concat(parts, ' '))
 end
 
 -- Check that `token` holds the active job `id`; returns its fields or an error reply.

@@ -1,4 +1,4 @@
--- Submit a batch of jobs atomically: all or none.
+-- Submit a batch of jobs atomically: all or none. ARGV[5]: the submitting broker's origin.
 -- ARGV[4] = a JSON array with one array of strings per job:
 -- [id, service, class, requirements, priority, customer, max_attempts, timeout, payload,
 --  client].
@@ -38,5 +38,8 @@ for i = 1, n do
   end
   event(id, 'type', 'status', 'status', 'pending')
 end
-announce(touched)
-return {first, new_classes}
+announce(touched, ARGV[5])
+-- A single job's place in line (jobs of its class ahead of it), saving a round trip.
+local rank = -1
+if n == 1 then rank = redis.call('ZRANK', qkey(jobs[1][3]), jobs[1][1]) end
+return {first, new_classes, rank}
