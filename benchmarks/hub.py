@@ -80,7 +80,11 @@ async def hubs(redis_url: str, count: int, namespace: str) -> AsyncIterator[list
         for proc in procs:
             proc.terminate()
         for proc in procs:
-            await asyncio.wait_for(proc.wait(), 15)
+            try:  # a hub closing thousands of sockets may take a while
+                await asyncio.wait_for(proc.wait(), 60)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
         client = connect(redis_url)
         keys = [k async for k in client.scan_iter(match="{" + namespace + "}:*", count=1000)]
         for i in range(0, len(keys), 1000):

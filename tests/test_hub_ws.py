@@ -290,7 +290,7 @@ async def test_progress_reaches_followers_on_another_replica(
         assert (progress["progress"], progress["worker_id"]) == (40, "w-b")
         await w.send("complete_job", job_id=assigned["job_id"], result={"ok": 1})
         assert (await client.expect("complete_job"))["result"] == {"ok": 1}
-        heard = []
+        heard: list[dict[str, Any]] = []
         while not heard or heard[-1]["type"] != "complete_job":
             message = await monitor.recv()
             if message["type"] != "stats_broadcast":

@@ -21,6 +21,7 @@ Data model (docs/broker.md has the whole picture); every key starts with "{names
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import random
@@ -118,7 +119,9 @@ class Broker:
         self._matching: dict[str, tuple[str, list[str]]] = {}
         self._live: dict[str, WorkerCapabilities] = {}
         self._live_at = float("-inf")
-        self._live_gen = 0  # bumped at every refresh of _live
+        self._live_gen = 0  # bumped at every change of _live
+        self._live_refresh: asyncio.Future[dict[str, WorkerCapabilities]] | None = None
+        self._parsed_caps: dict[str, WorkerCapabilities] = {}  # stored JSON -> parsed
         self._counts: tuple[tuple[int, str], dict[str, int]] = ((-1, ""), {})
 
     # -- helpers -----------------------------------------------------------------------
@@ -241,7 +244,7 @@ class Broker:
             pipe.zadd(self.key("workers"), {worker_id: self.clock()})
             pipe.set(self.key("worker", worker_id), caps.model_dump_json(), ex=int(ttl) + 1)
             await pipe.execute()
-        self._live_at = float("-inf")  # re-read at the next claim
+        self._set_live({**self._live, worker_id: caps})  # the others come at the next refresh
 
     async def touch_worker(self, worker_id: str) -> None:
         """Mark a registered worker as still alive (its heartbeat)."""
@@ -257,26 +260,52 @@ class Broker:
             pipe.zrem(self.key("workers"), worker_id)
             pipe.delete(self.key("worker", worker_id))
             await pipe.execute()
-        self._live_at = float("-inf")
+        self._set_live({w: c for w, c in self._live.items() if w != worker_id})
+
+    def _set_live(self, live: dict[str, WorkerCapabilities]) -> None:
+        self._live = live
+        self._live_gen += 1
 
     async def live_workers(self, *, fresh: bool = False) -> dict[str, WorkerCapabilities]:
-        """Workers heard from within worker_ttl_s, with their capabilities (cached briefly)."""
-        now = self.clock()
-        if not fresh and now - self._live_at < self.settings.live_cache_s:
+        """Workers heard from within worker_ttl_s, with their capabilities (cached for
+        live_cache_s; callers that find it stale at once share one read)."""
+        if not fresh and self.clock() - self._live_at < self.settings.live_cache_s:
             return self._live
+        if self._live_refresh is None:
+            self._live_refresh = asyncio.ensure_future(self._read_live_workers())
+        refresh = self._live_refresh
+        try:
+            return await asyncio.shield(refresh)
+        finally:
+            if refresh.done() and self._live_refresh is refresh:
+                self._live_refresh = None
+
+    async def _read_live_workers(self) -> dict[str, WorkerCapabilities]:
+        now = self.clock()
         ids = cast(
             list[str],
             await self.redis.zrangebyscore(
                 self.key("workers"), now - self.settings.worker_ttl_s, "+inf"
             ),
         )
-        raw = await self.redis.mget([self.key("worker", i) for i in ids]) if ids else []
-        self._live = {
-            i: WorkerCapabilities.model_validate_json(c) for i, c in zip(ids, raw, strict=True) if c
-        }
+        raw = cast(
+            list[str | None],
+            await self.redis.mget([self.key("worker", i) for i in ids]) if ids else [],
+        )
+        if len(self._parsed_caps) > 4 * len(ids) + 1000:
+            self._parsed_caps.clear()
+        live = {}
+        for worker_id, stored in zip(ids, raw, strict=True):
+            if stored:  # most workers share a few distinct capability sets: parse each once
+                caps = self._parsed_caps.get(stored)
+                if caps is None:
+                    caps = self._parsed_caps[stored] = WorkerCapabilities.model_validate_json(
+                        stored
+                    )
+                live[worker_id] = caps
+        self._set_live(live)
         self._live_at = now
-        self._live_gen += 1
-        return self._live
+        return live
 
     async def refresh_classes(self) -> None:
         """Re-read the requirement classes (a new one appeared)."""
