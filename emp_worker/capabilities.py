@@ -103,6 +103,7 @@ class GPU(BaseModel):
 
     name: str = "gpu"
     memory_gb: float = Field(default=0, ge=0)
+    driver: str | None = None
 
 
 class CustomerAccess(BaseModel):

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Install emp into .venv and run the demo: an embedded Valkey, a mix of jobs, three
-# simulated workers with different capabilities, and what the broker did with each job.
+# Install emp (and the simulation connector) into .venv and run the demo: a hub on an
+# embedded Valkey, three emp-worker processes with different capabilities, a mix of jobs
+# shown live, then who ran what. Ctrl-C stops everything. Arguments go to emp-demo
+# (--speed 4 runs the jobs four times faster, --exit stops after the summary).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/venv.sh
 ensure_venv '.[hub]'
-exec .venv/bin/emp-broker-demo "$@"
+exec .venv/bin/emp-demo "$@"

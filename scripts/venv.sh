@@ -1,4 +1,5 @@
-# Sourced by the other scripts: create .venv with Python >= 3.11 and install emp into it.
+# Sourced by the other scripts: create .venv with Python >= 3.11 and install emp (and the
+# simulation connector plugin, which the demo, tests and benchmarks use) into it.
 ensure_venv() {
   local python="${PYTHON:-python3}"
   if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
@@ -6,5 +7,6 @@ ensure_venv() {
     exit 2
   fi
   [ -x .venv/bin/python ] || "$python" -m venv .venv
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check -e "$1"
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check -e "$1" \
+    -e plugins/emp-connector-simulation
 }

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from rich.console import Console
@@ -45,3 +48,41 @@ def test_hub_benchmark_prints_its_json(redis_url: str, capsys: pytest.CaptureFix
     for row in report["results"]:
         assert row["throughput"]["jobs"] == 200 and row["throughput"]["jobs_per_s"] > 0
         assert row["submit_to_assigned"]["from_submission"]["p99_ms"] > 0
+
+
+@pytest.mark.timeout(180)
+def test_system_demo_runs_hub_and_worker_processes() -> None:
+    """scripts/demo.sh's program, fast and without waiting for Ctrl-C."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from emp_hub.demo_system import main; main()",
+            "--speed",
+            "4",
+            "--exit",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=170,
+        env={**os.environ, "COLUMNS": "200"},
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = {
+        cells[2]: cells
+        for line in done.stdout.splitlines()
+        if len(cells := [c.strip() for c in line.split("│")]) == 10 and cells[1].isdigit()
+    }
+    order = {job: int(cells[1]) for job, cells in rows.items()}
+    # Priority, then FIFO: the first wave (4 slots) takes urgent; the low ones go last.
+    assert order["urgent"] <= 4
+    assert order["urgent"] < order["cancel-me"] < order["low-1"] < order["low-2"]
+    assert rows["flux-art"][5] == "gpu-4090"  # the only worker with the model
+    assert rows["acme-secret"][5] == "acme-only"  # strict to its customer
+    assert (rows["cancel-me"][6], rows["flaky"][6], rows["flaky"][7]) == (
+        "cancelled",
+        "completed",
+        "2",
+    )
+    assert "stopped." in done.stdout

@@ -1,0 +1,164 @@
+"""Real worker processes through one hub. Prints JSON.
+
+One `emp-hub serve` process on an embedded Valkey (or --url), N `emp-worker run` processes
+with the simulation connector at zero duration (one slot each), then J jobs submitted in
+HTTP batches of 500. We measure
+
+* jobs/s from the first submit to the last completion;
+* the worker-side overhead per job: from the hub handing the job out (`claimed_at`) to
+  the hub recording its completion (`finished_at`), minus the time the connector itself
+  took (`elapsed_s`, measured inside the connector), p50 and p99: the protocol, the
+  worker's runtime and the hub's handling of the result;
+* submit-to-complete p50 and p99 (including the time waiting in the backlog).
+
+Usage: python -m benchmarks.worker [--workers 20] [--jobs 10000] [--url REDIS_URL]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+import emp_hub
+from benchmarks.hub import hubs
+from emp_hub.embedded import redis_url_or_embedded
+
+
+def percentiles(samples: list[float]) -> dict[str, float]:
+    """p50 and p99 in milliseconds."""
+    ordered = sorted(samples)
+    return {
+        "p50_ms": round(statistics.median(ordered) * 1000, 2),
+        "p99_ms": round(ordered[int(0.99 * (len(ordered) - 1))] * 1000, 2),
+    }
+
+
+def start_workers(url: str, count: int, tmp: Path) -> list[subprocess.Popen[bytes]]:
+    """`count` emp-worker processes with the simulation connector at zero duration."""
+    procs = []
+    for i in range(count):
+        env = {
+            **os.environ,
+            "EMP_HUB_URL": url.replace("http", "ws", 1),
+            "EMP_WORKER_ID": f"bench-w{i}",
+            "EMP_CONNECTORS": "simulation",
+            "EMP_SIMULATION_DURATION": "0",
+            "EMP_SIMULATION_STEPS": "1",
+            "EMP_PLUGIN_DIR": str(tmp / "plugins"),
+            "EMP_LOG_LEVEL": "warning",
+        }
+        log = (tmp / f"worker-{i}.log").open("wb")
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "emp_worker.cli", "run"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        )
+    return procs
+
+
+async def completed_jobs(http: httpx.AsyncClient, url: str) -> list[dict[str, Any]]:
+    """Every completed job (the API's pages of 500)."""
+    jobs: list[dict[str, Any]] = []
+    cursor = None
+    while True:
+        params: dict[str, Any] = {"status": "completed", "limit": 500}
+        if cursor is not None:
+            params["cursor"] = cursor
+        page = (await http.get(f"{url}/api/jobs", params=params)).json()
+        jobs += page["jobs"]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            return jobs
+
+
+async def measure(url: str, workers: int, jobs: int, tmp: Path) -> dict[str, Any]:
+    """Start the workers, run the jobs, read back their timings."""
+    procs = start_workers(url, workers, tmp)
+    try:
+        async with httpx.AsyncClient(timeout=60) as http:
+            deadline = time.monotonic() + 120
+            while len((await http.get(f"{url}/api/workers")).json()) < workers:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the workers did not all register")
+                await asyncio.sleep(0.2)
+            batch = [{"job_type": "simulation", "payload": {}} for _ in range(500)]
+            started = time.perf_counter()
+            for i in range(0, jobs, 500):
+                response = await http.post(
+                    f"{url}/api/jobs/batch", json={"jobs": batch[: jobs - i]}
+                )
+                response.raise_for_status()
+            while True:
+                stats = (await http.get(f"{url}/api/queues")).json()
+                if stats["pending"] + stats["active"] + stats["delayed"] == 0:
+                    break
+                await asyncio.sleep(0.05)
+            elapsed = time.perf_counter() - started
+            done = await completed_jobs(http, url)
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(30)
+    overhead = [
+        j["finished_at"] - j["claimed_at"] - j["result"]["output"]["elapsed_s"] for j in done
+    ]
+    return {
+        "completed": len(done),
+        "seconds": round(elapsed, 2),
+        "jobs_per_s": round(len(done) / elapsed),
+        "worker_side_overhead": percentiles(overhead),
+        "connector_time": percentiles([j["result"]["output"]["elapsed_s"] for j in done]),
+        "submit_to_complete": percentiles([j["finished_at"] - j["created_at"] for j in done]),
+    }
+
+
+async def run(redis_url: str, workers: int, jobs: int) -> dict[str, Any]:
+    """The whole benchmark, in its own namespace."""
+    with tempfile.TemporaryDirectory() as tmp:
+        async with hubs(redis_url, 1, f"bench-worker-{os.getpid()}") as running:
+            results = await measure(running[0].url, workers, jobs, Path(tmp))
+    return {
+        "conditions": {
+            "version": emp_hub.__version__,
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "workers": workers,
+            "jobs": jobs,
+            "worker": "emp-worker run processes, simulation connector, duration 0, 1 slot",
+            "hub": "one emp-hub serve process",
+            "submit": "HTTP batches of 500",
+        },
+        "results": results,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workers", type=int, default=20)
+    parser.add_argument("--jobs", type=int, default=10_000)
+    parser.add_argument("--url", help="Redis URL (default: an embedded Valkey in a temp dir)")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp, redis_url_or_embedded(args.url, Path(tmp)) as url:
+        report = asyncio.run(run(url, args.workers, args.jobs))
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

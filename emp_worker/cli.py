@@ -1,0 +1,277 @@
+"""`emp-worker`: run a worker, check a machine, manage plugins.
+
+emp-worker run [--config FILE] [--hub URL] [--connectors a,b]
+emp-worker doctor [--json]
+emp-worker plugins list [--json] | install NAME|PATH | uninstall NAME
+emp-worker --version
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+from pydantic import ValidationError
+
+from emp_worker import __version__
+from emp_worker.connector import Connector
+from emp_worker.plugins import PluginError, Plugins, install, plugin_dir, uninstall
+from emp_worker.settings import WorkerSettings
+from emp_worker.worker import HubOutputs, Worker
+
+
+class Refused(Exception):
+    """A problem the user can fix: printed without a traceback, exit status 2."""
+
+
+def load_settings(config: str | None) -> WorkerSettings:
+    """The worker settings (environment, then the TOML file)."""
+    if config is not None:
+        path = Path(config)
+        if not path.is_file():
+            raise Refused(f"no such config file: {config}")
+        WorkerSettings.config_file = path
+    try:
+        return WorkerSettings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors()
+        )
+        raise Refused(f"invalid worker settings: {problems}") from exc
+
+
+def load_plugins(settings: WorkerSettings) -> Plugins:
+    """Every allowed plugin, plus the built-in output store (uploads to the hub)."""
+    plugins = Plugins()
+    try:
+        plugins.load()
+    except PluginError as exc:
+        raise Refused(str(exc)) from exc
+    plugins.register_builtin(HubOutputs(settings), "emp-worker:hub-outputs")
+    return plugins
+
+
+def make_connectors(settings: WorkerSettings, plugins: Plugins) -> list[Connector]:
+    """Instances of the enabled connectors (all installed ones when none are named)."""
+    names = settings.connectors or sorted(plugins.connectors)
+    if not names:
+        raise Refused(
+            "no connector is installed; install one with `emp-worker plugins install "
+            "emp-connector-simulation` (or a path to it)"
+        )
+    unknown = [n for n in names if n not in plugins.connectors]
+    if unknown:
+        known = ", ".join(sorted(plugins.connectors)) or "none"
+        raise Refused(f"unknown connector(s) {', '.join(unknown)}; installed: {known}")
+    connectors = []
+    for name in names:
+        cls = plugins.connectors[name]
+        try:
+            connectors.append(cls())
+        except ValidationError as exc:
+            problems = "; ".join(f"{e['loc'][0]}: {e['msg']}" for e in exc.errors())
+            raise Refused(f"connector {name}: invalid settings: {problems}") from exc
+    return connectors
+
+
+async def run_worker(settings: WorkerSettings) -> int:
+    """`emp-worker run`."""
+    plugins = load_plugins(settings)
+    worker = Worker(settings, plugins, make_connectors(settings, plugins))
+    logging.getLogger("emp_worker").info(
+        "worker %s: %s, %d slot(s)",
+        worker.worker_id,
+        ", ".join(sorted(worker.by_service)),
+        worker.capacity,
+    )
+    return await worker.run()
+
+
+async def doctor(settings: WorkerSettings) -> tuple[dict[str, Any], bool]:
+    """What this worker would offer, and whether the hub and its connectors answer."""
+    plugins = load_plugins(settings)
+    report: dict[str, Any] = {"version": __version__, "hub": {"url": settings.hub_url}}
+    healthy = True
+    try:
+        async with httpx.AsyncClient(timeout=5) as http:
+            response = await http.get(f"{settings.http_url}/health/live")
+        report["hub"].update(ok=response.status_code == 200, detail=f"HTTP {response.status_code}")
+    except httpx.HTTPError as exc:
+        report["hub"].update(ok=False, detail=f"unreachable: {exc or type(exc).__name__}")
+    healthy &= report["hub"]["ok"]
+    try:
+        connectors = make_connectors(settings, plugins)
+    except Refused as exc:
+        report["connectors"] = {"error": str(exc)}
+        connectors, healthy = [], False
+    else:
+        report["connectors"] = {}
+        for connector in connectors:
+            try:
+                health = await asyncio.wait_for(connector.health(), 10)
+                entry = {"ok": health.ok, "detail": health.detail}
+            except Exception as exc:
+                entry = {"ok": False, "detail": f"{type(exc).__name__}: {exc}"}
+            report["connectors"][connector.name] = entry
+            healthy &= bool(entry["ok"])
+    worker = Worker(settings, plugins, connectors)
+    report["worker_id"] = worker.worker_id
+    report["capabilities"] = worker.capabilities().model_dump(mode="json")
+    report["plugins"] = [
+        {"name": i.name, "version": i.version, "status": i.status, "error": i.error}
+        for i in plugins.infos
+    ]
+    return report, healthy
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    """A plain text table (the worker binary carries no table library)."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += [
+        "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    ]
+    return "\n".join(lines)
+
+
+def show_doctor(report: dict[str, Any]) -> str:
+    """The doctor report as readable text."""
+    caps = report["capabilities"]
+    gpus = ", ".join(
+        f"{g['name']} ({g['memory_gb']} GB, driver {g['driver']})" for g in caps["gpus"]
+    )
+    rows = [
+        ["worker id", report["worker_id"]],
+        ["version", report["version"]],
+        ["services", ", ".join(caps["services"]) or "-"],
+        ["models", "; ".join(f"{s}: {', '.join(m)}" for s, m in caps["models"].items()) or "-"],
+        ["gpu", gpus or "none detected"],
+        [
+            "cpu / ram / disk",
+            f"{caps['cpu_cores']} cores / {caps['ram_gb']} GB / {caps['disk_gb']} GB free",
+        ],
+        ["region / tags", f"{caps['region'] or '-'} / {', '.join(caps['tags']) or '-'}"],
+        ["customers", caps["customer_access"]["isolation"]],
+    ]
+    hub = report["hub"]
+    checks = [["hub", hub["url"], "ok" if hub["ok"] else "FAILED", hub["detail"]]]
+    connectors = report["connectors"]
+    if "error" in connectors:
+        checks.append(["connectors", "", "FAILED", connectors["error"]])
+    for name, entry in connectors.items():
+        if name != "error":
+            checks.append(["connector", name, "ok" if entry["ok"] else "FAILED", entry["detail"]])
+    return "\n\n".join(
+        [
+            table(rows, ["capability", "value"]),
+            table(checks, ["check", "target", "status", "detail"]),
+        ]
+    )
+
+
+def plugins_list(as_json: bool) -> str:
+    """`emp-worker plugins list`."""
+    plugins = Plugins()
+    plugins.load(strict=False)
+    if as_json:
+        infos = [dataclasses.asdict(i) for i in plugins.infos]
+        return json.dumps({"plugin_dir": str(plugin_dir()), "plugins": infos}, indent=2)
+    if not plugins.infos:
+        return f"no plugins installed (plugin directory: {plugin_dir()})"
+    rows = [
+        [
+            i.name,
+            i.version,
+            i.status + (f": {i.error}" if i.error else ""),
+            ", ".join(i.connectors) or "-",
+            ", ".join(i.hooks) or "-",
+        ]
+        for i in plugins.infos
+    ]
+    return table(rows, ["plugin", "version", "status", "connectors", "hooks"])
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line."""
+    top = argparse.ArgumentParser(
+        prog="emp-worker",
+        description="A worker of the emp job broker: pulls jobs from a hub and runs them "
+        "through connector plugins. Settings come from EMP_* variables (see "
+        "docs/configuration.md) and an optional TOML file.",
+    )
+    top.add_argument("--version", action="version", version=f"emp-worker {__version__}")
+    top.add_argument("--log-level", default=os.environ.get("EMP_LOG_LEVEL", "info"))
+    sub = top.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="connect to the hub and run jobs until stopped")
+    for p in (run, sub.add_parser("doctor", help="show capabilities, check hub and connectors")):
+        p.add_argument("--config", help="a TOML file with worker settings")
+        p.add_argument("--hub", help="the hub's URL (overrides EMP_HUB_URL)")
+        p.add_argument("--connectors", help="connectors to enable, comma separated")
+        if p is not run:
+            p.add_argument("--json", action="store_true", help="print JSON")
+    plugins = sub.add_parser("plugins", help="list, install or remove plugins")
+    what = plugins.add_subparsers(dest="action", required=True)
+    what.add_parser("list", help="installed plugins and their state").add_argument(
+        "--json", action="store_true"
+    )
+    what.add_parser("install", help="install into the plugin directory").add_argument(
+        "spec", help="a distribution name, a wheel, or a project folder"
+    )
+    what.add_parser("uninstall", help="remove from the plugin directory").add_argument("name")
+    return top
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of `emp-worker`."""
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        sys.exit(dispatch(args))
+    except Refused as exc:
+        print(f"emp-worker: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    """Run one command; returns the exit status."""
+    if args.command == "plugins":
+        if args.action == "list":
+            print(plugins_list(args.json))
+        elif args.action == "install":
+            try:
+                added = install(args.spec)
+            except PluginError as exc:
+                raise Refused(str(exc)) from exc
+            print(f"installed {', '.join(added)} into {plugin_dir()}")
+        else:
+            try:
+                uninstall(args.name)
+            except PluginError as exc:
+                raise Refused(str(exc)) from exc
+            print(f"removed {args.name}")
+        return 0
+    if args.hub:
+        os.environ["EMP_HUB_URL"] = args.hub
+    if args.connectors:
+        os.environ["EMP_CONNECTORS"] = args.connectors
+    settings = load_settings(args.config)
+    if args.command == "run":
+        return asyncio.run(run_worker(settings))
+    report, healthy = asyncio.run(doctor(settings))
+    print(json.dumps(report, indent=2) if args.json else show_doctor(report))
+    return 0 if healthy else 1
+
+
+if __name__ == "__main__":
+    main()

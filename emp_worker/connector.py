@@ -1,0 +1,169 @@
+"""The connector contract: what a plugin implements to run jobs on a service.
+
+A connector has a `name` (its settings are read from `EMP_<NAME>_*`), serves one or more
+services (the jobs' `job_type`), and runs one job at a time per slot (`concurrency`
+setting). `run(job, ctx)` returns the job's result (JSON-able), raises `JobFailed` for a
+failure it understands, and watches `ctx.cancelled`; the worker also cancels its task on
+a cancel from the hub or a timeout. docs/plugins.md has a complete example.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import mimetypes
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ConnectorSettings(BaseSettings):
+    """Settings every connector has; subclass to add yours (read from EMP_<NAME>_*)."""
+
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
+
+    concurrency: int = Field(default=1, ge=1, le=256, description="Jobs run at once.")
+
+
+class Health(BaseModel):
+    """A connector's view of its service."""
+
+    ok: bool
+    detail: str = ""
+
+
+class ConnectorCapabilities(BaseModel):
+    """What a connector adds to the worker's capabilities."""
+
+    services: frozenset[str]
+    models: dict[str, frozenset[str]] = Field(default_factory=dict)
+    features: frozenset[str] = frozenset()
+
+
+class JobFailed(Exception):
+    """Raised by a connector: the job failed. `retryable=False` sends it straight to the
+    dead-letter set (a bad prompt); True lets the hub retry it (maybe on another worker)."""
+
+    def __init__(self, message: str, *, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+class OutputRef(BaseModel):
+    """Where an output file went (the job's result lists these)."""
+
+    name: str
+    size: int
+    content_type: str
+    url: str
+
+
+class Job(BaseModel):
+    """A job as a connector sees it."""
+
+    id: str
+    service: str
+    payload: dict[str, Any] = Field(default_factory=dict)
+    priority: int = 0
+    attempt: int = 1
+    timeout: float = Field(default=0, description="Seconds this attempt may take; 0: none.")
+    lease_token: str = ""
+    created_at: float = 0
+
+
+#: Sends a progress report to the hub: (percent, message, stage).
+ProgressSink = Callable[[float, str, str], Awaitable[None]]
+#: Stores an output: (context, name, data, content type) -> its reference.
+OutputSink = Callable[["JobContext", str, bytes, str], Awaitable[OutputRef]]
+
+
+@dataclass
+class JobContext:
+    """What `Connector.run` gets besides the job: progress, outputs, cancellation."""
+
+    job: Job
+    _progress: ProgressSink
+    _store: OutputSink
+    progress_interval_s: float = 0.5
+    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+    outputs: list[OutputRef] = field(default_factory=list)
+    log: logging.Logger = field(default_factory=lambda: logging.getLogger("emp_worker.job"))
+    _last_progress: float = field(default_factory=time.monotonic)  # the job's start
+
+    async def progress(self, percent: float, message: str = "", stage: str = "processing") -> None:
+        """Report progress (0-100), at most once per `progress_interval_s` (counted from the
+        job's start): reports in between are dropped, so a job shorter than that sends
+        none (its completion says 100% anyway)."""
+        now = time.monotonic()
+        if now - self._last_progress < self.progress_interval_s:
+            return
+        self._last_progress = now
+        await self._progress(max(0.0, min(100.0, percent)), message, stage)
+
+    async def output(
+        self, name: str, data: bytes | Path, content_type: str | None = None
+    ) -> OutputRef:
+        """Store an output file (bytes, or a file's path) through the output hook; its
+        reference is added to the job's result."""
+        if isinstance(data, Path):
+            name = name or data.name
+            data = await asyncio.to_thread(data.read_bytes)
+        kind = content_type or mimetypes.guess_type(name)[0] or "application/octet-stream"
+        ref = await self._store(self, name, data, kind)
+        self.outputs.append(ref)
+        return ref
+
+
+class Connector:
+    """Base class of connectors. Subclasses set `name`, `Settings` and implement `run`."""
+
+    #: The connector's name: `EMP_<NAME>_*` settings, `EMP_CONNECTORS` lists it.
+    name: ClassVar[str] = ""
+    #: Its settings model (subclass of ConnectorSettings).
+    Settings: ClassVar[type[ConnectorSettings]] = ConnectorSettings
+
+    def __init__(self, settings: ConnectorSettings | None = None) -> None:
+        self.settings = settings if settings is not None else self.load_settings()
+
+    @classmethod
+    def load_settings(cls) -> ConnectorSettings:
+        """The connector's settings from the environment (`EMP_<NAME>_*`)."""
+        prefix = f"EMP_{cls.name.upper().replace('-', '_')}_"
+        return cls.Settings(_env_prefix=prefix)
+
+    @property
+    def concurrency(self) -> int:
+        """How many jobs it runs at once."""
+        return self.settings.concurrency
+
+    async def start(self) -> None:
+        """Called once before the first job (connect to the service, warm up)."""
+
+    async def stop(self) -> None:
+        """Called once when the worker stops."""
+
+    async def health(self) -> Health:
+        """Whether the service is reachable (`emp-worker doctor`)."""
+        return Health(ok=True)
+
+    def capabilities(self) -> ConnectorCapabilities:
+        """The services (and models, features) it offers. Default: its name."""
+        return ConnectorCapabilities(services=frozenset({self.name}))
+
+    async def run(self, job: Job, ctx: JobContext) -> Any:
+        """Run one job; return its result (JSON-able)."""
+        raise NotImplementedError
+
+    async def cancel(self, job: Job) -> None:
+        """Interrupt the service's work on this job (the worker also cancels `run`)."""
+
+
+async def maybe_await(value: Any) -> Any:
+    """A hook's answer, awaited if it is awaitable."""
+    return await value if inspect.isawaitable(value) else value

@@ -1,0 +1,508 @@
+"""The worker runtime: one WebSocket to the hub, jobs run by connectors in their own tasks.
+
+    connect ─► register_worker (with the jobs it still holds) ─► request_job (free slots)
+       ▲            job_assigned ─► a task per job: connector.run(job, ctx)
+       │                            progress ─► update_job_progress (throttled)
+       │                            result ─► complete_job / fail_job / release_job
+       └── lost connection: reconnect with exponential backoff and jitter; running jobs go
+           on, and are announced again so the hub keeps their leases.
+
+SIGTERM or SIGINT: stop asking for work, let running jobs finish within `drain_timeout_s`,
+hand back what is left, exit 0. A second signal (more than a second later) hands back at
+once; the same signal twice within a second (supervisor stopping a process group) counts
+once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import websockets
+from websockets.asyncio.client import ClientConnection
+
+from emp_worker import hardware
+from emp_worker.capabilities import GPU, CustomerAccess, WorkerCapabilities
+from emp_worker.connector import Connector, Job, JobContext, JobFailed, OutputRef, maybe_await
+from emp_worker.hookspecs import hookimpl
+from emp_worker.plugins import Plugins
+from emp_worker.settings import WorkerSettings
+
+log = logging.getLogger("emp_worker")
+
+#: Signals closer together than this are one (a process group stopped by supervisor).
+SAME_SIGNAL_S = 1.0
+
+
+@dataclass(eq=False)
+class Running:
+    """A job this worker holds."""
+
+    job: Job
+    connector: Connector
+    ctx: JobContext
+    task: asyncio.Task[None] | None = None
+    stop_reason: str | None = None  # why its task was cancelled: cancelled, lost, released
+
+
+@dataclass
+class Stats:
+    """What this worker did (for logs and tests)."""
+
+    completed: int = 0
+    failed: int = 0
+    released: int = 0
+    cancelled: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class HubOutputs:
+    """The default output store: upload to the hub (PUT /api/jobs/{id}/outputs/{name})."""
+
+    def __init__(self, settings: WorkerSettings) -> None:
+        self.settings = settings
+
+    @hookimpl(trylast=True)
+    async def store_output(
+        self, context: JobContext, name: str, data: bytes, content_type: str
+    ) -> OutputRef:
+        """Upload with the job's lease token; the hub serves it to the job's readers."""
+        headers = {"X-Lease-Token": context.job.lease_token, "Content-Type": content_type}
+        if self.settings.token is not None:
+            headers["Authorization"] = f"Bearer {self.settings.token.get_secret_value()}"
+        url = f"{self.settings.http_url}/api/jobs/{context.job.id}/outputs/{name}"
+        async with httpx.AsyncClient(timeout=120) as http:
+            response = await http.put(url, content=data, headers=headers)
+        if response.status_code >= 400:
+            raise JobFailed(f"uploading output {name} failed: HTTP {response.status_code}")
+        body = response.json()
+        return OutputRef(
+            name=name,
+            size=len(data),
+            content_type=content_type,
+            url=body.get("url", f"/api/jobs/{context.job.id}/outputs/{name}"),
+        )
+
+
+class Worker:
+    """One worker process: its connectors, its hub connection, its running jobs."""
+
+    def __init__(
+        self, settings: WorkerSettings, plugins: Plugins, connectors: list[Connector]
+    ) -> None:
+        self.settings = settings
+        self.plugins = plugins
+        self.connectors = connectors
+        self.by_service: dict[str, Connector] = {}
+        for connector in connectors:
+            for service in connector.capabilities().services:
+                self.by_service.setdefault(service, connector)
+        self.slots = {c.name: asyncio.Semaphore(c.concurrency) for c in connectors}
+        self.capacity = sum(c.concurrency for c in connectors)
+        self.gpus: list[GPU] = hardware.gpus()
+        self.worker_id = settings.effective_worker_id(bool(self.gpus))
+        self.running: dict[str, Running] = {}
+        self.outbox: dict[str, tuple[str, dict[str, Any]]] = {}  # job -> (token, final msg)
+        self.conn: ClientConnection | None = None
+        self.send_lock = asyncio.Lock()
+        self.draining = False
+        self.done = asyncio.Event()
+        self.stats = Stats()
+        self._caps = self.capabilities()
+        self._last_signal = float("-inf")
+        self._changed = asyncio.Event()  # set when a job ended or the outbox was flushed
+        self._drain: asyncio.Task[None] | None = None
+
+    # -- capabilities ---------------------------------------------------------------------
+
+    def capabilities(self) -> WorkerCapabilities:
+        """Services and models of the connectors, the machine, and plugins' additions."""
+        services: set[str] = set()
+        models: dict[str, set[str]] = {}
+        for connector in self.connectors:
+            caps = connector.capabilities()
+            services |= caps.services
+            for service, names in caps.models.items():
+                models.setdefault(service, set()).update(names)
+        tags, region = set(self.settings.tags), self.settings.region
+        for extra in self.plugins.pm.hook.worker_capabilities():
+            if not extra:
+                continue
+            tags |= set(extra.get("tags", []))
+            region = extra.get("region", region)
+            for service, names in extra.get("models", {}).items():
+                models.setdefault(service, set()).update(names)
+        index = self.settings.gpu_index
+        return WorkerCapabilities(
+            services=frozenset(services),
+            models={s: frozenset(m) for s, m in models.items()},
+            gpus=tuple(self.gpus[index : index + 1]),
+            cpu_cores=hardware.cpu_cores(),
+            ram_gb=hardware.ram_gb(),
+            disk_gb=hardware.disk_gb(),
+            region=region,
+            tags=frozenset(tags),
+            customer_access=CustomerAccess(
+                isolation=self.settings.customer_isolation,
+                allowed=frozenset(self.settings.customers_allowed),
+                denied=frozenset(self.settings.customers_denied),
+            ),
+        )
+
+    # -- the connection -------------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Run until stopped by a signal (or `stop()`); returns the exit status."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.on_signal)
+        for connector in self.connectors:
+            await connector.start()
+        refresher = asyncio.create_task(self._refresh_capabilities())
+        failures = 0
+        try:
+            while not self.done.is_set():
+                try:
+                    await self._session()
+                    failures = 0
+                except (OSError, websockets.WebSocketException, TimeoutError) as exc:
+                    log.warning("hub connection: %s", exc or type(exc).__name__)
+                self.conn = None
+                if self.done.is_set():
+                    break
+                failures += 1
+                delay = min(
+                    self.settings.reconnect_max_s,
+                    self.settings.reconnect_min_s * 2 ** min(failures - 1, 16),
+                )
+                delay *= random.uniform(0.5, 1.0)  # equal jitter: replicas do not stampede
+                log.info("reconnecting in %.1f s", delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.done.wait(), delay)
+        finally:
+            refresher.cancel()
+            for running in list(self.running.values()):
+                if running.task is not None:
+                    running.task.cancel()
+            for connector in self.connectors:
+                with contextlib.suppress(Exception):
+                    await connector.stop()
+        return 0
+
+    async def _session(self) -> None:
+        """One connection: register, ask for work, handle messages until it closes."""
+        headers = {}
+        if self.settings.token is not None:
+            headers["Authorization"] = f"Bearer {self.settings.token.get_secret_value()}"
+        url = f"{self.settings.hub_url}/ws/worker/{self.worker_id}"
+        async with websockets.connect(
+            url, additional_headers=headers, open_timeout=10, max_size=None
+        ) as conn:
+            await self._register(conn)
+            self.conn = conn
+            log.info("connected to %s as %s", self.settings.hub_url, self.worker_id)
+            await self._flush_outbox()
+            await self.request_work()
+            beats = asyncio.create_task(self._heartbeats())
+            try:
+                async for raw in conn:
+                    await self._handle(json.loads(raw))
+                    if self.done.is_set():
+                        break
+            finally:
+                self.conn = None
+                beats.cancel()
+
+    async def _register(self, conn: ClientConnection) -> None:
+        """register_worker with the jobs still held; drop those the hub no longer gives us."""
+        held = [
+            {"job_id": job_id, "lease_token": r.job.lease_token}
+            for job_id, r in self.running.items()
+        ] + [{"job_id": job_id, "lease_token": token} for job_id, (token, _) in self.outbox.items()]
+        await conn.send(
+            json.dumps(
+                {
+                    "type": "register_worker",
+                    "worker_id": self.worker_id,
+                    "capabilities": self._caps.model_dump(mode="json"),
+                    "jobs": held,
+                }
+            )
+        )
+        while True:
+            message = json.loads(await asyncio.wait_for(conn.recv(), 30))
+            if message.get("type") == "worker_registered":
+                break
+            if message.get("type") == "error":
+                raise websockets.InvalidHandshake(message.get("error", "refused"))
+        kept = set(message.get("jobs", []))
+        for job_id in [j for j in self.running if j not in kept]:
+            log.warning("job %s was lost while disconnected; stopping it", job_id)
+            self._stop_job(job_id, "lost")
+        for job_id in [j for j in self.outbox if j not in kept]:
+            del self.outbox[job_id]
+
+    async def send(self, message: dict[str, Any]) -> bool:
+        """Send a message if connected; False when it could not be sent."""
+        conn = self.conn
+        if conn is None:
+            return False
+        try:
+            async with self.send_lock:
+                await conn.send(json.dumps(message))
+        except websockets.ConnectionClosed:
+            return False
+        return True
+
+    async def request_work(self) -> None:
+        """Tell the hub how many slots are free (0 while draining)."""
+        free = 0 if self.draining else max(0, self.capacity - len(self.running))
+        await self.send({"type": "request_job", "slots": free})
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_s)
+            await self.send(
+                {
+                    "type": "worker_heartbeat",
+                    "worker_id": self.worker_id,
+                    "status": "busy" if self.running else "idle",
+                    "load": len(self.running) / max(1, self.capacity),
+                }
+            )
+
+    async def _refresh_capabilities(self) -> None:
+        """Detect the capabilities again now and then; tell the hub when they changed."""
+        while True:
+            await asyncio.sleep(self.settings.capabilities_refresh_s)
+            caps = await asyncio.to_thread(self.capabilities)
+            stable = {"disk_gb": 0.0, "ram_gb": 0.0}
+            if caps.model_copy(update=stable) != self._caps.model_copy(update=stable):
+                log.info("capabilities changed; registering again")
+                self._caps = caps
+                if self.conn is not None:
+                    with contextlib.suppress(Exception):
+                        await self._reregister()
+
+    async def _reregister(self) -> None:
+        held = [{"job_id": j, "lease_token": r.job.lease_token} for j, r in self.running.items()]
+        await self.send(
+            {
+                "type": "register_worker",
+                "worker_id": self.worker_id,
+                "capabilities": self._caps.model_dump(mode="json"),
+                "jobs": held,
+            }
+        )
+
+    async def _handle(self, message: dict[str, Any]) -> None:
+        kind = message.get("type")
+        if kind == "job_assigned":
+            self._start_job(message)
+        elif kind == "cancel_job":
+            self._stop_job(message["job_id"], "cancelled")
+        elif kind == "worker_heartbeat_ack":
+            for job_id in message.get("lost", []):
+                log.warning("job %s: lease lost; stopping it", job_id)
+                self._stop_job(job_id, "lost")
+        elif kind == "error":
+            log.warning("hub: %s", message.get("error"))
+
+    # -- jobs -----------------------------------------------------------------------------
+
+    def _start_job(self, message: dict[str, Any]) -> None:
+        job = Job(
+            id=message["job_id"],
+            service=message.get("job_type", ""),
+            payload=message.get("params") or {},
+            priority=message.get("priority", 0),
+            attempt=message.get("attempt", 1),
+            timeout=message.get("timeout") or 0,
+            lease_token=message.get("lease_token", ""),
+            created_at=message.get("created_at") or 0,
+        )
+        if job.id in self.running:
+            return
+        connector = self.by_service.get(job.service)
+        ctx = JobContext(
+            job=job,
+            _progress=lambda pct, msg, stage: self._progress(job.id, pct, msg, stage),
+            _store=self._store_output,
+            progress_interval_s=self.settings.progress_interval_s,
+        )
+        if connector is None:  # the hub should not do that; say so and hand it back
+            log.error("job %s is for %s, which no connector here runs", job.id, job.service)
+            asyncio.get_running_loop().create_task(
+                self.send({"type": "release_job", "job_id": job.id})
+            )
+            return
+        running = Running(job, connector, ctx)
+        self.running[job.id] = running
+        running.task = asyncio.create_task(self._run_job(running), name=f"job-{job.id}")
+
+    def _stop_job(self, job_id: str, reason: str) -> None:
+        running = self.running.get(job_id)
+        if running is None or running.task is None or running.stop_reason is not None:
+            return
+        running.stop_reason = reason
+        running.ctx.cancelled.set()
+        if reason == "cancelled":
+            asyncio.get_running_loop().create_task(self._cancel_service(running))
+        running.task.cancel()
+
+    async def _cancel_service(self, running: Running) -> None:
+        try:
+            await running.connector.cancel(running.job)
+        except Exception:
+            log.exception("connector %s could not interrupt job", running.connector.name)
+
+    async def _progress(self, job_id: str, percent: float, message: str, stage: str) -> None:
+        await self.send(
+            {
+                "type": "update_job_progress",
+                "job_id": job_id,
+                "progress": percent,
+                "message": message,
+                "status": stage,
+            }
+        )
+
+    async def _store_output(
+        self, context: JobContext, name: str, data: bytes, content_type: str
+    ) -> OutputRef:
+        answer = self.plugins.pm.hook.store_output(
+            context=context, name=name, data=data, content_type=content_type
+        )
+        ref = await maybe_await(answer)
+        if ref is None:
+            raise JobFailed(f"no plugin stored output {name}")
+        return OutputRef.model_validate(ref)
+
+    async def _run_job(self, running: Running) -> None:
+        job, ctx = running.job, running.ctx
+        outcome, error = "completed", None
+        final: dict[str, Any] | None = None
+        started = time.monotonic()
+        try:
+            async with self.slots[running.connector.name]:
+                self.plugins.pm.hook.job_started(context=ctx)
+                deadline = asyncio.timeout(job.timeout or None)
+                try:
+                    async with deadline:
+                        result = await running.connector.run(job, ctx)
+                except TimeoutError:
+                    if not deadline.expired():
+                        raise
+                    outcome, error = "timed_out", f"timed out after {job.timeout:g} s"
+                    running.ctx.cancelled.set()
+                    await self._cancel_service(running)
+                    final = {"type": "fail_job", "job_id": job.id, "error": error}
+                else:
+                    if ctx.outputs and isinstance(result, dict):
+                        result.setdefault("outputs", [o.model_dump() for o in ctx.outputs])
+                    elif ctx.outputs and result is None:
+                        result = {"outputs": [o.model_dump() for o in ctx.outputs]}
+                    final = {"type": "complete_job", "job_id": job.id, "result": result}
+        except JobFailed as exc:
+            outcome, error = "failed", str(exc)
+            final = {
+                "type": "fail_job",
+                "job_id": job.id,
+                "error": error,
+                "retryable": exc.retryable,
+            }
+        except asyncio.CancelledError:
+            reason = running.stop_reason
+            if reason is None:
+                raise  # the worker itself is going down
+            outcome = reason
+            if reason == "released":
+                final = {"type": "release_job", "job_id": job.id}
+        except Exception as exc:
+            log.exception("job %s failed in connector %s", job.id, running.connector.name)
+            outcome, error = "failed", f"{type(exc).__name__}: {exc}"
+            final = {"type": "fail_job", "job_id": job.id, "error": error, "retryable": True}
+        finally:
+            self.running.pop(job.id, None)
+        self._record(running, outcome, error, time.monotonic() - started)
+        if final is not None and not await self.send(final):
+            self.outbox[job.id] = (job.lease_token, final)  # sent after the reconnect
+        self._changed.set()
+        await self.request_work()
+
+    def _record(self, running: Running, outcome: str, error: str | None, seconds: float) -> None:
+        counters = {"completed": "completed", "failed": "failed", "timed_out": "failed"}
+        name = counters.get(outcome, "released" if outcome == "released" else "cancelled")
+        setattr(self.stats, name, getattr(self.stats, name) + 1)
+        self.stats.history.append(
+            {"job_id": running.job.id, "outcome": outcome, "seconds": round(seconds, 3)}
+        )
+        log.info("job %s: %s%s", running.job.id, outcome, f" ({error})" if error else "")
+        try:
+            self.plugins.pm.hook.job_finished(context=running.ctx, outcome=outcome, error=error)
+        except Exception:
+            log.exception("a job_finished hook failed")
+
+    async def _flush_outbox(self) -> None:
+        for job_id, (_token, final) in list(self.outbox.items()):
+            if await self.send(final):
+                del self.outbox[job_id]
+        self._changed.set()
+
+    # -- stopping -------------------------------------------------------------------------
+
+    def on_signal(self) -> None:
+        """SIGTERM/SIGINT: drain; a later second signal: hand back at once."""
+        now = time.monotonic()
+        if now - self._last_signal < SAME_SIGNAL_S:
+            return  # the same stop, delivered twice
+        first = self._last_signal == float("-inf")
+        self._last_signal = now
+        if first:
+            log.info("stopping: no new jobs; %d running may finish", len(self.running))
+            self._drain = asyncio.get_running_loop().create_task(self.drain())
+        else:
+            log.info("stopping now: handing back %d jobs", len(self.running))
+            self._release_all()
+
+    def _release_all(self) -> None:
+        for job_id in list(self.running):
+            self._stop_job(job_id, "released")
+
+    async def drain(self) -> None:
+        """Stop asking for work, let running jobs finish within the budget, hand back the
+        rest, deliver what is left to say, and stop."""
+        self.draining = True
+        await self.request_work()
+        await self._until(lambda: not self.running, self.settings.drain_timeout_s)
+        self._release_all()
+        tasks = [r.task for r in self.running.values() if r.task is not None]
+        await asyncio.gather(*tasks, return_exceptions=True)
+        # Results that could not be sent yet: give a reconnecting session a moment.
+        await self._until(lambda: not self.outbox, 5)
+        self.done.set()
+        if self.conn is not None:
+            with contextlib.suppress(Exception):
+                await self.conn.close()
+
+    async def _until(self, condition: Callable[[], bool], seconds: float) -> None:
+        """Wait until `condition()` holds (checked whenever a job ends), at most `seconds`."""
+        deadline = time.monotonic() + seconds
+        while not condition() and (left := deadline - time.monotonic()) > 0:
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), left)
+
+    def stop(self) -> None:
+        """Stop as a first signal would (for embedding and tests)."""
+        self.on_signal()

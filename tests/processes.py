@@ -1,0 +1,185 @@
+"""Real processes for end-to-end tests: `emp-hub serve` and `emp-worker run`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from emp_hub.embedded import free_port
+
+TERMINAL = {"completed", "failed", "cancelled"}
+
+
+@dataclass
+class Proc:
+    """A child process with its log file."""
+
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    def text(self) -> str:
+        """What it logged so far."""
+        return self.log.read_text(errors="replace")
+
+    def signal(self, sig: int) -> None:
+        """Send it a signal."""
+        self.popen.send_signal(sig)
+
+    def wait(self, timeout: float = 30) -> int:
+        """Its exit status."""
+        return self.popen.wait(timeout)
+
+    def stop(self) -> None:
+        """Terminate it (kill if it lingers)."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(15)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+
+
+def spawn(args: list[str], env: dict[str, str], log: Path) -> Proc:
+    """Start `python -m ...args` with the environment, logging to `log`."""
+    handle = log.open("wb")
+    popen = subprocess.Popen(
+        [sys.executable, "-m", *args], env=env, stdout=handle, stderr=subprocess.STDOUT
+    )
+    return Proc(popen, log)
+
+
+@dataclass
+class Cluster:
+    """A hub process and workers, in a private Redis namespace and folder."""
+
+    redis_url: str
+    namespace: str
+    tmp: Path
+    port: int = field(default_factory=free_port)
+    hub: Proc | None = None
+    workers: dict[str, Proc] = field(default_factory=dict)
+    hub_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        """The hub's HTTP base URL."""
+        return f"http://127.0.0.1:{self.port}"
+
+    def start_hub(self, **env: str) -> Proc:
+        """Start (or restart) the hub and wait until it answers."""
+        self.hub_env = {
+            **os.environ,
+            "EMP_REDIS_URL": self.redis_url,
+            "EMP_BROKER__NAMESPACE": self.namespace,
+            "EMP_PORT": str(self.port),
+            "EMP_OUTPUT_DIR": str(self.tmp / "outputs"),
+            "EMP_BROKER__LEASE_S": "2",
+            "EMP_MAINTENANCE_INTERVAL_S": "0.2",
+            "EMP_LOG_LEVEL": "warning",
+            **env,
+        }
+        self.hub = spawn(["emp_hub.cli", "serve"], self.hub_env, self.tmp / "hub.log")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            assert self.hub.popen.poll() is None, self.hub.text()
+            try:
+                if httpx.get(f"{self.url}/health/ready", timeout=1).status_code == 200:
+                    return self.hub
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"the hub did not start:\n{self.hub.text()}")
+
+    def start_worker(self, worker_id: str, **env: str) -> Proc:
+        """Start `emp-worker run` with the simulation connector (1 s jobs by default)."""
+        full = {
+            **os.environ,
+            "EMP_HUB_URL": f"ws://127.0.0.1:{self.port}",
+            "EMP_WORKER_ID": worker_id,
+            "EMP_PLUGIN_DIR": str(self.tmp / "plugins"),
+            "EMP_SIMULATION_DURATION": "1",
+            "EMP_SIMULATION_STEPS": "4",
+            "EMP_HEARTBEAT_INTERVAL": "0.5",
+            "EMP_RECONNECT_MAX": "1",
+            "EMP_PROGRESS_INTERVAL": "0",
+            **env,
+        }
+        proc = spawn(["emp_worker.cli", "run"], full, self.tmp / f"worker-{worker_id}.log")
+        self.workers[worker_id] = proc
+        return proc
+
+    def wait_for_workers(self, *worker_ids: str, timeout: float = 30) -> None:
+        """Until the hub lists these workers as live."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            live = {w["worker_id"] for w in self.get("/api/workers")}
+            if set(worker_ids) <= live:
+                return
+            time.sleep(0.1)
+        logs = "\n".join(self.workers[w].text() for w in worker_ids if w in self.workers)
+        raise AssertionError(f"workers {worker_ids} did not register:\n{logs}")
+
+    def get(self, path: str) -> Any:
+        """GET a hub API path; the JSON answer."""
+        response = httpx.get(self.url + path, timeout=10)
+        response.raise_for_status()
+        return response.json()
+
+    def post(self, path: str, body: dict[str, Any] | None = None) -> Any:
+        """POST to a hub API path; the JSON answer."""
+        response = httpx.post(self.url + path, json=body or {}, timeout=10)
+        response.raise_for_status()
+        return response.json()
+
+    def events(self, job_id: str) -> list[dict[str, Any]]:
+        """A job's events so far (its server-sent event stream, read to its end)."""
+        text = httpx.get(f"{self.url}/api/jobs/{job_id}/events", timeout=30).text
+        return [json.loads(line[5:]) for line in text.splitlines() if line.startswith("data:")]
+
+    def submit(self, **body: Any) -> str:
+        """Submit a job; its id."""
+        body.setdefault("job_type", "simulation")
+        job_id: str = self.post("/api/jobs", body)["job_id"]
+        return job_id
+
+    def wait_job(self, job_id: str, statuses: set[str] = TERMINAL, timeout: float = 30) -> Any:
+        """Poll the job until its status is one of `statuses`; the job."""
+        deadline = time.monotonic() + timeout
+        job = None
+        while time.monotonic() < deadline:
+            job = self.get(f"/api/jobs/{job_id}")
+            if job["status"] in statuses:
+                return job
+            time.sleep(0.05)
+        logs = "\n".join(f"--- {w}\n{p.text()[-3000:]}" for w, p in self.workers.items())
+        raise AssertionError(f"job {job_id} stayed {job and job['status']}:\n{logs}")
+
+    def stop(self) -> None:
+        """Stop every process."""
+        for proc in self.workers.values():
+            proc.stop()
+        if self.hub is not None:
+            self.hub.stop()
+
+
+@contextmanager
+def cluster(redis_url: str, namespace: str, tmp: Path) -> Iterator[Cluster]:
+    """A started hub; workers are started by the test."""
+    running = Cluster(redis_url, namespace, tmp)
+    running.start_hub()
+    try:
+        yield running
+    finally:
+        running.stop()
