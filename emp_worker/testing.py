@@ -70,14 +70,15 @@ async def running_hub(settings: HubSettings) -> AsyncIterator[str]:
 
 @asynccontextmanager
 async def running_worker(
-    hub_url: str, connectors: list[Connector], **settings: Any
+    hub_url: str, connectors: list[Connector], plugins: Plugins | None = None, **settings: Any
 ) -> AsyncIterator[Worker]:
-    """A Worker with these connector instances, connected to the hub, until the block
-    ends (then it drains as on SIGTERM). `settings` are WorkerSettings fields."""
+    """A Worker with these connector instances (and `plugins`, none by default), connected
+    to the hub, until the block ends (then it drains as on SIGTERM). `settings` are
+    WorkerSettings fields."""
     worker_settings = WorkerSettings(
         hub_url=hub_url, **{"worker_id": "test-worker", "heartbeat_s": 1, **settings}
     )
-    plugins = Plugins()
+    plugins = plugins or Plugins()
     plugins.register_builtin(HubOutputs(worker_settings), "emp-worker:hub-outputs")
     worker = Worker(worker_settings, plugins, connectors)
     task = asyncio.create_task(worker.run())

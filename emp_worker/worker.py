@@ -51,7 +51,7 @@ class Running:
     connector: Connector
     ctx: JobContext
     task: asyncio.Task[None] | None = None
-    stop_reason: str | None = None  # why its task was cancelled: cancelled, lost, released
+    stop_reason: str | None = None  # why its task was stopped: cancelled, timed_out, lost, released
 
 
 @dataclass
@@ -356,7 +356,7 @@ class Worker:
             return
         running.stop_reason = reason
         running.ctx.cancelled.set()
-        if reason == "cancelled":
+        if reason in {"cancelled", "timed_out"}:  # tell the service too
             asyncio.get_running_loop().create_task(self._cancel_service(running))
         running.task.cancel()
 
@@ -393,26 +393,20 @@ class Worker:
         outcome, error = "completed", None
         final: dict[str, Any] | None = None
         started = time.monotonic()
+        timer = None
         try:
             async with self.slots[running.connector.name]:
                 self.plugins.pm.hook.job_started(context=ctx)
-                deadline = asyncio.timeout(job.timeout or None)
-                try:
-                    async with deadline:
-                        result = await running.connector.run(job, ctx)
-                except TimeoutError:
-                    if not deadline.expired():
-                        raise
-                    outcome, error = "timed_out", f"timed out after {job.timeout:g} s"
-                    running.ctx.cancelled.set()
-                    await self._cancel_service(running)
-                    final = {"type": "fail_job", "job_id": job.id, "error": error}
-                else:
-                    if ctx.outputs and isinstance(result, dict):
-                        result.setdefault("outputs", [o.model_dump() for o in ctx.outputs])
-                    elif ctx.outputs and result is None:
-                        result = {"outputs": [o.model_dump() for o in ctx.outputs]}
-                    final = {"type": "complete_job", "job_id": job.id, "result": result}
+                if job.timeout:  # stopped like a cancel: the connector sees ctx.cancelled
+                    timer = asyncio.get_running_loop().call_later(
+                        job.timeout, self._stop_job, job.id, "timed_out"
+                    )
+                result = await running.connector.run(job, ctx)
+            if ctx.outputs and isinstance(result, dict):
+                result.setdefault("outputs", [o.model_dump() for o in ctx.outputs])
+            elif ctx.outputs and result is None:
+                result = {"outputs": [o.model_dump() for o in ctx.outputs]}
+            final = {"type": "complete_job", "job_id": job.id, "result": result}
         except JobFailed as exc:
             outcome, error = "failed", str(exc)
             final = {
@@ -428,11 +422,16 @@ class Worker:
             outcome = reason
             if reason == "released":
                 final = {"type": "release_job", "job_id": job.id}
+            elif reason == "timed_out":
+                error = f"timed out after {job.timeout:g} s"
+                final = {"type": "fail_job", "job_id": job.id, "error": error}
         except Exception as exc:
             log.exception("job %s failed in connector %s", job.id, running.connector.name)
             outcome, error = "failed", f"{type(exc).__name__}: {exc}"
             final = {"type": "fail_job", "job_id": job.id, "error": error, "retryable": True}
         finally:
+            if timer is not None:
+                timer.cancel()
             self.running.pop(job.id, None)
         self._record(running, outcome, error, time.monotonic() - started)
         if final is not None and not await self.send(final):

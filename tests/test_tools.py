@@ -5,14 +5,17 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 
+import httpx
 import pytest
 from rich.console import Console
 
 from benchmarks import claim as claim_benchmark
 from benchmarks import hub as hub_benchmark
+from benchmarks import worker as worker_benchmark
 from emp_hub.demo import run_demo
 
 
@@ -50,28 +53,40 @@ def test_hub_benchmark_prints_its_json(redis_url: str, capsys: pytest.CaptureFix
         assert row["submit_to_assigned"]["from_submission"]["p99_ms"] > 0
 
 
+@pytest.mark.timeout(300)
+def test_worker_benchmark_prints_its_json(
+    redis_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    worker_benchmark.main(["--jobs", "100", "--workers", "2", "--url", redis_url])
+    report = json.loads(capsys.readouterr().out)
+    results = report["results"]
+    assert results["completed"] == 100 and results["jobs_per_s"] > 0
+    assert results["worker_side_overhead"]["p99_ms"] > 0
+
+
 @pytest.mark.timeout(180)
 def test_system_demo_runs_hub_and_worker_processes() -> None:
-    """scripts/demo.sh's program, fast and without waiting for Ctrl-C."""
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "from emp_hub.demo_system import main; main()",
-            "--speed",
-            "4",
-            "--exit",
-        ],
-        capture_output=True,
+    """scripts/demo.sh's program, fast: it waits for Ctrl-C at the end, then stops all."""
+    demo = subprocess.Popen(
+        [sys.executable, "-c", "from emp_hub.demo_system import main; main()", "--speed", "4"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
-        timeout=170,
         env={**os.environ, "COLUMNS": "200"},
-        check=False,
     )
-    assert done.returncode == 0, done.stderr
+    assert demo.stdout is not None
+    lines = []
+    for line in demo.stdout:
+        lines.append(line)
+        if "Press Ctrl-C" in line:
+            break
+    demo.send_signal(signal.SIGINT)
+    rest, _ = demo.communicate(timeout=60)
+    assert demo.returncode == 0, "".join(lines) + rest
+    assert "stopped." in rest
     rows = {
         cells[2]: cells
-        for line in done.stdout.splitlines()
+        for line in lines
         if len(cells := [c.strip() for c in line.split("│")]) == 10 and cells[1].isdigit()
     }
     order = {job: int(cells[1]) for job, cells in rows.items()}
@@ -85,4 +100,6 @@ def test_system_demo_runs_hub_and_worker_processes() -> None:
         "completed",
         "2",
     )
-    assert "stopped." in done.stdout
+    url = next(line for line in lines if "The hub is still up" in line).split()[-3]
+    with pytest.raises(httpx.TransportError):  # the hub is gone
+        httpx.get(url.rsplit("/", 1)[0] + "/health/live", timeout=2)

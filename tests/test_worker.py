@@ -1,0 +1,250 @@
+"""The worker's parts, in process: settings, plugins, progress throttling, and the runtime
+against the real hub app (cancel, timeout, signals, capability changes)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import httpx
+import pytest
+import redis.asyncio
+
+from emp_hub.broker import BrokerSettings
+from emp_hub.settings import HubSettings
+from emp_worker import hookimpl
+from emp_worker import worker as worker_module
+from emp_worker.connector import Connector, Job, JobContext, OutputRef
+from emp_worker.plugins import PluginError, Plugins
+from emp_worker.settings import WorkerSettings
+from emp_worker.testing import TestHub, running_hub, running_worker
+
+pytestmark = pytest.mark.worker
+
+
+# -- settings -------------------------------------------------------------------------------
+
+
+def test_original_worker_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORKER_ID", "legacy-7")
+    monkeypatch.setenv("WORKER_CONNECTORS", "simulation, comfyui")
+    monkeypatch.setenv("WORKER_REDIS_WS_URL", "wss://hub.example.com/")
+    monkeypatch.setenv("WORKER_WEBSOCKET_AUTH_TOKEN", "secret")
+    monkeypatch.setenv("WORKER_HEARTBEAT_INTERVAL", "7")
+    settings = WorkerSettings()
+    assert (settings.worker_id, settings.connectors, settings.heartbeat_s) == (
+        "legacy-7",
+        ["simulation", "comfyui"],
+        7,
+    )
+    assert settings.hub_url == "wss://hub.example.com"
+    assert settings.http_url == "https://hub.example.com"
+    assert settings.token is not None and settings.token.get_secret_value() == "secret"
+
+
+def test_original_host_and_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORKER_REDIS_API_HOST", "10.0.0.5")
+    monkeypatch.setenv("WORKER_REDIS_API_PORT", "9000")
+    monkeypatch.setenv("WORKER_USE_SSL", "true")
+    assert WorkerSettings().hub_url == "wss://10.0.0.5:9000"
+
+
+def test_toml_file_under_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "worker.toml"
+    config.write_text('hub_url = "http://hub:8001"\nregion = "eu"\ntags = ["a", "b"]\n')
+    monkeypatch.setenv("EMP_REGION", "us")
+    monkeypatch.setattr(WorkerSettings, "config_file", config)
+    settings = WorkerSettings()
+    assert (settings.hub_url, settings.region, settings.tags) == ("ws://hub:8001", "us", ["a", "b"])
+
+
+def test_default_worker_id_from_host_and_gpu_index() -> None:
+    settings = WorkerSettings(gpu_index=3)
+    assert settings.effective_worker_id(has_gpu=True).endswith("-gpu3")
+    assert settings.effective_worker_id(has_gpu=False).endswith("-cpu")
+    assert WorkerSettings(worker_id="w").effective_worker_id(has_gpu=True) == "w"
+
+
+def test_bad_settings_are_refused() -> None:
+    with pytest.raises(ValueError, match="hub_url"):
+        WorkerSettings(hub_url="ftp://nowhere")
+
+
+# -- plugins --------------------------------------------------------------------------------
+
+
+class Named(Connector):
+    name = "twin"
+
+
+def plugin_module(cls: type[Connector]) -> Any:
+    @hookimpl
+    def register_connectors(register: Any) -> None:
+        register(cls)
+
+    return SimpleNamespace(register_connectors=register_connectors)
+
+
+def test_two_connectors_with_one_name_are_an_error() -> None:
+    plugins = Plugins()
+    plugins.register_builtin(plugin_module(Named), "dist-one")
+    with pytest.raises(PluginError, match="'twin': from dist-one and from dist-two"):
+        plugins.register_builtin(plugin_module(type("Other", (Named,), {})), "dist-two")
+
+
+def test_load_plugins_empty_loads_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EMP_LOAD_PLUGINS", "")
+    plugins = Plugins()
+    plugins.load()
+    assert plugins.connectors == {}
+    assert {i.name: i.status for i in plugins.infos}["emp-connector-simulation"] == "disabled"
+
+
+def test_disable_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EMP_DISABLE_PLUGINS", "emp_connector_simulation")
+    plugins = Plugins()
+    plugins.load()
+    assert "simulation" not in plugins.connectors
+
+
+async def test_progress_is_throttled() -> None:
+    sent: list[float] = []
+
+    async def progress(percent: float, message: str, stage: str) -> None:
+        sent.append(percent)
+
+    async def store(ctx: JobContext, name: str, data: bytes, kind: str) -> OutputRef:
+        raise AssertionError
+
+    ctx = JobContext(Job(id="j", service="s"), progress, store, progress_interval_s=0.2)
+    for percent in (0, 10, 20):
+        await ctx.progress(percent)
+    await asyncio.sleep(0.25)
+    await ctx.progress(30)
+    await ctx.progress(40)
+    assert sent == [30]
+
+
+# -- the runtime against the hub --------------------------------------------------------------
+
+
+class Sleepy(Connector):
+    """Sleeps as long as the payload says; records what happened."""
+
+    name = "sleepy"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cancelled: list[str] = []
+        self.saw_cancel_event: list[str] = []
+
+    async def run(self, job: Job, ctx: JobContext) -> Any:
+        try:
+            await asyncio.sleep(float(job.payload.get("seconds", 0)))
+        finally:
+            if ctx.cancelled.is_set():
+                self.saw_cancel_event.append(job.id)
+        return {"slept": job.payload.get("seconds", 0)}
+
+    async def cancel(self, job: Job) -> None:
+        self.cancelled.append(job.id)
+
+
+@pytest.fixture
+async def hub_url(
+    redis_url: str, namespace: str, redis_client: redis.asyncio.Redis, tmp_path: Path
+) -> AsyncIterator[str]:
+    settings = HubSettings(
+        redis_url=redis_url,
+        output_dir=tmp_path / "outputs",
+        maintenance_interval_s=0.2,
+        broker=BrokerSettings(namespace=namespace, lease_s=5, live_cache_s=0),
+    )
+    async with running_hub(settings) as url:
+        yield url
+
+
+async def wait_status(hub: TestHub, job_id: str, status: str) -> dict[str, Any]:
+    for _ in range(200):
+        job: dict[str, Any] = (await hub.http.get(f"/api/jobs/{job_id}")).json()
+        if job["status"] == status:
+            return job
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{job_id} never became {status}: {job}")
+
+
+async def test_cancel_interrupts_the_connector(hub_url: str) -> None:
+    sleepy = Sleepy()
+    async with running_worker(hub_url, [sleepy]) as worker:
+        hub = TestHub(hub_url, worker)
+        job_id = await hub.submit("sleepy", {"seconds": 30})
+        await wait_status(hub, job_id, "active")
+        await hub.http.post(f"/api/jobs/{job_id}/cancel", json={"reason": "stop"})
+        for _ in range(100):
+            if sleepy.saw_cancel_event:
+                break
+            await asyncio.sleep(0.05)
+        assert sleepy.cancelled == [job_id] and sleepy.saw_cancel_event == [job_id]
+        assert worker.stats.cancelled == 1 and not worker.running
+        await hub.http.aclose()
+
+
+async def test_timeout_interrupts_the_connector_and_fails_the_attempt(hub_url: str) -> None:
+    sleepy = Sleepy()
+    async with running_worker(hub_url, [sleepy]) as worker:
+        hub = TestHub(hub_url, worker)
+        job_id = await hub.submit("sleepy", {"seconds": 30}, job_timeout=0.5, max_attempts=1)
+        job = await hub.wait(job_id)
+        assert (job["status"], job["error"]) == ("failed", "timed out after 0.5 s")
+        assert sleepy.cancelled == [job_id] and sleepy.saw_cancel_event == [job_id]
+        await hub.http.aclose()
+
+
+async def test_a_second_signal_hands_back_at_once(
+    hub_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(worker_module, "SAME_SIGNAL_S", 0.05)
+    async with running_worker(hub_url, [Sleepy()], drain_timeout_s=60) as worker:
+        hub = TestHub(hub_url, worker)
+        job_id = await hub.submit("sleepy", {"seconds": 30})
+        await wait_status(hub, job_id, "active")
+        worker.on_signal()
+        worker.on_signal()  # the same stop twice at once: still draining
+        await asyncio.sleep(0.3)
+        assert job_id in worker.running
+        worker.on_signal()  # a real second signal
+        job = await wait_status(hub, job_id, "pending")
+        assert (job["failures"], job["orphans"]) == (0, 0)
+        await asyncio.wait_for(worker.done.wait(), 10)
+        await hub.http.aclose()
+
+
+async def test_capability_changes_reach_the_hub(hub_url: str) -> None:
+    tags = ["blue"]
+
+    @hookimpl
+    def worker_capabilities() -> dict[str, Any]:
+        return {"tags": list(tags)}
+
+    plugins = Plugins()
+    plugins.register_builtin(SimpleNamespace(worker_capabilities=worker_capabilities), "colour")
+    async with (
+        running_worker(hub_url, [Sleepy()], plugins=plugins, capabilities_refresh_s=0.1) as worker,
+        httpx.AsyncClient(base_url=hub_url) as http,
+    ):
+
+        async def hub_tags() -> list[str]:
+            [w] = (await http.get("/api/workers")).json()
+            return list(w["capabilities"]["tags"])
+
+        assert await hub_tags() == ["blue"]
+        tags[0] = "green"
+        for _ in range(100):
+            if await hub_tags() == ["green"]:
+                break
+            await asyncio.sleep(0.05)
+        assert await hub_tags() == ["green"]
+        assert worker.worker_id == "test-worker"
