@@ -21,7 +21,6 @@ import asyncio
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,17 +31,8 @@ from typing import Any
 import httpx
 
 import emp_hub
-from benchmarks.hub import hubs
+from benchmarks.hub import hubs, percentiles
 from emp_hub.embedded import redis_url_or_embedded
-
-
-def percentiles(samples: list[float]) -> dict[str, float]:
-    """p50 and p99 in milliseconds."""
-    ordered = sorted(samples)
-    return {
-        "p50_ms": round(statistics.median(ordered) * 1000, 2),
-        "p99_ms": round(ordered[int(0.99 * (len(ordered) - 1))] * 1000, 2),
-    }
 
 
 def start_workers(url: str, count: int, tmp: Path) -> list[subprocess.Popen[bytes]]:

@@ -78,18 +78,28 @@ async def drain(peer: Peer, quiet_s: float = 0.3) -> None:
             return
 
 
+async def opening(
+    hub_url: str, name: str, worker_id: str | None = None, ids: dict[str, str] | None = None
+) -> tuple[Peer, Peer, Peer]:
+    """How every recorded scenario begins: a worker registers, a monitor subscribes, a
+    client connects and submits its first job. Returns (worker, monitor, client)."""
+    ids = {} if ids is None else ids
+    worker = await Peer(name, "worker", worker_id, ids).connect(hub_url, TOKEN)
+    await worker.play(until="worker_heartbeat_ack")
+    monitor = await Peer(name, "monitor", ids=ids).connect(hub_url, TOKEN)
+    await monitor.play(until="subscription_confirmed")
+    client = await Peer(name, "client", ids=ids).connect(hub_url, TOKEN)
+    await client.play(until="job_accepted")
+    return worker, monitor, client
+
+
 async def test_sim_failure(hub_url: str) -> None:
     """A worker fails a job; the hub queues it for a retry; force_retry_job; a cancel; a
     second job fails and another worker completes it."""
     name = "sim_failure"
     ids: dict[str, str] = {}
     failing_id, healthy_id = conn_ids(name, "worker")
-    failing = await Peer(name, "worker", failing_id, ids).connect(hub_url, TOKEN)
-    await failing.play(until="worker_heartbeat_ack")
-    monitor = await Peer(name, "monitor", ids=ids).connect(hub_url, TOKEN)
-    await monitor.play(until="subscription_confirmed")
-    client = await Peer(name, "client", ids=ids).connect(hub_url, TOKEN)
-    await client.play(until="job_accepted")
+    failing, monitor, client = await opening(hub_url, name, failing_id, ids)
     await failing.play(until="job_failed_ack")
     await play_n(client, "update_job_progress", 3)
     client.skip(why="the original forwarded fail_job for a job it requeued", until="fail_job")
@@ -163,12 +173,7 @@ async def test_cancel_running(hub_url: str) -> None:
     the worker; ours tells it at once, and its later reports are refused."""
     name = "cancel_running"
     ids: dict[str, str] = {}
-    worker = await Peer(name, "worker", ids=ids).connect(hub_url, TOKEN)
-    await worker.play(until="worker_heartbeat_ack")
-    monitor = await Peer(name, "monitor", ids=ids).connect(hub_url, TOKEN)
-    await monitor.play(until="subscription_confirmed")
-    client = await Peer(name, "client", ids=ids).connect(hub_url, TOKEN)
-    await client.play(until="job_accepted")
+    worker, monitor, client = await opening(hub_url, name, ids=ids)
     await worker.play(until="job_assigned")
     # Its status and first three progress reports, then the client cancels.
     await worker.send_next(4)
@@ -204,12 +209,7 @@ async def test_worker_kill(hub_url: str) -> None:
     name = "worker_kill"
     ids: dict[str, str] = {}
     a_id, b_id = conn_ids(name, "worker")
-    doomed = await Peer(name, "worker", a_id, ids).connect(hub_url, TOKEN)
-    await doomed.play(until="worker_heartbeat_ack")
-    monitor = await Peer(name, "monitor", ids=ids).connect(hub_url, TOKEN)
-    await monitor.play(until="subscription_confirmed")
-    client = await Peer(name, "client", ids=ids).connect(hub_url, TOKEN)
-    await client.play(until="job_accepted")
+    doomed, monitor, client = await opening(hub_url, name, a_id, ids)
     await doomed.play()  # offer, claim, two progress steps; then the recording ends
     # The second worker connects now, not before the submit as recorded: with two idle
     # workers ours offers the job to either (taking turns), the original to the first.
@@ -245,14 +245,9 @@ async def test_client_extras(hub_url: str) -> None:
     REST and followed over the socket."""
     name = "client_extras"
     ids: dict[str, str] = {}
-    worker = await Peer(name, "worker", ids=ids).connect(hub_url, TOKEN)
-    await worker.play(until="worker_heartbeat_ack")
-    monitor = await Peer(name, "monitor", ids=ids).connect(hub_url, TOKEN)
-    await monitor.play(until="subscription_confirmed")
-    client = await Peer(name, "client", ids=ids).connect(hub_url, TOKEN)
-    # stay_alive, subscribe_stats, request_stats, bad status requests, an unknown type,
-    # a frame that is not JSON, then extra-job-1, run by the worker.
-    await client.play(until="job_accepted")
+    # The client's opening: stay_alive, subscribe_stats, request_stats, bad status
+    # requests, an unknown type, a frame that is not JSON, then extra-job-1.
+    worker, monitor, client = await opening(hub_url, name, ids=ids)
     await worker.play(until="job_completed_ack")
     await client.play(until="complete_job")
     status = await client.play(until="response_job_status")  # request_job_status
