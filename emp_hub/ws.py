@@ -103,6 +103,9 @@ class Dispatcher:
         self.watchers: dict[str, set[Watcher]] = {}
         self.monitors: set[Watcher] = set()
         self._pubsub = hub.redis.pubsub()
+        # Set once listen() holds the pub/sub connection: before that, a subscription from
+        # another task would open a second connection (redis-py keeps only one of them).
+        self._listening = asyncio.Event()
         self._confirmations: dict[str, asyncio.Future[None]] = {}
         self._turn = 0
         # Jobs submitted through this replica wake its workers without the pub/sub round
@@ -124,7 +127,7 @@ class Dispatcher:
         watchers.discard(watcher)
         if not watchers:
             del self.watchers[job_id]
-            await self._pubsub.unsubscribe(self.hub.broker.key("jev", job_id))
+            await self._unsubscribe(self.hub.broker.key("jev", job_id))
 
     async def add_monitor(self, monitor: Watcher) -> None:
         """A monitor: every job's events, and the messages for monitors."""
@@ -136,11 +139,13 @@ class Dispatcher:
         """The monitor went away."""
         self.monitors.discard(monitor)
         if not self.monitors:
-            await self._pubsub.punsubscribe(self.hub.broker.key("jev", "*"))
+            await self._unsubscribe(self.hub.broker.key("jev", "*"), pattern=True)
 
     async def _subscribe(self, channel: str, *, pattern: bool = False) -> None:
         """Subscribe, and return once Redis confirmed it (events published after this
         returns reach this replica)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._listening.wait(), 5)
         confirmed = asyncio.get_running_loop().create_future()
         self._confirmations[channel] = confirmed
         if pattern:
@@ -154,11 +159,20 @@ class Dispatcher:
         finally:
             self._confirmations.pop(channel, None)
 
+    async def _unsubscribe(self, channel: str, *, pattern: bool = False) -> None:
+        """Unsubscribe; a connection already closed (the hub stopping) has nothing to undo."""
+        with contextlib.suppress(redis.exceptions.RedisError, OSError):
+            if pattern:
+                await self._pubsub.punsubscribe(channel)
+            else:
+                await self._pubsub.unsubscribe(channel)
+
     async def listen(self, stop: asyncio.Event) -> None:
         """Follow the work, cancel, monitor and watched jobs' channels until `stop`."""
         broker = self.hub.broker
         pubsub = self._pubsub
         await pubsub.subscribe(broker.key("work"), broker.key("cancel"), broker.key("monitor"))
+        self._listening.set()
         try:
             while not stop.is_set():
                 try:
