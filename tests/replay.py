@@ -66,6 +66,8 @@ def ours_too(conn: str, msg: dict[str, Any], previous: dict[str, Any] | None) ->
     kind = msg.get("type")
     if kind in {"stats_broadcast", "ack"}:
         return False  # periodic; their content is checked in test_original_monitor
+    if conn == "monitor" and kind == "worker_status":
+        return False  # ours on changes, the original's at every heartbeat: checked apart
     if kind == "subscription_confirmed" and msg.get("job_id") == "monitor-subscription":
         return False  # the original confirmed a monitor's subscription twice
     if conn in {"client", "monitor"} and kind == "update_job_progress" and msg["progress"] == -1:
@@ -130,13 +132,17 @@ class Peer:
         return self.frames[self.pos]["msg"]  # type: ignore[no-any-return]
 
     async def receive(self) -> dict[str, Any]:
-        """Our hub's next message, minus the periodic ones the recording is not checked on."""
+        """Our hub's next message, minus those not checked in order (stats broadcasts, and
+        a monitor's worker_status copies); all are kept in `got`."""
         assert self.socket is not None
         while True:
             got: dict[str, Any] = json.loads(await asyncio.wait_for(self.socket.recv(), REPLY_S))
             self.got.append(got)
-            if got["type"] != "stats_broadcast":
-                return got
+            if got["type"] == "stats_broadcast":
+                continue
+            if self.conn == "monitor" and got["type"] == "worker_status":
+                continue
+            return got
 
     async def play(self, until: str | None = None) -> dict[str, Any] | None:
         """Send and check recorded frames in order; stop after the first reply of type
