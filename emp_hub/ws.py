@@ -389,18 +389,24 @@ async def worker_socket(websocket: WebSocket, worker_id: str) -> None:
         }
     )
     feeder = asyncio.create_task(dispatcher.feed(session))
+    said_goodbye = False
     try:
         while True:
             text = await websocket.receive_text()
             await handle(session, dispatcher, text)
-    except WebSocketDisconnect:
-        pass
+    except WebSocketDisconnect as exc:
+        said_goodbye = exc.code in {1000, 1001}
     finally:
         session.closed = True
         session.wake.set()
         await feeder  # it ends by itself: no Redis command is cut in half
         if dispatcher.sessions.get(worker_id) is session:
             del dispatcher.sessions[worker_id]
+            if said_goodbye and not session.held and session.caps is not None:
+                # A worker that closed cleanly holding nothing has stopped: it is no longer
+                # live (one that drops off keeps its place until worker_ttl_s).
+                with contextlib.suppress(redis.exceptions.RedisError):
+                    await dispatcher.hub.broker.unregister_worker(worker_id)
 
 
 async def handle(session: WorkerSession, dispatcher: Dispatcher, text: str) -> None:

@@ -287,7 +287,8 @@ async def test_client_extras(hub_url: str) -> None:
     clients = {m["job_id"]: m["client_id"] for m in monitor.got if "client_id" in m}
     assert clients == {"extra-job-1": "client-1", "extra-job-2": "client-1", "extra-rest-1": None}
     statuses = [m["status"] for m in monitor.got if m["type"] == "worker_status"]
-    assert statuses == ["busy", "idle"] * 3
+    # The worker's first heartbeat ("idle") may reach the monitor or come just before it.
+    assert statuses in (["busy", "idle"] * 3, ["idle"] + ["busy", "idle"] * 3)
     for peer in (worker, client, monitor):
         await peer.close()
 

@@ -219,6 +219,11 @@ async def test_a_second_signal_hands_back_at_once(
         job = await wait_status(hub, job_id, "pending")
         assert (job["failures"], job["orphans"]) == (0, 0)
         await asyncio.wait_for(worker.done.wait(), 10)
+        for _ in range(100):  # it said goodbye holding nothing: no longer a live worker
+            if not (await hub.http.get("/api/workers")).json():
+                break
+            await asyncio.sleep(0.05)
+        assert (await hub.http.get("/api/workers")).json() == []
         await hub.http.aclose()
 
 
