@@ -53,6 +53,8 @@ SAFETY_WAKE_S = 60.0
 OFFER_S = 10.0
 #: An offer's lease outlasts its reservation by this much (see Dispatcher.feed).
 OFFER_GRACE_S = 5.0
+#: How long a submit waits for the workers it woke on this replica to get their jobs.
+FEED_WAIT_S = 0.01
 
 
 class Watcher(Protocol):
@@ -76,6 +78,7 @@ class WorkerSession:
     offered: dict[str, str] = field(default_factory=dict)  # job id -> token, reserved
     status: str = ""  # the last status it reported (idle/busy), as monitors last heard it
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    fed: asyncio.Event = field(default_factory=asyncio.Event)  # set after each feeding
     closed: bool = False
     send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -210,14 +213,15 @@ class Dispatcher:
         finally:
             await pubsub.aclose()  # type: ignore[no-untyped-call]
 
-    async def wake(self, jobs: dict[str, int]) -> None:
+    async def wake(self, jobs: dict[str, int]) -> list[WorkerSession]:
         """Wake parked workers that can run the new jobs (class -> how many): as many free
         slots as there are jobs, not every matching worker (no thundering herd). Sessions
-        are visited from a rotating start, so the waiting is shared out."""
+        are visited from a rotating start, so the waiting is shared out. Returns them."""
         broker = self.hub.broker
         if any(c not in broker.known_classes for c in jobs):
             await broker.refresh_classes()
         left = dict(jobs)
+        woken: list[WorkerSession] = []
         sessions = list(self.sessions.values())
         self._turn = (self._turn + 1) % max(1, len(sessions))
         for session in sessions[self._turn :] + sessions[: self._turn]:
@@ -226,16 +230,24 @@ class Dispatcher:
             for c in broker.matching_classes(session.caps):
                 if left.get(c, 0) > 0:
                     left[c] -= min(left[c], session.wanted)
+                    session.fed.clear()
                     session.wake.set()
+                    woken.append(session)
                     break
             if not any(left.values()):
-                return
+                break
+        return woken
 
     async def wake_for_submit(self, jobs: dict[str, int]) -> None:
-        """Jobs were submitted through this replica: wake its parked workers, and let them
-        send their claims before the submitting request goes on to build its answer."""
-        await self.wake(jobs)
-        await asyncio.sleep(0)
+        """Jobs were submitted through this replica: wake its parked workers and let them
+        claim and send their assignments (for at most FEED_WAIT_S) before the submitting
+        request goes on to build its answer, so the answer does not delay the work."""
+        woken = await self.wake(jobs)
+        if woken:
+            waits = [asyncio.ensure_future(s.fed.wait()) for s in woken]
+            _done, pending = await asyncio.wait(waits, timeout=FEED_WAIT_S)
+            for waiter in pending:
+                waiter.cancel()
 
     def wake_all(self) -> None:
         """Wake every parked worker (after announcements may have been missed)."""
@@ -267,25 +279,31 @@ class Dispatcher:
                 async with asyncio.timeout(SAFETY_WAKE_S * random.uniform(0.5, 1.5)):
                     await session.wake.wait()
             session.wake.clear()
-            if session.closed or not session.wanted or session.caps is None:
-                continue
-            started = time.perf_counter()
-            # An offer to an original worker is leased past its reservation, so that an
-            # unclaimed offer is handed back by withdraw(), not reaped as a lost worker.
-            claims = await self.hub.broker.claim_many(
-                session.worker_id,
-                session.caps,
-                session.wanted,
-                lease_s=OFFER_S + OFFER_GRACE_S if session.original else None,
-            )
-            self.hub.metrics.claim_seconds.observe(time.perf_counter() - started)
-            for claim in claims:
-                job = claim.job
-                session.wanted -= 1
-                if session.original:
-                    await self.offer(session, claim)
-                    continue
-                await self.assign(session, job, claim.token)
+            try:
+                if not session.closed and session.wanted and session.caps is not None:
+                    await self._claim_for(session)
+            finally:
+                session.fed.set()
+
+    async def _claim_for(self, session: WorkerSession) -> None:
+        """Claim jobs for the session's free slots and hand them over."""
+        assert session.caps is not None
+        started = time.perf_counter()
+        # An offer to an original worker is leased past its reservation, so that an
+        # unclaimed offer is handed back by withdraw(), not reaped as a lost worker.
+        claims = await self.hub.broker.claim_many(
+            session.worker_id,
+            session.caps,
+            session.wanted,
+            lease_s=OFFER_S + OFFER_GRACE_S if session.original else None,
+        )
+        self.hub.metrics.claim_seconds.observe(time.perf_counter() - started)
+        for claim in claims:
+            session.wanted -= 1
+            if session.original:
+                await self.offer(session, claim)
+            else:
+                await self.assign(session, claim.job, claim.token)
 
     async def assign(self, session: WorkerSession, job: Job, token: str) -> None:
         """The worker holds the job now: remember its token, tell the worker."""
