@@ -25,9 +25,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from emp_hub.broker import TERMINAL
 from emp_hub.embedded import free_port
-
-TERMINAL = {"completed", "failed", "cancelled"}
 
 #: Worker id -> its environment (beside the hub URL and plugin folder).
 WORKERS: dict[str, dict[str, str]] = {

@@ -23,7 +23,7 @@ import random
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -62,7 +62,6 @@ class Stats:
     failed: int = 0
     released: int = 0
     cancelled: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
 
 
 class HubOutputs:
@@ -223,22 +222,21 @@ class Worker:
                 self.conn = None
                 beats.cancel()
 
+    def _registration(self) -> dict[str, Any]:
+        """register_worker: who we are, what we offer, and the jobs we still hold (running,
+        or finished with a result not yet delivered)."""
+        held = [(job_id, r.job.lease_token) for job_id, r in self.running.items()]
+        held += [(job_id, token) for job_id, (token, _) in self.outbox.items()]
+        return {
+            "type": "register_worker",
+            "worker_id": self.worker_id,
+            "capabilities": self._caps.model_dump(mode="json"),
+            "jobs": [{"job_id": job_id, "lease_token": token} for job_id, token in held],
+        }
+
     async def _register(self, conn: ClientConnection) -> None:
-        """register_worker with the jobs still held; drop those the hub no longer gives us."""
-        held = [
-            {"job_id": job_id, "lease_token": r.job.lease_token}
-            for job_id, r in self.running.items()
-        ] + [{"job_id": job_id, "lease_token": token} for job_id, (token, _) in self.outbox.items()]
-        await conn.send(
-            json.dumps(
-                {
-                    "type": "register_worker",
-                    "worker_id": self.worker_id,
-                    "capabilities": self._caps.model_dump(mode="json"),
-                    "jobs": held,
-                }
-            )
-        )
+        """Register with the jobs still held; drop those the hub no longer gives us."""
+        await conn.send(json.dumps(self._registration()))
         while True:
             message = json.loads(await asyncio.wait_for(conn.recv(), 30))
             if message.get("type") == "worker_registered":
@@ -290,20 +288,7 @@ class Worker:
             if caps.model_copy(update=stable) != self._caps.model_copy(update=stable):
                 log.info("capabilities changed; registering again")
                 self._caps = caps
-                if self.conn is not None:
-                    with contextlib.suppress(Exception):
-                        await self._reregister()
-
-    async def _reregister(self) -> None:
-        held = [{"job_id": j, "lease_token": r.job.lease_token} for j, r in self.running.items()]
-        await self.send(
-            {
-                "type": "register_worker",
-                "worker_id": self.worker_id,
-                "capabilities": self._caps.model_dump(mode="json"),
-                "jobs": held,
-            }
-        )
+                await self.send(self._registration())
 
     async def _handle(self, message: dict[str, Any]) -> None:
         kind = message.get("type")
@@ -443,10 +428,13 @@ class Worker:
         counters = {"completed": "completed", "failed": "failed", "timed_out": "failed"}
         name = counters.get(outcome, "released" if outcome == "released" else "cancelled")
         setattr(self.stats, name, getattr(self.stats, name) + 1)
-        self.stats.history.append(
-            {"job_id": running.job.id, "outcome": outcome, "seconds": round(seconds, 3)}
+        log.info(
+            "job %s: %s in %.2f s%s",
+            running.job.id,
+            outcome,
+            seconds,
+            f" ({error})" if error else "",
         )
-        log.info("job %s: %s%s", running.job.id, outcome, f" ({error})" if error else "")
         try:
             self.plugins.pm.hook.job_finished(context=running.ctx, outcome=outcome, error=error)
         except Exception:

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,9 +16,8 @@ from typing import Any
 
 import httpx
 
+from emp_hub.broker import TERMINAL
 from emp_hub.embedded import free_port
-
-TERMINAL = {"completed", "failed", "cancelled"}
 
 
 @dataclass
@@ -154,7 +153,9 @@ class Cluster:
         job_id: str = self.post("/api/jobs", body)["job_id"]
         return job_id
 
-    def wait_job(self, job_id: str, statuses: set[str] = TERMINAL, timeout: float = 30) -> Any:
+    def wait_job(
+        self, job_id: str, statuses: Collection[str] = TERMINAL, timeout: float = 30
+    ) -> Any:
         """Poll the job until its status is one of `statuses`; the job."""
         deadline = time.monotonic() + timeout
         job = None
