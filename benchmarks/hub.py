@@ -47,8 +47,11 @@ class RunningHub:
 
 
 @asynccontextmanager
-async def hubs(redis_url: str, count: int, namespace: str) -> AsyncIterator[list[RunningHub]]:
-    """`count` hub processes on one Redis, in a namespace removed afterwards."""
+async def hubs(
+    redis_url: str, count: int, namespace: str, **settings: str
+) -> AsyncIterator[list[RunningHub]]:
+    """`count` hub processes on one Redis, in a namespace removed afterwards; `settings`
+    are more EMP_* variables."""
     env = {
         **os.environ,
         "EMP_REDIS_URL": redis_url,
@@ -56,6 +59,7 @@ async def hubs(redis_url: str, count: int, namespace: str) -> AsyncIterator[list
         "EMP_LOG_LEVEL": "warning",
         "EMP_SUBMIT_RATE": "1000000",
         "EMP_SUBMIT_BURST": "1000000",
+        **settings,
     }
     procs, urls = [], []
     for _ in range(count):

@@ -15,6 +15,7 @@ import json
 import logging
 import random
 import time
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -22,10 +23,11 @@ from typing import Any, Protocol
 import redis.exceptions
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
+from starlette.websockets import WebSocketDisconnected
 
 from emp_hub.app import Hub
 from emp_hub.auth import Principal, Role
-from emp_hub.broker import BrokerError, Claim, Job, JobStatus, StaleLease
+from emp_hub.broker import BrokerError, Claim, Job, JobStatus, Registration, StaleLease
 from emp_worker.capabilities import WorkerCapabilities
 from emp_worker.protocol import (
     ClaimJob,
@@ -55,6 +57,12 @@ OFFER_S = 10.0
 OFFER_GRACE_S = 5.0
 #: How long a submit waits for the workers it woke on this replica to get their jobs.
 FEED_WAIT_S = 0.01
+#: Close codes of the worker socket: superseded by a newer connection of the same process;
+#: refused, because another process holds the worker id.
+CLOSE_SUPERSEDED = 4000
+CLOSE_ID_IN_USE = 4409
+#: A close the hub makes itself while it shuts down: its workers are not gone.
+CLOSE_SERVICE_RESTART = 1012
 
 
 class Watcher(Protocol):
@@ -70,7 +78,9 @@ class WorkerSession:
 
     worker_id: str
     websocket: WebSocket
-    caps: WorkerCapabilities | None = None
+    #: Names this socket in the worker id's owner record (see Broker.register_worker).
+    connection: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+    caps: WorkerCapabilities | None = None  # set once registered
     held: dict[str, str] = field(default_factory=dict)  # job id -> lease token
     services: dict[str, str] = field(default_factory=dict)  # job id -> service (metrics)
     wanted: int = 0
@@ -80,12 +90,19 @@ class WorkerSession:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     fed: asyncio.Event = field(default_factory=asyncio.Event)  # set after each feeding
     closed: bool = False
+    superseded: bool = False  # a newer connection of the same worker process took over
     send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
-    async def send(self, message: dict[str, Any]) -> None:
-        """Send one message (serialised: the feeder and the receive loop both send)."""
+    async def send(self, message: dict[str, Any]) -> bool:
+        """Send one message (serialised: the feeder and the receive loop both send).
+        False when the peer has closed: the receive loop still reads what it sent before
+        closing, and how it closed (a failed reply must not hide a clean goodbye)."""
         async with self.send_lock:
-            await self.websocket.send_text(json.dumps(message))
+            try:
+                await self.websocket.send_text(json.dumps(message))
+            except (WebSocketDisconnect, WebSocketDisconnected):
+                return False
+        return True
 
     async def error(self, error: str, details: Any = None) -> None:
         """An `error` message; the connection stays open."""
@@ -111,6 +128,8 @@ class Dispatcher:
         self._listening = asyncio.Event()
         self._confirmations: dict[str, asyncio.Future[None]] = {}
         self._turn = 0
+        self._stopping = asyncio.Event()
+        self._background: set[asyncio.Task[None]] = set()
         # Jobs submitted through this replica wake its workers without the pub/sub round
         # trip; the announcement that comes back with this broker's origin is skipped.
         hub.broker.on_submit = self.wake_for_submit
@@ -174,7 +193,9 @@ class Dispatcher:
         """Follow the work, cancel, monitor and watched jobs' channels until `stop`."""
         broker = self.hub.broker
         pubsub = self._pubsub
-        await pubsub.subscribe(broker.key("work"), broker.key("cancel"), broker.key("monitor"))
+        await pubsub.subscribe(
+            broker.key("work"), broker.key("cancel"), broker.key("monitor"), broker.key("workers")
+        )
         self._listening.set()
         try:
             while not stop.is_set():
@@ -207,11 +228,89 @@ class Dispatcher:
                     await self.tell_cancel(json.loads(message["data"]))
                 elif channel == broker.key("monitor"):
                     await self.forward(json.loads(message["data"]), self.monitors)
+                elif channel == broker.key("workers"):
+                    await self.on_worker_notice(json.loads(message["data"]))
                 else:  # a watched job's events
                     event = json.loads(message["data"])
                     await self.forward(event, self.watchers.get(event["job"], ()))
         finally:
+            self._stopping.set()
+            await asyncio.gather(*self._background, return_exceptions=True)
             await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def _spawn(self, work: Any) -> None:
+        """Run a coroutine in the background (kept until it ends; awaited at shutdown)."""
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _notify_workers_channel(self, notice: dict[str, str]) -> None:
+        """Tell every replica (this one too) about a worker: replaced or gone."""
+        await self.hub.redis.publish(self.hub.broker.key("workers"), json.dumps(notice))
+
+    async def on_worker_notice(self, notice: dict[str, str]) -> None:
+        """`replaced`: close the superseded socket if it is here. `gone`: a worker left
+        the live set, so jobs that avoided the workers that failed them may now go to them:
+        every parked worker claims again."""
+        if notice["event"] == "replaced":
+            session = self.sessions.get(notice["worker"])
+            if session is not None and session.connection == notice["connection"]:
+                self.supersede(session)
+        elif notice["event"] == "gone":
+            await self.hub.broker.live_workers(fresh=True)
+            self.wake_all()
+
+    def supersede(self, session: WorkerSession) -> None:
+        """A newer connection of the same worker process took over: close this one (in
+        the background: a dead peer would hold up the closing handshake)."""
+        session.superseded = session.closed = True
+        session.wake.set()
+        if self.sessions.get(session.worker_id) is session:
+            del self.sessions[session.worker_id]
+
+        async def close() -> None:
+            with contextlib.suppress(Exception):
+                await session.websocket.close(CLOSE_SUPERSEDED, "replaced by a new connection")
+
+        self._spawn(close())
+
+    async def registered(self, session: WorkerSession, registration: Registration) -> None:
+        """The session owns its worker id now: feed it, and close the one it replaced."""
+        previous = self.sessions.get(session.worker_id)
+        self.sessions[session.worker_id] = session
+        if previous is not None and previous is not session:
+            self.supersede(previous)
+        elif registration.replaced and registration.replaced != session.connection:
+            await self._notify_workers_channel(
+                {
+                    "event": "replaced",
+                    "worker": session.worker_id,
+                    "connection": registration.replaced,
+                }
+            )
+
+    async def lost(self, session: WorkerSession) -> None:
+        """The session's connection ended without a goodbye: after the reconnect grace,
+        unless the worker came back, its jobs go back to pending and it no longer counts."""
+        broker = self.hub.broker
+        if not await broker.worker_lost(
+            session.worker_id, session.connection, session.held.items()
+        ):
+            return  # a newer connection holds the id
+
+        async def after_grace() -> None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._stopping.wait(), broker.settings.reconnect_grace_s + 0.05
+                )
+                return  # the hub is stopping; the leases and the next hub take care
+            try:
+                await broker.maintain()  # requeues the leases that just ran out
+                await self._notify_workers_channel({"event": "gone", "worker": session.worker_id})
+            except redis.exceptions.RedisError:
+                log.warning("could not requeue the jobs of lost worker %s", session.worker_id)
+
+        self._spawn(after_grace())
 
     async def wake(self, jobs: dict[str, int]) -> list[WorkerSession]:
         """Wake parked workers that can run the new jobs (class -> how many): as many free
@@ -310,7 +409,7 @@ class Dispatcher:
         self.hub.metrics.submit_to_start.observe((job.claimed_at or 0) - job.created_at)
         session.held[job.id] = token
         session.services[job.id] = job.service
-        await session.send(
+        delivered = await session.send(
             hub_message(
                 "job_assigned",
                 job_id=job.id,
@@ -325,6 +424,11 @@ class Dispatcher:
                 created_at=job.created_at,
             )
         )
+        if not delivered:  # the worker has just gone: the job goes straight back
+            session.held.pop(job.id, None)
+            session.services.pop(job.id, None)
+            with contextlib.suppress(BrokerError):
+                await self.hub.broker.release(job.id, token)
 
     async def offer(self, session: WorkerSession, claim: Claim) -> None:
         """Offer a job to an original worker: it is reserved for it for OFFER_S;
@@ -396,10 +500,6 @@ async def worker_socket(websocket: WebSocket, worker_id: str) -> None:
         return
     await websocket.accept()
     session = WorkerSession(worker_id, websocket)
-    previous = dispatcher.sessions.get(worker_id)
-    if previous is not None:
-        previous.closed = True  # the same worker reconnected: the new socket wins
-    dispatcher.sessions[worker_id] = session
     await session.send(
         {
             "type": "connection_established",
@@ -407,24 +507,67 @@ async def worker_socket(websocket: WebSocket, worker_id: str) -> None:
         }
     )
     feeder = asyncio.create_task(dispatcher.feed(session))
-    said_goodbye = False
+    code = 1006
     try:
-        while True:
-            text = await websocket.receive_text()
+        # receive(), not receive_text(): a reply that failed because the peer had just
+        # closed leaves what it sent before, and its close code, still to be read here.
+        while not session.closed:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                code = int(message.get("code") or 1005)
+                break
+            text = message.get("text")
+            if text is None:
+                await session.error("binary frames are not understood: send JSON text frames")
+                continue
             await handle(session, dispatcher, text)
-    except WebSocketDisconnect as exc:
-        said_goodbye = exc.code in {1000, 1001}
     finally:
         session.closed = True
         session.wake.set()
         await feeder  # it ends by itself: no Redis command is cut in half
         if dispatcher.sessions.get(worker_id) is session:
             del dispatcher.sessions[worker_id]
-            if said_goodbye and not session.held and session.caps is not None:
-                # A worker that closed cleanly holding nothing has stopped: it is no longer
-                # live (one that drops off keeps its place until worker_ttl_s).
-                with contextlib.suppress(redis.exceptions.RedisError):
-                    await dispatcher.hub.broker.unregister_worker(worker_id)
+        if session.caps is not None and not session.superseded:
+            await _disconnected(session, dispatcher, code)
+
+
+async def _disconnected(session: WorkerSession, dispatcher: Dispatcher, code: int) -> None:
+    """A registered worker's connection ended: gone at once if it said goodbye holding
+    nothing; lost (gone after the reconnect grace) otherwise; and neither when the hub
+    itself is shutting down (the worker reconnects to the next hub)."""
+    if code == CLOSE_SERVICE_RESTART:
+        return
+    broker = dispatcher.hub.broker
+    try:
+        if code in {1000, 1001} and not session.held:
+            await broker.unregister_worker(session.worker_id, session.connection)
+        else:
+            await dispatcher.lost(session)
+    except redis.exceptions.RedisError:  # the lease and the worker TTL remain the guard
+        log.warning("could not record that worker %s disconnected", session.worker_id)
+
+
+async def refuse(session: WorkerSession, registration: Registration) -> None:
+    """Another process holds the worker id: say so, and close (4409)."""
+    worker_id = session.worker_id
+    if registration.holder_connected:
+        error = (
+            f"worker id {worker_id} is already connected from another process; give each "
+            "worker process its own id (EMP_WORKER_ID)"
+        )
+        details: dict[str, Any] = {}
+    else:
+        left = registration.retry_after
+        error = (
+            f"worker id {worker_id} is kept {left:.1f} s more for another process that lost "
+            "its connection; retry then, or give this worker its own id (EMP_WORKER_ID)"
+        )
+        details = {"retry_after": round(left, 3)}
+    await session.send(
+        hub_message("error", error=error, code="worker_id_in_use", worker_id=worker_id, **details)
+    )
+    session.closed = True
+    await session.websocket.close(CLOSE_ID_IN_USE, "worker id in use")
 
 
 async def handle(session: WorkerSession, dispatcher: Dispatcher, text: str) -> None:
@@ -451,9 +594,16 @@ async def handle(session: WorkerSession, dispatcher: Dispatcher, text: str) -> N
     worker_id = session.worker_id
     try:
         if isinstance(message, RegisterWorker):
-            session.caps = message.worker_capabilities()
+            caps = message.worker_capabilities()
+            registration = await broker.register_worker(
+                worker_id, caps, instance=message.instance, connection=session.connection
+            )
+            if not registration.ok:
+                await refuse(session, registration)
+                return
+            session.caps = caps
             session.original = message.original
-            await broker.register_worker(worker_id, session.caps)
+            await dispatcher.registered(session, registration)
             tokens = {h.job_id: h.lease_token for h in message.jobs}
             kept = await broker.extend(tokens.items())
             session.held.update(

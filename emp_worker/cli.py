@@ -25,7 +25,7 @@ from emp_worker import __version__
 from emp_worker.connector import Connector
 from emp_worker.plugins import PluginError, Plugins, install, plugin_dir, uninstall
 from emp_worker.settings import WorkerSettings
-from emp_worker.worker import HubOutputs, Worker
+from emp_worker.worker import HubOutputs, Worker, WorkerRefused
 
 
 class Refused(Exception):
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     try:
         sys.exit(dispatch(args))
-    except Refused as exc:
+    except (Refused, WorkerRefused) as exc:
         print(f"emp-worker: {exc}", file=sys.stderr)
         sys.exit(2)
 

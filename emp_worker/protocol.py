@@ -36,6 +36,12 @@ class RegisterWorker(Message):
 
     type: Literal["register_worker"]
     worker_id: str | None = None
+    instance: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_.:-]{1,64}$",
+        description="Names the worker process: the same process reconnecting takes over its "
+        "old socket at once, another process with the same worker id is refused.",
+    )
     capabilities: dict[str, Any] = Field(default_factory=dict)
     subscribe_to_jobs: bool = True
     status: str = "idle"

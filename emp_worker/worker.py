@@ -7,6 +7,10 @@
        └── lost connection: reconnect with exponential backoff and jitter; running jobs go
            on, and are announced again so the hub keeps their leases.
 
+A worker id belongs to one process: when another live process has it, the hub refuses
+the registration and `run()` raises WorkerRefused (the CLI exits non-zero with the hub's
+message); while the id is kept for a process that just lost its connection, it waits.
+
 SIGTERM or SIGINT: stop asking for work, let running jobs finish within `drain_timeout_s`,
 hand back what is left, exit 0. A second signal (more than a second later) hands back at
 once; the same signal twice within a second (supervisor stopping a process group) counts
@@ -22,6 +26,7 @@ import logging
 import random
 import signal
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +46,18 @@ log = logging.getLogger("emp_worker")
 
 #: Signals closer together than this are one (a process group stopped by supervisor).
 SAME_SIGNAL_S = 1.0
+
+
+class WorkerRefused(Exception):
+    """The hub will not take this worker: another live process has its worker id."""
+
+
+class WorkerIdKept(Exception):
+    """The worker id is kept a little longer for a process that lost its connection."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 @dataclass(eq=False)
@@ -109,6 +126,9 @@ class Worker:
         self.capacity = sum(c.concurrency for c in connectors)
         self.gpus: list[GPU] = hardware.gpus()
         self.worker_id = settings.effective_worker_id(bool(self.gpus))
+        #: Names this process to the hub: it may take its worker id over from its own
+        #: earlier connection at once, while another process with the id is refused.
+        self.instance = uuid.uuid4().hex[:16]
         self.running: dict[str, Running] = {}
         self.outbox: dict[str, tuple[str, dict[str, Any]]] = {}  # job -> (token, final msg)
         self.conn: ClientConnection | None = None
@@ -171,9 +191,13 @@ class Worker:
         failures = 0
         try:
             while not self.done.is_set():
+                kept_for: float | None = None
                 try:
                     await self._session()
                     failures = 0
+                except WorkerIdKept as exc:
+                    log.warning("hub: %s", exc)
+                    kept_for = exc.retry_after
                 except (OSError, websockets.WebSocketException, TimeoutError) as exc:
                     log.warning("hub connection: %s", exc or type(exc).__name__)
                 self.conn = None
@@ -185,6 +209,8 @@ class Worker:
                     self.settings.reconnect_min_s * 2 ** min(failures - 1, 16),
                 )
                 delay *= random.uniform(0.5, 1.0)  # equal jitter: replicas do not stampede
+                if kept_for is not None:
+                    delay = kept_for + 0.1
                 log.info("reconnecting in %.1f s", delay)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.done.wait(), delay)
@@ -230,6 +256,7 @@ class Worker:
         return {
             "type": "register_worker",
             "worker_id": self.worker_id,
+            "instance": self.instance,
             "capabilities": self._caps.model_dump(mode="json"),
             "jobs": [{"job_id": job_id, "lease_token": token} for job_id, token in held],
         }
@@ -242,7 +269,12 @@ class Worker:
             if message.get("type") == "worker_registered":
                 break
             if message.get("type") == "error":
-                raise websockets.InvalidHandshake(message.get("error", "refused"))
+                error = message.get("error", "refused")
+                if message.get("code") == "worker_id_in_use":
+                    if "retry_after" in message:
+                        raise WorkerIdKept(error, float(message["retry_after"]))
+                    raise WorkerRefused(error)
+                raise websockets.InvalidHandshake(error)
         kept = set(message.get("jobs", []))
         for job_id in [j for j in self.running if j not in kept]:
             log.warning("job %s was lost while disconnected; stopping it", job_id)

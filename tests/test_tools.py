@@ -15,6 +15,7 @@ from rich.console import Console
 
 from benchmarks import claim as claim_benchmark
 from benchmarks import hub as hub_benchmark
+from benchmarks import recovery as recovery_benchmark
 from benchmarks import worker as worker_benchmark
 from emp_hub.demo import run_demo
 
@@ -62,6 +63,18 @@ def test_worker_benchmark_prints_its_json(
     results = report["results"]
     assert results["completed"] == 100 and results["jobs_per_s"] > 0
     assert results["worker_side_overhead"]["p99_ms"] > 0
+
+
+@pytest.mark.timeout(300)
+def test_recovery_benchmark_prints_its_json(
+    redis_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["--runs", "1", "--scenarios", "kill9", "--grace", "1", "--lease", "60"]
+    recovery_benchmark.main([*args, "--url", redis_url])
+    report = json.loads(capsys.readouterr().out)
+    assert report["conditions"]["reconnect_grace_s"] == 1
+    [seconds] = report["results"]["kill9"]["seconds"]
+    assert 1 <= seconds < 60  # after the grace, not the lease
 
 
 @pytest.mark.timeout(180)

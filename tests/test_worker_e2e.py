@@ -96,6 +96,47 @@ def test_kill_9_mid_job_another_worker_finishes_it_once(hub: Cluster) -> None:
     )
 
 
+def test_kill_9_the_job_runs_elsewhere_after_the_grace_not_the_lease(hub: Cluster) -> None:
+    assert hub.hub is not None
+    hub.hub.stop()
+    hub.start_hub(EMP_BROKER__LEASE_S="60", EMP_BROKER__RECONNECT_GRACE_S="1")
+    doomed = hub.start_worker("w-killed", EMP_SIMULATION_DURATION="60")
+    hub.wait_for_workers("w-killed")
+    job_id = hub.submit()
+    assert hub.wait_job(job_id, {"active"})["worker_id"] == "w-killed"
+    hub.start_worker("w-spare", EMP_SIMULATION_DURATION="0.2")
+    hub.wait_for_workers("w-spare")
+    doomed.signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    job = hub.wait_job(job_id, timeout=20)
+    assert (job["status"], job["worker_id"], job["orphans"]) == ("completed", "w-spare", 1)
+    assert job["claimed_at"] - job["created_at"] < 20  # not the 60 s lease
+    assert time.monotonic() - killed_at < 20
+    assert [w["worker_id"] for w in hub.get("/api/workers")] == ["w-spare"]
+
+
+def test_a_second_worker_process_with_the_same_id_exits_with_a_clear_error(
+    hub: Cluster,
+) -> None:
+    first = hub.start_worker("w-same")
+    hub.wait_for_workers("w-same")
+    second = hub.start_worker("w-same-2", EMP_WORKER_ID="w-same")
+    assert second.wait(30) == 2
+    assert "worker id w-same is already connected" in second.text()
+    assert "EMP_WORKER_ID" in second.text()
+    assert first.popen.poll() is None
+    job = hub.wait_job(hub.submit(payload={"duration": 0.1}))
+    assert (job["status"], job["worker_id"]) == ("completed", "w-same")
+
+
+def test_sigterm_idle_worker_leaves_the_worker_list_at_once(hub: Cluster) -> None:
+    worker = hub.start_worker("w-leaving")
+    hub.wait_for_workers("w-leaving")
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(30) == 0
+    assert hub.get("/api/workers") == []
+
+
 def test_sigterm_mid_job_lets_it_finish_and_exits_0(hub: Cluster) -> None:
     worker = hub.start_worker("w-term", EMP_SIMULATION_DURATION="2")
     hub.wait_for_workers("w-term")
@@ -106,6 +147,7 @@ def test_sigterm_mid_job_lets_it_finish_and_exits_0(hub: Cluster) -> None:
     assert worker.wait(30) == 0
     job = hub.wait_job(job_id)
     assert (job["status"], job["worker_id"]) == ("completed", "w-term")
+    assert hub.get("/api/workers") == []  # it stopped: no longer live
     later = hub.submit()  # it asked for no more work
     time.sleep(0.5)
     assert hub.get(f"/api/jobs/{later}")["status"] == "pending"

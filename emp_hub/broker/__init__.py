@@ -3,7 +3,7 @@
 Start at `Broker` (broker.py); the data model is described there and in docs/broker.md.
 """
 
-from emp_hub.broker.broker import Broker, MaintenanceReport
+from emp_hub.broker.broker import Broker, MaintenanceReport, Registration
 from emp_hub.broker.connection import connect
 from emp_hub.broker.models import (
     PRIORITY_MAX,
@@ -51,6 +51,7 @@ __all__ = [
     "MaintenanceReport",
     "Page",
     "QueueStats",
+    "Registration",
     "RequirementsSpec",
     "StaleLease",
     "Submitted",

@@ -15,8 +15,11 @@ Data model (docs/broker.md has the whole picture); every key starts with "{names
     expiring            zset: "id TAB service TAB customer TAB status" -> retention end
     idx:all, idx:status:<s>, idx:svc:<service>, idx:cust:<customer>
                         zsets: job id -> seq, to list jobs newest first
-    workers             zset: worker id -> last seen
+    workers             zset: worker id -> last seen (a lost worker: set to age out after
+                        the reconnect grace)
     worker:<id>         string: the worker's capabilities (JSON), expires
+    owner:<id>          string: "up|gone <instance> <connection>": which process and
+                        connection hold the worker id; expires (with the grace once gone)
 """
 
 from __future__ import annotations
@@ -59,6 +62,19 @@ from emp_hub.broker.settings import BrokerSettings
 from emp_worker.capabilities import JobRequirements, WorkerCapabilities, matches
 
 log = logging.getLogger("emp_hub.broker")
+
+
+@dataclass(frozen=True)
+class Registration:
+    """The answer to register_worker."""
+
+    ok: bool
+    #: The connection of the same process that this registration took over, if any.
+    replaced: str | None = None
+    #: Refused: whether the process holding the id is connected (else it is within its
+    #: reconnect grace), and the seconds until its claim lapses unless it comes back.
+    holder_connected: bool = False
+    retry_after: float = 0.0
 
 
 @dataclass
@@ -237,14 +253,34 @@ class Broker:
 
     # -- workers and matching ----------------------------------------------------------
 
-    async def register_worker(self, worker_id: str, caps: WorkerCapabilities) -> None:
-        """Record a live worker and its capabilities (call again to refresh them)."""
-        ttl = self.settings.worker_ttl_s
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.zadd(self.key("workers"), {worker_id: self.clock()})
-            pipe.set(self.key("worker", worker_id), caps.model_dump_json(), ex=int(ttl) + 1)
-            await pipe.execute()
+    async def register_worker(
+        self,
+        worker_id: str,
+        caps: WorkerCapabilities,
+        *,
+        instance: str | None = None,
+        connection: str = "-",
+    ) -> Registration:
+        """Record a live worker and its capabilities (call again to refresh them).
+
+        A worker id belongs to one process (`instance`) at a time: another process is
+        refused while the holder is connected or within its reconnect grace, and the same
+        process coming back on a new `connection` takes over at once (the answer names the
+        connection it replaced). Original workers send no instance; the newest wins.
+        """
+        ok, *rest = await self._run(
+            "register",
+            worker_id,
+            instance or "-",
+            connection,
+            caps.model_dump_json(),
+            self.settings.worker_ttl_s,
+        )
+        if not ok:
+            state, left = rest
+            return Registration(ok=False, holder_connected=state == "up", retry_after=float(left))
         self._set_live({**self._live, worker_id: caps})  # the others come at the next refresh
+        return Registration(ok=True, replaced=rest[0] or None)
 
     async def touch_worker(self, worker_id: str) -> None:
         """Mark a registered worker as still alive (its heartbeat)."""
@@ -252,15 +288,32 @@ class Broker:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.zadd(self.key("workers"), {worker_id: self.clock()}, xx=True)
             pipe.expire(self.key("worker", worker_id), ttl)
+            pipe.expire(self.key("owner", worker_id), ttl)
             await pipe.execute()
 
-    async def unregister_worker(self, worker_id: str) -> None:
-        """Forget a worker (it disconnected cleanly)."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.zrem(self.key("workers"), worker_id)
-            pipe.delete(self.key("worker", worker_id))
-            await pipe.execute()
-        self._set_live({w: c for w, c in self._live.items() if w != worker_id})
+    async def unregister_worker(self, worker_id: str, connection: str = "-") -> bool:
+        """Forget a worker that stopped cleanly on `connection`, holding nothing. False when
+        that connection no longer owns the id (a newer one took over): nothing changes."""
+        gone = await self._run(
+            "disconnect", worker_id, connection, "bye", 0, self.settings.worker_ttl_s
+        )
+        if gone:
+            self._set_live({w: c for w, c in self._live.items() if w != worker_id})
+        return bool(gone)
+
+    async def worker_lost(
+        self, worker_id: str, connection: str, held: Iterable[tuple[str, str]]
+    ) -> bool:
+        """The worker's `connection` ended without a goodbye (killed, crashed, cut off).
+        It stays live for reconnect_grace_s; then it no longer counts, and the leases of
+        the (job id, token) pairs it held run out, so the reaper requeues those jobs unless
+        it comes back first. False when that connection no longer owned the id."""
+        pairs = [x for pair in held for x in pair]
+        s = self.settings
+        lost = await self._run(
+            "disconnect", worker_id, connection, "lost", s.reconnect_grace_s, s.worker_ttl_s, *pairs
+        )
+        return bool(lost)
 
     def _set_live(self, live: dict[str, WorkerCapabilities]) -> None:
         self._live = live

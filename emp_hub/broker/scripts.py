@@ -32,6 +32,8 @@ NAMES = (
     "janitor",
     "depth",
     "import",
+    "register",
+    "disconnect",
 )
 
 #: The settings every script receives in ARGV[3], in this order (see lua/common.lua).

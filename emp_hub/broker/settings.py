@@ -37,6 +37,12 @@ class BrokerSettings(BaseModel):
     worker_ttl_s: float = Field(
         default=60, gt=0, description="A worker not heard from for this long is not live."
     )
+    reconnect_grace_s: float = Field(
+        default=5,
+        gt=0,
+        description="A worker whose connection ended counts as live this long, waiting for it "
+        "to reconnect; then it is gone and the jobs it held go back to pending.",
+    )
     live_cache_s: float = Field(
         default=1.0, ge=0, description="How long the list of live workers is cached."
     )

@@ -1,0 +1,26 @@
+-- A worker connection registers: take the worker id, unless another live process holds it.
+-- ARGV[4] worker id, ARGV[5] instance (the process; '-' for original workers, which send
+-- none), ARGV[6] connection id, ARGV[7] capabilities (JSON), ARGV[8] worker_ttl_s.
+-- The owner key holds "<state> <instance> <connection>", state 'up' while connected and
+-- 'gone' during the reconnect grace after its connection ended (the key expires with it).
+-- The id is taken when nobody holds it, by the same process (a reconnect takes over its
+-- old socket at once), or from an original worker (today's behaviour: the newest wins).
+-- Returns {1, previous connection or ''} or {0, state of the holder, seconds it has left}.
+local worker, instance, conn = ARGV[4], ARGV[5], ARGV[6]
+local ttl = tonumber(ARGV[8])
+local okey = P .. 'owner:' .. worker
+local previous = ''
+local current = redis.call('GET', okey)
+if current then
+  local state, holder, held_by = string.match(current, '^(%S+) (%S+) (%S+)$')
+  if held_by ~= conn then
+    if holder ~= '-' and holder ~= instance then
+      return {0, state, tostring(redis.call('PTTL', okey) / 1000)}
+    end
+    previous = held_by
+  end
+end
+redis.call('SET', okey, 'up ' .. instance .. ' ' .. conn, 'PX', math.ceil(ttl * 1000))
+redis.call('ZADD', P .. 'workers', NOW, worker)
+redis.call('SET', P .. 'worker:' .. worker, ARGV[7], 'PX', math.ceil(ttl * 1000) + 1000)
+return {1, previous}
