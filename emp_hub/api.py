@@ -35,7 +35,7 @@ from emp_hub.broker import (
     TooLarge,
 )
 from emp_hub.broker.models import JOB_ID_PATTERN, Event
-from emp_worker.capabilities import NAME_PATTERN, WorkerCapabilities
+from emp_worker.capabilities import NAME_PATTERN, JobRequirements, WorkerCapabilities
 
 router = APIRouter()
 
@@ -166,6 +166,9 @@ class SubmitResponse(BaseModel):
     status: str = "pending"
     position: int | None = None
     duplicate: bool = Field(default=False, description="An earlier submit had this key.")
+    unschedulable: str | None = Field(
+        default=None, description="Why no live worker can run the job now (it waits for one)."
+    )
 
 
 class JobView(BaseModel):
@@ -195,9 +198,14 @@ class JobView(BaseModel):
     message: str | None
     started_at: float | None
     finished_at: float | None
+    unschedulable: str | None = Field(
+        default=None,
+        description="A job waiting for a worker: why no live worker can run it now, naming "
+        "the requirement none satisfies.",
+    )
 
     @classmethod
-    def of(cls, job: Job, position: int | None) -> JobView:
+    def of(cls, job: Job, position: int | None, unschedulable: str | None = None) -> JobView:
         """The view of a broker Job."""
         return cls(
             job_id=job.id,
@@ -224,6 +232,7 @@ class JobView(BaseModel):
             message=job.message,
             started_at=job.started_at,
             finished_at=job.finished_at,
+            unschedulable=unschedulable,
         )
 
 
@@ -268,7 +277,18 @@ class WorkerView(BaseModel):
 
 
 async def _job_view(hub: Hub, job: Job) -> JobView:
-    return JobView.of(job, await hub.broker.position(job.id, job.requirement_class))
+    return JobView.of(
+        job,
+        await hub.broker.position(job.id, job.requirement_class),
+        await _why_waiting(hub, job.requirements, job.status),
+    )
+
+
+async def _why_waiting(hub: Hub, req: JobRequirements, status: JobStatus) -> str | None:
+    """For a job that waits for a worker, why no live worker can run it (else None)."""
+    if status not in (JobStatus.PENDING, JobStatus.DELAYED):
+        return None
+    return await hub.broker.why_unschedulable(req)
 
 
 async def _rate_limit(hub: Hub, principal: Principal, cost: int) -> None:
@@ -327,11 +347,13 @@ async def submit_job(body: SubmitRequest, hub: HubDep, principal: Submitter) -> 
         await _wait_until_done(hub, submitted.id, body.timeout)
         return await _job_view(hub, await hub.broker.get(submitted.id))
     position = submitted.position
+    status = JobStatus.PENDING if position is not None else JobStatus.ACTIVE
     return SubmitResponse(
         job_id=submitted.id,
         message=f"Job submitted successfully with ID: {submitted.id}",
-        status="pending" if position is not None else "active",
+        status=status.value,
         position=position,
+        unschedulable=await _why_waiting(hub, spec.job_requirements(), status),
     )
 
 

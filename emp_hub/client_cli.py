@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -37,8 +38,13 @@ def payload_arg(value: str) -> dict[str, Any]:
     return data
 
 
+#: How often `--wait` asks again why a waiting job has no worker.
+WAITING_CHECK_S = 5.0
+
+
 async def follow(emp: Client, job_id: str) -> dict[str, Any]:
-    """Show a progress bar until the job ends; returns its final state."""
+    """Show a progress bar until the job ends, and say why while no live worker can run
+    it; returns its final state."""
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -49,18 +55,39 @@ async def follow(emp: Client, job_id: str) -> dict[str, Any]:
         transient=False,
     ) as bar:
         task = bar.add_task(job_id, total=100, status="pending")
-        async for event in emp.events(job_id):
-            if event["type"] == "progress":
-                bar.update(
-                    task,
-                    completed=float(event["progress"]),
-                    status=event.get("message") or "running",
-                )
-            else:
-                status = event["status"]
-                bar.update(task, status=status)
-                if status == "completed":
-                    bar.update(task, completed=100)
+
+        async def explain_waiting() -> None:
+            said = None
+            while True:
+                job = await emp.get(job_id)
+                if job["status"] not in ("pending", "delayed"):
+                    return
+                reason = job.get("unschedulable")
+                if reason != said:
+                    if reason:
+                        bar.console.print(f"[yellow]{job_id} waits: {reason}[/]")
+                    bar.update(task, status="unschedulable" if reason else job["status"])
+                    said = reason
+                await asyncio.sleep(WAITING_CHECK_S)
+
+        explainer = asyncio.create_task(explain_waiting())
+        try:
+            async for event in emp.events(job_id):
+                if event["type"] == "progress":
+                    bar.update(
+                        task,
+                        completed=float(event["progress"]),
+                        status=event.get("message") or "running",
+                    )
+                else:
+                    status = event["status"]
+                    bar.update(task, status=status)
+                    if status == "completed":
+                        bar.update(task, completed=100)
+        finally:
+            explainer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, EmpError):
+                await explainer
     return await emp.get(job_id)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from enum import StrEnum
 from functools import cached_property
 from typing import Annotated, Any
@@ -159,19 +160,79 @@ def customer_allows(req: JobRequirements, access: CustomerAccess) -> bool:
     return True
 
 
-def matches(req: JobRequirements, caps: WorkerCapabilities) -> bool:
-    """True when a worker with `caps` may run a job with requirements `req`."""
+def first_unmet(req: JobRequirements, caps: WorkerCapabilities) -> int | None:
+    """The number of the first rule (docs/matching.md) that `caps` fails for `req`, in
+    the order service, models, GPUs, region, tags, CPU and RAM, customer; None: it matches."""
     if req.service not in caps.services:
-        return False
+        return 0
     if req.models and not set(req.models) <= caps.models.get(req.service, frozenset()):
-        return False
+        return 1
     needed = req.gpus_needed
     if needed and sum(1 for g in caps.gpus if g.memory_gb >= req.gpu_memory_gb) < needed:
-        return False
+        return 2
     if req.region is not None and req.region != caps.region:
-        return False
+        return 3
     if not set(req.tags) <= caps.tags:
-        return False
+        return 4
     if req.cpu_cores > caps.cpu_cores or req.ram_gb > caps.ram_gb:
-        return False
-    return customer_allows(req, caps.customer_access)
+        return 5
+    if not customer_allows(req, caps.customer_access):
+        return 6
+    return None
+
+
+def matches(req: JobRequirements, caps: WorkerCapabilities) -> bool:
+    """True when a worker with `caps` may run a job with requirements `req`."""
+    return first_unmet(req, caps) is None
+
+
+def _rule(req: JobRequirements, number: int) -> tuple[str, str] | None:
+    """Rule `number` of first_unmet() as (what the workers that pass it do, what those
+    that fail it do not); None when the rule asks nothing of this job."""
+    if number == 0:
+        return f"offer service {req.service!r}", f"offer service {req.service!r}"
+    if number == 1 and req.models:
+        models = f"model(s) {', '.join(req.models)} for {req.service!r}"
+        return f"have {models}", f"have {models}"
+    if number == 2 and req.gpus_needed:
+        memory = f" with at least {req.gpu_memory_gb:g} GB each" if req.gpu_memory_gb else ""
+        gpus = f"{req.gpus_needed} GPU(s){memory}"
+        return f"have {gpus}", f"have {gpus}"
+    if number == 3 and req.region is not None:
+        return f"are in region {req.region!r}", f"run in region {req.region!r}"
+    if number == 4 and req.tags:
+        return f"carry tag(s) {', '.join(req.tags)}", f"carry tag(s) {', '.join(req.tags)}"
+    if number == 5 and (req.cpu_cores or req.ram_gb):
+        size = f"at least {req.cpu_cores} CPU cores and {req.ram_gb:g} GB of RAM"
+        return f"have {size}", f"have {size}"
+    if number == 6:
+        if req.customer is None:
+            return "accept jobs of no customer", "accept jobs of no customer"
+        whose = f"customer {req.customer!r} (job isolation {req.isolation.value})"
+        return f"accept {whose}", f"accept {whose}"
+    return None
+
+
+def why_unmatched(req: JobRequirements, workers: Iterable[WorkerCapabilities]) -> str | None:
+    """Why none of `workers` may run a job with `req`, naming the requirement that the
+    workers that got furthest fail; None when one of them may run it."""
+    workers = list(workers)
+    failed = [first_unmet(req, caps) for caps in workers]
+    if not failed:
+        return "no worker is connected"
+    if None in failed:
+        return None
+    furthest = max(n for n in failed if n is not None)
+    if furthest == 0:
+        offered = sorted({s for caps in workers for s in caps.services})
+        return (
+            f"no live worker offers service {req.service!r} "
+            f"(the {len(failed)} live worker(s) offer: {', '.join(offered) or 'nothing'})"
+        )
+    passed = " and ".join(rule[0] for n in range(furthest) if (rule := _rule(req, n)))
+    failing = _rule(req, furthest)
+    assert failing is not None  # a rule that asks nothing fails no worker
+    return (
+        f"no live worker can run it: the {failed.count(furthest)} of {len(failed)} live "
+        f"worker(s) that {passed} do not {failing[1]}"
+    )

@@ -16,6 +16,7 @@ from emp_worker.capabilities import (
     JobRequirements,
     WorkerCapabilities,
     matches,
+    why_unmatched,
 )
 from tests.strategies import capabilities, requirements
 
@@ -141,3 +142,38 @@ def test_strict_pairs() -> None:
 def test_unknown_requirement_is_rejected() -> None:
     with pytest.raises(ValidationError, match="Extra inputs"):
         JobRequirements.model_validate({"service": "sim", "vram": 12})
+
+
+def test_why_unmatched_names_the_requirement_no_worker_meets() -> None:
+    flux = JobRequirements(service="comfyui", models=("flux",), gpu_memory_gb=24)
+    sdxl_box = WorkerCapabilities(services={"comfyui"}, models={"comfyui": {"sdxl"}})
+    a1111_box = WorkerCapabilities(services={"a1111"})
+    assert why_unmatched(flux, []) == "no worker is connected"
+    assert why_unmatched(JobRequirements(service="sim"), [sdxl_box, a1111_box]) == (
+        "no live worker offers service 'sim' (the 2 live worker(s) offer: a1111, comfyui)"
+    )
+    assert why_unmatched(flux, [sdxl_box, a1111_box]) == (
+        "no live worker can run it: the 1 of 2 live worker(s) that offer service 'comfyui' "
+        "do not have model(s) flux for 'comfyui'"
+    )
+    small_gpu = WorkerCapabilities(
+        services={"comfyui"}, models={"comfyui": {"flux"}}, gpus=(GPU(memory_gb=12),)
+    )
+    assert why_unmatched(flux, [small_gpu]) == (
+        "no live worker can run it: the 1 of 1 live worker(s) that offer service 'comfyui' "
+        "and have model(s) flux for 'comfyui' do not have 1 GPU(s) with at least 24 GB each"
+    )
+    strict = JobRequirements(service="comfyui", customer="acme", isolation=Isolation.STRICT)
+    assert "do not accept customer 'acme' (job isolation strict)" in str(
+        why_unmatched(strict, [sdxl_box])
+    )
+    assert why_unmatched(flux, [small_gpu, small_gpu.model_copy(update={"gpus": ()})]) is not None
+    big = small_gpu.model_copy(update={"gpus": (GPU(memory_gb=24),)})
+    assert why_unmatched(flux, [sdxl_box, big]) is None
+
+
+@given(requirements(), st.lists(capabilities(), max_size=4))
+def test_why_unmatched_agrees_with_matches(
+    req: JobRequirements, workers: list[WorkerCapabilities]
+) -> None:
+    assert (why_unmatched(req, workers) is None) == any(matches(req, w) for w in workers)

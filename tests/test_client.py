@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import httpx
 import pytest
 import redis.asyncio
 
@@ -131,3 +132,42 @@ async def test_cli(
     with pytest.raises(SystemExit):
         await asyncio.to_thread(emp, "submit", "sim", "--payload", "[1]")
     assert "must be a JSON object" in capsys.readouterr().err
+
+
+async def test_a_waiting_job_says_why_no_worker_can_run_it(
+    base_url: str,
+    hub_settings: HubSettings,
+    redis_client: redis.asyncio.Redis,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    broker = Broker(redis_client, hub_settings.broker)
+    await broker.register_worker("w-simulation", WorkerCapabilities(services={"simulation"}))
+    why = "no live worker offers service 'sim' (the 1 live worker(s) offer: simulation)"
+    async with httpx.AsyncClient(base_url=base_url) as http:
+        submitted = (await http.post("/api/jobs", json={"job_type": "sim"})).json()
+        assert submitted["unschedulable"] == why
+        job = (await http.get(f"/api/jobs/{submitted['job_id']}")).json()
+        assert job["unschedulable"] == why
+        waited = await http.post(
+            "/api/jobs", json={"job_type": "sim", "wait": True, "timeout": 0.3}
+        )
+        assert (waited.json()["status"], waited.json()["unschedulable"]) == ("pending", why)
+        fine = await http.post("/api/jobs", json={"job_type": "simulation"})
+        assert fine.json()["unschedulable"] is None
+    await broker.cancel(submitted["job_id"])
+    await broker.cancel(waited.json()["job_id"])
+    await broker.cancel(fine.json()["job_id"])
+
+    monkeypatch.setattr("emp_hub.client_cli.WAITING_CHECK_S", 0.1)
+
+    async def late_worker() -> str:
+        await asyncio.sleep(1)  # the CLI says why it waits meanwhile
+        return await work_one(broker)
+
+    worker = asyncio.create_task(late_worker())
+    cli = ["--hub", base_url, "submit", "sim", "--wait"]
+    assert await asyncio.to_thread(main, cli) == 0
+    await worker
+    out = capsys.readouterr().out
+    assert f"waits: {why}" in " ".join(out.split()) and "completed" in out

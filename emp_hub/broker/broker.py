@@ -59,7 +59,7 @@ from emp_hub.broker.models import (
 )
 from emp_hub.broker.scripts import CONFIG_FIELDS, Scripts
 from emp_hub.broker.settings import BrokerSettings
-from emp_worker.capabilities import JobRequirements, WorkerCapabilities, matches
+from emp_worker.capabilities import JobRequirements, WorkerCapabilities, matches, why_unmatched
 
 log = logging.getLogger("emp_hub.broker")
 
@@ -359,6 +359,15 @@ class Broker:
         self._set_live(live)
         self._live_at = now
         return live
+
+    async def why_unschedulable(self, req: JobRequirements) -> str | None:
+        """Why no live worker may run a job with `req` (the requirement none satisfies);
+        None when one may."""
+        live = await self.live_workers()
+        known = req.requirement_class in self._classes  # then counted once per snapshot
+        if known and self._live_counts(live).get(req.requirement_class, 0):
+            return None
+        return why_unmatched(req, live.values())
 
     async def refresh_classes(self) -> None:
         """Re-read the requirement classes (a new one appeared)."""
