@@ -25,11 +25,13 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 from starlette.websockets import WebSocketDisconnected
 
+import emp_hub
 from emp_hub.app import Hub
 from emp_hub.auth import Principal, Role
 from emp_hub.broker import BrokerError, Claim, Job, JobStatus, Registration, StaleLease
 from emp_worker.capabilities import WorkerCapabilities
 from emp_worker.protocol import (
+    PROTOCOL_VERSION,
     ClaimJob,
     CompleteJob,
     ConnectorWsStatus,
@@ -474,21 +476,32 @@ class Dispatcher:
 
 async def authenticate_ws(websocket: WebSocket, hub: Hub, roles: set[Role]) -> Principal | None:
     """The caller of a WebSocket (token in ?token= or Authorization: Bearer). On failure,
-    answer as the original hub did (an `error` message), then close (1008)."""
+    answer as the original hub did (an `error` message, with `code: auth_failed`, the
+    `cause`: missing, invalid or role, and the roles it `needs`), then close (1008)."""
     token = websocket.query_params.get("token")
     header = websocket.headers.get("authorization", "")
     if header.lower().startswith("bearer "):
         token = header[7:].strip()
     principal = await hub.tokens.authenticate(token)
-    if principal is None or principal.role not in roles:
-        await websocket.accept()
-        reason = "Invalid token" if principal is None else "this token may not connect here"
-        await websocket.send_text(
-            json.dumps(hub_message("error", error=f"Authentication failed: {reason}"))
-        )
-        await websocket.close(code=1008)
-        return None
-    return principal
+    if principal is not None and principal.role in roles:
+        return principal
+    needs = " or ".join(sorted(r.value for r in roles))
+    if principal is None:  # the original hub's words, for missing and unknown tokens alike
+        cause, text = ("missing" if not token else "invalid"), "Invalid token"
+    else:
+        cause = "role"
+        text = f"this token has role {principal.role.value}; this route needs role {needs}"
+    await websocket.accept()
+    error = hub_message(
+        "error",
+        error=f"Authentication failed: {text}",
+        code="auth_failed",
+        cause=cause,
+        needs=needs,
+    )
+    await websocket.send_text(json.dumps(error))
+    await websocket.close(code=1008)
+    return None
 
 
 @router.websocket("/ws/worker/{worker_id}")
@@ -504,6 +517,8 @@ async def worker_socket(websocket: WebSocket, worker_id: str) -> None:
         {
             "type": "connection_established",
             "message": f"Welcome Worker {worker_id}! Connected to emp hub",
+            "protocol_version": PROTOCOL_VERSION,
+            "hub_version": emp_hub.__version__,
         }
     )
     feeder = asyncio.create_task(dispatcher.feed(session))
@@ -547,9 +562,8 @@ async def _disconnected(session: WorkerSession, dispatcher: Dispatcher, code: in
         log.warning("could not record that worker %s disconnected", session.worker_id)
 
 
-async def refuse(session: WorkerSession, registration: Registration) -> None:
-    """Another process holds the worker id: say so, and close (4409)."""
-    worker_id = session.worker_id
+def _refusal(worker_id: str, registration: Registration) -> dict[str, Any]:
+    """The error that refuses a worker id another process holds."""
     if registration.holder_connected:
         error = (
             f"worker id {worker_id} is already connected from another process; give each "
@@ -563,9 +577,14 @@ async def refuse(session: WorkerSession, registration: Registration) -> None:
             "its connection; retry then, or give this worker its own id (EMP_WORKER_ID)"
         )
         details = {"retry_after": round(left, 3)}
-    await session.send(
-        hub_message("error", error=error, code="worker_id_in_use", worker_id=worker_id, **details)
+    return hub_message(
+        "error", error=error, code="worker_id_in_use", worker_id=worker_id, **details
     )
+
+
+async def refuse(session: WorkerSession, registration: Registration) -> None:
+    """Another process holds the worker id: say so, and close (4409)."""
+    await session.send(_refusal(session.worker_id, registration))
     session.closed = True
     await session.websocket.close(CLOSE_ID_IN_USE, "worker id in use")
 
@@ -596,8 +615,19 @@ async def handle(session: WorkerSession, dispatcher: Dispatcher, text: str) -> N
         if isinstance(message, RegisterWorker):
             caps = message.worker_capabilities()
             registration = await broker.register_worker(
-                worker_id, caps, instance=message.instance, connection=session.connection
+                worker_id,
+                caps,
+                instance=message.instance,
+                connection=session.connection,
+                dry_run=message.dry_run,
             )
+            if message.dry_run:  # emp-worker doctor: could it register?
+                await session.send(
+                    _refusal(worker_id, registration)
+                    if not registration.ok
+                    else hub_message("worker_id_available", worker_id=worker_id)
+                )
+                return
             if not registration.ok:
                 await refuse(session, registration)
                 return

@@ -107,6 +107,7 @@ async def doctor(settings: WorkerSettings) -> tuple[dict[str, Any], bool]:
     except httpx.HTTPError as exc:
         report["hub"].update(ok=False, detail=f"unreachable: {exc or type(exc).__name__}")
     healthy &= report["hub"]["ok"]
+    report["hub_checks"] = {}
     try:
         connectors = make_connectors(settings, plugins)
     except Refused as exc:
@@ -123,6 +124,9 @@ async def doctor(settings: WorkerSettings) -> tuple[dict[str, Any], bool]:
             report["connectors"][connector.name] = entry
             healthy &= bool(entry["ok"])
     worker = Worker(settings, plugins, connectors)
+    if report["hub"]["ok"]:  # the token, the protocol version, the worker id
+        report["hub_checks"] = await worker.probe()
+        healthy &= all(check["ok"] for check in report["hub_checks"].values())
     report["worker_id"] = worker.worker_id
     report["capabilities"] = worker.capabilities().model_dump(mode="json")
     report["plugins"] = [
@@ -164,6 +168,10 @@ def show_doctor(report: dict[str, Any]) -> str:
     ]
     hub = report["hub"]
     checks = [["hub", hub["url"], "ok" if hub["ok"] else "FAILED", hub["detail"]]]
+    for name, entry in report["hub_checks"].items():
+        checks.append(
+            [name.replace("_", " "), "", "ok" if entry["ok"] else "FAILED", entry["detail"]]
+        )
     connectors = report["connectors"]
     if "error" in connectors:
         checks.append(["connectors", "", "FAILED", connectors["error"]])

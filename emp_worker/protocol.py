@@ -14,6 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from emp_worker.capabilities import WorkerCapabilities
 
+#: The version of this protocol. The hub says its own in `connection_established`
+#: (`protocol_version`); a worker of another version is told by `emp-worker doctor` and
+#: warned at start. Raised only for changes an older peer would misunderstand.
+PROTOCOL_VERSION = 1
+
 
 class Message(BaseModel):
     """Fields every message may carry. Unknown extra fields are tolerated (and ignored),
@@ -46,6 +51,11 @@ class RegisterWorker(Message):
     subscribe_to_jobs: bool = True
     status: str = "idle"
     jobs: list[HeldJob] = Field(default_factory=list, description="Jobs kept over a reconnect.")
+    dry_run: bool = Field(
+        default=False,
+        description="Only check whether this worker id could register (emp-worker doctor): "
+        "answered with worker_id_available or a worker_id_in_use error; nothing is recorded.",
+    )
 
     @property
     def original(self) -> bool:

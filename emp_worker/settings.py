@@ -78,6 +78,12 @@ class WorkerSettings(BaseSettings):
     )
     reconnect_min_s: float = Field(default=0.5, gt=0, validation_alias=_env("reconnect_min"))
     reconnect_max_s: float = Field(default=30, gt=0, validation_alias=_env("reconnect_max"))
+    auth_retry_s: float = Field(
+        default=60,
+        gt=0,
+        validation_alias=_env("auth_retry"),
+        description="After the hub refused the token, how long to wait before trying again.",
+    )
     region: str | None = Field(default=None, validation_alias=_env("region"))
     tags: CommaList = Field(default_factory=list, validation_alias=_env("tags"))
     customer_isolation: Isolation = Field(

@@ -40,6 +40,7 @@ from emp_worker.capabilities import GPU, CustomerAccess, WorkerCapabilities
 from emp_worker.connector import Connector, Job, JobContext, JobFailed, OutputRef, maybe_await
 from emp_worker.hookspecs import hookimpl
 from emp_worker.plugins import Plugins
+from emp_worker.protocol import PROTOCOL_VERSION
 from emp_worker.settings import WorkerSettings
 
 log = logging.getLogger("emp_worker")
@@ -58,6 +59,27 @@ class WorkerIdKept(Exception):
     def __init__(self, message: str, retry_after: float) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class TokenRefused(Exception):
+    """The hub refused this worker's token (missing, unknown or revoked, wrong role)."""
+
+
+def _token_refusal(message: dict[str, Any]) -> str:
+    """What to do about the hub's auth_failed error, in one line."""
+    create = "emp-hub token create --role worker"
+    cause = message.get("cause")
+    if cause == "missing":
+        return f"the hub needs a token: set EMP_TOKEN to a token with role worker ({create})"
+    if cause == "invalid":
+        return (
+            "the hub does not know this token (mistyped, or revoked): set EMP_TOKEN to a "
+            f"valid token with role worker ({create})"
+        )
+    error = str(message.get("error", "the hub refused the token"))
+    if cause == "role":
+        return f"{error}: set EMP_TOKEN to a token with role worker ({create})"
+    return error
 
 
 @dataclass(eq=False)
@@ -198,6 +220,9 @@ class Worker:
                 except WorkerIdKept as exc:
                     log.warning("hub: %s", exc)
                     kept_for = exc.retry_after
+                except TokenRefused as exc:
+                    kept_for = self.settings.auth_retry_s
+                    log.error("%s; trying again in %g s", exc, kept_for)
                 except (OSError, websockets.WebSocketException, TimeoutError) as exc:
                     log.warning("hub connection: %s", exc or type(exc).__name__)
                 self.conn = None
@@ -209,7 +234,7 @@ class Worker:
                     self.settings.reconnect_min_s * 2 ** min(failures - 1, 16),
                 )
                 delay *= random.uniform(0.5, 1.0)  # equal jitter: replicas do not stampede
-                if kept_for is not None:
+                if kept_for is not None:  # not a network problem: no backoff
                     delay = kept_for + 0.1
                 log.info("reconnecting in %.1f s", delay)
                 with contextlib.suppress(TimeoutError):
@@ -224,15 +249,47 @@ class Worker:
                     await connector.stop()
         return 0
 
-    async def _session(self) -> None:
-        """One connection: register, ask for work, handle messages until it closes."""
+    def _connect(self, open_timeout: float = 10) -> websockets.connect:
+        """Open this worker's socket on the hub (with its token)."""
         headers = {}
         if self.settings.token is not None:
             headers["Authorization"] = f"Bearer {self.settings.token.get_secret_value()}"
         url = f"{self.settings.hub_url}/ws/worker/{self.worker_id}"
-        async with websockets.connect(
-            url, additional_headers=headers, open_timeout=10, max_size=None
-        ) as conn:
+        return websockets.connect(
+            url, additional_headers=headers, open_timeout=open_timeout, max_size=None
+        )
+
+    async def probe(self) -> dict[str, dict[str, Any]]:
+        """What `run` needs from the hub, checked without registering (emp-worker doctor):
+        the token is accepted on the worker route, the protocol versions agree, and no
+        other process holds this worker id. Each check: {"ok": bool, "detail": str}."""
+        checks: dict[str, dict[str, Any]] = {}
+        try:
+            async with self._connect(open_timeout=5) as conn:
+                greeting = json.loads(await asyncio.wait_for(conn.recv(), 5))
+                if greeting.get("type") == "error":
+                    checks["token"] = {"ok": False, "detail": _token_refusal(greeting)}
+                    return checks
+                checks["token"] = {"ok": True, "detail": "accepted on the worker route"}
+                version = greeting.get("protocol_version")
+                checks["protocol"] = {
+                    "ok": version == PROTOCOL_VERSION,
+                    "detail": f"hub {greeting.get('hub_version', '?')} speaks protocol "
+                    f"{version if version is not None else '? (not an emp hub)'}, this "
+                    f"worker {PROTOCOL_VERSION}",
+                }
+                await conn.send(json.dumps({**self._registration(), "dry_run": True}))
+                answer = json.loads(await asyncio.wait_for(conn.recv(), 5))
+                free = answer.get("type") == "worker_id_available"
+                detail = "free" if free else str(answer.get("error", answer))
+                checks["worker_id"] = {"ok": free, "detail": f"{self.worker_id}: {detail}"}
+        except (OSError, websockets.WebSocketException, TimeoutError) as exc:
+            checks["token"] = {"ok": False, "detail": f"worker socket: {exc or type(exc).__name__}"}
+        return checks
+
+    async def _session(self) -> None:
+        """One connection: register, ask for work, handle messages until it closes."""
+        async with self._connect() as conn:
             await self._register(conn)
             self.conn = conn
             log.info("connected to %s as %s", self.settings.hub_url, self.worker_id)
@@ -263,6 +320,15 @@ class Worker:
 
     async def _register(self, conn: ClientConnection) -> None:
         """Register with the jobs still held; drop those the hub no longer gives us."""
+        greeting = json.loads(await asyncio.wait_for(conn.recv(), 30))
+        if greeting.get("type") == "error" and greeting.get("code") == "auth_failed":
+            raise TokenRefused(_token_refusal(greeting))  # before a send fails on the close
+        if greeting.get("protocol_version", PROTOCOL_VERSION) != PROTOCOL_VERSION:
+            log.warning(
+                "the hub speaks protocol %s, this worker %s: upgrade the older one",
+                greeting["protocol_version"],
+                PROTOCOL_VERSION,
+            )
         await conn.send(json.dumps(self._registration()))
         while True:
             message = json.loads(await asyncio.wait_for(conn.recv(), 30))

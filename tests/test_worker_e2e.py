@@ -331,3 +331,59 @@ def test_doctor_and_version(hub: Cluster) -> None:
     assert down.returncode == 1 and "FAILED" in down.stdout and "Traceback" not in down.stderr
     version = _worker_cli(env, "--version")
     assert version.stdout.strip().startswith("emp-worker ")
+
+
+def _token(hub: Cluster, role: str) -> str:
+    """A token of `role`, made with `emp-hub token create` (the hub is closed from then)."""
+    env = {**os.environ, "EMP_REDIS_URL": hub.redis_url, "EMP_BROKER__NAMESPACE": hub.namespace}
+    made = subprocess.run(
+        [sys.executable, "-m", "emp_hub.cli", "token", "create", "--role", role],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return made.stdout.strip()
+
+
+def test_doctor_checks_the_token_its_role_and_the_worker_id(hub: Cluster) -> None:
+    worker_token, client_token = _token(hub, "worker"), _token(hub, "client")
+    time.sleep(2.1)  # the hub notices it is no longer open
+    env = {"EMP_HUB_URL": hub.url, "EMP_PLUGIN_DIR": str(hub.tmp / "plugins")}
+    env["EMP_WORKER_ID"] = "w-doc"
+
+    def doctor(**more: str) -> tuple[int, str]:
+        done = _worker_cli({**env, **more}, "doctor")
+        assert "Traceback" not in done.stderr, done.stderr
+        return done.returncode, " ".join(done.stdout.split())
+
+    code, out = doctor()
+    assert code == 1 and "token FAILED the hub needs a token" in out
+    code, out = doctor(EMP_TOKEN="emp_nonsense")
+    assert code == 1 and "does not know this token" in out
+    code, out = doctor(EMP_TOKEN=client_token)
+    assert code == 1 and "this token has role client; this route needs role" in out
+    code, out = doctor(EMP_TOKEN=worker_token)
+    assert code == 0, out
+    assert "token ok" in out and "protocol ok" in out and "worker id ok w-doc: free" in out
+    running = hub.start_worker("w-doc", EMP_TOKEN=worker_token)
+    deadline = time.monotonic() + 30
+    while "connected to" not in running.text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    code, out = doctor(EMP_TOKEN=worker_token)
+    assert code == 1 and "worker id FAILED w-doc: worker id w-doc is already connected" in out
+
+
+def test_a_refused_token_is_explained_once_and_retried_slowly(hub: Cluster) -> None:
+    client_token = _token(hub, "client")
+    time.sleep(2.1)
+    worker = hub.start_worker("w-wrong", EMP_TOKEN=client_token, EMP_AUTH_RETRY="60")
+    deadline = time.monotonic() + 20
+    while "role client" not in worker.text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.5)  # long enough for a few quick reconnects, were there any
+    log = worker.text()
+    assert log.count("role client") == 1, log
+    assert "set EMP_TOKEN to a token with role worker" in log
+    assert "trying again in 60 s" in log and "1008" not in log

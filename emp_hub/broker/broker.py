@@ -260,6 +260,7 @@ class Broker:
         *,
         instance: str | None = None,
         connection: str = "-",
+        dry_run: bool = False,
     ) -> Registration:
         """Record a live worker and its capabilities (call again to refresh them).
 
@@ -267,6 +268,7 @@ class Broker:
         refused while the holder is connected or within its reconnect grace, and the same
         process coming back on a new `connection` takes over at once (the answer names the
         connection it replaced). Original workers send no instance; the newest wins.
+        A `dry_run` answers the same and records nothing.
         """
         ok, *rest = await self._run(
             "register",
@@ -275,10 +277,13 @@ class Broker:
             connection,
             caps.model_dump_json(),
             self.settings.worker_ttl_s,
+            "1" if dry_run else "0",
         )
         if not ok:
             state, left = rest
             return Registration(ok=False, holder_connected=state == "up", retry_after=float(left))
+        if dry_run:
+            return Registration(ok=True, replaced=rest[0] or None)
         self._set_live({**self._live, worker_id: caps})  # the others come at the next refresh
         return Registration(ok=True, replaced=rest[0] or None)
 

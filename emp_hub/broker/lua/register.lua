@@ -1,6 +1,7 @@
 -- A worker connection registers: take the worker id, unless another live process holds it.
 -- ARGV[4] worker id, ARGV[5] instance (the process; '-' for original workers, which send
--- none), ARGV[6] connection id, ARGV[7] capabilities (JSON), ARGV[8] worker_ttl_s.
+-- none), ARGV[6] connection id, ARGV[7] capabilities (JSON), ARGV[8] worker_ttl_s,
+-- ARGV[9] '1' for a dry run: answer as below, but record nothing.
 -- The owner key holds "<state> <instance> <connection>", state 'up' while connected and
 -- 'gone' during the reconnect grace after its connection ended (the key expires with it).
 -- The id is taken when nobody holds it, by the same process (a reconnect takes over its
@@ -20,6 +21,7 @@ if current then
     previous = held_by
   end
 end
+if ARGV[9] == '1' then return {1, previous} end
 redis.call('SET', okey, 'up ' .. instance .. ' ' .. conn, 'PX', math.ceil(ttl * 1000))
 redis.call('ZADD', P .. 'workers', NOW, worker)
 redis.call('SET', P .. 'worker:' .. worker, ARGV[7], 'PX', math.ceil(ttl * 1000) + 1000)
