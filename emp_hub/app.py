@@ -85,7 +85,7 @@ async def _hub(settings: HubSettings, url: str) -> AsyncIterator[Hub]:
         broker=Broker(client, settings.broker),
         tokens=TokenStore(client, namespace, shared),
         limiter=RateLimiter(client, namespace, settings.submit_rate, settings.submit_burst),
-        metrics=Metrics(),
+        metrics=Metrics(settings.metrics_max_queue_series, settings.metrics_max_services),
     )
     if await hub.tokens.is_open():
         log.warning("no auth token configured and none created: the hub is open to anyone")

@@ -94,6 +94,18 @@ class HubSettings(BaseSettings):
         validation_alias=_env("shutdown_timeout_s"),
         description="On stop, how long open requests (waits, event streams) may finish.",
     )
+    metrics_max_queue_series: int = Field(
+        default=100,
+        ge=2,
+        validation_alias=_env("metrics_max_queue_series"),
+        description="Most emp_queue_depth series: the deepest get their own, the rest one.",
+    )
+    metrics_max_services: int = Field(
+        default=100,
+        ge=1,
+        validation_alias=_env("metrics_max_services"),
+        description="Most services named in the per-service counters; later ones: _other.",
+    )
     log_level: str = Field(default="info", validation_alias=_env("log_level", "LOG_LEVEL"))
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
 

@@ -420,3 +420,47 @@ async def test_outputs(
         assert (await http.get(put, headers=bearer(globex))).status_code == 404
         missing = await http.get(f"/api/jobs/{job_id}/outputs/nope.png", headers=bearer(acme))
         assert missing.status_code == 404
+
+
+async def test_classes_and_metrics_stay_bounded(
+    hub_settings: HubSettings, redis_client: redis.asyncio.Redis, broker: Broker
+) -> None:
+    """200 jobs with tags no other job has, and 200 services: /metrics exports a bounded
+    number of series; once drained, the classes leave the list and /api/queues."""
+    settings = hub_settings.model_copy(
+        update={
+            "metrics_max_queue_series": 10,
+            "metrics_max_services": 5,
+            "broker": hub_settings.broker.model_copy(update={"class_idle_s": 0.5}),
+        }
+    )
+    tags = [f"once-{i}" for i in range(200)]
+    jobs: list[dict[str, Any]] = [
+        {"job_type": "simulation", "requirements": {"tags": [t]}} for t in tags
+    ]
+    jobs += [{"job_type": f"service-{i}", "priority": i % 7} for i in range(200)]
+    async with running_hub(settings) as url, httpx.AsyncClient(base_url=url) as http:
+        assert (await http.post("/api/jobs/batch", json={"jobs": jobs})).status_code == 200
+        text = (await http.get("/metrics")).text
+        depth = [x for x in text.splitlines() if x.startswith("emp_queue_depth{")]
+        assert len(depth) == 10
+        assert 'requirement_class="_other"' in text
+        assert sum(float(x.split()[-1]) for x in depth) == 400
+        submitted = [x for x in text.splitlines() if x.startswith("emp_jobs_submitted_total{")]
+        assert len(submitted) == 6 and 'service="_other"' in text
+        assert sum(float(x.split()[-1]) for x in submitted) == 400
+
+        drainer = WorkerCapabilities(services={"simulation"}, tags=set(tags))
+        while claims := await broker.claim_many("w1", drainer, 50):
+            for c in claims:
+                await broker.complete(c.job.id, c.token, None)
+        classes = broker.key("classes")
+        for _ in range(100):
+            if await redis_client.hlen(classes) == 200:  # the 200 services, still pending
+                break
+            await asyncio.sleep(0.1)
+        assert await redis_client.hlen(classes) == 200
+        queues = (await http.get("/api/queues")).json()
+        assert {c["requirements"]["service"] for c in queues["classes"]} == {
+            f"service-{i}" for i in range(200)
+        }
