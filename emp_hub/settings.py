@@ -51,6 +51,18 @@ class HubSettings(BaseSettings):
         description="Where uploaded job outputs are kept (default: data_dir/outputs); "
         "replicas must share it.",
     )
+    max_output_bytes: int = Field(
+        default=512 * 2**20,
+        gt=0,
+        validation_alias=_env("max_output_bytes"),
+        description="Largest output file a worker may upload (413 above it).",
+    )
+    output_quota_bytes: int = Field(
+        default=2**30,
+        gt=0,
+        validation_alias=_env("output_quota_bytes"),
+        description="Most bytes of output files one job may keep (413 above it).",
+    )
     host: str = Field(default="127.0.0.1", validation_alias=_env("host"))
     port: int = Field(default=8001, ge=0, le=65535, validation_alias=_env("port"))
     auth_token: SecretStr | None = Field(

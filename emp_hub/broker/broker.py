@@ -18,6 +18,8 @@ Data model (docs/broker.md has the whole picture); every key starts with "{names
                         zsets: job id -> seq, to list jobs newest first
     workers             zset: worker id -> last seen
     worker:<id>         string: the worker's capabilities (JSON), expires
+    outputs             set: jobs with files stored by the hub (track_outputs)
+    outputs:expired     zset: such jobs whose retention ran out -> when; their files go
 """
 
 from __future__ import annotations
@@ -493,6 +495,21 @@ class Broker:
             workers_pruned=int(pruned),
             classes_collected=int(collected),
         )
+
+    async def track_outputs(self, job_id: str) -> None:
+        """Note that files of `job_id` are stored (the hub's outputs): when the job's
+        retention runs out, maintain() lists it in expired_outputs()."""
+        await self.redis.sadd(self.key("outputs"), job_id)
+
+    async def expired_outputs(self, limit: int = 1000) -> list[str]:
+        """Jobs with stored files whose retention ran out, oldest first; whoever removes
+        their files calls forget_outputs() after (until then every replica may see them)."""
+        return cast(list[str], await self.redis.zrange(self.key("outputs:expired"), 0, limit - 1))
+
+    async def forget_outputs(self, job_ids: Sequence[str]) -> None:
+        """The files of these expired jobs are gone."""
+        if job_ids:
+            await self.redis.zrem(self.key("outputs:expired"), *job_ids)
 
     # -- reading -----------------------------------------------------------------------
 
