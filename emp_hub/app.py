@@ -6,9 +6,11 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import redis.asyncio
 from fastapi import FastAPI
@@ -48,12 +50,19 @@ class Hub:
         return result
 
 
-async def maintain_until(stop: asyncio.Event, broker: Broker, interval: float) -> None:
-    """Run the broker's idempotent maintenance pass every `interval` seconds until `stop`.
+async def maintain_until(
+    stop: asyncio.Event, broker: Broker, interval: float, outputs: Path | None = None
+) -> None:
+    """Run the broker's idempotent maintenance pass every `interval` seconds until `stop`,
+    and remove the `outputs` of expired jobs.
     (Stopped by an event, not by cancelling: a Redis command is never cut in half.)"""
+    from emp_hub.outputs import remove_expired  # it imports the routes, which import Hub
+
     while not stop.is_set():
         try:
             await broker.maintain()
+            if outputs is not None:
+                await remove_expired(broker, outputs)
         except Exception:  # a Redis hiccup must not end the loop
             log.exception("maintenance pass failed")
         with contextlib.suppress(TimeoutError):
@@ -85,13 +94,13 @@ async def _hub(settings: HubSettings, url: str) -> AsyncIterator[Hub]:
         broker=Broker(client, settings.broker),
         tokens=TokenStore(client, namespace, shared),
         limiter=RateLimiter(client, namespace, settings.submit_rate, settings.submit_burst),
-        metrics=Metrics(),
+        metrics=Metrics(settings.metrics_max_queue_series, settings.metrics_max_services),
     )
     if await hub.tokens.is_open():
         log.warning("no auth token configured and none created: the hub is open to anyone")
     stop = asyncio.Event()
     maintenance = asyncio.create_task(
-        maintain_until(stop, hub.broker, settings.maintenance_interval_s)
+        maintain_until(stop, hub.broker, settings.maintenance_interval_s, settings.outputs)
     )
     try:
         yield hub
@@ -137,15 +146,22 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
     return app
 
 
+#: Output uploads stream to disk under caps of their own (emp_hub/outputs.py).
+OUTPUT_UPLOAD = re.compile(r"/api/jobs/[^/]+/outputs/[^/]+")
+
+
 class BodySizeLimit:
-    """Answer 413 to request bodies over `max_bytes` (declared or streamed)."""
+    """Answer 413 to request bodies over `max_bytes` (declared or streamed); output
+    uploads have caps of their own."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or (
+            scope["method"] == "PUT" and OUTPUT_UPLOAD.fullmatch(scope["path"])
+        ):
             await self.app(scope, receive, send)
             return
         too_large = JSONResponse(

@@ -2,6 +2,9 @@
 
 Counters and histograms count what this replica did (Prometheus sums the replicas); the
 queue gauges are read from Redis at each scrape, so every replica reports the same.
+Series are bounded whatever clients submit: per-service counters name the first
+`max_services` services a replica sees, and `emp_queue_depth` has at most
+`max_queue_series` series; the rest are counted under the label value OTHER.
 """
 
 from __future__ import annotations
@@ -30,18 +33,51 @@ LATENCY_BUCKETS = (
     300,
 )
 
+#: The label value of whatever is beyond the caps (service and class names never start
+#: with "_").
+OTHER = "_other"
+
+
+class ServiceCounter:
+    """A counter whose first label is the service, naming at most `cap` services: the
+    first ones this replica counts; later ones are counted as OTHER."""
+
+    def __init__(self, counter: Counter, named: set[str], cap: int) -> None:
+        self.counter = counter
+        self.named = named  # shared by the per-service counters, so they name the same
+        self.cap = cap
+
+    def labels(self, service: str, *rest: str) -> Counter:
+        """The child of the counter for this service (or OTHER) and the other labels."""
+        if service not in self.named:
+            if len(self.named) >= self.cap:
+                return self.counter.labels(OTHER, *rest)
+            self.named.add(service)
+        return self.counter.labels(service, *rest)
+
 
 class Metrics:
     """The hub's metrics, in a registry of their own."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_queue_series: int = 100, max_services: int = 100) -> None:
         self.registry = r = CollectorRegistry()
-        self.submitted = Counter("emp_jobs_submitted", "Jobs submitted", ["service"], registry=r)
-        self.finished = Counter(
-            "emp_job_attempts_finished",
-            "Attempts that ended, by outcome (completed, failed, retrying, released, cancelled)",
-            ["service", "outcome"],
-            registry=r,
+        self.max_queue_series = max_queue_series
+        named: set[str] = set()
+        self.submitted = ServiceCounter(
+            Counter("emp_jobs_submitted", "Jobs submitted", ["service"], registry=r),
+            named,
+            max_services,
+        )
+        self.finished = ServiceCounter(
+            Counter(
+                "emp_job_attempts_finished",
+                "Attempts that ended, by outcome (completed, failed, retrying, released, "
+                "cancelled)",
+                ["service", "outcome"],
+                registry=r,
+            ),
+            named,
+            max_services,
         )
         self.claim_seconds = Histogram(
             "emp_claim_seconds", "Time one claim took", buckets=LATENCY_BUCKETS, registry=r
@@ -72,11 +108,17 @@ class Metrics:
     def render(self, stats: QueueStats, connected: int) -> bytes:
         """The text exposition, with the gauges set from `stats`."""
         self.queue_depth.clear()
-        for c in stats.classes:
-            for priority, count in c.by_priority.items():
-                self.queue_depth.labels(
-                    c.requirement_class, c.requirements.service, str(priority)
-                ).set(count)
+        rows = sorted(
+            (-count, c.requirement_class, priority, c.requirements.service)
+            for c in stats.classes
+            for priority, count in c.by_priority.items()
+        )
+        if len(rows) > self.max_queue_series:  # the deepest, and the rest summed in one
+            rest = rows[self.max_queue_series - 1 :]
+            rows = rows[: self.max_queue_series - 1]
+            self.queue_depth.labels(OTHER, OTHER, OTHER).set(-sum(r[0] for r in rest))
+        for count, requirement_class, priority, service in rows:
+            self.queue_depth.labels(requirement_class, service, str(priority)).set(-count)
         self.unschedulable.set(stats.unschedulable_jobs)
         self.live_workers.set(stats.live_workers)
         self.connected_workers.set(connected)

@@ -1,14 +1,18 @@
 """Job outputs (images, video): uploaded by the worker holding the job, stored on disk
 (EMP_OUTPUT_DIR, shared by the replicas), downloaded by whoever may read the job. The job's
-result holds references (name, size, content type, URL), never the bytes."""
+result holds references (name, size, content type, URL), never the bytes. Each file and
+each job's files together are size-capped; the files go when the job's retention runs out."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import json
 import mimetypes
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Annotated
@@ -19,6 +23,8 @@ from pydantic import BaseModel
 
 from emp_hub.api import HubDep, Reader, role, visible_job
 from emp_hub.auth import Principal, Role
+from emp_hub.broker import Broker
+from emp_hub.settings import HubSettings
 
 router = APIRouter(tags=["outputs"])
 
@@ -46,7 +52,41 @@ def _place(root: Path, job_id: str, name: str) -> Path:
     return _folder(root, job_id) / name
 
 
-@router.put("/api/jobs/{job_id}/outputs/{name}", response_model=Output, status_code=201)
+def _used(path: Path, own: str = "") -> int:
+    """Bytes the job's other files take (uploads under way included, not `own`): what
+    counts against its quota besides the file `path`, which an upload replaces."""
+    total = 0
+    with contextlib.suppress(FileNotFoundError), os.scandir(path.parent) as entries:
+        for entry in entries:
+            if entry.name not in (path.name, own) and not entry.name.endswith(".meta"):
+                with contextlib.suppress(FileNotFoundError):  # another upload just ended
+                    total += entry.stat().st_size
+    return total
+
+
+def _check_size(settings: HubSettings, job_id: str, name: str, size: int, used: int) -> None:
+    """413 when a file of `size` bytes is over the per-file cap or the job's quota."""
+    if size > settings.max_output_bytes:
+        raise HTTPException(
+            413,
+            f"output {name} is over {settings.max_output_bytes} bytes, the most one output "
+            "may have (EMP_MAX_OUTPUT_BYTES)",
+        )
+    if used + size > settings.output_quota_bytes:
+        raise HTTPException(
+            413,
+            f"with output {name}, the outputs of job {job_id} would take over "
+            f"{settings.output_quota_bytes} bytes, the most one job may keep "
+            "(EMP_OUTPUT_QUOTA_BYTES)",
+        )
+
+
+@router.put(
+    "/api/jobs/{job_id}/outputs/{name}",
+    response_model=Output,
+    status_code=201,
+    responses={413: {"description": "Over EMP_MAX_OUTPUT_BYTES or EMP_OUTPUT_QUOTA_BYTES"}},
+)
 async def upload(
     job_id: str,
     name: str,
@@ -56,21 +96,37 @@ async def upload(
     x_lease_token: Annotated[str, Header(description="The lease token of the job")],
     content_type: Annotated[str | None, Header()] = None,
 ) -> Output:
-    """Store an output of a job; only the worker holding the job (its lease token) may."""
+    """Store an output of a job; only the worker holding the job (its lease token) may.
+    The body streams to disk, within EMP_MAX_OUTPUT_BYTES and the job's
+    EMP_OUTPUT_QUOTA_BYTES; an upload refused half-way leaves nothing behind."""
     if not await hub.broker.holds(job_id, x_lease_token):
         raise HTTPException(409, f"the lease token does not hold job {job_id}")
-    path = _place(hub.settings.outputs, job_id, name)
+    settings = hub.settings
+    path = _place(settings.outputs, job_id, name)
+    used = _used(path)
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit():
+        _check_size(settings, job_id, name, int(declared), used)
+    await hub.broker.track_outputs(job_id)  # before a byte lands: its retention covers it
     path.parent.mkdir(parents=True, exist_ok=True)
-    body = await request.body()
-    fd, tmp = tempfile.mkstemp(dir=path.parent)
-    with os.fdopen(fd, "wb") as out:
-        out.write(body)
-    os.replace(tmp, path)  # readers never see half a file
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".upload-")
+    own = os.path.basename(tmp)
+    size, stored = 0, False
+    try:
+        with os.fdopen(fd, "wb") as out:
+            async for chunk in request.stream():
+                size += len(chunk)
+                _check_size(settings, job_id, name, size, used)
+                out.write(chunk)
+        _check_size(settings, job_id, name, size, _used(path, own))  # with uploads since
+        os.replace(tmp, path)  # readers never see half a file
+        stored = True
+    finally:
+        if not stored:
+            os.unlink(tmp)
     kind = content_type or mimetypes.guess_type(name)[0] or "application/octet-stream"
     path.with_name(path.name + ".meta").write_text(json.dumps({"content_type": kind}))
-    return Output(
-        name=name, size=len(body), content_type=kind, url=f"/api/jobs/{job_id}/outputs/{name}"
-    )
+    return Output(name=name, size=size, content_type=kind, url=f"/api/jobs/{job_id}/outputs/{name}")
 
 
 @router.get("/api/jobs/{job_id}/outputs", response_model=list[Output])
@@ -101,3 +157,19 @@ async def download(job_id: str, name: str, hub: HubDep, principal: Reader) -> Fi
     if not path.is_file() or not meta.exists():
         raise HTTPException(404, f"job {job_id} has no output {name}")
     return FileResponse(path, media_type=json.loads(meta.read_text())["content_type"])
+
+
+def _remove(folders: list[Path]) -> None:
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+async def remove_expired(broker: Broker, root: Path, limit: int = 1000) -> int:
+    """Remove the files of up to `limit` jobs whose retention ran out (the broker's
+    janitor lists them). Any replica may run it, at the same time too."""
+    job_ids = await broker.expired_outputs(limit)
+    if job_ids:
+        folders = [_folder(root, job_id) for job_id in job_ids]
+        await asyncio.to_thread(_remove, folders)
+        await broker.forget_outputs(job_ids)
+    return len(job_ids)

@@ -51,6 +51,18 @@ class HubSettings(BaseSettings):
         description="Where uploaded job outputs are kept (default: data_dir/outputs); "
         "replicas must share it.",
     )
+    max_output_bytes: int = Field(
+        default=512 * 2**20,
+        gt=0,
+        validation_alias=_env("max_output_bytes"),
+        description="Largest output file a worker may upload (413 above it).",
+    )
+    output_quota_bytes: int = Field(
+        default=2**30,
+        gt=0,
+        validation_alias=_env("output_quota_bytes"),
+        description="Most bytes of output files one job may keep (413 above it).",
+    )
     host: str = Field(default="127.0.0.1", validation_alias=_env("host"))
     port: int = Field(default=8001, ge=0, le=65535, validation_alias=_env("port"))
     auth_token: SecretStr | None = Field(
@@ -93,6 +105,18 @@ class HubSettings(BaseSettings):
         gt=0,
         validation_alias=_env("shutdown_timeout_s"),
         description="On stop, how long open requests (waits, event streams) may finish.",
+    )
+    metrics_max_queue_series: int = Field(
+        default=100,
+        ge=2,
+        validation_alias=_env("metrics_max_queue_series"),
+        description="Most emp_queue_depth series: the deepest get their own, the rest one.",
+    )
+    metrics_max_services: int = Field(
+        default=100,
+        ge=1,
+        validation_alias=_env("metrics_max_services"),
+        description="Most services named in the per-service counters; later ones: _other.",
     )
     log_level: str = Field(default="info", validation_alias=_env("log_level", "LOG_LEVEL"))
     broker: BrokerSettings = Field(default_factory=BrokerSettings)

@@ -121,7 +121,10 @@ class HubOutputs:
         async with httpx.AsyncClient(timeout=120) as http:
             response = await http.put(url, content=data, headers=headers)
         if response.status_code >= 400:
-            raise JobFailed(f"uploading output {name} failed: HTTP {response.status_code}")
+            raise JobFailed(
+                f"uploading output {name} failed: HTTP {response.status_code} "
+                f"{response.text[:500]}"  # the hub's reason, e.g. the size cap it hit
+            )
         body = response.json()
         return OutputRef(
             name=name,

@@ -556,3 +556,74 @@ async def test_claim_many_fills_free_slots_in_order(broker: Broker) -> None:
     assert await broker.claim_many("w", SIM, 5) == []
     for c in claims:
         await broker.complete(c.job.id, c.token, None)
+
+
+def tagged(tag: str, **fields: object) -> JobSpec:
+    """A sim job whose requirement class is its own (a tag no other job has)."""
+    return JobSpec.model_validate({"service": "sim", "requirements": {"tags": [tag]}, **fields})
+
+
+async def test_empty_classes_are_collected(broker: Broker, clock: Clock) -> None:
+    """200 one-off classes, drained: after class_idle_s without a pending job they leave
+    the class list (its version moves, so every replica re-reads it). A class with a
+    pending job stays; a class from before collection existed is found too."""
+    tags = [f"once-{i}" for i in range(200)]
+    await broker.submit_many([tagged(t) for t in tags])
+    kept = await broker.submit(tagged("kept"))
+    drainer = WorkerCapabilities(services={"sim"}, tags=set(tags))
+    while claims := await broker.claim_many("w", drainer, 50):
+        for c in claims:
+            await broker.complete(c.job.id, c.token, None)
+    old = JobSpec(service="old").job_requirements()  # listed by an earlier version
+    await broker.redis.hset(broker.key("classes"), old.requirement_class, old.canonical_json)
+    classes = broker.key("classes")
+    assert await broker.redis.hlen(classes) == 202
+    version = int(await broker.redis.get(broker.key("classes:ver")) or 0)
+    await broker.maintain()
+    await broker.maintain()
+    clock.advance(broker.settings.class_idle_s - 1)
+    await broker.maintain()
+    assert await broker.redis.hlen(classes) == 202  # not idle for long enough yet
+    clock.advance(2)
+    await broker.maintain()
+    assert await broker.redis.hkeys(classes) == [kept.requirement_class]
+    assert int(await broker.redis.get(broker.key("classes:ver")) or 0) > version
+    stats = await broker.stats()
+    assert [c.requirement_class for c in stats.classes] == [kept.requirement_class]
+    assert list(broker.known_classes) == [kept.requirement_class]
+
+
+async def test_jobs_find_their_class_after_it_was_collected(broker: Broker, clock: Clock) -> None:
+    """A class is collected while its jobs are active, delayed or dead; each way back to
+    pending (retry, release, lease expiry, retry due) lists it again, as does a new job of a
+    collected class, and another replica that read the list without them claims them."""
+    settings = broker.settings.model_copy(
+        update={"class_idle_s": 5, "lease_s": 100, "retry_base_s": 50, "retry_cap_s": 50}
+    )
+    broker = Broker(broker.redis, settings, clock=clock)
+    replica = Broker(broker.redis, settings, clock=clock)
+    ways = ["retried", "dead", "released", "reaped", "promoted", "done"]
+    await broker.submit_many([tagged(w, id=f"job-{w}") for w in ways])
+    worker = WorkerCapabilities(services={"sim"}, tags=set(ways))
+    held = {c.job.id: c.token for c in await broker.claim_many("w", worker, 6)}
+    assert len(held) == 6
+    await broker.fail("job-retried", held["job-retried"], "flaky")
+    await broker.fail("job-promoted", held["job-promoted"], "flaky")
+    await broker.fail("job-dead", held["job-dead"], "fatal", retryable=False)
+    await broker.complete("job-done", held["job-done"], None)
+    clock.advance(6)
+    assert (await broker.maintain()).classes_collected == 6
+    assert await broker.redis.hlen(broker.key("classes")) == 0
+    await replica.refresh_classes()
+    assert replica.known_classes == {}
+
+    await broker.retry("job-retried")
+    await broker.retry("job-dead")
+    await broker.release("job-released", held["job-released"])
+    clock.advance(100)  # the lease of job-reaped ran out; job-promoted's retry is due
+    report = await broker.maintain()
+    assert report.requeued == ["job-reaped"] and report.promoted_classes
+    again = await broker.submit(tagged("done"))
+    got = await replica.claim_many("w2", worker, 10)
+    expected = [f"job-{w}" for w in ways if w != "done"] + [again.id]
+    assert sorted(c.job.id for c in got) == sorted(expected)

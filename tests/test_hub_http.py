@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -420,3 +421,136 @@ async def test_outputs(
         assert (await http.get(put, headers=bearer(globex))).status_code == 404
         missing = await http.get(f"/api/jobs/{job_id}/outputs/nope.png", headers=bearer(acme))
         assert missing.status_code == 404
+
+
+def files_under(root: Path) -> list[str]:
+    """Every file below `root`, as paths relative to it."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+async def test_output_size_caps(
+    hub_settings: HubSettings, redis_client: redis.asyncio.Redis, broker: Broker, tmp_path: Path
+) -> None:
+    """A file over EMP_MAX_OUTPUT_BYTES, or one that takes the job's files over
+    EMP_OUTPUT_QUOTA_BYTES, is refused with 413 naming the setting, whether its size was
+    declared or streamed, and leaves nothing on disk. The per-file cap, not the request body
+    cap, applies to outputs: they stream to disk."""
+    settings = hub_settings.model_copy(
+        update={"output_dir": tmp_path, "max_output_bytes": 60_000, "output_quota_bytes": 100_000}
+    )
+    assert settings.max_body_bytes < 60_000
+    async with running_hub(settings) as url, httpx.AsyncClient(base_url=url) as http:
+        job_id = (await http.post("/api/jobs", json={"job_type": "simulation"})).json()["job_id"]
+        claim = await broker.claim("w1", SIM)
+        assert claim is not None
+        lease = {"X-Lease-Token": claim.token}
+
+        async def chunked(size: int) -> AsyncIterator[bytes]:
+            for _ in range(size // 1000):
+                yield bytes(1000)
+
+        def put(name: str, body: bytes | AsyncIterator[bytes]) -> Any:
+            return http.put(f"/api/jobs/{job_id}/outputs/{name}", content=body, headers=lease)
+
+        for body in (bytes(60_001), chunked(61_000)):
+            r = await put("big.bin", body)
+            assert r.status_code == 413, r.text
+            assert "EMP_MAX_OUTPUT_BYTES" in r.json()["detail"]
+            assert files_under(tmp_path) == []
+        assert (await put("a.bin", bytes(60_000))).status_code == 201  # over max_body_bytes
+        assert (await put("a.bin", bytes(50_000))).status_code == 201  # replaced, not added
+        for body in (bytes(50_001), chunked(51_000)):
+            r = await put("b.bin", body)
+            assert r.status_code == 413, r.text
+            assert "EMP_OUTPUT_QUOTA_BYTES" in r.json()["detail"]
+        assert (await put("b.bin", chunked(50_000))).status_code == 201
+        listed = (await http.get(f"/api/jobs/{job_id}/outputs")).json()
+        assert [(o["name"], o["size"]) for o in listed] == [("a.bin", 50_000), ("b.bin", 50_000)]
+        assert [Path(f).name for f in files_under(tmp_path)] == [
+            "a.bin",
+            "a.bin.meta",
+            "b.bin",
+            "b.bin.meta",
+        ]
+
+
+async def test_outputs_follow_the_job_retention(
+    hub_settings: HubSettings, redis_client: redis.asyncio.Redis, tmp_path: Path
+) -> None:
+    """When a finished job's retention runs out, maintenance removes its files as well."""
+    settings = hub_settings.model_copy(
+        update={
+            "output_dir": tmp_path,
+            "broker": hub_settings.broker.model_copy(update={"retention_s": 1}),
+        }
+    )
+    broker = Broker(redis_client, settings.broker)
+    async with running_hub(settings) as url, httpx.AsyncClient(base_url=url) as http:
+        ids = (
+            await http.post("/api/jobs/batch", json={"jobs": [{"job_type": "simulation"}] * 2})
+        ).json()["job_ids"]
+        claims = await broker.claim_many("w1", SIM, 2)
+        for c in claims:
+            r = await http.put(
+                f"/api/jobs/{c.job.id}/outputs/out.png",
+                content=b"png",
+                headers={"X-Lease-Token": c.token},
+            )
+            assert r.status_code == 201
+        assert len(files_under(tmp_path)) == 4
+        done, running = claims
+        await broker.complete(done.job.id, done.token, None)
+        for _ in range(100):
+            if len(files_under(tmp_path)) == 2:
+                break
+            await asyncio.sleep(0.1)
+        left = files_under(tmp_path)
+        assert [Path(f).name for f in left] == ["out.png", "out.png.meta"]
+        r = await http.get(f"/api/jobs/{running.job.id}/outputs/out.png")
+        assert r.status_code == 200 and r.content == b"png"
+        assert set(ids) == {done.job.id, running.job.id}
+        assert await redis_client.zcard(broker.key("outputs:expired")) == 0
+
+
+async def test_classes_and_metrics_stay_bounded(
+    hub_settings: HubSettings, redis_client: redis.asyncio.Redis, broker: Broker
+) -> None:
+    """200 jobs with tags no other job has, and 200 services: /metrics exports a bounded
+    number of series; once drained, the classes leave the list and /api/queues."""
+    settings = hub_settings.model_copy(
+        update={
+            "metrics_max_queue_series": 10,
+            "metrics_max_services": 5,
+            "broker": hub_settings.broker.model_copy(update={"class_idle_s": 0.5}),
+        }
+    )
+    tags = [f"once-{i}" for i in range(200)]
+    jobs: list[dict[str, Any]] = [
+        {"job_type": "simulation", "requirements": {"tags": [t]}} for t in tags
+    ]
+    jobs += [{"job_type": f"service-{i}", "priority": i % 7} for i in range(200)]
+    async with running_hub(settings) as url, httpx.AsyncClient(base_url=url) as http:
+        assert (await http.post("/api/jobs/batch", json={"jobs": jobs})).status_code == 200
+        text = (await http.get("/metrics")).text
+        depth = [x for x in text.splitlines() if x.startswith("emp_queue_depth{")]
+        assert len(depth) == 10
+        assert 'requirement_class="_other"' in text
+        assert sum(float(x.split()[-1]) for x in depth) == 400
+        submitted = [x for x in text.splitlines() if x.startswith("emp_jobs_submitted_total{")]
+        assert len(submitted) == 6 and 'service="_other"' in text
+        assert sum(float(x.split()[-1]) for x in submitted) == 400
+
+        drainer = WorkerCapabilities(services={"simulation"}, tags=set(tags))
+        while claims := await broker.claim_many("w1", drainer, 50):
+            for c in claims:
+                await broker.complete(c.job.id, c.token, None)
+        classes = broker.key("classes")
+        for _ in range(100):
+            if await redis_client.hlen(classes) == 200:  # the 200 services, still pending
+                break
+            await asyncio.sleep(0.1)
+        assert await redis_client.hlen(classes) == 200
+        queues = (await http.get("/api/queues")).json()
+        assert {c["requirements"]["service"] for c in queues["classes"]} == {
+            f"service-{i}" for i in range(200)
+        }

@@ -6,8 +6,9 @@ Data model (docs/broker.md has the whole picture); every key starts with "{names
     ev:<id>             stream: the job's status and progress events (capped)
     q:<class>           zset: pending jobs of one requirement class, by score
     classes             hash: requirement class -> canonical requirements (JSON)
-    classes:ver         counter: bumped when a new class appears
+    classes:ver         counter: bumped when the class list changes
     nonempty            set: classes with pending jobs
+    idle                zset: classes without pending jobs -> since when (collected later)
     seq                 counter: submission order
     leases              zset: active job -> lease expiry
     delayed             zset: job waiting for a retry -> when it is due
@@ -20,6 +21,8 @@ Data model (docs/broker.md has the whole picture); every key starts with "{names
     worker:<id>         string: the worker's capabilities (JSON), expires
     owner:<id>          string: "up|gone <instance> <connection>": which process and
                         connection hold the worker id; expires (with the grace once gone)
+    outputs             set: jobs with files stored by the hub (track_outputs)
+    outputs:expired     zset: such jobs whose retention ran out -> when; their files go
 """
 
 from __future__ import annotations
@@ -87,6 +90,7 @@ class MaintenanceReport:
     promoted_classes: list[str]
     purged: int
     workers_pruned: int
+    classes_collected: int
 
 
 class Broker:
@@ -539,11 +543,13 @@ class Broker:
 
     async def maintain(self, *, limit: int = 1000) -> MaintenanceReport:
         """One idempotent pass: requeue expired leases, promote due retries, purge expired
-        jobs from the indexes, drop dead workers. Every hub replica runs it periodically."""
+        jobs from the indexes, drop dead workers and requirement classes idle for
+        class_idle_s. Every hub replica runs it periodically."""
         reaped = await self._run("reap", limit, random.random())
         outcomes = dict(zip(reaped[::2], reaped[1::2], strict=True))
         promoted = await self._run("promote", limit)
         purged = await self._run("janitor", limit)
+        collected = await self._run("collect", limit, self.settings.class_idle_s)
         pruned = await self.redis.zremrangebyscore(
             self.key("workers"), "-inf", self.clock() - self.settings.worker_ttl_s
         )
@@ -554,7 +560,23 @@ class Broker:
             promoted_classes=list(promoted),
             purged=int(purged),
             workers_pruned=int(pruned),
+            classes_collected=int(collected),
         )
+
+    async def track_outputs(self, job_id: str) -> None:
+        """Note that files of `job_id` are stored (the hub's outputs): when the job's
+        retention runs out, maintain() lists it in expired_outputs()."""
+        await self.redis.sadd(self.key("outputs"), job_id)
+
+    async def expired_outputs(self, limit: int = 1000) -> list[str]:
+        """Jobs with stored files whose retention ran out, oldest first; whoever removes
+        their files calls forget_outputs() after (until then every replica may see them)."""
+        return cast(list[str], await self.redis.zrange(self.key("outputs:expired"), 0, limit - 1))
+
+    async def forget_outputs(self, job_ids: Sequence[str]) -> None:
+        """The files of these expired jobs are gone."""
+        if job_ids:
+            await self.redis.zrem(self.key("outputs:expired"), *job_ids)
 
     # -- reading -----------------------------------------------------------------------
 
@@ -653,16 +675,20 @@ class Broker:
 
     async def stats(self) -> QueueStats:
         """Depth per class and priority, set sizes, and unschedulable classes."""
-        if self._classes_ver == "-1":
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.get(self.key("classes:ver"))
+            pipe.smembers(self.key("nonempty"))
+            version, members = await pipe.execute()
+        if (version or "0") != self._classes_ver:  # classes came or were collected
             await self.refresh_classes()
-        nonempty = sorted(cast(set[str], await self.redis.smembers(self.key("nonempty"))))
-        if any(c not in self._classes for c in nonempty):
-            await self.refresh_classes()
+        nonempty = sorted(cast(set[str], members))
         live = await self.live_workers(fresh=True)
         counts = self._live_counts(live)
         classes: list[ClassStats] = []
-        for c in nonempty:
-            flat = await self._run("depth", c)
+        depths: list[list[int]] = []
+        for i in range(0, len(nonempty), 500):  # a few classes a script: short, few trips
+            depths += await self._run("depth", *nonempty[i : i + 500])
+        for c, flat in zip(nonempty, depths, strict=True):
             by_priority = {int(p): int(n) for p, n in zip(flat[::2], flat[1::2], strict=True)}
             pending = sum(by_priority.values())
             if not pending:

@@ -30,6 +30,7 @@ NAMES = (
     "reap",
     "promote",
     "janitor",
+    "collect",
     "depth",
     "import",
     "register",

@@ -49,3 +49,9 @@ class BrokerSettings(BaseModel):
     max_skip: int = Field(
         default=64, ge=1, description="Jobs a claim may pass over that avoid the worker."
     )
+    class_idle_s: float = Field(
+        default=600,
+        ge=0,
+        description="A requirement class without pending jobs for this long leaves the class "
+        "list (its next job lists it again).",
+    )

@@ -46,15 +46,26 @@ local function set_status(id, seq, old, new)
   redis.call('HSET', jkey(id), 'status', new)
 end
 
+-- A class with pending jobs is in `nonempty`; one without is in `idle` (since when), and
+-- collect.lua drops it from `classes` once it has been idle for class_idle_s. A job that
+-- becomes pending again (retry, release, lease expiry) lists its class again if it was
+-- collected meanwhile, bumping `classes:ver` so every hub re-reads the list.
 local function enqueue(id, class, score)
   redis.call('ZADD', qkey(class), score, id)
-  redis.call('SADD', P .. 'nonempty', class)
+  if redis.call('SADD', P .. 'nonempty', class) == 1 then
+    redis.call('ZREM', P .. 'idle', class)
+    if redis.call('HEXISTS', P .. 'classes', class) == 0 then
+      redis.call('HSET', P .. 'classes', class, redis.call('HGET', jkey(id), 'requirements'))
+      redis.call('INCR', P .. 'classes:ver')
+    end
+  end
 end
 
 local function dequeue(id, class)
   redis.call('ZREM', qkey(class), id)
   if redis.call('ZCARD', qkey(class)) == 0 then
     redis.call('SREM', P .. 'nonempty', class)
+    redis.call('ZADD', P .. 'idle', NOW, class)
   end
 end
 

@@ -17,7 +17,9 @@ for _, j in ipairs(jobs) do
       'max_attempts', 1, 'timeout', 0, 'payload', payload, 'created_at', created_at,
       'progress', status == 'completed' and 100 or 0, 'result', result, 'worker', worker,
       'client', client)
-    redis.call('HSETNX', P .. 'classes', class, req)
+    if redis.call('HSETNX', P .. 'classes', class, req) == 1 then
+      redis.call('ZADD', P .. 'idle', 'NX', NOW, class)  -- history only: collected later
+    end
     redis.call('ZADD', P .. 'idx:all', seq, id)
     redis.call('ZADD', P .. 'idx:svc:' .. service, seq, id)
     if customer ~= '' then redis.call('ZADD', P .. 'idx:cust:' .. customer, seq, id) end

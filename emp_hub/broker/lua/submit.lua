@@ -24,12 +24,12 @@ for i = 1, n do
     'customer', customer, 'status', 'pending', 'attempt', 0, 'failures', 0, 'orphans', 0,
     'max_attempts', max_attempts, 'timeout', timeout, 'payload', payload,
     'created_at', NOW_S, 'progress', 0, 'client', client)
-  enqueue(id, class, score)
-  touched[#touched + 1] = class
   if redis.call('HSETNX', P .. 'classes', class, req) == 1 then
     redis.call('INCR', P .. 'classes:ver')
     new_classes[#new_classes + 1] = class
   end
+  enqueue(id, class, score)
+  touched[#touched + 1] = class
   redis.call('ZADD', P .. 'idx:all', seq, id)
   redis.call('ZADD', P .. 'idx:status:pending', seq, id)
   redis.call('ZADD', P .. 'idx:svc:' .. service, seq, id)
