@@ -7,11 +7,12 @@ import json
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Annotated, Any, cast
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -37,7 +38,73 @@ from emp_hub.broker import (
 from emp_hub.broker.models import JOB_ID_PATTERN, Event
 from emp_worker.capabilities import NAME_PATTERN, WorkerCapabilities
 
-router = APIRouter()
+# -- strict JSON bodies ------------------------------------------------------------------
+
+
+class _NonFinite(ValueError):
+    pass
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _NonFinite(name)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):  # 1e400: too large for a double
+        raise _NonFinite(text)
+    return value
+
+
+def _non_finite(value: Any, path: tuple[str | int, ...] = ()) -> Iterator[tuple[Any, ...]]:
+    """The places of the non-finite numbers in a parsed JSON value."""
+    if isinstance(value, float) and not math.isfinite(value):
+        yield path
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _non_finite(item, (*path, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _non_finite(item, (*path, index))
+
+
+def parse_json_body(body: bytes) -> Any:
+    """A request body's JSON. NaN, Infinity and numbers beyond a double (1e400), which
+    Python's json accepts but JSON has not, are refused with a 422 naming their place."""
+    try:
+        return json.loads(body, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except _NonFinite:
+        value = json.loads(body)  # again, leniently, to find where they are
+        msg = "Input should be a finite number (NaN and Infinity are not JSON)"
+        detail = [
+            {"type": "finite_number", "loc": ["body", *place], "msg": msg}
+            for place in _non_finite(value)
+        ]
+        raise HTTPException(422, detail) from None
+
+
+class StrictJSONRequest(Request):
+    """A request whose JSON body is parsed by `parse_json_body`."""
+
+    async def json(self) -> Any:
+        """The body's JSON (422 on NaN or Infinity)."""
+        return parse_json_body(await self.body())
+
+
+class StrictJSONRoute(APIRoute):
+    """A route that reads its JSON body with `parse_json_body`."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        """The route's handler, given a StrictJSONRequest."""
+        handler = super().get_route_handler()
+
+        async def strict(request: Request) -> Response:
+            return await handler(StrictJSONRequest(request.scope, request.receive))
+
+        return strict
+
+
+router = APIRouter(route_class=StrictJSONRoute)
 
 
 # -- dependencies ------------------------------------------------------------------------

@@ -420,3 +420,42 @@ async def test_outputs(
         assert (await http.get(put, headers=bearer(globex))).status_code == 404
         missing = await http.get(f"/api/jobs/{job_id}/outputs/nope.png", headers=bearer(acme))
         assert missing.status_code == 404
+
+
+# -- hostile and malformed input --------------------------------------------------------------
+
+
+def is_json(response: httpx.Response) -> bool:
+    try:
+        response.json()
+    except ValueError:
+        return False
+    return True
+
+
+async def test_non_finite_numbers_are_refused_naming_the_field(http: httpx.AsyncClient) -> None:
+    """NaN, Infinity and numbers too large for a double (1e400) are not JSON: 422 with the
+    field's place, never a 500; nothing is submitted."""
+    cases = [
+        (b'{"job_type": "s", "job_timeout": NaN}', ["body", "job_timeout"]),
+        (b'{"job_type": "s", "requirements": {"ram_gb": NaN}}', ["body", "requirements", "ram_gb"]),
+        (b'{"job_type": "s", "priority": NaN}', ["body", "priority"]),
+        (b'{"job_type": "s", "timeout": Infinity}', ["body", "timeout"]),
+        (b'{"job_type": "s", "job_timeout": 1e400}', ["body", "job_timeout"]),
+        (b'{"job_type": "s", "priority": -Infinity}', ["body", "priority"]),
+        (b'{"job_type": "s", "payload": {"xs": [1, NaN]}}', ["body", "payload", "xs", 1]),
+    ]
+    for body, loc in cases:
+        r = await http.post("/api/jobs", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 422 and is_json(r), (body, r.status_code, r.text)
+        assert [e["loc"] for e in r.json()["detail"]] == [loc], (body, r.text)
+        assert "finite" in r.json()["detail"][0]["msg"]
+    r = await http.post(
+        "/api/jobs/batch",
+        content=b'{"jobs": [{"job_type": "s"}, {"job_type": "s", "job_timeout": NaN}]}',
+        headers={"content-type": "application/json"},
+    )
+    assert r.status_code == 422
+    assert r.json()["detail"][0]["loc"] == ["body", "jobs", 1, "job_timeout"]
+    assert (await http.get("/api/jobs")).json()["jobs"] == []
+    assert (await http.post("/api/jobs", json={"job_type": "s", "job_timeout": 1.5})).is_success

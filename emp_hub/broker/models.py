@@ -46,7 +46,7 @@ TERMINAL = frozenset(s.value for s in JobStatus if s.terminal)
 class RequirementsSpec(BaseModel):
     """The requirements a client may give beside service and customer."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     gpu_memory_gb: float = Field(default=0, ge=0)
     gpu_count: int = Field(default=0, ge=0, le=64)
@@ -59,9 +59,9 @@ class RequirementsSpec(BaseModel):
 
 
 class JobSpec(BaseModel):
-    """A job as submitted. Unknown fields are an error."""
+    """A job as submitted. Unknown fields, NaN and infinite numbers are an error."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     service: str = Field(pattern=NAME_PATTERN, description="The service (job_type) to run.")
     payload: dict[str, Any] = Field(default_factory=dict)
