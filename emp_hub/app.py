@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import redis.asyncio
-from fastapi import FastAPI
+from fastapi import FastAPI, HTTPException
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -138,7 +138,8 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
 
 
 class BodySizeLimit:
-    """Answer 413 to request bodies over `max_bytes` (declared or streamed)."""
+    """Answer 413 to request bodies over `max_bytes`, declared (Content-Length) or streamed
+    (chunked): every route that reads a body, JSON or raw (output uploads), alike."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -148,12 +149,10 @@ class BodySizeLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        too_large = JSONResponse(
-            {"detail": f"request body over {self.max_bytes} bytes"}, status_code=413
-        )
+        reason = f"request body over {self.max_bytes} bytes"
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and int(declared) > self.max_bytes:
-            await too_large(scope, receive, send)
+            await JSONResponse({"detail": reason}, status_code=413)(scope, receive, send)
             return
         seen = 0
 
@@ -163,14 +162,9 @@ class BodySizeLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
-                    raise _BodyTooLarge
+                    # An HTTPException: the app's handlers answer it (FastAPI re-raises it
+                    # from its body parsing, where any other error would become a 400).
+                    raise HTTPException(413, reason)
             return message
 
-        try:
-            await self.app(scope, limited, send)
-        except _BodyTooLarge:
-            await too_large(scope, receive, send)
-
-
-class _BodyTooLarge(Exception):
-    pass
+        await self.app(scope, limited, send)

@@ -459,3 +459,39 @@ async def test_non_finite_numbers_are_refused_naming_the_field(http: httpx.Async
     assert r.json()["detail"][0]["loc"] == ["body", "jobs", 1, "job_timeout"]
     assert (await http.get("/api/jobs")).json()["jobs"] == []
     assert (await http.post("/api/jobs", json={"job_type": "s", "job_timeout": 1.5})).is_success
+
+
+def chunked(size: int) -> Any:
+    """A request body of `size` bytes sent chunked (no Content-Length)."""
+
+    async def body() -> AsyncIterator[bytes]:
+        for _ in range(size // 10_000):
+            yield b"x" * 10_000
+
+    return body()
+
+
+async def test_chunked_body_over_the_limit_is_413(
+    hub_settings: HubSettings, broker: Broker, tmp_path: Any
+) -> None:
+    """A body over EMP_MAX_BODY_BYTES (50,000 here) sent without Content-Length gets the same
+    413 and JSON reason as a declared one, on every route that reads a body (the output
+    upload of the worker holding the job included); the job is untouched."""
+    settings = hub_settings.model_copy(update={"output_dir": tmp_path})
+    async with running_hub(settings) as url, httpx.AsyncClient(base_url=url) as http:
+        job_id = (await http.post("/api/jobs", json={"job_type": "simulation"})).json()["job_id"]
+        claim = await broker.claim("w1", SIM)
+        assert claim is not None
+        json_type = {"content-type": "application/json"}
+        for method, path, headers in [
+            ("POST", "/api/jobs", json_type),
+            ("POST", "/api/jobs/batch", json_type),
+            ("POST", f"/api/jobs/{job_id}/cancel", json_type),
+            ("PUT", f"/api/jobs/{job_id}/outputs/big.bin", {"X-Lease-Token": claim.token}),
+        ]:
+            r = await http.request(method, path, content=chunked(200_000), headers=headers)
+            assert r.status_code == 413, (path, r.status_code, r.text)
+            assert r.json() == {"detail": "request body over 50000 bytes"}, path
+        assert (await http.get(f"/api/jobs/{job_id}")).json()["status"] == "active"
+        assert (await http.get(f"/api/jobs/{job_id}/outputs")).json() == []
+        assert (await http.get("/api/jobs")).json()["jobs"][0]["job_id"] == job_id
