@@ -462,6 +462,10 @@ async def retry_job(job_id: str, hub: HubDep, principal: Submitter) -> JobView:
     return await _job_view(hub, await hub.broker.get(job_id))
 
 
+#: An event's id (a Redis stream id), as `Last-Event-ID` and `after` give it back.
+EVENT_ID_PATTERN = r"^\d{1,19}-\d{1,19}$"  # 19 digits: below 2**64
+
+
 @router.get(
     "/api/jobs/{job_id}/events",
     tags=["jobs"],
@@ -472,8 +476,8 @@ async def job_events(
     job_id: str,
     hub: HubDep,
     principal: Reader,
-    last_event_id: Annotated[str | None, Header()] = None,
-    after: Annotated[str | None, Query(pattern=r"^\d+-\d+$")] = None,
+    last_event_id: Annotated[str | None, Header(pattern=EVENT_ID_PATTERN)] = None,
+    after: Annotated[str | None, Query(pattern=EVENT_ID_PATTERN)] = None,
 ) -> StreamingResponse:
     """The job's status and progress as server-sent events, until it ends. Resumes after
     the `Last-Event-ID` header (or `after`), so a reconnect misses nothing."""

@@ -495,3 +495,12 @@ async def test_chunked_body_over_the_limit_is_413(
         assert (await http.get(f"/api/jobs/{job_id}")).json()["status"] == "active"
         assert (await http.get(f"/api/jobs/{job_id}/outputs")).json() == []
         assert (await http.get("/api/jobs")).json()["jobs"][0]["job_id"] == job_id
+
+
+async def test_garbage_last_event_id_is_422(http: httpx.AsyncClient) -> None:
+    job_id = (await http.post("/api/jobs", json={"job_type": "s"})).json()["job_id"]
+    for bad in ("garbage", "1-2-3", "-", "0-x", "99999999999999999999-0"):
+        r = await http.get(f"/api/jobs/{job_id}/events", headers={"Last-Event-ID": bad})
+        assert r.status_code == 422 and "last-event-id" in r.text.lower(), (bad, r.text)
+        r = await http.get(f"/api/jobs/{job_id}/events", params={"after": bad})
+        assert r.status_code == 422, bad
