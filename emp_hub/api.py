@@ -35,7 +35,7 @@ from emp_hub.broker import (
     StaleLease,
     TooLarge,
 )
-from emp_hub.broker.models import JOB_ID_PATTERN, Event
+from emp_hub.broker.models import Event, JobId
 from emp_worker.capabilities import NAME_PATTERN, WorkerCapabilities
 
 # -- strict JSON bodies ------------------------------------------------------------------
@@ -182,7 +182,7 @@ class SubmitRequest(BaseModel):
     service: str | None = Field(default=None, pattern=NAME_PATTERN, description="= job_type.")
     payload: dict[str, Any] = Field(default_factory=dict)
     priority: int = Field(default=0, ge=PRIORITY_MIN, le=PRIORITY_MAX)
-    job_id: str | None = Field(default=None, pattern=JOB_ID_PATTERN)
+    job_id: JobId | None = None
     wait: bool = Field(default=False, description="Answer only when the job has ended.")
     timeout: float = Field(default=300, gt=0, le=3600, description="How long `wait` waits.")
     requirements: RequirementsSpec = Field(default_factory=RequirementsSpec)

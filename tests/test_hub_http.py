@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import pytest
 import redis.asyncio
+import websockets
 from pydantic import SecretStr
 
 from emp_hub.auth import Role, TokenStore
@@ -504,3 +505,39 @@ async def test_garbage_last_event_id_is_422(http: httpx.AsyncClient) -> None:
         assert r.status_code == 422 and "last-event-id" in r.text.lower(), (bad, r.text)
         r = await http.get(f"/api/jobs/{job_id}/events", params={"after": bad})
         assert r.status_code == 422, bad
+
+
+ORIGINAL_IDS = [
+    "job-4714fa1b-432d-456b-8ac7-ba59b900f463",  # a WebSocket submit's default id
+    "job-rest-207e70c8-6308-45d5-a11a-c44f5995aac8",  # a REST submit's default id
+    "extra-job-1-697e064e-6d36-4c17-ac6f-2067c61f083a",
+    "ack-1795926929",
+    "rest-job-2",
+    "user@example.com:render_1.png+2=3",
+]
+
+
+async def test_job_ids_are_reachable(http: httpx.AsyncClient, base_url: str) -> None:
+    """Ids that cannot be used in a URL path ('/', '.', '..', '?', '#', '%') are refused at
+    submit, on every way in, with the allowed characters named; the original's ids pass."""
+    for job_id in ORIGINAL_IDS:
+        r = await http.post("/api/jobs", json={"job_type": "s", "job_id": job_id})
+        assert r.status_code == 200, (job_id, r.text)
+        assert (await http.get(f"/api/jobs/{job_id}")).json()["job_id"] == job_id
+    for bad in ("a/b", "..", ".", "a?b", "a#b", "a%2Fb", "a b", "é", "x" * 201, ""):
+        r = await http.post("/api/jobs", json={"job_type": "s", "job_id": bad})
+        assert r.status_code == 422, (bad, r.text)
+        assert "letters, digits" in r.text and r.json()["detail"][0]["loc"] == ["body", "job_id"]
+        r = await http.post("/api/jobs/batch", json={"jobs": [{"job_type": "s", "job_id": bad}]})
+        assert r.status_code == 422 and "letters, digits" in r.text, bad
+    ws_url = base_url.replace("http", "ws") + "/ws/client/c1"
+    async with websockets.connect(ws_url) as conn:
+        assert json.loads(await conn.recv())["type"] == "connection_established"
+        submit = {"type": "submit_job", "job_type": "s", "payload": {}, "message_id": "a/b"}
+        await conn.send(json.dumps(submit))
+        error = json.loads(await conn.recv())
+        assert error["type"] == "error" and "letters, digits" in error["error"], error
+        await conn.send(json.dumps({**submit, "message_id": "ws-ok-1"}))
+        assert json.loads(await conn.recv())["type"] == "job_accepted"
+    ids = {j["job_id"] for j in (await http.get("/api/jobs", params={"limit": 100})).json()["jobs"]}
+    assert ids == {*ORIGINAL_IDS, "ws-ok-1"}

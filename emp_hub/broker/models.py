@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import lru_cache
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from emp_worker.capabilities import NAME_PATTERN, Isolation, JobRequirements, Name
 
@@ -18,9 +19,24 @@ PRIORITY_MAX = 1000
 #: A job's queue score is (PRIORITY_MAX - priority) * PRIORITY_SCALE + seq: one integer,
 #: exact in a double (< 2**53) while seq < 2**42. See docs/broker.md.
 PRIORITY_SCALE = 2**42
-#: Job ids: printable, no whitespace (ids of the original system like "job-<uuid>" fit).
-JOB_ID_PATTERN = r"^[A-Za-z0-9_.:@+=/-]{1,200}$"
-JobId = Annotated[str, Field(pattern=JOB_ID_PATTERN)]
+#: Job ids: what a URL path segment holds as is, so that every job can be reached at
+#: /api/jobs/<id> (no '/', '?', '#', '%', and not '.' or '..'). The original system's ids
+#: ("job-<uuid>", "job-rest-<uuid>", a client's message_id like "ack-1795926929") fit.
+JOB_ID_PATTERN = r"^[A-Za-z0-9_:@+=-][A-Za-z0-9_.:@+=-]{0,199}$"
+JOB_ID_RULE = "1 to 200 ASCII letters, digits and _ . : @ + = - (not starting with '.')"
+
+
+def _check_job_id(value: str) -> str:
+    if not re.fullmatch(JOB_ID_PATTERN, value):
+        raise ValueError(f"a job id is {JOB_ID_RULE}")
+    return value
+
+
+JobId = Annotated[
+    str,
+    AfterValidator(_check_job_id),
+    Field(description=f"A job id: {JOB_ID_RULE}.", json_schema_extra={"pattern": JOB_ID_PATTERN}),
+]
 
 
 class JobStatus(StrEnum):
