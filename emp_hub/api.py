@@ -36,6 +36,7 @@ from emp_hub.broker import (
     TooLarge,
 )
 from emp_hub.broker.models import Event, JobId
+from emp_hub.settings import MAX_BATCH_JOBS
 from emp_worker.capabilities import NAME_PATTERN, WorkerCapabilities
 
 # -- strict JSON bodies ------------------------------------------------------------------
@@ -299,7 +300,7 @@ class BatchRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    jobs: list[SubmitRequest] = Field(min_length=1, max_length=10_000)
+    jobs: list[SubmitRequest] = Field(min_length=1, max_length=MAX_BATCH_JOBS)
 
 
 class BatchResponse(BaseModel):
@@ -339,9 +340,16 @@ async def _job_view(hub: Hub, job: Job) -> JobView:
 
 
 async def _rate_limit(hub: Hub, principal: Principal, cost: int) -> None:
+    burst = hub.limiter.burst
+    if cost > burst:  # it would wait forever: say so, at once
+        raise HTTPException(
+            413,
+            f"a batch of {cost} jobs exceeds the burst of {burst} jobs (EMP_SUBMIT_BURST), "
+            f"so it can never pass the rate limit: split it into batches of at most {burst}",
+        )
     wait = await hub.limiter.take(principal.token_id, cost)
     if wait:
-        retry = "3600" if math.isinf(wait) else str(max(1, math.ceil(wait)))
+        retry = str(max(1, math.ceil(wait)))
         raise HTTPException(
             429,
             f"too many submissions for this token; retry in {retry} s",

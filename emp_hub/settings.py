@@ -13,6 +13,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from emp_hub.broker import BrokerSettings
 
+#: The most jobs one batch may hold (POST /api/jobs/batch); the default burst lets it pass.
+MAX_BATCH_JOBS = 10_000
+
 
 def default_data_dir() -> Path:
     """$XDG_DATA_HOME/emp (~/.local/share/emp)."""
@@ -77,10 +80,11 @@ class HubSettings(BaseSettings):
         description="Jobs per second one token may submit, sustained.",
     )
     submit_burst: int = Field(
-        default=1000,
+        default=MAX_BATCH_JOBS,
         ge=1,
         validation_alias=_env("submit_burst"),
-        description="Jobs one token may submit at once above the sustained rate.",
+        description="Jobs one token may submit at once above the sustained rate; also the "
+        "largest batch that can pass.",
     )
     maintenance_interval_s: float = Field(
         default=1.0,

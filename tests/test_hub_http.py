@@ -349,8 +349,8 @@ async def test_rate_limit(hub_settings: HubSettings) -> None:
         assert codes == [200, 200, 200, 429]
         r = await http.post("/api/jobs", json={"job_type": "s"})
         assert r.status_code == 429 and 1 <= int(r.headers["Retry-After"]) <= 2
-        r = await http.post("/api/jobs/batch", json={"jobs": [{"job_type": "s"}] * 5})
-        assert r.status_code == 429
+        r = await http.post("/api/jobs/batch", json={"jobs": [{"job_type": "s"}] * 2})
+        assert r.status_code == 429  # within the burst, over what is left of it
         assert (await http.get("/api/jobs")).status_code == 200  # reads are not limited
 
 
@@ -541,3 +541,36 @@ async def test_job_ids_are_reachable(http: httpx.AsyncClient, base_url: str) -> 
         assert json.loads(await conn.recv())["type"] == "job_accepted"
     ids = {j["job_id"] for j in (await http.get("/api/jobs", params={"limit": 100})).json()["jobs"]}
     assert ids == {*ORIGINAL_IDS, "ws-ok-1"}
+
+
+async def test_largest_documented_batch_fits_the_default_burst(
+    hub_settings: HubSettings,
+) -> None:
+    """With the default rate limit, a batch of the documented maximum (10,000) is accepted."""
+    defaults = HubSettings.model_fields
+    settings = hub_settings.model_copy(
+        update={
+            "submit_rate": defaults["submit_rate"].default,
+            "submit_burst": defaults["submit_burst"].default,
+            "max_body_bytes": 16 * 2**20,
+        }
+    )
+    async with running_hub(settings) as url, httpx.AsyncClient(base_url=url, timeout=60) as http:
+        r = await http.post("/api/jobs/batch", json={"jobs": [{"job_type": "s"}] * 10_000})
+        assert r.status_code == 200, r.text
+        assert len(r.json()["job_ids"]) == 10_000
+        r = await http.post("/api/jobs/batch", json={"jobs": [{"job_type": "s"}] * 10_001})
+        assert r.status_code == 422  # over the documented maximum
+
+
+async def test_batch_larger_than_the_burst_says_so(hub_settings: HubSettings) -> None:
+    """A batch that can never pass the rate limit is refused at once, plainly (not 429)."""
+    settings = hub_settings.model_copy(update={"submit_rate": 1000, "submit_burst": 3})
+    async with running_hub(settings) as url, httpx.AsyncClient(base_url=url) as http:
+        r = await http.post("/api/jobs/batch", json={"jobs": [{"job_type": "s"}] * 5})
+        assert r.status_code == 413 and "Retry-After" not in r.headers
+        detail = r.json()["detail"]
+        assert "batch of 5 jobs exceeds the burst of 3" in detail and "EMP_SUBMIT_BURST" in detail
+        assert "split" in detail
+        r = await http.post("/api/jobs/batch", json={"jobs": [{"job_type": "s"}] * 3})
+        assert r.status_code == 200
