@@ -19,6 +19,7 @@ import emp_hub
 from emp_hub.auth import TokenStore
 from emp_hub.broker import Broker, BrokerError, CancelResult, Job, connect
 from emp_hub.embedded import redis_url_or_embedded
+from emp_hub.logs import redact_secrets_in_logs
 from emp_hub.metrics import Metrics
 from emp_hub.ratelimit import RateLimiter
 from emp_hub.settings import HubSettings
@@ -107,6 +108,7 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
     from emp_hub.api import broker_error, router
 
     settings = settings or HubSettings()
+    redact_secrets_in_logs()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
