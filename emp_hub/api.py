@@ -7,8 +7,8 @@ import json
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
-from typing import Annotated, Any, cast
+from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Iterator
+from typing import Annotated, Any, Literal, Self, cast
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -35,7 +35,7 @@ from emp_hub.broker import (
     StaleLease,
     TooLarge,
 )
-from emp_hub.broker.models import Event, JobId
+from emp_hub.broker.models import LARGE_FIELDS, Event, JobId
 from emp_hub.settings import MAX_BATCH_JOBS
 from emp_worker.capabilities import NAME_PATTERN, WorkerCapabilities
 
@@ -236,8 +236,18 @@ class SubmitResponse(BaseModel):
     duplicate: bool = Field(default=False, description="An earlier submit had this key.")
 
 
-class JobView(BaseModel):
-    """A job as the API shows it: the original fields first, then ours."""
+class Cut(BaseModel):
+    """In a list, stands for a payload or result over the cap (EMP_LIST_FIELD_MAX_BYTES)."""
+
+    truncated: Literal[True]
+    bytes: int = Field(description="The field's size, as JSON, in bytes.")
+    cap: int = Field(description="The largest field a list shows, in bytes.")
+    get: str = Field(description="GET this for the whole job.")
+
+
+class JobSummary(BaseModel):
+    """A job in a list: what `JobView` shows, with `payload` and `result` only when asked
+    (`include`), each a `Cut` when over the cap."""
 
     job_id: str
     status: str
@@ -250,9 +260,11 @@ class JobView(BaseModel):
     position: int | None = Field(description="Pending jobs of its class ahead of it (0-based).")
     display_position: int | None = Field(description="position + 1")
     progress: float
-    result: Any
+    result: Any = Field(default=None, description="Only with include=result.")
     error: str | None
-    payload: dict[str, Any]
+    payload: dict[str, Any] | Cut | None = Field(
+        default=None, description="Only with include=payload."
+    )
     failures: int
     priority: int
     customer: str | None
@@ -265,8 +277,21 @@ class JobView(BaseModel):
     finished_at: float | None
 
     @classmethod
-    def of(cls, job: Job, position: int | None) -> JobView:
-        """The view of a broker Job."""
+    def of(
+        cls,
+        job: Job,
+        position: int | None,
+        include: Collection[str] = LARGE_FIELDS,
+        cap: int = 0,
+    ) -> Self:
+        """The view of a broker Job, with the large fields in `include` (a Cut for those
+        the broker left out: over `cap`)."""
+        large = {
+            name: Cut(truncated=True, bytes=job.omitted[name], cap=cap, get=f"/api/jobs/{job.id}")
+            if name in job.omitted
+            else getattr(job, name)
+            for name in include
+        }
         return cls(
             job_id=job.id,
             status=job.status.value,
@@ -279,9 +304,7 @@ class JobView(BaseModel):
             position=position,
             display_position=None if position is None else position + 1,
             progress=job.progress,
-            result=job.result,
             error=job.error,
-            payload=job.payload,
             failures=job.failures,
             priority=job.priority,
             customer=job.customer,
@@ -292,7 +315,15 @@ class JobView(BaseModel):
             message=job.message,
             started_at=job.started_at,
             finished_at=job.finished_at,
+            **large,
         )
+
+
+class JobView(JobSummary):
+    """A job as the API shows it, whole: the original fields first, then ours."""
+
+    result: Any
+    payload: dict[str, Any]
 
 
 class BatchRequest(BaseModel):
@@ -313,7 +344,7 @@ class BatchResponse(BaseModel):
 class JobList(BaseModel):
     """A page of jobs, newest first."""
 
-    jobs: list[JobView]
+    jobs: list[JobSummary]
     next_cursor: int | None = Field(description="Pass as `cursor` for the next page.")
 
 
@@ -430,7 +461,7 @@ async def get_job(job_id: str, hub: HubDep, principal: Reader) -> JobView:
     return await _job_view(hub, await visible_job(hub, principal, job_id))
 
 
-@router.get("/api/jobs", response_model=JobList, tags=["jobs"])
+@router.get("/api/jobs", response_model=JobList, response_model_exclude_unset=True, tags=["jobs"])
 async def list_jobs(
     hub: HubDep,
     principal: Reader,
@@ -439,16 +470,36 @@ async def list_jobs(
     customer: Annotated[str | None, Query(pattern=NAME_PATTERN)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     cursor: Annotated[int | None, Query(ge=0)] = None,
+    include: Annotated[
+        str | None,
+        Query(
+            pattern=r"^(payload|result)(,(payload|result))*$",
+            description="payload, result or both (comma separated): shown in the list, each "
+            "up to EMP_LIST_FIELD_MAX_BYTES (a larger one is a marker).",
+        ),
+    ] = None,
 ) -> JobList:
-    """Jobs newest first, filtered by status, service and customer; paginated."""
+    """Jobs newest first, filtered by status, service and customer; paginated. Summaries:
+    no payload or result unless `include` asks (GET the job for all of it)."""
     if principal.customer is not None:
         if customer not in (None, principal.customer):
             return JobList(jobs=[], next_cursor=None)
         customer = principal.customer
+    wanted = [f for f in LARGE_FIELDS if f in (include or "").split(",")]
+    cap = hub.settings.list_field_max_bytes
     page = await hub.broker.list_jobs(
-        status=status, service=service, customer=customer, limit=limit, cursor=cursor
+        status=status,
+        service=service,
+        customer=customer,
+        limit=limit,
+        cursor=cursor,
+        include=wanted,
+        cap=cap,
     )
-    views = [await _job_view(hub, job) for job in page.jobs]
+    views = [
+        JobSummary.of(job, await hub.broker.position(job.id, job.requirement_class), wanted, cap)
+        for job in page.jobs
+    ]
     return JobList(jobs=views, next_cursor=page.next_cursor)
 
 

@@ -73,6 +73,13 @@ class HubSettings(BaseSettings):
         validation_alias=_env("max_body_bytes"),
         description="Largest HTTP request body accepted (413 above it).",
     )
+    list_field_max_bytes: int = Field(
+        default=16 * 2**10,
+        ge=0,
+        validation_alias=_env("list_field_max_bytes"),
+        description="In a list of jobs asked to include payloads or results, the largest "
+        "shown; a larger one is a marker (GET the job for it).",
+    )
     submit_rate: float = Field(
         default=100,
         gt=0,

@@ -574,3 +574,40 @@ async def test_batch_larger_than_the_burst_says_so(hub_settings: HubSettings) ->
         assert "split" in detail
         r = await http.post("/api/jobs/batch", json={"jobs": [{"job_type": "s"}] * 3})
         assert r.status_code == 200
+
+
+# -- list memory ---------------------------------------------------------------------------
+
+
+async def test_lists_are_summaries(hub_settings: HubSettings, broker: Broker) -> None:
+    """A list leaves out payload and result unless asked (`include`); then each is capped
+    (EMP_LIST_FIELD_MAX_BYTES), a cut one replaced by a marker. GET of the job has all."""
+    settings = hub_settings.model_copy(update={"list_field_max_bytes": 1000})
+    async with running_hub(settings) as url, httpx.AsyncClient(base_url=url) as http:
+        small = (
+            await http.post("/api/jobs", json={"job_type": "simulation", "payload": {"n": 1}})
+        ).json()["job_id"]
+        big_payload = {"prompt": "x" * 5000}
+        big = (
+            await http.post("/api/jobs", json={"job_type": "simulation", "payload": big_payload})
+        ).json()["job_id"]
+        await run_one(broker, {"image": "y" * 3000})  # small's result is large
+        listed = (await http.get("/api/jobs")).json()["jobs"]
+        assert [j["job_id"] for j in listed] == [big, small]
+        for job in listed:
+            assert "payload" not in job and "result" not in job, job
+            assert job["job_type"] == "simulation" and job["status"] in ("completed", "pending")
+        listed = (await http.get("/api/jobs", params={"include": "payload,result"})).json()["jobs"]
+        by_id = {j["job_id"]: j for j in listed}
+        assert by_id[small]["payload"] == {"n": 1} and by_id[big]["result"] is None
+        cut = by_id[big]["payload"]
+        size = len(json.dumps(big_payload, separators=(",", ":")))  # as the broker keeps it
+        assert cut["truncated"] is True and cut["bytes"] == size
+        assert cut["cap"] == 1000 and cut["get"] == f"/api/jobs/{big}"
+        assert by_id[small]["result"]["truncated"] is True
+        only = (await http.get("/api/jobs", params={"include": "payload"})).json()["jobs"]
+        assert all("payload" in j and "result" not in j for j in only)
+        assert (await http.get("/api/jobs", params={"include": "secrets"})).status_code == 422
+        whole = (await http.get(f"/api/jobs/{big}")).json()
+        assert whole["payload"] == big_payload
+        assert (await http.get(f"/api/jobs/{small}")).json()["result"] == {"image": "y" * 3000}

@@ -39,6 +39,10 @@ JobId = Annotated[
 ]
 
 
+#: The fields of a job record that may be large: a list reads them only when asked.
+LARGE_FIELDS = ("payload", "result")
+
+
 class JobStatus(StrEnum):
     """Where a job is in its life. Terminal: completed, failed, cancelled."""
 
@@ -134,9 +138,14 @@ class Job(BaseModel):
     message: str | None = None
     result: Any = None
     error: str | None = None
+    omitted: dict[str, int] = Field(
+        default_factory=dict,
+        description="Large fields (LARGE_FIELDS) left out of this record, not asked for or "
+        "over a cap, with their size in bytes; a left-out payload reads {}, a result None.",
+    )
 
     @classmethod
-    def from_hash(cls, h: dict[str, str]) -> Job:
+    def from_hash(cls, h: dict[str, str], omitted: dict[str, int] | None = None) -> Job:
         """Build a Job from the fields of its Redis hash."""
 
         def opt(name: str) -> str | None:
@@ -152,7 +161,7 @@ class Job(BaseModel):
             service=h["service"],
             status=JobStatus(h["status"]),
             priority=int(h["priority"]),
-            payload=json.loads(h["payload"]),
+            payload=json.loads(h["payload"]) if "payload" in h else {},
             requirements=_requirements(h["requirements"]),
             requirement_class=h["class"],
             customer=opt("customer"),
@@ -174,6 +183,7 @@ class Job(BaseModel):
             message=opt("message"),
             result=json.loads(h["result"]) if h.get("result") else None,
             error=opt("error"),
+            omitted=omitted or {},
         )
 
 

@@ -32,6 +32,7 @@ NAMES = (
     "janitor",
     "depth",
     "import",
+    "read_jobs",
 )
 
 #: The settings every script receives in ARGV[3], in this order (see lua/common.lua).
