@@ -62,11 +62,11 @@ def start_workers(url: str, count: int, tmp: Path) -> list[subprocess.Popen[byte
 
 
 async def completed_jobs(http: httpx.AsyncClient, url: str) -> list[dict[str, Any]]:
-    """Every completed job (the API's pages of 500)."""
+    """Every completed job, with its result (the API's pages of 500)."""
     jobs: list[dict[str, Any]] = []
     cursor = None
     while True:
-        params: dict[str, Any] = {"status": "completed", "limit": 500}
+        params: dict[str, Any] = {"status": "completed", "limit": 500, "include": "result"}
         if cursor is not None:
             params["cursor"] = cursor
         page = (await http.get(f"{url}/api/jobs", params=params)).json()

@@ -7,11 +7,12 @@ import json
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Annotated, Any, cast
+from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Iterator
+from typing import Annotated, Any, Literal, Self, cast
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -34,10 +35,77 @@ from emp_hub.broker import (
     StaleLease,
     TooLarge,
 )
-from emp_hub.broker.models import JOB_ID_PATTERN, Event
+from emp_hub.broker.models import LARGE_FIELDS, Event, JobId
+from emp_hub.settings import MAX_BATCH_JOBS
 from emp_worker.capabilities import NAME_PATTERN, JobRequirements, WorkerCapabilities
 
-router = APIRouter()
+# -- strict JSON bodies ------------------------------------------------------------------
+
+
+class _NonFinite(ValueError):
+    pass
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _NonFinite(name)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):  # 1e400: too large for a double
+        raise _NonFinite(text)
+    return value
+
+
+def _non_finite(value: Any, path: tuple[str | int, ...] = ()) -> Iterator[tuple[Any, ...]]:
+    """The places of the non-finite numbers in a parsed JSON value."""
+    if isinstance(value, float) and not math.isfinite(value):
+        yield path
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _non_finite(item, (*path, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _non_finite(item, (*path, index))
+
+
+def parse_json_body(body: bytes) -> Any:
+    """A request body's JSON. NaN, Infinity and numbers beyond a double (1e400), which
+    Python's json accepts but JSON has not, are refused with a 422 naming their place."""
+    try:
+        return json.loads(body, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except _NonFinite:
+        value = json.loads(body)  # again, leniently, to find where they are
+        msg = "Input should be a finite number (NaN and Infinity are not JSON)"
+        detail = [
+            {"type": "finite_number", "loc": ["body", *place], "msg": msg}
+            for place in _non_finite(value)
+        ]
+        raise HTTPException(422, detail) from None
+
+
+class StrictJSONRequest(Request):
+    """A request whose JSON body is parsed by `parse_json_body`."""
+
+    async def json(self) -> Any:
+        """The body's JSON (422 on NaN or Infinity)."""
+        return parse_json_body(await self.body())
+
+
+class StrictJSONRoute(APIRoute):
+    """A route that reads its JSON body with `parse_json_body`."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        """The route's handler, given a StrictJSONRequest."""
+        handler = super().get_route_handler()
+
+        async def strict(request: Request) -> Response:
+            return await handler(StrictJSONRequest(request.scope, request.receive))
+
+        return strict
+
+
+router = APIRouter(route_class=StrictJSONRoute)
 
 
 # -- dependencies ------------------------------------------------------------------------
@@ -115,7 +183,7 @@ class SubmitRequest(BaseModel):
     service: str | None = Field(default=None, pattern=NAME_PATTERN, description="= job_type.")
     payload: dict[str, Any] = Field(default_factory=dict)
     priority: int = Field(default=0, ge=PRIORITY_MIN, le=PRIORITY_MAX)
-    job_id: str | None = Field(default=None, pattern=JOB_ID_PATTERN)
+    job_id: JobId | None = None
     wait: bool = Field(default=False, description="Answer only when the job has ended.")
     timeout: float = Field(default=300, gt=0, le=3600, description="How long `wait` waits.")
     requirements: RequirementsSpec = Field(default_factory=RequirementsSpec)
@@ -171,8 +239,18 @@ class SubmitResponse(BaseModel):
     )
 
 
-class JobView(BaseModel):
-    """A job as the API shows it: the original fields first, then ours."""
+class Cut(BaseModel):
+    """In a list, stands for a payload or result over the cap (EMP_LIST_FIELD_MAX_BYTES)."""
+
+    truncated: Literal[True]
+    bytes: int = Field(description="The field's size, as JSON, in bytes.")
+    cap: int = Field(description="The largest field a list shows, in bytes.")
+    get: str = Field(description="GET this for the whole job.")
+
+
+class JobSummary(BaseModel):
+    """A job in a list: what `JobView` shows, with `payload` and `result` only when asked
+    (`include`), each a `Cut` when over the cap."""
 
     job_id: str
     status: str
@@ -185,9 +263,11 @@ class JobView(BaseModel):
     position: int | None = Field(description="Pending jobs of its class ahead of it (0-based).")
     display_position: int | None = Field(description="position + 1")
     progress: float
-    result: Any
+    result: Any = Field(default=None, description="Only with include=result.")
     error: str | None
-    payload: dict[str, Any]
+    payload: dict[str, Any] | Cut | None = Field(
+        default=None, description="Only with include=payload."
+    )
     failures: int
     priority: int
     customer: str | None
@@ -205,8 +285,24 @@ class JobView(BaseModel):
     )
 
     @classmethod
-    def of(cls, job: Job, position: int | None, unschedulable: str | None = None) -> JobView:
-        """The view of a broker Job."""
+    def of(
+        cls,
+        job: Job,
+        position: int | None,
+        include: Collection[str] = LARGE_FIELDS,
+        cap: int = 0,
+        unschedulable: str | None = None,
+    ) -> Self:
+        """The view of a broker Job, with the large fields in `include` (a Cut for those
+        the broker left out: over `cap`), and why no live worker can run it, if so."""
+        large = {
+            name: Cut(truncated=True, bytes=job.omitted[name], cap=cap, get=f"/api/jobs/{job.id}")
+            if name in job.omitted
+            else getattr(job, name)
+            for name in include
+        }
+        if unschedulable is not None:
+            large["unschedulable"] = unschedulable
         return cls(
             job_id=job.id,
             status=job.status.value,
@@ -219,9 +315,7 @@ class JobView(BaseModel):
             position=position,
             display_position=None if position is None else position + 1,
             progress=job.progress,
-            result=job.result,
             error=job.error,
-            payload=job.payload,
             failures=job.failures,
             priority=job.priority,
             customer=job.customer,
@@ -232,8 +326,15 @@ class JobView(BaseModel):
             message=job.message,
             started_at=job.started_at,
             finished_at=job.finished_at,
-            unschedulable=unschedulable,
+            **large,
         )
+
+
+class JobView(JobSummary):
+    """A job as the API shows it, whole: the original fields first, then ours."""
+
+    result: Any
+    payload: dict[str, Any]
 
 
 class BatchRequest(BaseModel):
@@ -241,7 +342,7 @@ class BatchRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    jobs: list[SubmitRequest] = Field(min_length=1, max_length=10_000)
+    jobs: list[SubmitRequest] = Field(min_length=1, max_length=MAX_BATCH_JOBS)
 
 
 class BatchResponse(BaseModel):
@@ -254,7 +355,7 @@ class BatchResponse(BaseModel):
 class JobList(BaseModel):
     """A page of jobs, newest first."""
 
-    jobs: list[JobView]
+    jobs: list[JobSummary]
     next_cursor: int | None = Field(description="Pass as `cursor` for the next page.")
 
 
@@ -280,7 +381,7 @@ async def _job_view(hub: Hub, job: Job) -> JobView:
     return JobView.of(
         job,
         await hub.broker.position(job.id, job.requirement_class),
-        await _why_waiting(hub, job.requirements, job.status),
+        unschedulable=await _why_waiting(hub, job.requirements, job.status),
     )
 
 
@@ -292,9 +393,16 @@ async def _why_waiting(hub: Hub, req: JobRequirements, status: JobStatus) -> str
 
 
 async def _rate_limit(hub: Hub, principal: Principal, cost: int) -> None:
+    burst = hub.limiter.burst
+    if cost > burst:  # it would wait forever: say so, at once
+        raise HTTPException(
+            413,
+            f"a batch of {cost} jobs exceeds the burst of {burst} jobs (EMP_SUBMIT_BURST), "
+            f"so it can never pass the rate limit: split it into batches of at most {burst}",
+        )
     wait = await hub.limiter.take(principal.token_id, cost)
     if wait:
-        retry = "3600" if math.isinf(wait) else str(max(1, math.ceil(wait)))
+        retry = str(max(1, math.ceil(wait)))
         raise HTTPException(
             429,
             f"too many submissions for this token; retry in {retry} s",
@@ -377,7 +485,7 @@ async def get_job(job_id: str, hub: HubDep, principal: Reader) -> JobView:
     return await _job_view(hub, await visible_job(hub, principal, job_id))
 
 
-@router.get("/api/jobs", response_model=JobList, tags=["jobs"])
+@router.get("/api/jobs", response_model=JobList, response_model_exclude_unset=True, tags=["jobs"])
 async def list_jobs(
     hub: HubDep,
     principal: Reader,
@@ -386,16 +494,36 @@ async def list_jobs(
     customer: Annotated[str | None, Query(pattern=NAME_PATTERN)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     cursor: Annotated[int | None, Query(ge=0)] = None,
+    include: Annotated[
+        str | None,
+        Query(
+            pattern=r"^(payload|result)(,(payload|result))*$",
+            description="payload, result or both (comma separated): shown in the list, each "
+            "up to EMP_LIST_FIELD_MAX_BYTES (a larger one is a marker).",
+        ),
+    ] = None,
 ) -> JobList:
-    """Jobs newest first, filtered by status, service and customer; paginated."""
+    """Jobs newest first, filtered by status, service and customer; paginated. Summaries:
+    no payload or result unless `include` asks (GET the job for all of it)."""
     if principal.customer is not None:
         if customer not in (None, principal.customer):
             return JobList(jobs=[], next_cursor=None)
         customer = principal.customer
+    wanted = [f for f in LARGE_FIELDS if f in (include or "").split(",")]
+    cap = hub.settings.list_field_max_bytes
     page = await hub.broker.list_jobs(
-        status=status, service=service, customer=customer, limit=limit, cursor=cursor
+        status=status,
+        service=service,
+        customer=customer,
+        limit=limit,
+        cursor=cursor,
+        include=wanted,
+        cap=cap,
     )
-    views = [await _job_view(hub, job) for job in page.jobs]
+    views = [
+        JobSummary.of(job, await hub.broker.position(job.id, job.requirement_class), wanted, cap)
+        for job in page.jobs
+    ]
     return JobList(jobs=views, next_cursor=page.next_cursor)
 
 
@@ -417,6 +545,10 @@ async def retry_job(job_id: str, hub: HubDep, principal: Submitter) -> JobView:
     return await _job_view(hub, await hub.broker.get(job_id))
 
 
+#: An event's id (a Redis stream id), as `Last-Event-ID` and `after` give it back.
+EVENT_ID_PATTERN = r"^\d{1,19}-\d{1,19}$"  # 19 digits: below 2**64
+
+
 @router.get(
     "/api/jobs/{job_id}/events",
     tags=["jobs"],
@@ -427,8 +559,8 @@ async def job_events(
     job_id: str,
     hub: HubDep,
     principal: Reader,
-    last_event_id: Annotated[str | None, Header()] = None,
-    after: Annotated[str | None, Query(pattern=r"^\d+-\d+$")] = None,
+    last_event_id: Annotated[str | None, Header(pattern=EVENT_ID_PATTERN)] = None,
+    after: Annotated[str | None, Query(pattern=EVENT_ID_PATTERN)] = None,
 ) -> StreamingResponse:
     """The job's status and progress as server-sent events, until it ends. Resumes after
     the `Last-Event-ID` header (or `after`), so a reconnect misses nothing."""

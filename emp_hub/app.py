@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import redis.asyncio
-from fastapi import FastAPI
+from fastapi import FastAPI, HTTPException
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -21,6 +21,7 @@ import emp_hub
 from emp_hub.auth import TokenStore
 from emp_hub.broker import Broker, BrokerError, CancelResult, Job, connect
 from emp_hub.embedded import redis_url_or_embedded
+from emp_hub.logs import redact_secrets_in_logs
 from emp_hub.metrics import Metrics
 from emp_hub.ratelimit import RateLimiter
 from emp_hub.settings import HubSettings
@@ -116,6 +117,7 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
     from emp_hub.api import broker_error, router
 
     settings = settings or HubSettings()
+    redact_secrets_in_logs()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -151,8 +153,8 @@ OUTPUT_UPLOAD = re.compile(r"/api/jobs/[^/]+/outputs/[^/]+")
 
 
 class BodySizeLimit:
-    """Answer 413 to request bodies over `max_bytes` (declared or streamed); output
-    uploads have caps of their own."""
+    """Answer 413 to request bodies over `max_bytes`, declared (Content-Length) or streamed
+    (chunked), on every route that reads a body; output uploads have caps of their own."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -164,12 +166,10 @@ class BodySizeLimit:
         ):
             await self.app(scope, receive, send)
             return
-        too_large = JSONResponse(
-            {"detail": f"request body over {self.max_bytes} bytes"}, status_code=413
-        )
+        reason = f"request body over {self.max_bytes} bytes"
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and int(declared) > self.max_bytes:
-            await too_large(scope, receive, send)
+            await JSONResponse({"detail": reason}, status_code=413)(scope, receive, send)
             return
         seen = 0
 
@@ -179,14 +179,9 @@ class BodySizeLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
-                    raise _BodyTooLarge
+                    # An HTTPException: the app's handlers answer it (FastAPI re-raises it
+                    # from its body parsing, where any other error would become a 400).
+                    raise HTTPException(413, reason)
             return message
 
-        try:
-            await self.app(scope, limited, send)
-        except _BodyTooLarge:
-            await too_large(scope, receive, send)
-
-
-class _BodyTooLarge(Exception):
-    pass
+        await self.app(scope, limited, send)

@@ -175,7 +175,8 @@ class Client:
         return job
 
     async def jobs(self, **filters: Any) -> dict[str, Any]:
-        """A page of jobs: status, service, customer, limit, cursor."""
+        """A page of jobs (summaries): status, service, customer, limit, cursor, and
+        include ("payload", "result" or "payload,result") for those fields, capped."""
         params = {k: v for k, v in filters.items() if v is not None}
         page: dict[str, Any] = await self._call("GET", "/api/jobs", params=params)
         return page

@@ -38,9 +38,10 @@ class RateLimiter:
 
     async def take(self, token_id: str, cost: int = 1) -> float:
         """Spend `cost` jobs of the token's allowance. Returns 0 when allowed, else the
-        seconds to wait before the request would be allowed."""
+        seconds to wait before the request would be allowed. A cost over the burst could
+        never be allowed: ValueError (callers check `burst` first)."""
         if cost > self.burst:
-            return float("inf")
+            raise ValueError(f"a cost of {cost} is over the burst of {self.burst}")
         allowed, wait = cast(
             list[int | str],
             await self._script(

@@ -13,6 +13,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from emp_hub.broker import BrokerSettings
 
+#: The most jobs one batch may hold (POST /api/jobs/batch); the default burst lets it pass.
+MAX_BATCH_JOBS = 10_000
+
 
 def default_data_dir() -> Path:
     """$XDG_DATA_HOME/emp (~/.local/share/emp)."""
@@ -82,6 +85,13 @@ class HubSettings(BaseSettings):
         validation_alias=_env("max_body_bytes"),
         description="Largest HTTP request body accepted (413 above it).",
     )
+    list_field_max_bytes: int = Field(
+        default=16 * 2**10,
+        ge=0,
+        validation_alias=_env("list_field_max_bytes"),
+        description="In a list of jobs asked to include payloads or results, the largest "
+        "shown; a larger one is a marker (GET the job for it).",
+    )
     submit_rate: float = Field(
         default=100,
         gt=0,
@@ -89,10 +99,11 @@ class HubSettings(BaseSettings):
         description="Jobs per second one token may submit, sustained.",
     )
     submit_burst: int = Field(
-        default=1000,
+        default=MAX_BATCH_JOBS,
         ge=1,
         validation_alias=_env("submit_burst"),
-        description="Jobs one token may submit at once above the sustained rate.",
+        description="Jobs one token may submit at once above the sustained rate; also the "
+        "largest batch that can pass.",
     )
     maintenance_interval_s: float = Field(
         default=1.0,

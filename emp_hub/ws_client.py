@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from pydantic import ValidationError
 
 from emp_hub.app import Hub
 from emp_hub.auth import Principal, Role
@@ -286,6 +287,10 @@ async def submit(session: ClientSession, hub: Hub, message: dict[str, Any]) -> N
             customer=session.principal.customer,
             client_id=session.client_id,
         )
+    except ValidationError as exc:
+        reasons = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        await session.error(f"Invalid submit_job: {reasons}")
+        return
     except (ValueError, TypeError) as exc:
         await session.error(f"Invalid submit_job: {str(exc).splitlines()[0]}")
         return

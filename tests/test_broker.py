@@ -501,6 +501,25 @@ async def test_batch_submit_and_listing(broker: Broker) -> None:
     assert len(pending.jobs) == sum(s.service == "comfyui" for s in specs) - 1
 
 
+async def test_listing_reads_large_fields_only_when_asked(broker: Broker) -> None:
+    small = await broker.submit(JobSpec(service="sim", payload={"n": 1}))
+    big = await broker.submit(JobSpec(service="sim", payload={"x": "y" * 500}))
+    claim = await broker.claim("w", WorkerCapabilities(services={"sim"}))
+    assert claim is not None and claim.job.id == small.id
+    await broker.complete(small.id, claim.token, {"ok": True})
+    whole = {j.id: j for j in (await broker.list_jobs()).jobs}
+    assert whole[big.id].payload == {"x": "y" * 500} and whole[big.id].omitted == {}
+    assert whole[small.id].result == {"ok": True}
+    bare = {j.id: j for j in (await broker.list_jobs(include=())).jobs}
+    assert bare[big.id].payload == {} and bare[big.id].omitted == {"payload": 508}
+    assert bare[small.id].result is None
+    assert bare[small.id].omitted == {"payload": 7, "result": 11}
+    capped = {j.id: j for j in (await broker.list_jobs(include=["payload"], cap=100)).jobs}
+    assert capped[small.id].payload == {"n": 1} and capped[small.id].omitted == {"result": 11}
+    assert capped[big.id].omitted == {"payload": 508} and capped[big.id].status.value == "pending"
+    assert (await broker.get(big.id)).payload == {"x": "y" * 500}
+
+
 async def test_stats_depth_and_unschedulable(broker: Broker) -> None:
     await broker.submit_many(
         [JobSpec(service="sim", priority=p) for p in (0, 0, 5, -2)]

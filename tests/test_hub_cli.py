@@ -1,14 +1,20 @@
-"""emp-hub's token commands and its errors (the CLI run in-process)."""
+"""emp-hub's token commands and its errors (the CLI run in-process), and what `emp-hub serve`
+logs (a real process)."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 
+import httpx
 import pytest
 import redis
+from websockets.sync.client import connect
 
 from emp_hub.cli import main
+from emp_hub.logs import redact
+from tests.processes import Cluster
 
 pytestmark = pytest.mark.hub
 
@@ -52,3 +58,44 @@ def test_unreachable_redis(
     monkeypatch.setenv("EMP_REDIS_URL", "redis://127.0.0.1:1/0")
     assert main(["token", "list"]) == 1
     assert "cannot reach Redis" in capsys.readouterr().err
+
+
+def test_serve_never_logs_a_token(redis_url: str, namespace: str, tmp_path: Path) -> None:
+    """`emp-hub serve` at its most verbose (trace: access log, WebSocket handshakes and
+    headers, ASGI scopes) logs the requests, with every token replaced by ***."""
+    secret = "emp_" + "S3cretTokenValue" * 3
+    hub = Cluster(redis_url, namespace, tmp_path)
+    hub.start_hub(EMP_AUTH_TOKEN=secret, EMP_LOG_LEVEL="trace")
+    try:
+        assert httpx.get(f"{hub.url}/api/jobs", params={"token": secret}).status_code == 200
+        bearer = {"Authorization": f"Bearer {secret}"}
+        assert httpx.get(f"{hub.url}/api/queues", headers=bearer).status_code == 200
+        assert httpx.get(f"{hub.url}/api/jobs?limit=5&token={secret}x").status_code == 401
+        ws = hub.url.replace("http", "ws")
+        with connect(f"{ws}/ws/client/c1?token={secret}") as conn:
+            assert json.loads(conn.recv(5))["type"] == "connection_established"
+        with connect(f"{ws}/ws/client/c2", additional_headers=bearer) as conn:
+            assert json.loads(conn.recv(5))["type"] == "connection_established"
+    finally:
+        hub.stop()
+    log = hub.hub.text() if hub.hub else ""
+    assert "S3cretTokenValue" not in log
+    assert '"GET /api/jobs?token=*** HTTP/1.1" 200' in log  # the access log still says what
+    assert '"GET /api/jobs?limit=5&token=*** HTTP/1.1" 401' in log
+    assert '"WebSocket /ws/client/c1?token=***" [accepted]' in log
+    assert "authorization: ***" in log.lower()  # the handshake headers (debug and trace)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("GET /ws/worker/w1?token=emp_abc&x=1", "GET /ws/worker/w1?token=***&x=1"),
+        ("{'query_string': b'token=emp_abc'}", "{'query_string': b'token=***'}"),
+        ("(b'authorization', b'Basic dXNlcjpwYXNz')", "(b'authorization', b'***')"),
+        ("Authorization: Bearer emp_abc", "Authorization: ***"),
+        ("redis://:hunter2@10.0.0.5:6379/0", "redis://:***@10.0.0.5:6379/0"),
+        ("redis://10.0.0.5:6379/0 job-1 at 12:30", "redis://10.0.0.5:6379/0 job-1 at 12:30"),
+    ],
+)
+def test_redact(text: str, expected: str) -> None:
+    assert redact(text) == expected

@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 import redis.asyncio
+import websockets
 from pydantic import SecretStr
 
 from emp_hub.auth import Role, TokenStore
@@ -349,8 +350,8 @@ async def test_rate_limit(hub_settings: HubSettings) -> None:
         assert codes == [200, 200, 200, 429]
         r = await http.post("/api/jobs", json={"job_type": "s"})
         assert r.status_code == 429 and 1 <= int(r.headers["Retry-After"]) <= 2
-        r = await http.post("/api/jobs/batch", json={"jobs": [{"job_type": "s"}] * 5})
-        assert r.status_code == 429
+        r = await http.post("/api/jobs/batch", json={"jobs": [{"job_type": "s"}] * 2})
+        assert r.status_code == 429  # within the burst, over what is left of it
         assert (await http.get("/api/jobs")).status_code == 200  # reads are not limited
 
 
@@ -554,3 +555,196 @@ async def test_classes_and_metrics_stay_bounded(
         assert {c["requirements"]["service"] for c in queues["classes"]} == {
             f"service-{i}" for i in range(200)
         }
+
+
+# -- hostile and malformed input --------------------------------------------------------------
+
+
+def is_json(response: httpx.Response) -> bool:
+    try:
+        response.json()
+    except ValueError:
+        return False
+    return True
+
+
+async def test_non_finite_numbers_are_refused_naming_the_field(http: httpx.AsyncClient) -> None:
+    """NaN, Infinity and numbers too large for a double (1e400) are not JSON: 422 with the
+    field's place, never a 500; nothing is submitted."""
+    cases = [
+        (b'{"job_type": "s", "job_timeout": NaN}', ["body", "job_timeout"]),
+        (b'{"job_type": "s", "requirements": {"ram_gb": NaN}}', ["body", "requirements", "ram_gb"]),
+        (b'{"job_type": "s", "priority": NaN}', ["body", "priority"]),
+        (b'{"job_type": "s", "timeout": Infinity}', ["body", "timeout"]),
+        (b'{"job_type": "s", "job_timeout": 1e400}', ["body", "job_timeout"]),
+        (b'{"job_type": "s", "priority": -Infinity}', ["body", "priority"]),
+        (b'{"job_type": "s", "payload": {"xs": [1, NaN]}}', ["body", "payload", "xs", 1]),
+    ]
+    for body, loc in cases:
+        r = await http.post("/api/jobs", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 422 and is_json(r), (body, r.status_code, r.text)
+        assert [e["loc"] for e in r.json()["detail"]] == [loc], (body, r.text)
+        assert "finite" in r.json()["detail"][0]["msg"]
+    r = await http.post(
+        "/api/jobs/batch",
+        content=b'{"jobs": [{"job_type": "s"}, {"job_type": "s", "job_timeout": NaN}]}',
+        headers={"content-type": "application/json"},
+    )
+    assert r.status_code == 422
+    assert r.json()["detail"][0]["loc"] == ["body", "jobs", 1, "job_timeout"]
+    assert (await http.get("/api/jobs")).json()["jobs"] == []
+    assert (await http.post("/api/jobs", json={"job_type": "s", "job_timeout": 1.5})).is_success
+
+
+def chunked(size: int) -> Any:
+    """A request body of `size` bytes sent chunked (no Content-Length)."""
+
+    async def body() -> AsyncIterator[bytes]:
+        for _ in range(size // 10_000):
+            yield b"x" * 10_000
+
+    return body()
+
+
+async def test_chunked_body_over_the_limit_is_413(
+    hub_settings: HubSettings, broker: Broker, tmp_path: Any
+) -> None:
+    """A body over EMP_MAX_BODY_BYTES (50,000 here) sent without Content-Length gets the same
+    413 and JSON reason as a declared one, on every route that reads a JSON body; the output
+    upload of the worker holding the job, under its own cap, too; the job is untouched."""
+    settings = hub_settings.model_copy(update={"output_dir": tmp_path, "max_output_bytes": 50_000})
+    async with running_hub(settings) as url, httpx.AsyncClient(base_url=url) as http:
+        job_id = (await http.post("/api/jobs", json={"job_type": "simulation"})).json()["job_id"]
+        claim = await broker.claim("w1", SIM)
+        assert claim is not None
+        json_type = {"content-type": "application/json"}
+        for method, path, headers in [
+            ("POST", "/api/jobs", json_type),
+            ("POST", "/api/jobs/batch", json_type),
+            ("POST", f"/api/jobs/{job_id}/cancel", json_type),
+            ("PUT", f"/api/jobs/{job_id}/outputs/big.bin", {"X-Lease-Token": claim.token}),
+        ]:
+            r = await http.request(method, path, content=chunked(200_000), headers=headers)
+            assert r.status_code == 413, (path, r.status_code, r.text)
+            if method == "PUT":
+                assert "EMP_MAX_OUTPUT_BYTES" in r.json()["detail"]
+            else:
+                assert r.json() == {"detail": "request body over 50000 bytes"}, path
+        assert (await http.get(f"/api/jobs/{job_id}")).json()["status"] == "active"
+        assert (await http.get(f"/api/jobs/{job_id}/outputs")).json() == []
+        assert (await http.get("/api/jobs")).json()["jobs"][0]["job_id"] == job_id
+
+
+async def test_garbage_last_event_id_is_422(http: httpx.AsyncClient) -> None:
+    job_id = (await http.post("/api/jobs", json={"job_type": "s"})).json()["job_id"]
+    for bad in ("garbage", "1-2-3", "-", "0-x", "99999999999999999999-0"):
+        r = await http.get(f"/api/jobs/{job_id}/events", headers={"Last-Event-ID": bad})
+        assert r.status_code == 422 and "last-event-id" in r.text.lower(), (bad, r.text)
+        r = await http.get(f"/api/jobs/{job_id}/events", params={"after": bad})
+        assert r.status_code == 422, bad
+
+
+ORIGINAL_IDS = [
+    "job-4714fa1b-432d-456b-8ac7-ba59b900f463",  # a WebSocket submit's default id
+    "job-rest-207e70c8-6308-45d5-a11a-c44f5995aac8",  # a REST submit's default id
+    "extra-job-1-697e064e-6d36-4c17-ac6f-2067c61f083a",
+    "ack-1795926929",
+    "rest-job-2",
+    "user@example.com:render_1.png+2=3",
+]
+
+
+async def test_job_ids_are_reachable(http: httpx.AsyncClient, base_url: str) -> None:
+    """Ids that cannot be used in a URL path ('/', '.', '..', '?', '#', '%') are refused at
+    submit, on every way in, with the allowed characters named; the original's ids pass."""
+    for job_id in ORIGINAL_IDS:
+        r = await http.post("/api/jobs", json={"job_type": "s", "job_id": job_id})
+        assert r.status_code == 200, (job_id, r.text)
+        assert (await http.get(f"/api/jobs/{job_id}")).json()["job_id"] == job_id
+    for bad in ("a/b", "..", ".", "a?b", "a#b", "a%2Fb", "a b", "é", "x" * 201, ""):
+        r = await http.post("/api/jobs", json={"job_type": "s", "job_id": bad})
+        assert r.status_code == 422, (bad, r.text)
+        assert "letters, digits" in r.text and r.json()["detail"][0]["loc"] == ["body", "job_id"]
+        r = await http.post("/api/jobs/batch", json={"jobs": [{"job_type": "s", "job_id": bad}]})
+        assert r.status_code == 422 and "letters, digits" in r.text, bad
+    ws_url = base_url.replace("http", "ws") + "/ws/client/c1"
+    async with websockets.connect(ws_url) as conn:
+        assert json.loads(await conn.recv())["type"] == "connection_established"
+        submit = {"type": "submit_job", "job_type": "s", "payload": {}, "message_id": "a/b"}
+        await conn.send(json.dumps(submit))
+        error = json.loads(await conn.recv())
+        assert error["type"] == "error" and "letters, digits" in error["error"], error
+        await conn.send(json.dumps({**submit, "message_id": "ws-ok-1"}))
+        assert json.loads(await conn.recv())["type"] == "job_accepted"
+    ids = {j["job_id"] for j in (await http.get("/api/jobs", params={"limit": 100})).json()["jobs"]}
+    assert ids == {*ORIGINAL_IDS, "ws-ok-1"}
+
+
+async def test_largest_documented_batch_fits_the_default_burst(
+    hub_settings: HubSettings,
+) -> None:
+    """With the default rate limit, a batch of the documented maximum (10,000) is accepted."""
+    defaults = HubSettings.model_fields
+    settings = hub_settings.model_copy(
+        update={
+            "submit_rate": defaults["submit_rate"].default,
+            "submit_burst": defaults["submit_burst"].default,
+            "max_body_bytes": 16 * 2**20,
+        }
+    )
+    async with running_hub(settings) as url, httpx.AsyncClient(base_url=url, timeout=60) as http:
+        r = await http.post("/api/jobs/batch", json={"jobs": [{"job_type": "s"}] * 10_000})
+        assert r.status_code == 200, r.text
+        assert len(r.json()["job_ids"]) == 10_000
+        r = await http.post("/api/jobs/batch", json={"jobs": [{"job_type": "s"}] * 10_001})
+        assert r.status_code == 422  # over the documented maximum
+
+
+async def test_batch_larger_than_the_burst_says_so(hub_settings: HubSettings) -> None:
+    """A batch that can never pass the rate limit is refused at once, plainly (not 429)."""
+    settings = hub_settings.model_copy(update={"submit_rate": 1000, "submit_burst": 3})
+    async with running_hub(settings) as url, httpx.AsyncClient(base_url=url) as http:
+        r = await http.post("/api/jobs/batch", json={"jobs": [{"job_type": "s"}] * 5})
+        assert r.status_code == 413 and "Retry-After" not in r.headers
+        detail = r.json()["detail"]
+        assert "batch of 5 jobs exceeds the burst of 3" in detail and "EMP_SUBMIT_BURST" in detail
+        assert "split" in detail
+        r = await http.post("/api/jobs/batch", json={"jobs": [{"job_type": "s"}] * 3})
+        assert r.status_code == 200
+
+
+# -- list memory ---------------------------------------------------------------------------
+
+
+async def test_lists_are_summaries(hub_settings: HubSettings, broker: Broker) -> None:
+    """A list leaves out payload and result unless asked (`include`); then each is capped
+    (EMP_LIST_FIELD_MAX_BYTES), a cut one replaced by a marker. GET of the job has all."""
+    settings = hub_settings.model_copy(update={"list_field_max_bytes": 1000})
+    async with running_hub(settings) as url, httpx.AsyncClient(base_url=url) as http:
+        small = (
+            await http.post("/api/jobs", json={"job_type": "simulation", "payload": {"n": 1}})
+        ).json()["job_id"]
+        big_payload = {"prompt": "x" * 5000}
+        big = (
+            await http.post("/api/jobs", json={"job_type": "simulation", "payload": big_payload})
+        ).json()["job_id"]
+        await run_one(broker, {"image": "y" * 3000})  # small's result is large
+        listed = (await http.get("/api/jobs")).json()["jobs"]
+        assert [j["job_id"] for j in listed] == [big, small]
+        for job in listed:
+            assert "payload" not in job and "result" not in job, job
+            assert job["job_type"] == "simulation" and job["status"] in ("completed", "pending")
+        listed = (await http.get("/api/jobs", params={"include": "payload,result"})).json()["jobs"]
+        by_id = {j["job_id"]: j for j in listed}
+        assert by_id[small]["payload"] == {"n": 1} and by_id[big]["result"] is None
+        cut = by_id[big]["payload"]
+        size = len(json.dumps(big_payload, separators=(",", ":")))  # as the broker keeps it
+        assert cut["truncated"] is True and cut["bytes"] == size
+        assert cut["cap"] == 1000 and cut["get"] == f"/api/jobs/{big}"
+        assert by_id[small]["result"]["truncated"] is True
+        only = (await http.get("/api/jobs", params={"include": "payload"})).json()["jobs"]
+        assert all("payload" in j and "result" not in j for j in only)
+        assert (await http.get("/api/jobs", params={"include": "secrets"})).status_code == 422
+        whole = (await http.get(f"/api/jobs/{big}")).json()
+        assert whole["payload"] == big_payload
+        assert (await http.get(f"/api/jobs/{small}")).json()["result"] == {"image": "y" * 3000}

@@ -35,13 +35,14 @@ import secrets
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
 from redis.asyncio import Redis
 
 from emp_hub.broker.models import (
+    LARGE_FIELDS,
     PRIORITY_MAX,
     PRIORITY_SCALE,
     CancelResult,
@@ -595,8 +596,12 @@ class Broker:
         customer: str | None = None,
         limit: int = 50,
         cursor: int | None = None,
+        include: Collection[str] = LARGE_FIELDS,
+        cap: int | None = None,
     ) -> Page:
-        """Jobs newest first, filtered; walks the most selective index, never all keys."""
+        """Jobs newest first, filtered; walks the most selective index, never all keys.
+        Of the LARGE_FIELDS, only those in `include` are read, and only when at most `cap`
+        bytes; the others are left out (`Job.omitted` says which, and their sizes)."""
         if customer is not None:
             index = self.key("idx", "cust", customer)
         elif service is not None:
@@ -617,15 +622,18 @@ class Broker:
             if not rows:
                 return Page(jobs=jobs, next_cursor=None)
             budget -= len(rows)
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for job_id, _ in rows:
-                    pipe.hgetall(self.key("job", job_id))
-                hashes = await pipe.execute()
-            for (_job_id, seq), h in zip(rows, hashes, strict=True):
+            records = await self._run(
+                "read_jobs",
+                -1 if cap is None else cap,
+                " ".join(f for f in LARGE_FIELDS if f in include),
+                " ".join(f for f in LARGE_FIELDS if f not in include),
+                *(job_id for job_id, _ in rows),
+            )
+            for (_job_id, seq), (flat, cut) in zip(rows, records, strict=True):
                 top = f"({int(seq)}"
-                if not h:
+                if not flat:
                     continue  # expired; the janitor removes the entry
-                job = Job.from_hash(h)
+                job = Job.from_hash(_pairs(flat), {f: int(n) for f, n in _pairs(cut).items()})
                 if (
                     (status is None or job.status is status)
                     and (service is None or job.service == service)
@@ -716,6 +724,11 @@ class Broker:
             unschedulable_jobs=sum(c.pending for c in classes if c.unschedulable),
             live_workers=len(live),
         )
+
+
+def _pairs(flat: list[Any]) -> dict[str, Any]:
+    """A flat field, value, field, value... list (a Lua reply) as a dict."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
 def _event(event_id: str, fields: dict[str, str]) -> Event:

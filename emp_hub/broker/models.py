@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import lru_cache
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from emp_worker.capabilities import NAME_PATTERN, Isolation, JobRequirements, Name
 
@@ -18,9 +19,28 @@ PRIORITY_MAX = 1000
 #: A job's queue score is (PRIORITY_MAX - priority) * PRIORITY_SCALE + seq: one integer,
 #: exact in a double (< 2**53) while seq < 2**42. See docs/broker.md.
 PRIORITY_SCALE = 2**42
-#: Job ids: printable, no whitespace (ids of the original system like "job-<uuid>" fit).
-JOB_ID_PATTERN = r"^[A-Za-z0-9_.:@+=/-]{1,200}$"
-JobId = Annotated[str, Field(pattern=JOB_ID_PATTERN)]
+#: Job ids: what a URL path segment holds as is, so that every job can be reached at
+#: /api/jobs/<id> (no '/', '?', '#', '%', and not '.' or '..'). The original system's ids
+#: ("job-<uuid>", "job-rest-<uuid>", a client's message_id like "ack-1795926929") fit.
+JOB_ID_PATTERN = r"^[A-Za-z0-9_:@+=-][A-Za-z0-9_.:@+=-]{0,199}$"
+JOB_ID_RULE = "1 to 200 ASCII letters, digits and _ . : @ + = - (not starting with '.')"
+
+
+def _check_job_id(value: str) -> str:
+    if not re.fullmatch(JOB_ID_PATTERN, value):
+        raise ValueError(f"a job id is {JOB_ID_RULE}")
+    return value
+
+
+JobId = Annotated[
+    str,
+    AfterValidator(_check_job_id),
+    Field(description=f"A job id: {JOB_ID_RULE}.", json_schema_extra={"pattern": JOB_ID_PATTERN}),
+]
+
+
+#: The fields of a job record that may be large: a list reads them only when asked.
+LARGE_FIELDS = ("payload", "result")
 
 
 class JobStatus(StrEnum):
@@ -46,7 +66,7 @@ TERMINAL = frozenset(s.value for s in JobStatus if s.terminal)
 class RequirementsSpec(BaseModel):
     """The requirements a client may give beside service and customer."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     gpu_memory_gb: float = Field(default=0, ge=0)
     gpu_count: int = Field(default=0, ge=0, le=64)
@@ -59,9 +79,9 @@ class RequirementsSpec(BaseModel):
 
 
 class JobSpec(BaseModel):
-    """A job as submitted. Unknown fields are an error."""
+    """A job as submitted. Unknown fields, NaN and infinite numbers are an error."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     service: str = Field(pattern=NAME_PATTERN, description="The service (job_type) to run.")
     payload: dict[str, Any] = Field(default_factory=dict)
@@ -118,9 +138,14 @@ class Job(BaseModel):
     message: str | None = None
     result: Any = None
     error: str | None = None
+    omitted: dict[str, int] = Field(
+        default_factory=dict,
+        description="Large fields (LARGE_FIELDS) left out of this record, not asked for or "
+        "over a cap, with their size in bytes; a left-out payload reads {}, a result None.",
+    )
 
     @classmethod
-    def from_hash(cls, h: dict[str, str]) -> Job:
+    def from_hash(cls, h: dict[str, str], omitted: dict[str, int] | None = None) -> Job:
         """Build a Job from the fields of its Redis hash."""
 
         def opt(name: str) -> str | None:
@@ -136,7 +161,7 @@ class Job(BaseModel):
             service=h["service"],
             status=JobStatus(h["status"]),
             priority=int(h["priority"]),
-            payload=json.loads(h["payload"]),
+            payload=json.loads(h["payload"]) if "payload" in h else {},
             requirements=_requirements(h["requirements"]),
             requirement_class=h["class"],
             customer=opt("customer"),
@@ -158,6 +183,7 @@ class Job(BaseModel):
             message=opt("message"),
             result=json.loads(h["result"]) if h.get("result") else None,
             error=opt("error"),
+            omitted=omitted or {},
         )
 
 

@@ -35,6 +35,7 @@ NAMES = (
     "import",
     "register",
     "disconnect",
+    "read_jobs",
 )
 
 #: The settings every script receives in ARGV[3], in this order (see lua/common.lua).
