@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import redis.asyncio
+import redis.exceptions
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -24,6 +25,12 @@ from emp_hub.ratelimit import RateLimiter
 from emp_hub.settings import HubSettings
 
 log = logging.getLogger("emp_hub")
+
+#: What a request that finds Redis unreachable is told (HTTP 503, WebSocket close 1013).
+UNAVAILABLE = "the hub's Redis is unavailable; retry later"
+#: The `Retry-After` of those 503 answers, in seconds.
+RETRY_AFTER_S = 2
+REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 
 @dataclass
@@ -54,7 +61,9 @@ async def maintain_until(stop: asyncio.Event, broker: Broker, interval: float) -
     while not stop.is_set():
         try:
             await broker.maintain()
-        except Exception:  # a Redis hiccup must not end the loop
+        except REDIS_DOWN as exc:
+            log.warning("maintenance pass skipped: %s", exc)
+        except Exception:  # nothing must end the loop
             log.exception("maintenance pass failed")
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), interval)
@@ -134,7 +143,47 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
     app.include_router(ws_monitor.router)
     app.add_exception_handler(BrokerError, broker_error)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RedisUnavailable)
     return app
+
+
+class RedisUnavailable:
+    """A request that finds Redis unreachable (after the client's retries) gets 503 with
+    `Retry-After` and a reason; a WebSocket is closed with 1013 (try again later), accepted
+    first if it was not yet, rather than refused with an HTTP 500."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in {"http", "websocket"}:
+            await self.app(scope, receive, send)
+            return
+        started = closed = False
+
+        async def watched(message: Message) -> None:
+            nonlocal started, closed
+            started = started or message["type"] in {"http.response.start", "websocket.accept"}
+            closed = closed or message["type"] == "websocket.close"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except REDIS_DOWN as exc:
+            log.warning("%s %s: Redis unavailable (%s)", scope["type"], scope["path"], exc)
+            if scope["type"] == "http":
+                if started:  # a stream already under way: nothing to answer but a cut
+                    raise
+                unavailable = JSONResponse(
+                    {"detail": UNAVAILABLE},
+                    status_code=503,
+                    headers={"Retry-After": str(RETRY_AFTER_S)},
+                )
+                await unavailable(scope, receive, send)
+            elif not closed:
+                if not started:
+                    await send({"type": "websocket.accept"})
+                await send({"type": "websocket.close", "code": 1013, "reason": UNAVAILABLE})
 
 
 class BodySizeLimit:

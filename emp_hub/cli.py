@@ -61,7 +61,7 @@ def serve(settings: HubSettings, workers: int) -> None:
 async def with_tokens(settings: HubSettings, action: Callable[[TokenStore], Awaitable[int]]) -> int:
     """Run `action` on the token store of the configured (or embedded) Redis."""
     with redis_url_or_embedded(settings.redis_url, settings.data_dir / "valkey") as url:
-        client = connect(url, retries=2)
+        client = connect(url)
         try:
             return await action(TokenStore(client, settings.broker.namespace))
         finally:
@@ -110,7 +110,7 @@ def migrate_command(settings: HubSettings, args: argparse.Namespace) -> int:
     from emp_hub.migrate import migrate
 
     async def run(url: str) -> int:
-        old, new = connect(args.source, retries=2), connect(url, retries=2)
+        old, new = connect(args.source), connect(url)
         try:
             report = await migrate(old, Broker(new, settings.broker), dry_run=args.dry_run)
         finally:
