@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import emp_hub
 from emp_hub.auth import TokenStore
 from emp_hub.broker import Broker, BrokerError, CancelResult, Job, connect
-from emp_hub.embedded import redis_url_or_embedded
+from emp_hub.embedded import EmbeddedValkey, redact
 from emp_hub.metrics import Metrics
 from emp_hub.ratelimit import RateLimiter
 from emp_hub.settings import HubSettings
@@ -73,12 +73,13 @@ async def maintain_until(stop: asyncio.Event, broker: Broker, interval: float) -
 async def open_hub(settings: HubSettings) -> AsyncIterator[Hub]:
     """Connect to Redis (or start the embedded Valkey), and run maintenance meanwhile."""
     with contextlib.ExitStack() as stack:
-        # Starting the embedded server blocks for a moment, once, at start-up.
-        url = stack.enter_context(
-            redis_url_or_embedded(settings.redis_url, settings.data_dir / "valkey")
-        )
-        if not settings.redis_url:
-            log.info("no EMP_REDIS_URL: using the embedded Valkey at %s", url)
+        url = settings.redis_url
+        if not url:
+            # Starting the embedded server blocks for a moment, once, at start-up. This
+            # process owns it (DataDirLocked if another does) and restarts it if it dies.
+            server = EmbeddedValkey(settings.data_dir / "valkey", supervise=True)
+            url = stack.enter_context(server).url
+            log.info("no EMP_REDIS_URL: using the embedded Valkey at %s", redact(url))
         async with _hub(settings, url) as hub:
             yield hub
 

@@ -25,7 +25,7 @@ import redis.exceptions
 import emp_hub
 from emp_hub.auth import Role, TokenStore
 from emp_hub.broker import connect
-from emp_hub.embedded import redis_url_or_embedded
+from emp_hub.embedded import DataDirLocked, check_free, redis_url_or_embedded
 from emp_hub.settings import HubSettings
 
 
@@ -35,6 +35,8 @@ def serve(settings: HubSettings, workers: int) -> None:
 
     from emp_hub.app import create_app
 
+    if not settings.redis_url:  # one hub per data directory: say so before uvicorn starts
+        check_free(settings.data_dir / "valkey")
     ws_max = int(settings.max_ws_message_size_mb * 2**20)
     if workers > 1:
         # Each worker process builds its own app from the same environment.
@@ -205,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except redis.exceptions.ConnectionError as exc:
         print(f"emp-hub: cannot reach Redis: {exc}", file=sys.stderr)
+        return 1
+    except DataDirLocked as exc:
+        print(f"emp-hub: {exc}", file=sys.stderr)
         return 1
 
 
