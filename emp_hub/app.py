@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import redis.asyncio
+import redis.exceptions
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -20,13 +21,19 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import emp_hub
 from emp_hub.auth import TokenStore
 from emp_hub.broker import Broker, BrokerError, CancelResult, Job, connect
-from emp_hub.embedded import redis_url_or_embedded
-from emp_hub.logs import redact_secrets_in_logs
+from emp_hub.embedded import EmbeddedValkey
+from emp_hub.logs import redact, redact_secrets_in_logs
 from emp_hub.metrics import Metrics
 from emp_hub.ratelimit import RateLimiter
 from emp_hub.settings import HubSettings
 
 log = logging.getLogger("emp_hub")
+
+#: What a request that finds Redis unreachable is told (HTTP 503, WebSocket close 1013).
+UNAVAILABLE = "the hub's Redis is unavailable; retry later"
+#: The `Retry-After` of those 503 answers, in seconds.
+RETRY_AFTER_S = 2
+REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 
 @dataclass
@@ -64,7 +71,9 @@ async def maintain_until(
             await broker.maintain()
             if outputs is not None:
                 await remove_expired(broker, outputs)
-        except Exception:  # a Redis hiccup must not end the loop
+        except REDIS_DOWN as exc:
+            log.warning("maintenance pass skipped: %s", exc)
+        except Exception:  # nothing must end the loop
             log.exception("maintenance pass failed")
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), interval)
@@ -74,12 +83,13 @@ async def maintain_until(
 async def open_hub(settings: HubSettings) -> AsyncIterator[Hub]:
     """Connect to Redis (or start the embedded Valkey), and run maintenance meanwhile."""
     with contextlib.ExitStack() as stack:
-        # Starting the embedded server blocks for a moment, once, at start-up.
-        url = stack.enter_context(
-            redis_url_or_embedded(settings.redis_url, settings.data_dir / "valkey")
-        )
-        if not settings.redis_url:
-            log.info("no EMP_REDIS_URL: using the embedded Valkey at %s", url)
+        url = settings.redis_url
+        if not url:
+            # Starting the embedded server blocks for a moment, once, at start-up. This
+            # process owns it (DataDirLocked if another does) and restarts it if it dies.
+            server = EmbeddedValkey(settings.data_dir / "valkey", supervise=True)
+            url = stack.enter_context(server).url
+            log.info("no EMP_REDIS_URL: using the embedded Valkey at %s", redact(url))
         async with _hub(settings, url) as hub:
             yield hub
 
@@ -145,11 +155,51 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
     app.include_router(ws_monitor.router)
     app.add_exception_handler(BrokerError, broker_error)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RedisUnavailable)
     return app
 
 
 #: Output uploads stream to disk under caps of their own (emp_hub/outputs.py).
 OUTPUT_UPLOAD = re.compile(r"/api/jobs/[^/]+/outputs/[^/]+")
+
+
+class RedisUnavailable:
+    """A request that finds Redis unreachable (after the client's retries) gets 503 with
+    `Retry-After` and a reason; a WebSocket is closed with 1013 (try again later), accepted
+    first if it was not yet, rather than refused with an HTTP 500."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in {"http", "websocket"}:
+            await self.app(scope, receive, send)
+            return
+        started = closed = False
+
+        async def watched(message: Message) -> None:
+            nonlocal started, closed
+            started = started or message["type"] in {"http.response.start", "websocket.accept"}
+            closed = closed or message["type"] == "websocket.close"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except REDIS_DOWN as exc:
+            log.warning("%s %s: Redis unavailable (%s)", scope["type"], scope["path"], exc)
+            if scope["type"] == "http":
+                if started:  # a stream already under way: nothing to answer but a cut
+                    raise
+                unavailable = JSONResponse(
+                    {"detail": UNAVAILABLE},
+                    status_code=503,
+                    headers={"Retry-After": str(RETRY_AFTER_S)},
+                )
+                await unavailable(scope, receive, send)
+            elif not closed:
+                if not started:
+                    await send({"type": "websocket.accept"})
+                await send({"type": "websocket.close", "code": 1013, "reason": UNAVAILABLE})
 
 
 class BodySizeLimit:

@@ -25,7 +25,7 @@ import redis.exceptions
 import emp_hub
 from emp_hub.auth import Role, TokenStore
 from emp_hub.broker import connect
-from emp_hub.embedded import redis_url_or_embedded
+from emp_hub.embedded import DataDirLocked, check_free, redis_url_or_embedded
 from emp_hub.settings import HubSettings
 
 
@@ -35,6 +35,8 @@ def serve(settings: HubSettings, workers: int) -> None:
 
     from emp_hub.app import create_app
 
+    if not settings.redis_url:  # one hub per data directory: say so before uvicorn starts
+        check_free(settings.data_dir / "valkey")
     ws_max = int(settings.max_ws_message_size_mb * 2**20)
     if workers > 1:
         # Each worker process builds its own app from the same environment.
@@ -61,7 +63,7 @@ def serve(settings: HubSettings, workers: int) -> None:
 async def with_tokens(settings: HubSettings, action: Callable[[TokenStore], Awaitable[int]]) -> int:
     """Run `action` on the token store of the configured (or embedded) Redis."""
     with redis_url_or_embedded(settings.redis_url, settings.data_dir / "valkey") as url:
-        client = connect(url, retries=2)
+        client = connect(url)
         try:
             return await action(TokenStore(client, settings.broker.namespace))
         finally:
@@ -110,7 +112,7 @@ def migrate_command(settings: HubSettings, args: argparse.Namespace) -> int:
     from emp_hub.migrate import migrate
 
     async def run(url: str) -> int:
-        old, new = connect(args.source, retries=2), connect(url, retries=2)
+        old, new = connect(args.source), connect(url)
         try:
             report = await migrate(old, Broker(new, settings.broker), dry_run=args.dry_run)
         finally:
@@ -205,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except redis.exceptions.ConnectionError as exc:
         print(f"emp-hub: cannot reach Redis: {exc}", file=sys.stderr)
+        return 1
+    except DataDirLocked as exc:
+        print(f"emp-hub: {exc}", file=sys.stderr)
         return 1
 
 

@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from starlette.websockets import WebSocketDisconnected
 
 import emp_hub
-from emp_hub.app import Hub
+from emp_hub.app import REDIS_DOWN, Hub
 from emp_hub.auth import Principal, Role
 from emp_hub.broker import BrokerError, Claim, Job, JobStatus, Registration, StaleLease
 from emp_worker.capabilities import WorkerCapabilities
@@ -199,17 +199,22 @@ class Dispatcher:
             broker.key("work"), broker.key("cancel"), broker.key("monitor"), broker.key("workers")
         )
         self._listening.set()
+        lost = False
         try:
             while not stop.is_set():
                 try:
                     message = await pubsub.get_message(timeout=0.5)
-                except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+                except REDIS_DOWN:
                     # Redis went away: redis-py resubscribes when it is back. Whatever was
-                    # announced meanwhile is lost, so every parked worker claims once more.
+                    # announced meanwhile is lost, so every parked worker claims once more
+                    # when it is back.
                     log.warning("lost the announcement channels; reconnecting")
                     await asyncio.sleep(0.5)
-                    self.wake_all()
+                    lost = True
                     continue
+                if lost:
+                    lost = False
+                    self.wake_all()
                 if message is None:
                     continue
                 kind, channel = message["type"], message["channel"]
@@ -383,6 +388,8 @@ class Dispatcher:
             try:
                 if not session.closed and session.wanted and session.caps is not None:
                     await self._claim_for(session)
+            except REDIS_DOWN as exc:  # claimed again when woken once Redis is back
+                log.warning("no claim for %s: %s", session.worker_id, exc)
             finally:
                 session.fed.set()
 
