@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -35,6 +34,7 @@ from emp_hub.broker import (
     TooLarge,
 )
 from emp_hub.broker.models import JOB_ID_PATTERN, Event
+from emp_hub.ratelimit import RateLimited
 from emp_worker.capabilities import NAME_PATTERN, WorkerCapabilities
 
 router = APIRouter()
@@ -272,14 +272,10 @@ async def _job_view(hub: Hub, job: Job) -> JobView:
 
 
 async def _rate_limit(hub: Hub, principal: Principal, cost: int) -> None:
-    wait = await hub.limiter.take(principal.token_id, cost)
-    if wait:
-        retry = "3600" if math.isinf(wait) else str(max(1, math.ceil(wait)))
-        raise HTTPException(
-            429,
-            f"too many submissions for this token; retry in {retry} s",
-            headers={"Retry-After": retry},
-        )
+    try:
+        await hub.limiter.spend(principal.token_id, cost)
+    except RateLimited as exc:
+        raise HTTPException(429, str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
 
 
 async def _wait_until_done(hub: Hub, job_id: str, seconds: float) -> None:

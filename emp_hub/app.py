@@ -8,7 +8,7 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis.asyncio
 from fastapi import FastAPI
@@ -22,6 +22,7 @@ from emp_hub.embedded import redis_url_or_embedded
 from emp_hub.metrics import Metrics
 from emp_hub.ratelimit import RateLimiter
 from emp_hub.settings import HubSettings
+from emp_hub.ws_common import OpenSockets
 
 log = logging.getLogger("emp_hub")
 
@@ -36,6 +37,7 @@ class Hub:
     tokens: TokenStore
     limiter: RateLimiter
     metrics: Metrics
+    sockets: OpenSockets = field(default_factory=OpenSockets)  # this replica's WebSockets
 
     async def cancel(self, job: Job, reason: str) -> CancelResult:
         """Cancel a job and, when it was running, tell its worker on whichever replica
@@ -83,7 +85,7 @@ async def _hub(settings: HubSettings, url: str) -> AsyncIterator[Hub]:
         settings=settings,
         redis=client,
         broker=Broker(client, settings.broker),
-        tokens=TokenStore(client, namespace, shared),
+        tokens=TokenStore(client, namespace, shared, settings.token_refresh_s),
         limiter=RateLimiter(client, namespace, settings.submit_rate, settings.submit_burst),
         metrics=Metrics(),
     )
@@ -93,11 +95,13 @@ async def _hub(settings: HubSettings, url: str) -> AsyncIterator[Hub]:
     maintenance = asyncio.create_task(
         maintain_until(stop, hub.broker, settings.maintenance_interval_s)
     )
+    token_checks = asyncio.create_task(hub.sockets.check_tokens_until(stop, hub.tokens))
     try:
         yield hub
     finally:
         stop.set()
         await maintenance
+        await token_checks
         await client.aclose()
 
 

@@ -35,7 +35,6 @@ def serve(settings: HubSettings, workers: int) -> None:
 
     from emp_hub.app import create_app
 
-    ws_max = int(settings.max_ws_message_size_mb * 2**20)
     if workers > 1:
         # Each worker process builds its own app from the same environment.
         os.environ["EMP_HOST"], os.environ["EMP_PORT"] = settings.host, str(settings.port)
@@ -46,7 +45,7 @@ def serve(settings: HubSettings, workers: int) -> None:
             port=settings.port,
             workers=workers,
             log_level=settings.log_level,
-            ws_max_size=ws_max,
+            ws_max_size=settings.ws_max_bytes,
         )
         return
     uvicorn.run(
@@ -54,7 +53,7 @@ def serve(settings: HubSettings, workers: int) -> None:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        ws_max_size=ws_max,
+        ws_max_size=settings.ws_max_bytes,
     )
 
 

@@ -26,6 +26,7 @@ from pydantic import ValidationError
 from emp_hub.app import Hub
 from emp_hub.auth import Principal, Role
 from emp_hub.broker import BrokerError, Claim, Job, JobStatus, StaleLease
+from emp_hub.ws_common import error_details
 from emp_worker.capabilities import WorkerCapabilities
 from emp_worker.protocol import (
     ClaimJob,
@@ -369,8 +370,9 @@ class Dispatcher:
 
 
 async def authenticate_ws(websocket: WebSocket, hub: Hub, roles: set[Role]) -> Principal | None:
-    """The caller of a WebSocket (token in ?token= or Authorization: Bearer). On failure,
-    answer as the original hub did (an `error` message), then close (1008)."""
+    """The caller of a WebSocket (token in ?token= or Authorization: Bearer), whose token
+    is re-checked while the socket is open (hub.sockets). On failure, answer as the
+    original hub did (an `error` message), then close (1008)."""
     token = websocket.query_params.get("token")
     header = websocket.headers.get("authorization", "")
     if header.lower().startswith("bearer "):
@@ -384,6 +386,7 @@ async def authenticate_ws(websocket: WebSocket, hub: Hub, roles: set[Role]) -> P
         )
         await websocket.close(code=1008)
         return None
+    hub.sockets.add(websocket, principal)
     return principal
 
 
@@ -410,8 +413,8 @@ async def worker_socket(websocket: WebSocket, worker_id: str) -> None:
     said_goodbye = False
     try:
         while True:
-            text = await websocket.receive_text()
-            await handle(session, dispatcher, text)
+            raw = await dispatcher.hub.sockets.receive_json(websocket, session.error)
+            await handle(session, dispatcher, raw)
     except WebSocketDisconnect as exc:
         said_goodbye = exc.code in {1000, 1001}
     finally:
@@ -427,14 +430,10 @@ async def worker_socket(websocket: WebSocket, worker_id: str) -> None:
                     await dispatcher.hub.broker.unregister_worker(worker_id)
 
 
-async def handle(session: WorkerSession, dispatcher: Dispatcher, text: str) -> None:
-    """Act on one message from a worker. Bad input gets an `error` and changes nothing."""
+async def handle(session: WorkerSession, dispatcher: Dispatcher, raw: Any) -> None:
+    """Act on one message from a worker (a frame's JSON value). Bad input gets an `error`
+    and changes nothing."""
     hub = dispatcher.hub
-    try:
-        raw = json.loads(text)
-    except ValueError:
-        await session.error("message is not JSON")
-        return
     if not isinstance(raw, dict) or not isinstance(raw.get("type"), str):
         await session.error("message must be a JSON object with a string `type`")
         return
@@ -445,7 +444,7 @@ async def handle(session: WorkerSession, dispatcher: Dispatcher, text: str) -> N
         if known:
             await session.error(f"unknown message type: {raw['type']}")
         else:
-            await session.error(f"invalid {raw['type']} message", exc.errors(include_url=False))
+            await session.error(f"invalid {raw['type']} message", error_details(exc))
         return
     broker = hub.broker
     worker_id = session.worker_id

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -148,13 +147,8 @@ async def monitor_socket(websocket: WebSocket, monitor_id: str) -> None:
     ticker = asyncio.create_task(broadcast())
     try:
         while True:
-            text = await websocket.receive_text()
-            try:
-                message = json.loads(text)
-                kind = message.get("type") if isinstance(message, dict) else None
-            except ValueError:
-                await session.send(hub_message("error", error="Invalid JSON format", details=None))
-                continue
+            message = await hub.sockets.receive_json(websocket, session.error)
+            kind = message.get("type") if isinstance(message, dict) else None
             if kind == "subscribe":
                 await session.send(await stats_broadcast(hub, dispatcher))
                 await session.send(
@@ -165,9 +159,7 @@ async def monitor_socket(websocket: WebSocket, monitor_id: str) -> None:
             elif kind == "stay_alive":
                 await session.send(hub_message("stay_alive_response"))
             else:
-                await session.send(
-                    hub_message("error", error=f"Unsupported message type: {kind}", details=None)
-                )
+                await session.error(f"Unsupported message type: {kind}")
     except WebSocketDisconnect:
         pass
     finally:
