@@ -2,10 +2,10 @@
 
 A monitor sees every job's messages (as clients get them, plus `client_id`), every
 worker's `worker_status`, `connector_ws_status` and `service_request` (through Redis, so
-from workers on any replica), and a
-`stats_broadcast` every couple of seconds: connections, workers, queues and jobs. Queue and
-worker figures come from Redis, so every replica reports the whole deployment; the
-connection lists are this replica's.
+from workers on any replica), and a `stats_broadcast` on connect and every couple of
+seconds after: connections, workers, queues and jobs. Queue and worker figures come from
+Redis, so every replica reports the whole deployment; the connection lists are this
+replica's.
 """
 
 from __future__ import annotations
@@ -77,7 +77,11 @@ async def stats_broadcast(hub: Hub, dispatcher: Dispatcher) -> dict[str, Any]:
             "status": status,
             "connection_status": status,
             "is_accepting_jobs": not busy,
-            "capabilities": caps.model_dump(mode="json"),
+            # The original monitor page reads capabilities.supported_job_types.
+            "capabilities": {
+                **caps.model_dump(mode="json"),
+                "supported_job_types": sorted(caps.services),
+            },
             "supported_job_types": sorted(caps.services),
         }
     busy_workers = [w for w, info in workers.items() if info["status"] == "busy"]
@@ -146,6 +150,7 @@ async def monitor_socket(websocket: WebSocket, monitor_id: str) -> None:
 
     ticker = asyncio.create_task(broadcast())
     try:
+        await session.send(await stats_broadcast(hub, dispatcher))  # at once, then the ticker's
         while True:
             message = await hub.sockets.receive_json(websocket, session.error)
             kind = message.get("type") if isinstance(message, dict) else None

@@ -19,6 +19,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.frames import Close
 
+from emp_hub import ws_monitor
 from emp_hub.auth import Role, TokenStore
 from emp_hub.broker import BrokerSettings
 from emp_hub.settings import HubSettings
@@ -650,6 +651,27 @@ async def test_a_client_keeps_submitting_until_its_token_is_revoked(
         finally:
             logging.getLogger("uvicorn.error").removeHandler(handler)
         assert not handler.records, str(handler)
+
+
+async def test_a_monitor_gets_stats_at_once_with_the_original_capabilities(
+    base_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A monitor's first stats_broadcast comes on connect (not an interval later), and a
+    worker's `capabilities` there keep the original `supported_job_types`, which the
+    original monitor page reads."""
+    monkeypatch.setattr(ws_monitor, "STATS_INTERVAL_S", 60.0)
+    legacy = {"version": "1.0.0", "supported_job_types": ["simulation"], "cpu": True}
+    async with worker(base_url, "w1"), worker(base_url, "legacy-1", legacy):
+        url = base_url.replace("http", "ws") + "/ws/monitor/m1"
+        async with websockets.connect(url) as conn:
+            assert strict_json(await conn.recv())["type"] == "connection_established"
+            stats = strict_json(await asyncio.wait_for(conn.recv(), 5))
+    assert stats["type"] == "stats_broadcast", stats
+    for worker_id in ("w1", "legacy-1"):
+        entry = stats["workers"][worker_id]
+        assert entry["supported_job_types"] == ["simulation"], entry
+        assert entry["capabilities"]["supported_job_types"] == ["simulation"], entry
+        assert entry["capabilities"]["services"] == ["simulation"], entry
 
 
 async def test_sockets_without_a_token_close_once_the_hub_has_tokens(
