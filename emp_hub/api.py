@@ -36,6 +36,7 @@ from emp_hub.broker import (
     TooLarge,
 )
 from emp_hub.broker.models import LARGE_FIELDS, Event, JobId
+from emp_hub.ratelimit import RateLimited
 from emp_hub.settings import MAX_BATCH_JOBS
 from emp_worker.capabilities import NAME_PATTERN, JobRequirements, WorkerCapabilities
 
@@ -400,14 +401,10 @@ async def _rate_limit(hub: Hub, principal: Principal, cost: int) -> None:
             f"a batch of {cost} jobs exceeds the burst of {burst} jobs (EMP_SUBMIT_BURST), "
             f"so it can never pass the rate limit: split it into batches of at most {burst}",
         )
-    wait = await hub.limiter.take(principal.token_id, cost)
-    if wait:
-        retry = str(max(1, math.ceil(wait)))
-        raise HTTPException(
-            429,
-            f"too many submissions for this token; retry in {retry} s",
-            headers={"Retry-After": retry},
-        )
+    try:
+        await hub.limiter.spend(principal.token_id, cost)
+    except RateLimited as exc:
+        raise HTTPException(429, str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
 
 
 async def _wait_until_done(hub: Hub, job_id: str, seconds: float) -> None:

@@ -9,7 +9,7 @@ import logging
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis.asyncio
@@ -26,6 +26,7 @@ from emp_hub.logs import redact, redact_secrets_in_logs
 from emp_hub.metrics import Metrics
 from emp_hub.ratelimit import RateLimiter
 from emp_hub.settings import HubSettings
+from emp_hub.ws_common import OpenSockets
 
 log = logging.getLogger("emp_hub")
 
@@ -46,6 +47,7 @@ class Hub:
     tokens: TokenStore
     limiter: RateLimiter
     metrics: Metrics
+    sockets: OpenSockets = field(default_factory=OpenSockets)  # this replica's WebSockets
 
     async def cancel(self, job: Job, reason: str) -> CancelResult:
         """Cancel a job and, when it was running, tell its worker on whichever replica
@@ -103,7 +105,7 @@ async def _hub(settings: HubSettings, url: str) -> AsyncIterator[Hub]:
         settings=settings,
         redis=client,
         broker=Broker(client, settings.broker),
-        tokens=TokenStore(client, namespace, shared),
+        tokens=TokenStore(client, namespace, shared, settings.token_refresh_s),
         limiter=RateLimiter(client, namespace, settings.submit_rate, settings.submit_burst),
         metrics=Metrics(settings.metrics_max_queue_series, settings.metrics_max_services),
     )
@@ -113,11 +115,13 @@ async def _hub(settings: HubSettings, url: str) -> AsyncIterator[Hub]:
     maintenance = asyncio.create_task(
         maintain_until(stop, hub.broker, settings.maintenance_interval_s, settings.outputs)
     )
+    token_checks = asyncio.create_task(hub.sockets.check_tokens_until(stop, hub.tokens))
     try:
         yield hub
     finally:
         stop.set()
         await maintenance
+        await token_checks
         await client.aclose()
 
 

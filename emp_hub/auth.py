@@ -8,6 +8,10 @@ EMP_AUTH_TOKEN) still works and acts as an admin token.
 
 With no shared token configured and no token created, the hub is open (every caller is an
 admin), as the original was with an empty token; the hub logs a warning at start.
+
+HTTP calls look their token up every time. What a running hub remembers is re-checked every
+`refresh_s` (EMP_TOKEN_REFRESH_S): whether it is still open, and the tokens of its open
+WebSockets (see ws_common.OpenSockets).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import hmac
 import json
 import secrets
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import cast
@@ -44,6 +49,7 @@ class Principal:
     role: Role
     customer: str | None = None
     token_id: str = "anonymous"
+    digest: str = ""  # SHA-256 of its stored token; "" for the shared token and anonymous
 
     def may_see(self, customer: str | None) -> bool:
         """Whether this caller may see a job of `customer`."""
@@ -75,11 +81,16 @@ class TokenStore:
     """Tokens in Redis: `{namespace}:tokens`, a hash of SHA-256(token) -> record (JSON)."""
 
     def __init__(
-        self, client: redis.asyncio.Redis, namespace: str, shared_token: str | None = None
+        self,
+        client: redis.asyncio.Redis,
+        namespace: str,
+        shared_token: str | None = None,
+        refresh_s: float = 2.0,
     ) -> None:
         self.redis = client
         self.key = "{" + namespace + "}:tokens"
         self._shared = shared_token
+        self.refresh_s = refresh_s
         self._open_checked_at = float("-inf")
         self._open = False
 
@@ -127,15 +138,31 @@ class TokenStore:
             return None
         record = TokenRecord.model_validate_json(value)
         return Principal(
-            name=record.name, role=record.role, customer=record.customer, token_id=record.id
+            name=record.name,
+            role=record.role,
+            customer=record.customer,
+            token_id=record.id,
+            digest=_digest(token),
         )
 
+    async def refused(self, principals: Collection[Principal]) -> set[Principal]:
+        """Those of `principals` whose token would be refused now: a stored token since
+        revoked, or no token on a hub no longer open (one round trip to Redis)."""
+        digests = sorted({p.digest for p in principals if p.digest})
+        values: list[str | None] = []
+        if digests:
+            values = cast(list[str | None], await self.redis.hmget(self.key, digests))
+        gone = {d for d, v in zip(digests, values, strict=True) if v is None}
+        closed = ANONYMOUS in principals and not await self.is_open()
+        return {p for p in principals if p.digest in gone or (closed and p == ANONYMOUS)}
+
     async def is_open(self) -> bool:
-        """True when no shared token is configured and no token exists (checked every 2 s)."""
+        """True when no shared token is configured and no token exists (checked every
+        `refresh_s`)."""
         if self._shared is not None:
             return False
         now = time.monotonic()
-        if now - self._open_checked_at > 2.0:
+        if now - self._open_checked_at > self.refresh_s:
             self._open = await self.redis.hlen(self.key) == 0
             self._open_checked_at = now
         return self._open

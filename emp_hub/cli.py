@@ -37,7 +37,6 @@ def serve(settings: HubSettings, workers: int) -> None:
 
     if not settings.redis_url:  # one hub per data directory: say so before uvicorn starts
         check_free(settings.data_dir / "valkey")
-    ws_max = int(settings.max_ws_message_size_mb * 2**20)
     if workers > 1:
         # Each worker process builds its own app from the same environment.
         os.environ["EMP_HOST"], os.environ["EMP_PORT"] = settings.host, str(settings.port)
@@ -48,7 +47,7 @@ def serve(settings: HubSettings, workers: int) -> None:
             port=settings.port,
             workers=workers,
             log_level=settings.log_level,
-            ws_max_size=ws_max,
+            ws_max_size=settings.ws_max_bytes,
         )
         return
     uvicorn.run(
@@ -56,7 +55,7 @@ def serve(settings: HubSettings, workers: int) -> None:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        ws_max_size=ws_max,
+        ws_max_size=settings.ws_max_bytes,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from typing import cast
 
@@ -23,6 +24,14 @@ end
 redis.call('SET', KEYS[1], tostring(new_tat), 'PX', math.ceil((new_tat - now) * 1000) + 1000)
 return {1, '0'}
 """
+
+
+class RateLimited(Exception):
+    """A submission over the token's allowance; `retry_after`: whole seconds to wait."""
+
+    def __init__(self, wait: float) -> None:
+        self.retry_after = 3600 if math.isinf(wait) else max(1, math.ceil(wait))
+        super().__init__(f"too many submissions for this token; retry in {self.retry_after} s")
 
 
 class RateLimiter:
@@ -50,3 +59,10 @@ class RateLimiter:
             ),
         )
         return 0.0 if allowed == 1 else float(wait)
+
+    async def spend(self, token_id: str, cost: int = 1) -> None:
+        """Spend `cost` jobs of the token's allowance, or raise RateLimited. Every submit
+        path (HTTP, batches, the client WebSocket) calls this."""
+        wait = await self.take(token_id, cost)
+        if wait:
+            raise RateLimited(wait)

@@ -74,10 +74,11 @@ class HubSettings(BaseSettings):
         description="One shared admin token (the original WEBSOCKET_AUTH_TOKEN).",
     )
     max_ws_message_size_mb: float = Field(
-        default=100,
+        default=16,
         gt=0,
         validation_alias=_env("max_ws_message_size_mb", "MAX_WS_MESSAGE_SIZE_MB"),
-        description="Largest WebSocket message accepted, in MB.",
+        description="Largest WebSocket message accepted, in MiB (a larger one closes the "
+        "socket with 1009).",
     )
     max_body_bytes: int = Field(
         default=16 * 2**20,
@@ -105,6 +106,14 @@ class HubSettings(BaseSettings):
         description="Jobs one token may submit at once above the sustained rate; also the "
         "largest batch that can pass.",
     )
+    token_refresh_s: float = Field(
+        default=2.0,
+        gt=0,
+        validation_alias=_env("token_refresh_s"),
+        description="How often a replica re-checks what it remembers of tokens: the open "
+        "WebSockets of a revoked token close within this, and the first token created "
+        "closes an open hub within this.",
+    )
     maintenance_interval_s: float = Field(
         default=1.0,
         gt=0,
@@ -131,6 +140,11 @@ class HubSettings(BaseSettings):
     )
     log_level: str = Field(default="info", validation_alias=_env("log_level", "LOG_LEVEL"))
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
+
+    @property
+    def ws_max_bytes(self) -> int:
+        """max_ws_message_size_mb in bytes (uvicorn's ws_max_size)."""
+        return int(self.max_ws_message_size_mb * 2**20)
 
     @property
     def outputs(self) -> Path:

@@ -29,6 +29,7 @@ import emp_hub
 from emp_hub.app import REDIS_DOWN, Hub
 from emp_hub.auth import Principal, Role
 from emp_hub.broker import BrokerError, Claim, Job, JobStatus, Registration, StaleLease
+from emp_hub.ws_common import error_details
 from emp_worker.capabilities import WorkerCapabilities
 from emp_worker.protocol import (
     PROTOCOL_VERSION,
@@ -482,15 +483,17 @@ class Dispatcher:
 
 
 async def authenticate_ws(websocket: WebSocket, hub: Hub, roles: set[Role]) -> Principal | None:
-    """The caller of a WebSocket (token in ?token= or Authorization: Bearer). On failure,
-    answer as the original hub did (an `error` message, with `code: auth_failed`, the
-    `cause`: missing, invalid or role, and the roles it `needs`), then close (1008)."""
+    """The caller of a WebSocket (token in ?token= or Authorization: Bearer), whose token
+    is re-checked while the socket is open (hub.sockets). On failure, answer as the
+    original hub did (an `error` message, with `code: auth_failed`, the `cause`: missing,
+    invalid or role, and the roles it `needs`), then close (1008)."""
     token = websocket.query_params.get("token")
     header = websocket.headers.get("authorization", "")
     if header.lower().startswith("bearer "):
         token = header[7:].strip()
     principal = await hub.tokens.authenticate(token)
     if principal is not None and principal.role in roles:
+        hub.sockets.add(websocket, principal)
         return principal
     needs = " or ".join(sorted(r.value for r in roles))
     if principal is None:  # the original hub's words, for missing and unknown tokens alike
@@ -531,18 +534,13 @@ async def worker_socket(websocket: WebSocket, worker_id: str) -> None:
     feeder = asyncio.create_task(dispatcher.feed(session))
     code = 1006
     try:
-        # receive(), not receive_text(): a reply that failed because the peer had just
-        # closed leaves what it sent before, and its close code, still to be read here.
+        # The socket's frames as JSON (ws_common): it reads with receive(), so a reply that
+        # failed because the peer had just closed still leaves its close code to be read.
         while not session.closed:
-            message = await websocket.receive()
-            if message["type"] == "websocket.disconnect":
-                code = int(message.get("code") or 1005)
-                break
-            text = message.get("text")
-            if text is None:
-                await session.error("binary frames are not understood: send JSON text frames")
-                continue
-            await handle(session, dispatcher, text)
+            raw = await dispatcher.hub.sockets.receive_json(websocket, session.error)
+            await handle(session, dispatcher, raw)
+    except WebSocketDisconnect as exc:
+        code = exc.code
     finally:
         session.closed = True
         session.wake.set()
@@ -596,14 +594,10 @@ async def refuse(session: WorkerSession, registration: Registration) -> None:
     await session.websocket.close(CLOSE_ID_IN_USE, "worker id in use")
 
 
-async def handle(session: WorkerSession, dispatcher: Dispatcher, text: str) -> None:
-    """Act on one message from a worker. Bad input gets an `error` and changes nothing."""
+async def handle(session: WorkerSession, dispatcher: Dispatcher, raw: Any) -> None:
+    """Act on one message from a worker (a frame's JSON value). Bad input gets an `error`
+    and changes nothing."""
     hub = dispatcher.hub
-    try:
-        raw = json.loads(text)
-    except ValueError:
-        await session.error("message is not JSON")
-        return
     if not isinstance(raw, dict) or not isinstance(raw.get("type"), str):
         await session.error("message must be a JSON object with a string `type`")
         return
@@ -614,7 +608,7 @@ async def handle(session: WorkerSession, dispatcher: Dispatcher, text: str) -> N
         if known:
             await session.error(f"unknown message type: {raw['type']}")
         else:
-            await session.error(f"invalid {raw['type']} message", exc.errors(include_url=False))
+            await session.error(f"invalid {raw['type']} message", error_details(exc))
         return
     broker = hub.broker
     worker_id = session.worker_id

@@ -29,7 +29,9 @@ from emp_hub.broker import (
     JobSpec,
     JobStatus,
 )
+from emp_hub.ratelimit import RateLimited
 from emp_hub.ws import Dispatcher, authenticate_ws
+from emp_hub.ws_common import error_details, error_summary
 from emp_worker.capabilities import matches
 from emp_worker.protocol import hub_message
 
@@ -72,9 +74,9 @@ class ClientSession:
         """Send a message about a followed job (monitors add who submitted it)."""
         await self.send(message)
 
-    async def error(self, error: str) -> None:
+    async def error(self, error: str, details: Any = None) -> None:
         """An `error` message; the connection stays open."""
-        await self.send(hub_message("error", error=error, details=None))
+        await self.send(hub_message("error", error=error, details=details))
 
     async def follow(self, job_id: str, worker: str | None = None) -> None:
         """Receive this job's events from now on (`worker`: who runs it now)."""
@@ -179,24 +181,23 @@ async def client_socket(websocket: WebSocket, client_id: str) -> None:
     )
     try:
         while True:
-            await handle(session, hub, await websocket.receive_text())
+            await handle(session, hub, await hub.sockets.receive_json(websocket, session.error))
     except WebSocketDisconnect:
         pass
     finally:
         await session.unfollow_all()
 
 
-async def handle(session: ClientSession, hub: Hub, text: str) -> None:
-    """Act on one client message; bad input gets an `error` and changes nothing."""
-    try:
-        message = json.loads(text)
-    except ValueError:
-        await session.error("Invalid JSON format")
-        return
+async def handle(session: ClientSession, hub: Hub, message: Any) -> None:
+    """Act on one client message (a frame's JSON value); bad input gets an `error` and
+    changes nothing."""
     if not isinstance(message, dict):
         await session.error("Invalid message: expected a JSON object")
         return
     kind = message.get("type")
+    if not isinstance(kind, str):
+        await session.error("Invalid message: `type` must be a string")
+        return
     job_id = message.get("job_id")
     needs_id = {"request_job_status", "subscribe_job", "cancel_job", "force_retry_job"}
     if kind in needs_id and not isinstance(job_id, str):
@@ -227,7 +228,8 @@ async def handle(session: ClientSession, hub: Hub, text: str) -> None:
                 hub_message("subscription_confirmed", job_id=job.id, monitor_id=None, channels=None)
             )
         elif kind == "cancel_job":
-            await cancel(session, hub, str(job_id), message.get("reason") or "Manually cancelled")
+            reason = str(message.get("reason") or "Manually cancelled")
+            await cancel(session, hub, str(job_id), reason)
         elif kind == "force_retry_job":
             job = await visible(session, hub, str(job_id))
             waiting = job.status in {JobStatus.DELAYED, JobStatus.PENDING} and job.failures
@@ -276,23 +278,26 @@ async def visible(session: ClientSession, hub: Hub, job_id: str) -> Any:
 
 
 async def submit(session: ClientSession, hub: Hub, message: dict[str, Any]) -> None:
-    """submit_job: accept, follow, and say where the job stands."""
+    """submit_job: accept, follow, and say where the job stands. It spends the token's
+    submission allowance, as an HTTP submit does."""
     job_id = message.get("message_id") or f"job-{uuid.uuid4()}"
     try:
         spec = JobSpec(
             id=job_id,
             service=message.get("job_type") or "",
             payload=message.get("payload") or {},
-            priority=int(message.get("priority") or 0),
+            priority=message.get("priority") or 0,
             customer=session.principal.customer,
             client_id=session.client_id,
         )
     except ValidationError as exc:
-        reasons = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        await session.error(f"Invalid submit_job: {reasons}")
+        details = error_details(exc, {"id": "message_id", "service": "job_type"})
+        await session.error(f"Invalid submit_job: {error_summary(details)}", details)
         return
-    except (ValueError, TypeError) as exc:
-        await session.error(f"Invalid submit_job: {str(exc).splitlines()[0]}")
+    try:
+        await hub.limiter.spend(session.principal.token_id)
+    except RateLimited as exc:
+        await session.error(str(exc))
         return
     # Follow the job before it exists (its first events may come at once), and hold its
     # events until the client has its job_accepted.

@@ -2,17 +2,16 @@
 
 A monitor sees every job's messages (as clients get them, plus `client_id`), every
 worker's `worker_status`, `connector_ws_status` and `service_request` (through Redis, so
-from workers on any replica), and a
-`stats_broadcast` every couple of seconds: connections, workers, queues and jobs. Queue and
-worker figures come from Redis, so every replica reports the whole deployment; the
-connection lists are this replica's.
+from workers on any replica), and a `stats_broadcast` on connect and every couple of
+seconds after: connections, workers, queues and jobs. Queue and worker figures come from
+Redis, so every replica reports the whole deployment; the connection lists are this
+replica's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,7 +77,11 @@ async def stats_broadcast(hub: Hub, dispatcher: Dispatcher) -> dict[str, Any]:
             "status": status,
             "connection_status": status,
             "is_accepting_jobs": not busy,
-            "capabilities": caps.model_dump(mode="json"),
+            # The original monitor page reads capabilities.supported_job_types.
+            "capabilities": {
+                **caps.model_dump(mode="json"),
+                "supported_job_types": sorted(caps.services),
+            },
             "supported_job_types": sorted(caps.services),
         }
     busy_workers = [w for w, info in workers.items() if info["status"] == "busy"]
@@ -147,14 +150,10 @@ async def monitor_socket(websocket: WebSocket, monitor_id: str) -> None:
 
     ticker = asyncio.create_task(broadcast())
     try:
+        await session.send(await stats_broadcast(hub, dispatcher))  # at once, then the ticker's
         while True:
-            text = await websocket.receive_text()
-            try:
-                message = json.loads(text)
-                kind = message.get("type") if isinstance(message, dict) else None
-            except ValueError:
-                await session.send(hub_message("error", error="Invalid JSON format", details=None))
-                continue
+            message = await hub.sockets.receive_json(websocket, session.error)
+            kind = message.get("type") if isinstance(message, dict) else None
             if kind == "subscribe":
                 await session.send(await stats_broadcast(hub, dispatcher))
                 await session.send(
@@ -165,9 +164,7 @@ async def monitor_socket(websocket: WebSocket, monitor_id: str) -> None:
             elif kind == "stay_alive":
                 await session.send(hub_message("stay_alive_response"))
             else:
-                await session.send(
-                    hub_message("error", error=f"Unsupported message type: {kind}", details=None)
-                )
+                await session.error(f"Unsupported message type: {kind}")
     except WebSocketDisconnect:
         pass
     finally:

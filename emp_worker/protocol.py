@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
 from emp_worker.capabilities import WorkerCapabilities
 
@@ -57,6 +57,12 @@ class RegisterWorker(Message):
         "answered with worker_id_available or a worker_id_in_use error; nothing is recorded.",
     )
 
+    @field_validator("capabilities")
+    @classmethod
+    def _capabilities_hold(cls, capabilities: dict[str, Any]) -> dict[str, Any]:
+        _worker_capabilities(capabilities)  # invalid ones make the message invalid
+        return capabilities
+
     @property
     def original(self) -> bool:
         """An original emp-redis worker (it waits for job_available offers)."""
@@ -64,9 +70,13 @@ class RegisterWorker(Message):
 
     def worker_capabilities(self) -> WorkerCapabilities:
         """Our capabilities, or the original shape ({"supported_job_types": [...]})."""
-        if "services" in self.capabilities:
-            return WorkerCapabilities.model_validate(self.capabilities)
-        return WorkerCapabilities(services=self.capabilities.get("supported_job_types", []))
+        return _worker_capabilities(self.capabilities)
+
+
+def _worker_capabilities(capabilities: dict[str, Any]) -> WorkerCapabilities:
+    if "services" in capabilities:
+        return WorkerCapabilities.model_validate(capabilities)
+    return WorkerCapabilities(services=capabilities.get("supported_job_types", []))
 
 
 class RequestJob(Message):

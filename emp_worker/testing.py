@@ -54,6 +54,7 @@ async def running_hub(settings: HubSettings) -> AsyncIterator[str]:
         log_level="warning",
         lifespan="on",
         timeout_graceful_shutdown=3,
+        ws_max_size=settings.ws_max_bytes,
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -14,11 +17,14 @@ import pytest
 import redis.asyncio
 import websockets
 from websockets.asyncio.client import ClientConnection
+from websockets.frames import Close
 
+from emp_hub import ws_monitor
 from emp_hub.auth import Role, TokenStore
 from emp_hub.broker import BrokerSettings
 from emp_hub.settings import HubSettings
 from tests.hub_server import running_hub
+from tests.processes import cluster
 
 pytestmark = pytest.mark.hub
 
@@ -157,7 +163,7 @@ async def test_failure_retry_and_release(base_url: str) -> None:
 async def test_bad_messages_leave_the_connection_usable(base_url: str) -> None:
     async with worker(base_url, "w1") as w:
         await w.conn.send("{not json")
-        assert (await w.expect("error"))["error"] == "message is not JSON"
+        assert (await w.expect("error"))["error"] == "Invalid JSON format"
         await w.send("launch_rockets")
         assert (await w.expect("error"))["error"] == "unknown message type: launch_rockets"
         await w.send("update_job_progress", job_id="x", progress=500)
@@ -362,3 +368,323 @@ async def test_every_socket_refuses_a_bad_token(
                 assert first["error"] == "Authentication failed: Invalid token"
                 with pytest.raises(websockets.ConnectionClosed):
                     await conn.recv()
+
+
+# -- hostile input, frame cap, rate limits, revocation -------------------------------------
+
+
+def strict_json(text: str | bytes) -> dict[str, Any]:
+    """Parse a frame as strict JSON (no NaN or Infinity, which browsers cannot parse)."""
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"not JSON: {constant}")
+
+    message: dict[str, Any] = json.loads(text, parse_constant=refuse)
+    return message
+
+
+class HubErrors(logging.Handler):
+    """What the hub logs at ERROR or above (tracebacks included)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def __str__(self) -> str:
+        return "\n".join(self.format(r) for r in self.records)
+
+
+@pytest.fixture
+def hub_errors(base_url: str) -> Iterator[HubErrors]:
+    """The hub's errors while the test runs (attached once the hub has started: uvicorn's
+    logging setup replaces the handlers of its loggers)."""
+    handler = HubErrors()
+    loggers = [logging.getLogger(name) for name in ("uvicorn.error", "emp_hub")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    yield handler
+    for logger in loggers:
+        logger.removeHandler(handler)
+
+
+async def socket(base_url: str, route: str, token: str | None = None) -> ClientConnection:
+    """A connection to /ws/<route>, past its welcome (and a monitor's first stats)."""
+    query = f"?token={token}" if token else ""
+    conn = await websockets.connect(base_url.replace("http", "ws") + f"/ws/{route}{query}")
+    assert strict_json(await conn.recv())["type"] == "connection_established"
+    if route.startswith("monitor/"):
+        assert strict_json(await asyncio.wait_for(conn.recv(), 5))["type"] == "stats_broadcast"
+    return conn
+
+
+async def closing(conn: ClientConnection, doing: Awaitable[None] | None = None) -> Close:
+    """Read (and drop) messages, or do `doing`, until the hub closes the socket; the close
+    frame it sent."""
+
+    async def read_on() -> None:
+        while True:
+            await asyncio.wait_for(conn.recv(), 5)
+
+    with pytest.raises(websockets.ConnectionClosed) as closed:
+        await (doing or read_on())
+    assert closed.value.rcvd is not None, closed.value
+    return closed.value.rcvd
+
+
+async def next_reply(conn: ClientConnection) -> dict[str, Any]:
+    """The next message that is not a periodic broadcast, as strict JSON."""
+    while True:
+        message = strict_json(await asyncio.wait_for(conn.recv(), 5))
+        if message["type"] not in {"stats_broadcast", "worker_status"}:
+            return message
+
+
+#: A message each socket answers, and the answer: the connection still works.
+PINGS: dict[str, tuple[dict[str, Any], str]] = {
+    "worker": (
+        {"type": "register_worker", "capabilities": SIM_CAPS, "subscribe_to_jobs": False},
+        "worker_registered",
+    ),
+    "client": ({"type": "stay_alive"}, "response_job_status"),
+    "monitor": ({"type": "stay_alive"}, "stay_alive_response"),
+}
+ROUTES = ["worker/w-x", "client/c-x", "monitor/m-x"]
+
+
+async def still_there(conn: ClientConnection, route: str, **padding: str) -> None:
+    """The socket answers its ping."""
+    ping, answer = PINGS[route.split("/")[0]]
+    await conn.send(json.dumps({**ping, **padding}))
+    assert (await next_reply(conn))["type"] == answer
+
+
+@pytest.mark.parametrize("route", ROUTES)
+async def test_a_binary_frame_is_an_error_and_the_socket_stays(
+    base_url: str, hub_errors: HubErrors, route: str
+) -> None:
+    """Frames are JSON text: a binary one gets an `error`, not a dropped connection."""
+    conn = await socket(base_url, route)
+    try:
+        await conn.send(json.dumps({"type": "stay_alive"}).encode())
+        error = await next_reply(conn)
+        assert error["type"] == "error" and "binary" in error["error"], error
+        await still_there(conn, route)
+    finally:
+        await conn.close()
+    assert not hub_errors.records, str(hub_errors)
+
+
+async def test_invalid_capabilities_are_an_error_and_other_jobs_go_on(
+    base_url: str, hub_errors: HubErrors
+) -> None:
+    """register_worker with capabilities that do not validate: an `error` with details that
+    are plain JSON; the socket stays, and a job another worker holds is untouched."""
+    job_id = await submit(base_url)
+    async with worker(base_url, "good") as good:
+        await good.send("request_job", slots=1)
+        await good.expect("job_assigned")
+        conn = await socket(base_url, "worker/bad")
+        try:
+            bad = {"type": "register_worker", "capabilities": {"services": "notalist"}}
+            await conn.send(json.dumps(bad))
+            error = await next_reply(conn)
+            assert error["type"] == "error", error
+            assert error["error"] == "invalid register_worker message", error
+            loc = ["register_worker", "capabilities", "services"]  # the union tag first
+            assert error["details"][0]["loc"] == loc, error
+            await conn.send(json.dumps({"type": "register_worker", "capabilities": SIM_CAPS}))
+            assert (await next_reply(conn))["type"] == "worker_registered"
+        finally:
+            await conn.close()
+        assert (await job(base_url, job_id))["status"] == "active"
+        await good.send("complete_job", job_id=job_id, result={"ok": 1})
+        await good.expect("job_completed_ack")
+    assert not hub_errors.records, str(hub_errors)
+
+
+async def test_a_client_submit_with_an_infinite_priority_is_an_error(
+    base_url: str, hub_errors: HubErrors
+) -> None:
+    conn = await socket(base_url, "client/c-inf")
+    try:
+        await conn.send('{"type": "submit_job", "message_id": "inf-1", "job_type": "simulation",')
+        assert (await next_reply(conn))["error"] == "Invalid JSON format"
+        for priority in ("1e400", '"high"', "5000"):
+            frame = (
+                '{"type": "submit_job", "message_id": "inf-1", "job_type": "simulation", '
+                f'"priority": {priority}}}'
+            )
+            await conn.send(frame)
+            error = await next_reply(conn)
+            assert error["type"] == "error", error
+            assert error["error"].startswith("Invalid submit_job: priority: "), error
+            assert [d["loc"] for d in error["details"]] == [["priority"]], error
+        await conn.send(json.dumps({"type": "submit_job", "message_id": "inf-1", "job_type": "x"}))
+        assert (await next_reply(conn))["type"] == "job_accepted"
+    finally:
+        await conn.close()
+    assert (await job(base_url, "inf-1"))["priority"] == 0
+    assert not hub_errors.records, str(hub_errors)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+async def test_a_frame_over_the_cap_closes_with_1009(hub_settings: HubSettings, route: str) -> None:
+    """EMP_MAX_WS_MESSAGE_SIZE_MB applies to the hub the tests run (as to `emp-hub
+    serve`): a larger frame closes the socket with 1009 (message too big)."""
+    hub_settings.max_ws_message_size_mb = 1
+    async with running_hub(hub_settings) as base_url:
+        conn = await socket(base_url, route)
+        padding = "x" * (2**20 // 2)
+        await still_there(conn, route, padding=padding)  # half the cap: fine
+        await conn.send(json.dumps({"type": "stay_alive", "padding": padding * 3}))
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            await next_reply(conn)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+
+
+def test_serve_caps_frames_at_16_mib_by_default(
+    redis_url: str, namespace: str, tmp_path: Path
+) -> None:
+    """`emp-hub serve` with the default settings refuses a 17 MiB frame (1009)."""
+
+    async def send_big(url: str) -> None:
+        async with websockets.connect(url + "/ws/client/big", max_size=None) as conn:
+            assert strict_json(await conn.recv())["type"] == "connection_established"
+            await conn.send(json.dumps({"type": "stay_alive", "padding": "x" * 17 * 2**20}))
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await asyncio.wait_for(conn.recv(), 10)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+
+    with cluster(redis_url, namespace, tmp_path) as hub:
+        asyncio.run(send_big(hub.url.replace("http", "ws")))
+
+
+async def test_every_submit_path_spends_one_allowance(
+    hub_settings: HubSettings, redis_client: redis.asyncio.Redis, namespace: str
+) -> None:
+    """HTTP and the client WebSocket share a token's rate limit: once it is spent, a
+    submit_job is refused with an `error` naming the wait, and no job is made."""
+    token = await TokenStore(redis_client, namespace).create(Role.CLIENT)
+    hub_settings.submit_rate, hub_settings.submit_burst = 0.01, 3
+    auth = {"Authorization": f"Bearer {token}"}
+    async with (
+        running_hub(hub_settings) as base_url,
+        httpx.AsyncClient(base_url=base_url, headers=auth) as http,
+    ):
+        for _ in range(2):
+            r = await http.post("/api/jobs", json={"job_type": "simulation"})
+            assert r.status_code == 200, r.text
+        conn = await socket(base_url, "client/c-rate", token)
+        try:
+            for n in (1, 2):
+                submit_job = {"type": "submit_job", "message_id": f"r-{n}", "job_type": "sim"}
+                await conn.send(json.dumps(submit_job))
+                reply = await next_reply(conn)
+                if n == 1:
+                    assert reply["type"] == "job_accepted", reply
+                else:
+                    assert reply["type"] == "error", reply
+                    assert reply["error"].startswith("too many submissions for this token")
+                    assert re.search(r"retry in \d+ s", reply["error"]), reply
+        finally:
+            await conn.close()
+        assert (await http.get("/api/jobs/r-2")).status_code == 404
+        r = await http.post("/api/jobs", json={"job_type": "simulation"})
+        assert r.status_code == 429, r.text
+
+
+@pytest.mark.parametrize("route", ROUTES)
+async def test_sockets_of_a_revoked_token_close(
+    hub_settings: HubSettings, redis_client: redis.asyncio.Redis, namespace: str, route: str
+) -> None:
+    """A revoked token's open sockets close (1008, "token revoked") within the token
+    refresh interval; another token's socket stays."""
+    store = TokenStore(redis_client, namespace)
+    role = {"worker": Role.WORKER, "client": Role.CLIENT, "monitor": Role.MONITOR}
+    doomed = await store.create(role[route.split("/")[0]])
+    other = await store.create(Role.ADMIN)
+    hub_settings.token_refresh_s = 0.2
+    async with running_hub(hub_settings) as base_url:
+        conn = await socket(base_url, route, doomed)
+        stays = await socket(base_url, "client/c-stays", other)
+        try:
+            [record] = [r for r in await store.list() if r.role is not Role.ADMIN]
+            assert await store.revoke(record.id)
+            close = await closing(conn)
+            assert (close.code, close.reason) == (1008, "token revoked")
+            await stays.send(json.dumps({"type": "stay_alive"}))
+            assert (await next_reply(stays))["type"] == "response_job_status"
+        finally:
+            await conn.close()
+            await stays.close()
+
+
+async def submit_on(conn: ClientConnection) -> None:
+    """Submit jobs one after the other, for about 5 s at most."""
+    for _ in range(1000):
+        await conn.send(json.dumps({"type": "submit_job", "job_type": "sim"}))
+        assert (await next_reply(conn))["type"] in {"job_accepted", "error"}
+        await asyncio.sleep(0.005)
+
+
+async def test_a_client_keeps_submitting_until_its_token_is_revoked(
+    hub_settings: HubSettings, redis_client: redis.asyncio.Redis, namespace: str
+) -> None:
+    """A client submitting while its token is revoked: the socket closes (1008) and the
+    hub logs no error."""
+    store = TokenStore(redis_client, namespace)
+    token = await store.create(Role.CLIENT, name="busy")
+    hub_settings.token_refresh_s = 0.2
+    async with running_hub(hub_settings) as base_url:
+        handler = HubErrors()
+        logging.getLogger("uvicorn.error").addHandler(handler)
+        try:
+            conn = await socket(base_url, "client/c-busy", token)
+            [record] = await store.list()
+            revoke = asyncio.create_task(store.revoke(record.id))
+            close = await closing(conn, submit_on(conn))
+            assert await revoke
+            assert (close.code, close.reason) == (1008, "token revoked")
+        finally:
+            logging.getLogger("uvicorn.error").removeHandler(handler)
+        assert not handler.records, str(handler)
+
+
+async def test_a_monitor_gets_stats_at_once_with_the_original_capabilities(
+    base_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A monitor's first stats_broadcast comes on connect (not an interval later), and a
+    worker's `capabilities` there keep the original `supported_job_types`, which the
+    original monitor page reads."""
+    monkeypatch.setattr(ws_monitor, "STATS_INTERVAL_S", 60.0)
+    legacy = {"version": "1.0.0", "supported_job_types": ["simulation"], "cpu": True}
+    async with worker(base_url, "w1"), worker(base_url, "legacy-1", legacy):
+        url = base_url.replace("http", "ws") + "/ws/monitor/m1"
+        async with websockets.connect(url) as conn:
+            assert strict_json(await conn.recv())["type"] == "connection_established"
+            stats = strict_json(await asyncio.wait_for(conn.recv(), 5))
+    assert stats["type"] == "stats_broadcast", stats
+    for worker_id in ("w1", "legacy-1"):
+        entry = stats["workers"][worker_id]
+        assert entry["supported_job_types"] == ["simulation"], entry
+        assert entry["capabilities"]["supported_job_types"] == ["simulation"], entry
+        assert entry["capabilities"]["services"] == ["simulation"], entry
+
+
+async def test_sockets_without_a_token_close_once_the_hub_has_tokens(
+    hub_settings: HubSettings, redis_client: redis.asyncio.Redis, namespace: str
+) -> None:
+    """On an open hub (no token anywhere) sockets need none; once a token is created,
+    HTTP wants one at once, and the sockets opened without one close (1008)."""
+    hub_settings.token_refresh_s = 0.2
+    async with running_hub(hub_settings) as base_url:
+        conn = await socket(base_url, "client/c-open")
+        try:
+            await TokenStore(redis_client, namespace).create(Role.ADMIN)
+            close = await closing(conn)
+            assert (close.code, close.reason) == (1008, "token revoked")
+        finally:
+            await conn.close()

@@ -78,6 +78,32 @@ async def drain(peer: Peer, quiet_s: float = 0.3) -> None:
             return
 
 
+def check_first_stats(name: str, monitor: Peer, worker_id: str) -> None:
+    """A monitor's first stats_broadcast comes at once on connect (the original's came
+    when it subscribed, then every few seconds: ours comes both times), and describes the
+    worker as the recorded one did: every recorded field, the original capabilities'
+    `supported_job_types` among ours."""
+    heard = [m for m in monitor.got if m["type"] != "worker_status"]
+    kinds = [m["type"] for m in heard]
+    assert kinds == [
+        "connection_established",
+        "stats_broadcast",  # on connect
+        "stats_broadcast",  # the answer to subscribe
+        "subscription_confirmed",
+    ], kinds
+    [want] = [
+        f["msg"]
+        for f in recorded(name, "monitor")
+        if f["dir"] == "from_hub" and f["msg"]["type"] == "stats_broadcast"
+    ][:1]
+    want_worker = want["workers"][worker_id]
+    got = heard[1]["workers"][worker_id]
+    assert set(got) >= set(want_worker), (got, want_worker)
+    assert got["supported_job_types"] == want_worker["supported_job_types"]
+    caps = want_worker["capabilities"]
+    assert got["capabilities"]["supported_job_types"] == caps["supported_job_types"], got
+
+
 async def opening(
     hub_url: str, name: str, worker_id: str | None = None, ids: dict[str, str] | None = None
 ) -> tuple[Peer, Peer, Peer]:
@@ -88,6 +114,7 @@ async def opening(
     await worker.play(until="worker_heartbeat_ack")
     monitor = await Peer(name, "monitor", ids=ids).connect(hub_url, TOKEN)
     await monitor.play(until="subscription_confirmed")
+    check_first_stats(name, monitor, worker.conn_id)
     client = await Peer(name, "client", ids=ids).connect(hub_url, TOKEN)
     await client.play(until="job_accepted")
     return worker, monitor, client
