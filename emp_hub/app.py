@@ -91,7 +91,11 @@ async def open_hub(settings: HubSettings) -> AsyncIterator[Hub]:
             # process owns it (DataDirLocked if another does) and restarts it if it dies.
             server = EmbeddedValkey(settings.data_dir / "valkey", supervise=True)
             url = stack.enter_context(server).url
-            log.info("no EMP_REDIS_URL: using the embedded Valkey at %s", redact(url))
+            log.info(
+                "no EMP_REDIS_URL: an embedded Valkey at %s keeps the data in %s",
+                redact(url),
+                server.data_dir,
+            )
         async with _hub(settings, url) as hub:
             yield hub
 

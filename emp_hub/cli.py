@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable
@@ -32,6 +33,13 @@ from emp_hub.settings import HubSettings
 def serve(settings: HubSettings, workers: int) -> None:
     """Run the hub under uvicorn until interrupted."""
     import uvicorn
+
+    # The hub's own lines (where its data lives, warnings) beside uvicorn's, at its level.
+    level = logging.getLevelName(settings.log_level.upper())
+    logging.basicConfig(
+        level=level if isinstance(level, int) else logging.DEBUG,
+        format="%(levelname)-9s %(name)s: %(message)s",
+    )
 
     from emp_hub.app import create_app
 

@@ -244,6 +244,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if logging.getLogger().level > logging.DEBUG:  # one line per output upload is noise
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         sys.exit(dispatch(args))
     except (Refused, WorkerRefused) as exc:

@@ -482,6 +482,9 @@ class Worker:
         timer = None
         try:
             async with self.slots[running.connector.name]:
+                # The hub records the start (started_at) at the first progress: say it now,
+                # not at the connector's first report.
+                await self._progress(job.id, 0, "started", "started")
                 self.plugins.pm.hook.job_started(context=ctx)
                 if job.timeout:  # stopped like a cancel: the connector sees ctx.cancelled
                     timer = asyncio.get_running_loop().call_later(

@@ -98,7 +98,8 @@ async def test_the_hub_runs_on_it_and_never_logs_the_password(
     async with open_hub(settings) as hub:
         assert await hub.redis.ping()
         password = (tmp_path / "data" / "valkey" / "password").read_text().strip()
-    assert "using the embedded Valkey at redis://:***@127.0.0.1:" in caplog.text
+    assert "an embedded Valkey at redis://:***@127.0.0.1:" in caplog.text
+    assert f"keeps the data in {tmp_path / 'data' / 'valkey'}" in caplog.text
     assert password not in caplog.text
     assert mode(tmp_path / "data") == 0o700
 

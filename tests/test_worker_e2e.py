@@ -137,6 +137,23 @@ def test_sigterm_idle_worker_leaves_the_worker_list_at_once(hub: Cluster) -> Non
     assert hub.get("/api/workers") == []
 
 
+def test_the_start_is_recorded_when_the_job_starts_and_the_end_says_completed(
+    hub: Cluster,
+) -> None:
+    hub.start_worker(
+        "w-start",
+        EMP_SIMULATION_DURATION="1",
+        EMP_SIMULATION_STEPS="2",
+        EMP_PROGRESS_INTERVAL="0.3",  # the connector's own report at its start is dropped
+    )
+    job = hub.wait_job(hub.submit())
+    progress = [e for e in hub.events(job["job_id"]) if e["type"] == "progress"]
+    first = progress[0]
+    assert (first["stage"], float(first["progress"]), first["message"]) == ("started", 0, "started")
+    assert job["started_at"] == float(first["ts"])  # not the connector's first report
+    assert (job["status"], job["message"], job["progress"]) == ("completed", "completed", 100)
+
+
 def test_sigterm_mid_job_lets_it_finish_and_exits_0(hub: Cluster) -> None:
     worker = hub.start_worker("w-term", EMP_SIMULATION_DURATION="2")
     hub.wait_for_workers("w-term")

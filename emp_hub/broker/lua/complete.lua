@@ -3,7 +3,7 @@ local id, token = ARGV[4], ARGV[5]
 local j, err = held(id, token, {'worker'})
 if not j then return err end
 local k = jkey(id)
-redis.call('HSET', k, 'result', ARGV[6], 'progress', 100)
+redis.call('HSET', k, 'result', ARGV[6], 'progress', 100, 'message', 'completed')
 redis.call('HSETNX', k, 'started_at', NOW_S)
 redis.call('ZREM', P .. 'leases', id)
 finish(id, 'active', 'completed', CFG.retention)
