@@ -12,10 +12,12 @@ import asyncio
 import os
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.live import Live
 from rich.table import Table
 
@@ -171,6 +173,19 @@ class Demo:
         return table
 
 
+@contextmanager
+def live_view(console: Console, first: RenderableType | None = None) -> Iterator[Live]:
+    """A rich `Live` display that, when it stops (even on Ctrl-C), ends the line it leaves
+    open where the output is not a terminal (rich ends it only on one), so that what is
+    printed next starts a line of its own."""
+    try:
+        with Live(first, console=console, refresh_per_second=8) as live:
+            yield live
+    finally:
+        if not console.is_terminal:
+            console.line()
+
+
 def _status(status: JobStatus) -> str:
     colour = {
         JobStatus.COMPLETED: "green",
@@ -202,7 +217,7 @@ async def run_demo(url: str, console: Console) -> None:
         tasks = [asyncio.create_task(demo.worker(n, c, stop)) for n, c in WORKERS.items()]
         tasks.append(asyncio.create_task(demo.janitor(stop)))
         started = time.time()
-        with Live(await demo.table(), console=console, refresh_per_second=8) as live:
+        with live_view(console, await demo.table()) as live:
             cancelled = False
             while time.time() - started < 30:
                 await asyncio.sleep(0.25)

@@ -4,28 +4,35 @@
 with the simulation connector and different capabilities (one with a model the others
 lack, one strict to a customer), submits jobs with priorities and requirements, one that
 fails and is retried, one that is cancelled while it runs, shows them live, then prints who
-ran what, in which order and how long, and the hub's URL. Ctrl-C stops everything cleanly.
+ran what (the path of a retried job: `gpu-4090 -> cpu-box`), in which order and how long,
+and the hub's URL. Ctrl-C, SIGTERM or SIGHUP stop every process it started (the hub's
+embedded Valkey too) and remove its temporary folder (`--keep` keeps it, with the logs).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import httpx
 from rich.console import Console
-from rich.live import Live
 from rich.table import Table
 
 from emp_hub.broker import TERMINAL
+from emp_hub.demo import live_view
 from emp_hub.embedded import free_port
 
 #: Worker id -> its environment (beside the hub URL and plugin folder).
@@ -71,29 +78,99 @@ def demo_jobs(scale: float) -> list[dict[str, Any]]:
 
 @dataclass
 class System:
-    """The processes of the demo."""
+    """The processes of the demo, in its folder (data and logs)."""
 
     tmp: Path
-    port: int
-    procs: dict[str, subprocess.Popen[bytes]]
+    port: int = field(default_factory=free_port)
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
         """The hub's URL."""
         return f"http://127.0.0.1:{self.port}"
 
+    def start(self, console: Console, *, keep: bool) -> None:
+        """Start the hub and the workers; return when all workers are registered."""
+        base = {**os.environ, "EMP_LOG_LEVEL": "warning", "PYTHONUNBUFFERED": "1"}
+        base.pop("EMP_REDIS_URL", None)
+        hub_env = {**base, "EMP_DATA_DIR": str(self.tmp / "data"), "EMP_PORT": str(self.port)}
+        logs = self.tmp / "logs"
+        logs.mkdir()
+        self._spawn("hub", ["emp_hub.cli", "serve"], hub_env)
+        where = f"; data and logs in {self.tmp}, kept" if keep else ""
+        console.print(f"hub starting on {self.url} (embedded Valkey{where})")
+        self._wait_until(
+            lambda: httpx.get(f"{self.url}/health/ready", timeout=1).status_code == 200
+        )
+        for worker_id, extra in WORKERS.items():
+            env = {
+                **base,
+                "EMP_HUB_URL": f"ws://127.0.0.1:{self.port}",
+                "EMP_WORKER_ID": worker_id,
+                "EMP_PLUGIN_DIR": str(self.tmp / "plugins"),
+                "EMP_CONNECTORS": "simulation",
+                "EMP_SIMULATION_STEPS": "10",
+                "EMP_HEARTBEAT_INTERVAL": "5",
+                "EMP_DRAIN_TIMEOUT": "5",
+                "EMP_LOG_LEVEL": "info",
+                **extra,
+            }
+            self._spawn(worker_id, ["emp_worker.cli", "run"], env)
+        console.print(f"workers starting: {', '.join(WORKERS)}")
+
+        def registered() -> bool:
+            live = {w["worker_id"] for w in httpx.get(f"{self.url}/api/workers").json()}
+            return set(WORKERS) <= live
+
+        self._wait_until(registered)
+
+    def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> None:
+        with (self.tmp / "logs" / f"{name}.log").open("wb") as log:
+            # A session (so a process group) of its own: Ctrl-C reaches the demo alone,
+            # which stops them in order; what a child starts (the hub's Valkey) stays in
+            # the child's group, so stop() can end it too.
+            self.procs[name] = subprocess.Popen(
+                [sys.executable, "-m", *args],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def _wait_until(self, ready: Callable[[], bool], seconds: float = 60) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if gone := [name for name, proc in self.procs.items() if proc.poll() is not None]:
+                raise DemoError(f"{', '.join(gone)} exited")
+            try:
+                if ready():
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise DemoError(f"not ready after {seconds:g} s")
+
     def stop(self) -> None:
-        """Workers first (they drain), then the hub."""
-        for name, proc in self.procs.items():
-            if name != "hub" and proc.poll() is None:
+        """Workers first (they drain), then the hub; then anything left in their process
+        groups (the hub's embedded Valkey, should the hub not have stopped it)."""
+        workers = [proc for name, proc in self.procs.items() if name != "hub"]
+        for proc in workers:
+            if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        for name, proc in self.procs.items():
-            if name != "hub":
-                _wait(proc)
+        for proc in workers:
+            _wait(proc)
         hub = self.procs.get("hub")
-        if hub is not None and hub.poll() is None:
-            hub.send_signal(signal.SIGTERM)
+        if hub is not None:
+            if hub.poll() is None:
+                hub.send_signal(signal.SIGTERM)
             _wait(hub)
+        for proc in self.procs.values():
+            with contextlib.suppress(ProcessLookupError):  # the group is empty: all ended
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+class DemoError(Exception):
+    """The demo's processes did not start."""
 
 
 def _wait(proc: subprocess.Popen[bytes]) -> None:
@@ -102,67 +179,6 @@ def _wait(proc: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-
-
-def start(tmp: Path, console: Console) -> System:
-    """Start the hub and the workers; return when all workers are registered."""
-    port = free_port()
-    base = {**os.environ, "EMP_LOG_LEVEL": "warning", "PYTHONUNBUFFERED": "1"}
-    base.pop("EMP_REDIS_URL", None)
-    hub_env = {**base, "EMP_DATA_DIR": str(tmp / "data"), "EMP_PORT": str(port)}
-    logs = tmp / "logs"
-    logs.mkdir()
-    procs: dict[str, subprocess.Popen[bytes]] = {}
-    system = System(tmp, port, procs)
-    procs["hub"] = _spawn(["emp_hub.cli", "serve"], hub_env, logs / "hub.log")
-    console.print(f"hub starting on {system.url} (embedded Valkey in {tmp / 'data'})")
-    _wait_until(lambda: httpx.get(f"{system.url}/health/ready", timeout=1).status_code == 200)
-    for worker_id, extra in WORKERS.items():
-        env = {
-            **base,
-            "EMP_HUB_URL": f"ws://127.0.0.1:{port}",
-            "EMP_WORKER_ID": worker_id,
-            "EMP_PLUGIN_DIR": str(tmp / "plugins"),
-            "EMP_CONNECTORS": "simulation",
-            "EMP_SIMULATION_STEPS": "10",
-            "EMP_HEARTBEAT_INTERVAL": "5",
-            "EMP_DRAIN_TIMEOUT": "5",
-            "EMP_LOG_LEVEL": "info",
-            **extra,
-        }
-        procs[worker_id] = _spawn(["emp_worker.cli", "run"], env, logs / f"{worker_id}.log")
-    console.print(f"workers starting: {', '.join(WORKERS)} (logs in {logs})")
-
-    def registered() -> bool:
-        live = {w["worker_id"] for w in httpx.get(f"{system.url}/api/workers").json()}
-        return set(WORKERS) <= live
-
-    _wait_until(registered)
-    return system
-
-
-def _spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    handle = log.open("wb")
-    # A process group of its own: Ctrl-C reaches the demo, which stops them in order.
-    return subprocess.Popen(
-        [sys.executable, "-m", *args],
-        env=env,
-        stdout=handle,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-
-
-def _wait_until(ready: Any, seconds: float = 60) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            if ready():
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError("the demo's processes did not start; see the logs")
 
 
 def jobs_table(jobs: list[dict[str, Any]]) -> Table:
@@ -187,23 +203,24 @@ def jobs_table(jobs: list[dict[str, Any]]) -> Table:
     return table
 
 
-def summary_table(jobs: list[dict[str, Any]]) -> Table:
-    """Who ran what, in which order, how long."""
+def summary_table(jobs: list[dict[str, Any]], paths: dict[str, list[str]]) -> Table:
+    """Who ran what, in which order, how long; `paths`: job id -> the workers that ran it."""
     table = Table(title="who ran what, in start order")
-    for column in ("#", "job", "prio", "needs", "worker", "outcome", "attempts", "seconds"):
+    for column in ("#", "job", "prio", "needs", "ran on", "outcome", "attempts", "seconds"):
         table.add_column(column)
     started = sorted((j for j in jobs if j["claimed_at"]), key=lambda j: j["claimed_at"])
     for n, job in enumerate(started, 1):
         needs = list(job["requirements"].get("models", []))
         if job["requirements"].get("isolation") == "strict":
             needs.append(f"customer {job['customer']} only")
-        took = (job["finished_at"] or time.time()) - (job["started_at"] or job["claimed_at"])
+        began = job.get("started_at") or job["claimed_at"]
+        took = (job.get("finished_at") or time.time()) - began
         table.add_row(
             str(n),
             job["job_id"],
             str(job["priority"]),
             ", ".join(needs) or "-",
-            job["worker_id"] or "-",
+            " -> ".join(paths.get(job["job_id"]) or [job["worker_id"] or "-"]),
             job["status"],
             str(job["attempt"]),
             f"{took:.1f}",
@@ -211,21 +228,46 @@ def summary_table(jobs: list[dict[str, Any]]) -> Table:
     return table
 
 
-def run(console: Console, scale: float, wait_for_ctrl_c: bool) -> None:
-    """The demo; raises KeyboardInterrupt through to its caller's clean-up."""
-    with tempfile.TemporaryDirectory(prefix="emp-demo-") as tmp:
-        system = start(Path(tmp), console)
+def worker_path(http: httpx.Client, job_id: str) -> list[str]:
+    """The workers that ran an ended job, in order: from its events (each status event
+    `active` names the worker)."""
+    text = http.get(f"/api/jobs/{job_id}/events").text
+    events = [json.loads(line[5:]) for line in text.splitlines() if line.startswith("data:")]
+    return [e["worker"] for e in events if e["type"] == "status" and e["status"] == "active"]
+
+
+def run(console: Console, scale: float, *, wait_for_ctrl_c: bool, keep: bool) -> None:
+    """The demo. Ctrl-C, SIGTERM and SIGHUP raise KeyboardInterrupt; on any ending it stops
+    every process it started and removes its folder (unless `keep`)."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
+    system = System(Path(tempfile.mkdtemp(prefix="emp-demo-")))
+    try:
+        system.start(console, keep=keep)
+        play(system, console, scale)
+        console.print(f"\nThe hub is still up: {system.url}/docs (API), {system.url}/api/jobs")
+        if wait_for_ctrl_c:
+            console.print("Press Ctrl-C to stop the hub and the workers.")
+            while True:
+                time.sleep(3600)
+    except DemoError as error:
+        keep = True  # to read why in the logs
+        console.print(f"[red]the demo's processes did not start: {error}[/]")
+        raise
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)  # a second one must not cut the clean-up short
         try:
-            play(system, console, scale)
-            console.print(f"\nThe hub is still up: {system.url}/docs (API), {system.url}/api/jobs")
-            if wait_for_ctrl_c:
-                console.print("Press Ctrl-C to stop the hub and the workers.")
-                while True:
-                    time.sleep(3600)
-        finally:
             console.print("stopping the workers and the hub ...")
+        finally:
             system.stop()
-            console.print("stopped.")
+            if not keep:
+                shutil.rmtree(system.tmp, ignore_errors=True)
+        console.print(f"stopped; logs kept in {system.tmp / 'logs'}" if keep else "stopped.")
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
 
 
 def play(system: System, console: Console, scale: float) -> None:
@@ -236,7 +278,7 @@ def play(system: System, console: Console, scale: float) -> None:
         # One batch: the jobs arrive together, so the workers take them in priority order.
         http.post("/api/jobs/batch", json={"jobs": jobs}).raise_for_status()
         cancelled = False
-        with Live(console=console, refresh_per_second=6) as live:
+        with live_view(console) as live:
             while True:
                 current = [http.get(f"/api/jobs/{job_id}").json() for job_id in ids]
                 live.update(jobs_table(current))
@@ -249,21 +291,41 @@ def play(system: System, console: Console, scale: float) -> None:
                 if all(j["status"] in TERMINAL for j in current):
                     break
                 time.sleep(0.2)
-    console.print(summary_table(current))
+        console.print(summary_table(current, {i: worker_path(http, i) for i in ids}))
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of `emp-demo`."""
-    parser = argparse.ArgumentParser(prog="emp-demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="emp-demo",
+        description="The whole system on one machine: a hub on an embedded Valkey and three "
+        "emp-worker processes with the simulation connector and different capabilities. It "
+        "submits a mix of jobs (priorities, model requirements, one strict to a customer, one "
+        "that fails and is retried, one cancelled while it runs), shows them live, then who "
+        "ran what, in which order and how long.",
+        epilog="It works in a temporary folder (the Valkey's data, the processes' logs), "
+        "removed at the end unless --keep. Ctrl-C, SIGTERM or SIGHUP stop every process it "
+        "started. Example: emp-demo --speed 4 --exit",
+    )
     parser.add_argument(
-        "--speed", type=float, default=1.0, help="divide every job's duration by this"
+        "--speed",
+        type=float,
+        default=1.0,
+        help="divide every job's duration by this (4: four times faster)",
     )
     parser.add_argument(
         "--exit", action="store_true", help="stop after the summary instead of waiting for Ctrl-C"
     )
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the temporary folder (data and the hub's and workers' logs) and say where",
+    )
     args = parser.parse_args(argv)
     console = Console()
     try:
-        run(console, 1 / args.speed, wait_for_ctrl_c=not args.exit)
+        run(console, 1 / args.speed, wait_for_ctrl_c=not args.exit, keep=args.keep)
     except KeyboardInterrupt:
         sys.exit(0)
+    except DemoError:
+        sys.exit(1)

@@ -5,9 +5,12 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -18,6 +21,7 @@ from benchmarks import hub as hub_benchmark
 from benchmarks import recovery as recovery_benchmark
 from benchmarks import worker as worker_benchmark
 from emp_hub.demo import run_demo
+from emp_hub.demo_system import WORKERS, summary_table
 
 
 async def test_demo_runs_every_scenario(redis_url: str) -> None:
@@ -29,6 +33,8 @@ async def test_demo_runs_every_scenario(redis_url: str) -> None:
     assert "stopped cancel-me: it was cancelled" in text
     assert "unschedulable: 1 job(s) of service 'a1111'" in text
     assert text.count("completed") >= 9
+    # Its own line, also when the output is not a terminal (the live table ends without one).
+    assert any(line.startswith("who ran what") for line in map(str.strip, text.splitlines()))
 
 
 @pytest.mark.timeout(300)
@@ -77,26 +83,94 @@ def test_recovery_benchmark_prints_its_json(
     assert 1 <= seconds < 60  # after the grace, not the lease
 
 
-@pytest.mark.timeout(180)
-def test_system_demo_runs_hub_and_worker_processes() -> None:
-    """scripts/demo.sh's program, fast: it waits for Ctrl-C at the end, then stops all."""
+def _start_demo(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[str], Path]:
+    """`emp-demo` as a real process, its temporary files in a folder of the test's."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
     demo = subprocess.Popen(
-        [sys.executable, "-c", "from emp_hub.demo_system import main; main()", "--speed", "4"],
+        [sys.executable, "-c", "from emp_hub.demo_system import main; main()", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env={**os.environ, "COLUMNS": "200"},
+        env={**os.environ, "COLUMNS": "200", "TMPDIR": str(tmp)},
     )
+    return demo, tmp
+
+
+def _read_until(demo: subprocess.Popen[str], text: str) -> list[str]:
+    """The demo's output lines up to the first that contains `text`."""
     assert demo.stdout is not None
     lines = []
     for line in demo.stdout:
         lines.append(line)
-        if "Press Ctrl-C" in line:
-            break
-    demo.send_signal(signal.SIGINT)
-    rest, _ = demo.communicate(timeout=60)
-    assert demo.returncode == 0, "".join(lines) + rest
-    assert "stopped." in rest
+        if text in line:
+            return lines
+    raise AssertionError(f"the demo ended before {text!r}:\n{''.join(lines)}")
+
+
+def _descendants(pid: int) -> dict[int, str]:
+    """The processes below `pid` now (children, theirs...): pid -> start time."""
+    parent, started = {}, {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        parent[int(entry.name)], started[int(entry.name)] = int(fields[1]), fields[19]
+    found: dict[int, str] = {}
+    below = [pid]
+    while below:
+        above = below.pop()
+        for child in (c for c, p in parent.items() if p == above):
+            found[child] = started[child]
+            below.append(child)
+    return found
+
+
+def _alive(procs: dict[int, str]) -> list[int]:
+    """Those of `procs` still running (the same process: not a reused pid, not a zombie)."""
+    alive = []
+    for pid, start in procs.items():
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[19] == start and fields[0] != "Z":
+            alive.append(pid)
+    return alive
+
+
+def _kill(procs: dict[int, str]) -> None:
+    """Kill what a failed test left running."""
+    for pid in _alive(procs):
+        os.kill(pid, signal.SIGKILL)
+
+
+linux_only = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+
+
+@linux_only
+@pytest.mark.timeout(180)
+def test_system_demo_runs_hub_and_worker_processes(tmp_path: Path) -> None:
+    """scripts/demo.sh's program, fast: it waits for Ctrl-C at the end, then stops all."""
+    demo, tmp = _start_demo(tmp_path, "--speed", "4")
+    procs: dict[int, str] = {}
+    try:
+        lines = _read_until(demo, "Press Ctrl-C")
+        procs = _descendants(demo.pid)
+        assert len(procs) >= 5, procs  # the hub, its Valkey, three workers
+        demo.send_signal(signal.SIGINT)
+        rest, _ = demo.communicate(timeout=60)
+        assert demo.returncode == 0, "".join(lines) + rest
+        assert "stopped." in rest
+        assert _alive(procs) == []
+        assert list(tmp.iterdir()) == []  # its data and logs are gone ...
+        assert str(tmp) not in "".join(lines) + rest  # ... so it names no folder
+    finally:
+        demo.kill()
+        _kill(procs)
     rows = {
         cells[2]: cells
         for line in lines
@@ -113,6 +187,73 @@ def test_system_demo_runs_hub_and_worker_processes() -> None:
         "completed",
         "2",
     )
+    first, second = rows["flaky"][5].split(" -> ")  # the path of its two attempts
+    assert {first, second} <= set(WORKERS)
+    # The summary's title has its own line, also when the output is not a terminal.
+    assert any(line.strip().startswith("who ran what") for line in lines)
     url = next(line for line in lines if "The hub is still up" in line).split()[-3]
     with pytest.raises(httpx.TransportError):  # the hub is gone
         httpx.get(url.rsplit("/", 1)[0] + "/health/live", timeout=2)
+
+
+@linux_only
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_system_demo_stopped_by_a_signal_leaves_nothing_behind(
+    sig: signal.Signals, tmp_path: Path
+) -> None:
+    """SIGTERM (kill) or SIGHUP (terminal closed) while jobs run: like Ctrl-C, everything it
+    started stops (the hub's embedded Valkey too) and its temporary folder is removed."""
+    demo, tmp = _start_demo(tmp_path)
+    procs: dict[int, str] = {}
+    try:
+        lines = _read_until(demo, "workers starting")
+        match = re.search(r"http://127\.0\.0\.1:\d+", "".join(lines))
+        assert match, lines
+        deadline = time.monotonic() + 60
+        while (
+            httpx.get(f"{match[0]}/api/jobs/cancel-me", timeout=5).json().get("status") != "active"
+        ):
+            assert time.monotonic() < deadline and demo.poll() is None, lines
+            time.sleep(0.1)
+        procs = _descendants(demo.pid)
+        assert len(procs) >= 5, procs  # the hub, its Valkey, three workers
+        demo.send_signal(sig)
+        rest, _ = demo.communicate(timeout=90)
+        assert demo.returncode == 0, "".join(lines) + rest
+        assert "stopping the workers and the hub ...\nstopped.\n" in rest  # own lines
+        assert _alive(procs) == []
+        assert list(tmp.iterdir()) == []
+    finally:
+        demo.kill()
+        _kill(procs)
+
+
+@pytest.mark.timeout(180)
+def test_system_demo_keeps_its_logs_when_asked(tmp_path: Path) -> None:
+    demo, tmp = _start_demo(tmp_path, "--speed", "8", "--exit", "--keep")
+    out, _ = demo.communicate(timeout=150)
+    assert demo.returncode == 0, out
+    match = re.search(r"logs kept in (\S+)", out)
+    assert match, out
+    logs = Path(match[1])
+    assert logs.parent.parent == tmp
+    assert {p.name for p in logs.iterdir()} == {"hub.log", *(f"{w}.log" for w in WORKERS)}
+
+
+def test_system_demo_summary_times_a_job_from_its_claim_without_started_at() -> None:
+    """`started_at` may be missing (an older hub); the seconds count from the claim then."""
+    job = {
+        "job_id": "j1",
+        "priority": 0,
+        "requirements": {},
+        "customer": None,
+        "worker_id": "cpu-box",
+        "status": "completed",
+        "attempt": 1,
+        "claimed_at": 100.0,
+        "finished_at": 102.5,
+    }
+    out = io.StringIO()
+    Console(file=out, width=200).print(summary_table([job], {"j1": ["cpu-box"]}))
+    assert re.search(r"│ 2\.5 +│", out.getvalue()), out.getvalue()
