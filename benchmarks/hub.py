@@ -43,7 +43,40 @@ class RunningHub:
     """A hub process of a benchmark."""
 
     url: str
-    pid: int
+    proc: asyncio.subprocess.Process
+    env: dict[str, str]
+
+    @property
+    def pid(self) -> int:
+        """The process id of the hub running now."""
+        return self.proc.pid
+
+    async def kill_and_restart(self, down_s: float = 0.0) -> None:
+        """SIGKILL the hub, wait `down_s`, start it again (same port and settings) and
+        wait until it is ready."""
+        self.proc.kill()
+        await self.proc.wait()
+        await asyncio.sleep(down_s)
+        self.proc = await _start_hub(self.url, self.env)
+        await _until_ready(self.url)
+
+
+async def _start_hub(url: str, env: dict[str, str]) -> asyncio.subprocess.Process:
+    port = url.rsplit(":", 1)[1]
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "emp_hub.cli", "serve", "--port", port, env=env
+    )
+
+
+async def _until_ready(url: str) -> None:
+    async with httpx.AsyncClient() as http:
+        for _ in range(400):
+            try:
+                if (await http.get(f"{url}/health/ready")).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.05)
 
 
 @asynccontextmanager
@@ -61,34 +94,24 @@ async def hubs(
         "EMP_SUBMIT_BURST": "1000000",
         **settings,
     }
-    procs, urls = [], []
+    running = []
     for _ in range(count):
-        port = free_port()
-        procs.append(
-            await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "emp_hub.cli", "serve", "--port", str(port), env=env
-            )
-        )
-        urls.append(f"http://127.0.0.1:{port}")
+        url = f"http://127.0.0.1:{free_port()}"
+        running.append(RunningHub(url, await _start_hub(url, env), env))
     try:
-        async with httpx.AsyncClient() as http:
-            for url in urls:
-                for _ in range(400):
-                    try:
-                        if (await http.get(f"{url}/health/ready")).status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        await asyncio.sleep(0.05)
-        yield [RunningHub(url, proc.pid) for url, proc in zip(urls, procs, strict=True)]
+        for hub in running:
+            await _until_ready(hub.url)
+        yield running
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
+        for hub in running:
+            if hub.proc.returncode is None:
+                hub.proc.terminate()
+        for hub in running:
             try:  # a hub closing thousands of sockets may take a while
-                await asyncio.wait_for(proc.wait(), 60)
+                await asyncio.wait_for(hub.proc.wait(), 60)
             except TimeoutError:
-                proc.kill()
-                await proc.wait()
+                hub.proc.kill()
+                await hub.proc.wait()
         client = connect(redis_url)
         keys = [k async for k in client.scan_iter(match="{" + namespace + "}:*", count=1000)]
         for i in range(0, len(keys), 1000):

@@ -29,7 +29,6 @@ import platform
 import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -42,6 +41,7 @@ import httpx
 
 import emp_hub
 from benchmarks.hub import hubs
+from benchmarks.worker import start_worker
 from emp_hub.embedded import free_port, redis_url_or_embedded
 
 SCENARIOS = ("kill9", "cut", "sigstop")
@@ -86,23 +86,6 @@ class Proxy:
                     await dst.drain()
 
 
-def start_worker(hub_url: str, worker_id: str, tmp: Path) -> subprocess.Popen[bytes]:
-    """An `emp-worker run` with the simulation connector and long jobs."""
-    env = {
-        **os.environ,
-        "EMP_HUB_URL": hub_url.replace("http", "ws", 1),
-        "EMP_WORKER_ID": worker_id,
-        "EMP_CONNECTORS": "simulation",
-        "EMP_SIMULATION_DURATION": "600",
-        "EMP_PLUGIN_DIR": str(tmp / "plugins"),
-        "EMP_LOG_LEVEL": "warning",
-    }
-    log = (tmp / f"{worker_id}.log").open("wb")
-    return subprocess.Popen(
-        [sys.executable, "-m", "emp_worker.cli", "run"], env=env, stdout=log, stderr=log
-    )
-
-
 async def wait_for(check: Any, what: str, within: float) -> Any:
     """Poll `check()` until it returns something truthy (at most `within` seconds)."""
     deadline = time.monotonic() + within
@@ -117,7 +100,7 @@ async def wait_for(check: Any, what: str, within: float) -> Any:
 @asynccontextmanager
 async def worker(hub_url: str, worker_id: str, tmp: Path) -> AsyncIterator[subprocess.Popen[bytes]]:
     """A worker process, stopped (and reaped) at the end whatever state it is in."""
-    proc = start_worker(hub_url, worker_id, tmp)
+    proc = start_worker(hub_url, worker_id, tmp, EMP_SIMULATION_DURATION="600")
     try:
         yield proc
     finally:

@@ -35,30 +35,31 @@ from benchmarks.hub import hubs, percentiles
 from emp_hub.embedded import redis_url_or_embedded
 
 
+def start_worker(url: str, worker_id: str, tmp: Path, **settings: str) -> subprocess.Popen[bytes]:
+    """An `emp-worker run` process with the simulation connector, its output appended to
+    `tmp/<worker_id>.log`; `settings` are more EMP_* variables."""
+    env = {
+        **os.environ,
+        "EMP_HUB_URL": url.replace("http", "ws", 1),
+        "EMP_WORKER_ID": worker_id,
+        "EMP_CONNECTORS": "simulation",
+        "EMP_PLUGIN_DIR": str(tmp / "plugins"),
+        "EMP_LOG_LEVEL": "warning",
+        **settings,
+    }
+    with (tmp / f"{worker_id}.log").open("ab") as log:  # the child keeps its own copy
+        return subprocess.Popen(
+            [sys.executable, "-m", "emp_worker.cli", "run"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
 def start_workers(url: str, count: int, tmp: Path) -> list[subprocess.Popen[bytes]]:
     """`count` emp-worker processes with the simulation connector at zero duration."""
-    procs = []
-    for i in range(count):
-        env = {
-            **os.environ,
-            "EMP_HUB_URL": url.replace("http", "ws", 1),
-            "EMP_WORKER_ID": f"bench-w{i}",
-            "EMP_CONNECTORS": "simulation",
-            "EMP_SIMULATION_DURATION": "0",
-            "EMP_SIMULATION_STEPS": "1",
-            "EMP_PLUGIN_DIR": str(tmp / "plugins"),
-            "EMP_LOG_LEVEL": "warning",
-        }
-        log = (tmp / f"worker-{i}.log").open("wb")
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "emp_worker.cli", "run"],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        )
-    return procs
+    zero = {"EMP_SIMULATION_DURATION": "0", "EMP_SIMULATION_STEPS": "1"}
+    return [start_worker(url, f"bench-w{i}", tmp, **zero) for i in range(count)]
 
 
 async def completed_jobs(http: httpx.AsyncClient, url: str) -> list[dict[str, Any]]:

@@ -17,6 +17,7 @@ import pytest
 from rich.console import Console
 
 from benchmarks import claim as claim_benchmark
+from benchmarks import faults as faults_benchmark
 from benchmarks import hub as hub_benchmark
 from benchmarks import recovery as recovery_benchmark
 from benchmarks import worker as worker_benchmark
@@ -81,6 +82,24 @@ def test_recovery_benchmark_prints_its_json(
     assert report["conditions"]["reconnect_grace_s"] == 1
     [seconds] = report["results"]["kill9"]["seconds"]
     assert 1 <= seconds < 60  # after the grace, not the lease
+
+
+@pytest.mark.timeout(300)
+def test_faults_benchmark_loses_nothing_and_completes_nothing_twice(
+    redis_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Workers killed, drained and stopped while jobs run: every accepted job completes,
+    once (these are the benchmark's invariants, not its figures)."""
+    args = ["--workers", "2", "--jobs", "60", "--chaos-s", "8", "--interval", "0.7"]
+    faults_benchmark.main([*args, "--seed", "3", "--url", redis_url])
+    results = json.loads(capsys.readouterr().out)["results"]
+    assert sum(results["faults"].values()) >= 3, results
+    assert results["accepted"] == 60, results
+    assert (results["lost"], results["completed_twice"]) == (0, 0), results
+    assert results["completed"] == results["accepted"], results
+    # The event streams were read whole: one completed event per job, progress flowed.
+    assert results["completed_events"] == results["completed"], results
+    assert results["progress_events"] > 0, results
 
 
 def _start_demo(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[str], Path]:

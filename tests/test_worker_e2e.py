@@ -211,6 +211,29 @@ def test_hub_restart_mid_job_the_worker_reconnects_and_completes(hub: Cluster) -
     assert "connected to" in hub.workers["w-survivor"].text().split("hub connection:", 1)[-1]
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: the id stays held by the dead hub's connection for worker_ttl_s (60 s)",
+)
+def test_a_worker_restarted_while_the_hub_was_down_gets_its_id_back(hub: Cluster) -> None:
+    """A hub killed with kill -9 never sees its workers' sockets end. A worker process that
+    dies while the hub is down, started again once the hub is back, must get its id (a
+    new process: after the reconnect grace at most), not be refused as a duplicate of a
+    process that no longer exists (benchmarks/faults.py --hub-kills found it)."""
+    first = hub.start_worker("w-phoenix")
+    hub.wait_for_workers("w-phoenix")
+    assert hub.hub is not None
+    hub.hub.signal(signal.SIGKILL)
+    hub.hub.wait()
+    first.signal(signal.SIGKILL)
+    first.wait()
+    hub.start_hub()
+    second = hub.start_worker("w-phoenix-2", EMP_WORKER_ID="w-phoenix")
+    job = hub.wait_job(hub.submit(payload={"duration": 0.1}), timeout=20)
+    assert (job["status"], job["worker_id"]) == ("completed", "w-phoenix"), second.text()
+    assert second.popen.poll() is None, second.text()
+
+
 def _plugin_project(root: Path, name: str, body: str) -> Path:
     """A plugin project folder with one module registered in the emp_worker group."""
     package = name.replace("-", "_")
