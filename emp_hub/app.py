@@ -131,7 +131,7 @@ async def _hub(settings: HubSettings, url: str) -> AsyncIterator[Hub]:
 
 def create_app(settings: HubSettings | None = None) -> FastAPI:
     """The hub's ASGI app."""
-    from emp_hub import outputs, ws, ws_client, ws_monitor  # the routes need Hub (above)
+    from emp_hub import docs_ui, outputs, ws, ws_client, ws_monitor  # the routes need Hub
     from emp_hub.api import broker_error, router
 
     settings = settings or HubSettings()
@@ -155,7 +155,10 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
         version=emp_hub.__version__,
         description="A pull-based job broker for GPU AI workloads.",
         lifespan=lifespan,
+        docs_url=None,  # docs_ui serves them, with their assets
+        redoc_url=None,
     )
+    docs_ui.add_docs(app)
     app.include_router(router)
     app.include_router(outputs.router)
     app.include_router(ws.router)

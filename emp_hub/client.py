@@ -24,11 +24,15 @@ class EmpError(Exception):
 
 
 class HubUnreachable(EmpError):
-    """The hub did not answer (wrong URL, not running, network)."""
+    """The hub did not answer, or not as a hub does (wrong URL, not running, network)."""
 
 
 class AuthError(EmpError):
     """The hub refused the token (401) or its role (403)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        self.status = status
+        super().__init__(message)
 
 
 class JobNotFound(EmpError):
@@ -86,15 +90,22 @@ class Client:
 
     def _check(self, response: httpx.Response) -> Any:
         if response.status_code < 400:
-            return response.json()
+            try:
+                return response.json()
+            except ValueError:
+                kind = response.headers.get("content-type", "no content type").split(";")[0]
+                raise HubUnreachable(
+                    f"{self.url} did not answer {response.request.method} "
+                    f"{response.request.url.path} as an emp hub does ({kind}, not JSON)"
+                ) from None
         try:
             detail = response.json().get("detail", response.text)
         except ValueError:
             detail = response.text
-        if response.status_code == 401:
-            raise AuthError(f"the hub refused the token: {detail} (set EMP_TOKEN)")
-        if response.status_code == 403:
-            raise AuthError(f"not allowed: {detail}")
+        if response.status_code in (401, 403):
+            raise AuthError(
+                response.status_code, f"the hub at {self.url} refused the token: {detail}"
+            )
         if response.status_code == 404:
             raise JobNotFound(str(detail))
         raise Rejected(response.status_code, detail)

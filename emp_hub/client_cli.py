@@ -5,7 +5,8 @@
     emp jobs --status failed emp workers             emp queues
 
 The hub is EMP_HUB_URL (default http://127.0.0.1:8001) and the token EMP_TOKEN, or
---hub and --token.
+--hub and --token. Errors are one line on stderr; the exit status is 2 for a command line
+that cannot work, 1 for an operation that failed.
 """
 
 from __future__ import annotations
@@ -16,25 +17,67 @@ import contextlib
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+import httpx
 from rich.console import Console
+from rich.markup import escape
+from rich.measure import Measurement
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
-from emp_hub.client import Client, EmpError
+from emp_hub.client import AuthError, Client, EmpError, HubUnreachable, JobNotFound
 
 console = Console()
-errors = Console(stderr=True)
 
 
-def payload_arg(value: str) -> dict[str, Any]:
-    """--payload: JSON text, or @file with JSON in it."""
-    text = Path(value[1:]).read_text() if value.startswith("@") else value
-    data = json.loads(text)
+class UsageError(Exception):
+    """A command line that cannot work; str() says what to give instead."""
+
+
+def hub_url(value: str) -> str:
+    """The hub's URL, checked to be one."""
+    try:
+        url = httpx.URL(value)
+    except httpx.InvalidURL:
+        url = None
+    if url is None or url.scheme not in ("http", "https", "ws", "wss") or not url.host:
+        raise UsageError(
+            f"the hub URL {value} is not a URL like http://127.0.0.1:8001; "
+            "set EMP_HUB_URL or --hub to the hub's URL"
+        )
+    return value
+
+
+def json_object(option: str, value: str | None) -> dict[str, Any] | None:
+    """The JSON object given to `option`: JSON text, or @file with JSON in it."""
+    if value is None:
+        return None
+    given = f"{option} {value}" if value.startswith("@") else option
+    text = value
+    if value.startswith("@"):
+        try:
+            text = Path(value[1:]).read_text()
+        except FileNotFoundError:
+            raise UsageError(f"{given}: no such file") from None
+        except OSError as exc:
+            raise UsageError(f"{given}: cannot read it ({exc.strerror})") from None
+        except UnicodeDecodeError:
+            raise UsageError(f"{given}: not UTF-8 text") from None
+    what = "give a JSON object or @file.json"
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        where = f"{exc.msg} at line {exc.lineno} column {exc.colno}"
+        raise UsageError(f"{given} is not JSON: {where}; {what}") from None
     if not isinstance(data, dict):
-        raise argparse.ArgumentTypeError("the payload must be a JSON object")
+        kind = {list: "array", str: "string", bool: "boolean", type(None): "null"}
+        raise UsageError(
+            f"{given} is a JSON {kind.get(type(data), 'number')}, not an object; {what}"
+        )
     return data
 
 
@@ -97,29 +140,51 @@ def show_job(job: dict[str, Any]) -> None:
     )
     console.print(
         f"[bold]{job['job_id']}[/]  [{colour}]{job['status']}[/]  "
-        f"service={job['job_type']} priority={job['priority']} "
+        f"service={escape(job['job_type'])} priority={job['priority']} "
         f"progress={job['progress']:.0f}%"
     )
     for key in ("worker_id", "position", "attempt", "failures", "error", "message"):
         if job.get(key) not in (None, "", 0):
-            console.print(f"  {key}: {job[key]}")
+            console.print(f"  {key}: {escape(str(job[key]))}")
     if job.get("result") is not None:
         console.print_json(json.dumps(job["result"]))
 
 
+def show_table(headers: Sequence[str], rows: Sequence[Sequence[str | Text]]) -> None:
+    """A table where it fits the terminal; else (or piped) plain aligned columns, one line
+    a row: a cell (a job id) is never cut or wrapped."""
+    table = Table(*headers)
+    for row in rows:
+        table.add_row(*(Text(cell) if isinstance(cell, str) else cell for cell in row))
+    natural = Measurement.get(console, console.options.update(max_width=1 << 20), table)
+    if console.is_terminal and natural.maximum <= console.width:
+        console.print(table)
+        return
+    lines = [list(headers), *([str(cell) or "-" for cell in row] for row in rows)]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(headers))]
+    for line in lines:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        )
+
+
 async def run(args: argparse.Namespace) -> int:
-    async with Client(args.hub, args.token) as emp:
+    url = hub_url(args.hub)  # the command line is checked before the hub is asked
+    if args.command == "submit":
+        payload = json_object("--payload", args.payload)
+        requirements = json_object("--requirements", args.requirements)
+    async with Client(url, args.token) as emp:
         if args.command == "submit":
             job_id = await emp.submit(
                 args.service,
-                args.payload,
+                payload,
                 priority=args.priority,
                 job_id=args.id,
                 customer=args.customer,
-                requirements=args.requirements,
+                requirements=requirements,
             )
             if not args.wait:
-                console.print(job_id)
+                print(job_id)
                 return 0
             job = await follow(emp, job_id)
             show_job(job)
@@ -136,36 +201,42 @@ async def run(args: argparse.Namespace) -> int:
             page = await emp.jobs(
                 status=args.status, service=args.service, customer=args.customer, limit=args.limit
             )
-            table = Table("job", "status", "service", "priority", "progress", "worker")
-            for job in page["jobs"]:
-                table.add_row(
-                    job["job_id"],
-                    job["status"],
-                    job["job_type"],
-                    str(job["priority"]),
-                    f"{job['progress']:.0f}%",
-                    job["worker_id"] or "-",
-                )
-            console.print(table)
+            show_table(
+                ("job", "status", "service", "priority", "progress", "worker"),
+                [
+                    (
+                        job["job_id"],
+                        job["status"],
+                        job["job_type"],
+                        str(job["priority"]),
+                        f"{job['progress']:.0f}%",
+                        job["worker_id"] or "-",
+                    )
+                    for job in page["jobs"]
+                ],
+            )
         elif args.command == "workers":
-            table = Table("worker", "services", "gpus")
+            rows = []
             for w in await emp.workers():
                 caps = w["capabilities"]
                 gpus = ", ".join(f"{g['name']} {g['memory_gb']:g}GB" for g in caps["gpus"])
-                table.add_row(w["worker_id"], ", ".join(sorted(caps["services"])), gpus or "-")
-            console.print(table)
+                rows.append((w["worker_id"], ", ".join(sorted(caps["services"])), gpus or "-"))
+            show_table(("worker", "services", "gpus"), rows)
         else:
             q = await emp.queues()
-            table = Table("service", "pending", "by priority", "workers", "")
-            for c in q["classes"]:
-                table.add_row(
-                    c["requirements"]["service"],
-                    str(c["pending"]),
-                    " ".join(f"{p}:{n}" for p, n in c["by_priority"].items()),
-                    str(c["matching_workers"]),
-                    "[red]unschedulable[/]" if c["unschedulable"] else "",
-                )
-            console.print(table)
+            show_table(
+                ("service", "pending", "by priority", "workers", "state"),
+                [
+                    (
+                        c["requirements"]["service"],
+                        str(c["pending"]),
+                        " ".join(f"{p}:{n}" for p, n in c["by_priority"].items()),
+                        str(c["matching_workers"]),
+                        Text("unschedulable", "red") if c["unschedulable"] else "ok",
+                    )
+                    for c in q["classes"]
+                ],
+            )
             console.print(
                 f"pending {q['pending']}, active {q['active']}, delayed "
                 f"{q['delayed']}, dead {q['dead']}, live workers {q['live_workers']}"
@@ -173,9 +244,16 @@ async def run(args: argparse.Namespace) -> int:
     return 0
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line that points at --help."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message}; see {self.prog} --help\n")
+
+
 def parser() -> argparse.ArgumentParser:
     """The emp command line."""
-    p = argparse.ArgumentParser(prog="emp", description="Submit and follow emp jobs.")
+    p = Parser(prog="emp", description="Submit and follow emp jobs.")
     p.add_argument(
         "--hub",
         default=os.environ.get("EMP_HUB_URL", "http://127.0.0.1:8001"),
@@ -185,11 +263,11 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("submit", help="submit a job")
     s.add_argument("service", help="the service (job_type), e.g. comfyui")
-    s.add_argument("--payload", type=payload_arg, default={}, help="JSON, or @file.json")
+    s.add_argument("--payload", help="a JSON object, or @file.json")
     s.add_argument("--priority", type=int, default=0, help="-1000..1000, higher first")
     s.add_argument("--id", help="a job id of your own (must be new)")
     s.add_argument("--customer", help="the customer the job belongs to")
-    s.add_argument("--requirements", type=payload_arg, help="JSON: models, gpu_memory_gb, ...")
+    s.add_argument("--requirements", help="a JSON object (models, gpu_memory_gb, ...) or @file")
     s.add_argument("--wait", action="store_true", help="show progress until the job ends")
     for name, text in (("status", "show a job"), ("retry", "re-queue a failed job")):
         sub.add_parser(name, help=text).add_argument("job_id")
@@ -208,14 +286,34 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def hint(exc: EmpError) -> str:
+    """What to do about a failed operation, for a person at the command line."""
+    if isinstance(exc, HubUnreachable):
+        return "is it running there? set EMP_HUB_URL or --hub to its URL"
+    if isinstance(exc, AuthError) and exc.status == 401:
+        return "set EMP_TOKEN or --token to a token it issued (emp-hub token create --role client)"
+    if isinstance(exc, AuthError):
+        return "set EMP_TOKEN or --token to a token with that role"
+    if isinstance(exc, JobNotFound):
+        return "`emp jobs` lists the jobs this token can see"
+    return ""
+
+
+def fail(message: str, status: int) -> int:
+    """Say what went wrong on one line of stderr; the exit status."""
+    print("emp: " + " ".join(message.split()), file=sys.stderr)
+    return status
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of emp."""
     args = parser().parse_args(argv)
     try:
         return asyncio.run(run(args))
+    except UsageError as exc:
+        return fail(str(exc), 2)
     except EmpError as exc:
-        errors.print(f"emp: {exc}")
-        return 1
+        return fail("; ".join(filter(None, (str(exc), hint(exc)))), 1)
     except KeyboardInterrupt:
         return 130
 

@@ -3,7 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
+import os
+import pty
+import re
+import struct
+import subprocess
+import sys
+import termios
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -13,6 +23,7 @@ from emp_hub.auth import Role, TokenStore
 from emp_hub.broker import Broker, BrokerSettings
 from emp_hub.client import AuthError, Client, HubUnreachable, JobNotFound, Rejected
 from emp_hub.client_cli import main
+from emp_hub.embedded import free_port
 from emp_hub.settings import HubSettings
 from emp_worker.capabilities import WorkerCapabilities
 from tests.hub_server import running_hub
@@ -129,9 +140,8 @@ async def test_cli(
     assert "emp: Job with ID nope not found" in capsys.readouterr().err
     assert await asyncio.to_thread(main, ["--hub", "http://127.0.0.1:1", "jobs"]) == 1
     assert "cannot reach the hub" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        await asyncio.to_thread(emp, "submit", "sim", "--payload", "[1]")
-    assert "must be a JSON object" in capsys.readouterr().err
+    assert await asyncio.to_thread(emp, "submit", "sim", "--payload", "[1]") == 2
+    assert "is a JSON array, not an object" in capsys.readouterr().err
 
 
 async def test_a_waiting_job_says_why_no_worker_can_run_it(
@@ -171,3 +181,195 @@ async def test_a_waiting_job_says_why_no_worker_can_run_it(
     await worker
     out = capsys.readouterr().out
     assert f"waits: {why}" in " ".join(out.split()) and "completed" in out
+
+
+# -- the emp command, run as a user runs it -----------------------------------------------
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+async def run_emp(*args: str, token: str | None = None) -> tuple[int, str, str]:
+    """Run `emp ARGS` in a child process (the hub keeps serving meanwhile): its exit
+    status, stdout and stderr."""
+    env = {k: v for k, v in os.environ.items() if k not in ("EMP_HUB_URL", "EMP_TOKEN")}
+    if token:
+        env["EMP_TOKEN"] = token
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "emp_hub.client_cli",
+        *args,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+def one_line(err: str) -> str:
+    """The error, checked to be one line that starts with 'emp' and has no traceback."""
+    assert "Traceback" not in err, err
+    assert err.endswith("\n") and err.count("\n") == 1, err
+    assert err.startswith("emp"), err
+    return err.strip()
+
+
+async def test_cli_usage_errors_are_one_line_and_exit_2(tmp_path: Path) -> None:
+    (tmp_path / "bad.json").write_text("{oops")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    hub = ["--hub", "http://127.0.0.1:1"]  # never reached: usage is checked first
+    cases = {
+        (
+            "submit",
+            "sim",
+            "--payload",
+            "@missing.json",
+        ): "emp: --payload @missing.json: no such file",
+        ("submit", "sim", "--payload", "not json"): (
+            "emp: --payload is not JSON: Expecting value at line 1 column 1; "
+            "give a JSON object or @file.json"
+        ),
+        ("submit", "sim", "--payload", f"@{tmp_path}/bad.json"): (
+            f"emp: --payload @{tmp_path}/bad.json is not JSON: Expecting property name enclosed "
+            "in double quotes at line 1 column 2; give a JSON object or @file.json"
+        ),
+        ("submit", "sim", "--payload", f"@{tmp_path}/list.json"): (
+            f"emp: --payload @{tmp_path}/list.json is a JSON array, not an object; "
+            "give a JSON object or @file.json"
+        ),
+        ("submit", "sim", "--payload", f"@{tmp_path}"): (
+            f"emp: --payload @{tmp_path}: cannot read it (Is a directory)"
+        ),
+        ("submit", "sim", "--requirements", "7"): (
+            "emp: --requirements is a JSON number, not an object; give a JSON object or @file.json"
+        ),
+        ("submit", "sim", "--priority", "high"): (
+            "emp submit: argument --priority: invalid int value: 'high'; see emp submit --help"
+        ),
+        ("submit",): (
+            "emp submit: the following arguments are required: service; see emp submit --help"
+        ),
+        (): "emp: the following arguments are required: command; see emp --help",
+        ("--hub", "127.0.0.1:8001", "jobs"): (
+            "emp: the hub URL 127.0.0.1:8001 is not a URL like http://127.0.0.1:8001; "
+            "set EMP_HUB_URL or --hub to the hub's URL"
+        ),
+        ("--hub", "http://[::1", "jobs"): (
+            "emp: the hub URL http://[::1 is not a URL like http://127.0.0.1:8001; "
+            "set EMP_HUB_URL or --hub to the hub's URL"
+        ),
+    }
+    for args, message in cases.items():
+        code, out, err = await run_emp(*hub, *args)
+        assert (code, out, one_line(err)) == (2, "", message), args
+
+
+async def test_cli_failed_operations_say_what_to_do_and_exit_1(
+    hub_settings: HubSettings, redis_client: redis.asyncio.Redis, namespace: str, tmp_path: Path
+) -> None:
+    code, _, err = await run_emp("--hub", "http://127.0.0.1:1", "jobs")
+    assert code == 1
+    assert one_line(err).startswith("emp: cannot reach the hub at http://127.0.0.1:1 (")
+    assert err.strip().endswith("; is it running there? set EMP_HUB_URL or --hub to its URL")
+
+    tokens = TokenStore(redis_client, namespace)
+    admin = await tokens.create(Role.ADMIN)
+    client = await tokens.create(Role.CLIENT)
+    async with running_hub(hub_settings) as url:
+        code, _, err = await run_emp("--hub", url, "submit", "sim")
+        assert code == 1
+        assert one_line(err) == (
+            f"emp: the hub at {url} refused the token: missing token; set EMP_TOKEN or "
+            "--token to a token it issued (emp-hub token create --role client)"
+        )
+        code, _, err = await run_emp("--hub", url, "submit", "sim", token="emp_wrong")
+        assert code == 1
+        assert one_line(err).startswith(f"emp: the hub at {url} refused the token: invalid token;")
+        code, _, err = await run_emp("--hub", url, "queues", token=client)
+        assert code == 1
+        assert one_line(err) == (
+            f"emp: the hub at {url} refused the token: this needs a token with role admin, "
+            "monitor; set EMP_TOKEN or --token to a token with that role"
+        )
+        code, _, err = await run_emp("--hub", url, "status", "job-nope", token=admin)
+        assert code == 1
+        assert one_line(err) == (
+            "emp: Job with ID job-nope not found; `emp jobs` lists the jobs this token can see"
+        )
+        code, _, err = await run_emp("--hub", url, "retry", "job-nope", token=admin)
+        assert (code, one_line(err)[:27]) == (1, "emp: Job with ID job-nope n")
+
+    # a URL that answers, but not as a hub does (here: a plain web server's file)
+    (tmp_path / "api").mkdir()
+    (tmp_path / "api" / "queues").write_text("<html>sign in</html>")
+    port = free_port()
+    server = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+        cwd=tmp_path, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        web = f"http://127.0.0.1:{port}"
+        for _ in range(100):
+            code, _, err = await run_emp("--hub", web, "queues")
+            if "cannot reach" not in err:
+                break
+        assert code == 1
+        assert one_line(err) == (
+            f"emp: {web} did not answer GET /api/queues as an emp hub does "
+            "(application/octet-stream, not JSON); is it running there? set EMP_HUB_URL or "
+            "--hub to its URL"
+        )
+    finally:
+        server.terminate()
+        await server.wait()
+
+
+def run_in_terminal(args: list[str], columns: int) -> str:
+    """Run a command with a terminal `columns` wide as its stdout; what it printed, without
+    colours."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    env = {**os.environ, "COLUMNS": str(columns), "TERM": "xterm-256color"}
+    proc = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, env=env)
+    os.close(slave)
+    chunks = []
+    with contextlib.suppress(OSError):  # EIO once the child has closed the terminal
+        while chunk := os.read(master, 65536):
+            chunks.append(chunk)
+    os.close(master)
+    assert proc.wait(30) == 0, b"".join(chunks)
+    return ANSI.sub("", b"".join(chunks).decode())
+
+
+async def test_cli_tables_never_cut_job_ids(base_url: str) -> None:
+    async with Client(base_url) as emp:
+        ids = [await emp.submit("sim", priority=p) for p in (1, 2)]
+        ids.append(await emp.submit("sim", job_id="a-job-id-of-my-own-that-is-long-" + "x" * 30))
+
+    code, out, err = await run_emp("--hub", base_url, "jobs")  # piped: plain columns
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    assert lines[0].split() == ["job", "status", "service", "priority", "progress", "worker"]
+    assert sorted(line.split()[0] for line in lines[1:]) == sorted(ids)
+
+    cli = [sys.executable, "-m", "emp_hub.client_cli", "--hub", base_url]
+    for columns in (80, 200):  # too narrow for the table: plain lines; wide: the table
+        shown = await asyncio.to_thread(run_in_terminal, [*cli, "jobs"], columns)
+        assert ("┃ job" in shown) is (columns == 200), shown
+        for job_id in ids:
+            assert job_id in shown, shown
+
+    code, out, err = await run_emp("--hub", base_url, "queues")
+    assert (code, err) == (0, "")
+    header, row = out.splitlines()[:2]
+    assert re.split(r"\s{2,}", header.strip()) == [
+        "service",
+        "pending",
+        "by priority",
+        "workers",
+        "state",
+    ]
+    assert row.split()[-1] == "unschedulable"
+    shown = await asyncio.to_thread(run_in_terminal, [*cli, "queues"], 80)
+    assert "┃ state " in shown and "│ unschedulable │" in shown, shown

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -277,6 +278,22 @@ async def test_operations_endpoints(http: httpx.AsyncClient, broker: Broker) -> 
     assert (await http.get("/health/ready")).json() == {"status": "ok"}
     assert "/api/jobs" in (await http.get("/openapi.json")).json()["paths"]
     assert (await http.get("/docs")).status_code == 200
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+async def test_api_docs_need_nothing_but_the_hub(http: httpx.AsyncClient, page: str) -> None:
+    """The docs pages load every asset from the hub: they work on a hub without internet."""
+    html = (await http.get(page)).text
+    assert "<html" in html
+    assert re.findall(r"\b(?:https?:)?//[\w.-]+", html) == []  # no other host, no CDN
+    assets = re.findall(r"""(?:src|href)=["']([^"']+)["']""", html)
+    spec = re.findall(r"""(?:url|spec-url)[:=]\s*["']([^"']+)["']""", html)
+    assert spec == ["/openapi.json"]
+    assert len(assets) >= (3 if page == "/docs" else 2), html  # the script, css, icon
+    for path in [*assets, *spec]:
+        answer = await http.get(path)
+        assert answer.status_code == 200, path
+        assert len(answer.content) > 100, path
 
 
 # -- auth ----------------------------------------------------------------------------------
