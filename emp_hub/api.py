@@ -421,6 +421,21 @@ async def _wait_until_done(hub: Hub, job_id: str, seconds: float) -> None:
             return  # its events were trimmed or expired
 
 
+async def _duplicate(hub: Hub, principal: Principal, job_id: str) -> SubmitResponse:
+    """The answer to a repeated submit (same idempotency key): the first one's job.
+    Raises JobNotFound when that job does not exist."""
+    job = await hub.broker.get(job_id)
+    if not principal.may_see(job.customer):
+        raise HTTPException(404, f"Job with ID {job_id} not found")
+    return SubmitResponse(
+        job_id=job.id,
+        message=f"Job already submitted with ID: {job.id}",
+        status=job.status.value,
+        position=await hub.broker.position(job.id, job.requirement_class),
+        duplicate=True,
+    )
+
+
 @router.post(
     "/api/jobs",
     response_model=SubmitResponse | JobView,
@@ -431,22 +446,27 @@ async def submit_job(body: SubmitRequest, hub: HubDep, principal: Submitter) -> 
     """Submit a job. With `wait`, answer with the job once it has ended (or `timeout`)."""
     await _rate_limit(hub, principal, 1)
     job_id = body.job_id
+    recovering = False  # the key's job was never stored: store it now
     if body.idempotency_key is not None:
         key = hub.broker.key("idem", principal.token_id, body.idempotency_key)
         candidate = job_id or f"job-rest-{uuid.uuid4()}"
         if not await hub.redis.set(key, candidate, nx=True, ex=86_400):
-            existing = cast(str, await hub.redis.get(key))
-            job = await visible_job(hub, principal, existing)
-            return SubmitResponse(
-                job_id=job.id,
-                message=f"Job already submitted with ID: {job.id}",
-                status=job.status.value,
-                position=await hub.broker.position(job.id, job.requirement_class),
-                duplicate=True,
-            )
-        job_id = candidate
+            # The key names the job of the first submit. If that job was never stored (its
+            # hub died between the two writes), this submit stores it under that id.
+            job_id = cast(str, await hub.redis.get(key))
+            try:
+                return await _duplicate(hub, principal, job_id)
+            except JobNotFound:
+                recovering = True
+        else:
+            job_id = candidate
     spec = body.spec(principal, job_id or f"job-rest-{uuid.uuid4()}")
-    submitted = await hub.broker.submit(spec)
+    try:
+        submitted = await hub.broker.submit(spec)
+    except DuplicateJob:
+        if not recovering:
+            raise
+        return await _duplicate(hub, principal, spec.id or "")  # a retry alongside won
     hub.metrics.submitted.labels(spec.service).inc()
     if body.wait:
         await _wait_until_done(hub, submitted.id, body.timeout)

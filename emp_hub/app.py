@@ -70,6 +70,9 @@ async def maintain_until(
 
     while not stop.is_set():
         try:
+            # This replica is alive (its workers' ids are held by live connections) for
+            # three passes more: a replica killed outright frees its workers' ids then.
+            await broker.replica_alive(3 * interval + 1)
             await broker.maintain()
             if outputs is not None:
                 await remove_expired(broker, outputs)
@@ -115,6 +118,7 @@ async def _hub(settings: HubSettings, url: str) -> AsyncIterator[Hub]:
     )
     if await hub.tokens.is_open():
         log.warning("no auth token configured and none created: the hub is open to anyone")
+    await hub.broker.replica_alive(3 * settings.maintenance_interval_s + 1)  # before sockets
     stop = asyncio.Event()
     maintenance = asyncio.create_task(
         maintain_until(stop, hub.broker, settings.maintenance_interval_s, settings.outputs)
@@ -126,6 +130,8 @@ async def _hub(settings: HubSettings, url: str) -> AsyncIterator[Hub]:
         stop.set()
         await maintenance
         await token_checks
+        with contextlib.suppress(*REDIS_DOWN):  # its workers reconnect to another replica
+            await hub.broker.replica_gone()
         await client.aclose()
 
 

@@ -575,6 +575,8 @@ def _refusal(worker_id: str, registration: Registration) -> dict[str, Any]:
             "worker process its own id (EMP_WORKER_ID)"
         )
         details: dict[str, Any] = {}
+        if registration.recheck_after:  # through a replica that may have just been killed
+            details["recheck_after"] = round(registration.recheck_after, 3)
     else:
         left = registration.retry_after
         error = (

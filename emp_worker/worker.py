@@ -154,6 +154,7 @@ class Worker:
         #: Names this process to the hub: it may take its worker id over from its own
         #: earlier connection at once, while another process with the id is refused.
         self.instance = uuid.uuid4().hex[:16]
+        self._rechecked = False  # asked again once after a refusal through another replica
         self.running: dict[str, Running] = {}
         self.outbox: dict[str, tuple[str, dict[str, Any]]] = {}  # job -> (token, final msg)
         self.conn: ClientConnection | None = None
@@ -342,8 +343,14 @@ class Worker:
                 if message.get("code") == "worker_id_in_use":
                     if "retry_after" in message:
                         raise WorkerIdKept(error, float(message["retry_after"]))
+                    if "recheck_after" in message and not self._rechecked:
+                        # The holder came through another hub replica, which may be dead:
+                        # ask once more when that would show; a live holder means exit.
+                        self._rechecked = True
+                        raise WorkerIdKept(error, float(message["recheck_after"]))
                     raise WorkerRefused(error)
                 raise websockets.InvalidHandshake(error)
+        self._rechecked = False
         kept = set(message.get("jobs", []))
         for job_id in [j for j in self.running if j not in kept]:
             log.warning("job %s was lost while disconnected; stopping it", job_id)

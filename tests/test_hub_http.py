@@ -250,7 +250,6 @@ async def test_idempotency_key(http: httpx.AsyncClient) -> None:
     assert len(jobs) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="bug: the key is stored before the job, in two steps")
 async def test_idempotency_key_after_a_hub_died_between_key_and_job(
     http: httpx.AsyncClient, broker: Broker, redis_client: redis.asyncio.Redis
 ) -> None:

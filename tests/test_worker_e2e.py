@@ -211,10 +211,6 @@ def test_hub_restart_mid_job_the_worker_reconnects_and_completes(hub: Cluster) -
     assert "connected to" in hub.workers["w-survivor"].text().split("hub connection:", 1)[-1]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: the id stays held by the dead hub's connection for worker_ttl_s (60 s)",
-)
 def test_a_worker_restarted_while_the_hub_was_down_gets_its_id_back(hub: Cluster) -> None:
     """A hub killed with kill -9 never sees its workers' sockets end. A worker process that
     dies while the hub is down, started again once the hub is back, must get its id (a

@@ -245,3 +245,22 @@ async def test_a_hub_that_stops_does_not_count_its_workers_gone(
         async with connection(base_url, "w1") as again:
             held = [{"job_id": job_id, "lease_token": token}]
             assert (await register(again, "w1", instance="me", jobs=held))["jobs"] == [job_id]
+
+
+async def test_an_id_held_through_another_replica_is_free_once_that_replica_is_gone(
+    hub_settings: HubSettings,
+) -> None:
+    """The holder is connected through replica A; B cannot see its socket. B refuses a new
+    process while A is alive (and says when to check again, in case A was just killed),
+    and gives it the id as soon as A is gone."""
+    async with running_hub(hub_settings) as hub_b:
+        async with running_hub(hub_settings) as hub_a, worker(hub_a, "w1", instance="old"):
+            async with connection(hub_b, "w1") as new:
+                refused = await register(new, "w1", instance="new")
+                assert refused["code"] == "worker_id_in_use" and refused["recheck_after"] > 0
+            await asyncio.sleep(min(refused["recheck_after"], 1) + 0.1)
+            async with connection(hub_b, "w1") as new:  # A is alive: still refused
+                assert (await register(new, "w1", instance="new"))["type"] == "error"
+        # A stopped (its sockets closed with 1012, the worker not seen gone): free at once.
+        async with worker(hub_b, "w1", instance="new"):
+            assert await live_workers(hub_b) == ["w1"]

@@ -19,8 +19,10 @@ Data model (docs/broker.md has the whole picture); every key starts with "{names
     workers             zset: worker id -> last seen (a lost worker: set to age out after
                         the reconnect grace)
     worker:<id>         string: the worker's capabilities (JSON), expires
-    owner:<id>          string: "up|gone <instance> <connection>": which process and
-                        connection hold the worker id; expires (with the grace once gone)
+    owner:<id>          string: "up|gone <instance> <connection> <replica>": which process
+                        and connection (on which hub replica) hold the worker id; expires
+                        (with the grace once gone)
+    replica:<origin>    string: a live hub replica; expires unless renewed
     outputs             set: jobs with files stored by the hub (track_outputs)
     outputs:expired     zset: such jobs whose retention ran out -> when; their files go
 """
@@ -79,6 +81,9 @@ class Registration:
     #: reconnect grace), and the seconds until its claim lapses unless it comes back.
     holder_connected: bool = False
     retry_after: float = 0.0
+    #: A holder connected through another hub replica: seconds until that replica, if it
+    #: was killed, no longer counts and the id is free (0: nothing to wait for).
+    recheck_after: float = 0.0
 
 
 @dataclass
@@ -283,14 +288,29 @@ class Broker:
             caps.model_dump_json(),
             self.settings.worker_ttl_s,
             "1" if dry_run else "0",
+            self.origin,
         )
         if not ok:
-            state, left = rest
-            return Registration(ok=False, holder_connected=state == "up", retry_after=float(left))
+            state, left, replica_left = rest
+            return Registration(
+                ok=False,
+                holder_connected=state == "up",
+                retry_after=float(left),
+                recheck_after=max(0.0, float(replica_left)),
+            )
         if dry_run:
             return Registration(ok=True, replaced=rest[0] or None)
         self._set_live({**self._live, worker_id: caps})  # the others come at the next refresh
         return Registration(ok=True, replaced=rest[0] or None)
+
+    async def replica_alive(self, ttl_s: float) -> None:
+        """Say this hub replica (`origin`) is alive for `ttl_s` more seconds. The worker
+        ids its connections hold are free once it is not (killed, or stopped)."""
+        await self.redis.set(self.key("replica", self.origin), "1", px=int(ttl_s * 1000))
+
+    async def replica_gone(self) -> None:
+        """This replica stops: the worker ids its connections held are free at once."""
+        await self.redis.delete(self.key("replica", self.origin))
 
     async def touch_worker(self, worker_id: str) -> None:
         """Mark a registered worker as still alive (its heartbeat)."""

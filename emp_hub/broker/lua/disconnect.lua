@@ -12,14 +12,15 @@ local grace, ttl = tonumber(ARGV[7]), tonumber(ARGV[8])
 local okey = P .. 'owner:' .. worker
 local current = redis.call('GET', okey)
 if not current then return 0 end
-local state, instance, held_by = string.match(current, '^(%S+) (%S+) (%S+)$')
+local state, instance, held_by, replica = string.match(current, '^(%S+) (%S+) (%S+) ?(%S*)$')
 if held_by ~= conn or state ~= 'up' then return 0 end
 if mode == 'bye' then
   redis.call('DEL', okey, P .. 'worker:' .. worker)
   redis.call('ZREM', P .. 'workers', worker)
   return 1
 end
-redis.call('SET', okey, 'gone ' .. instance .. ' ' .. conn, 'PX', math.ceil(grace * 1000))
+redis.call('SET', okey, 'gone ' .. instance .. ' ' .. conn .. ' ' .. replica,
+  'PX', math.ceil(grace * 1000))
 redis.call('ZADD', P .. 'workers', 'XX', NOW - ttl + grace, worker)
 local ends = NOW + grace
 for i = 9, #ARGV, 2 do
