@@ -152,16 +152,21 @@ def test_a_second_hub_on_the_same_data_dir_is_refused(
     embedded_hub.submit()  # the first is untouched
 
 
+def no_redis_url(monkeypatch: pytest.MonkeyPatch, data_dir: Path, namespace: str) -> None:
+    """The environment of `emp-hub token ...` on the embedded server of `data_dir`."""
+    monkeypatch.delenv("EMP_REDIS_URL", raising=False)
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    monkeypatch.setenv("EMP_DATA_DIR", str(data_dir))
+    monkeypatch.setenv("EMP_BROKER__NAMESPACE", namespace)
+
+
 def test_token_commands_use_the_running_hubs_server(
     embedded_hub: Cluster,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    monkeypatch.delenv("EMP_REDIS_URL", raising=False)
-    monkeypatch.delenv("REDIS_URL", raising=False)
-    monkeypatch.setenv("EMP_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("EMP_BROKER__NAMESPACE", embedded_hub.namespace)
+    no_redis_url(monkeypatch, tmp_path / "data", embedded_hub.namespace)
     assert main(["token", "create", "--role", "client", "--name", "beside"]) == 0
     token = capsys.readouterr().out.strip()
     assert main(["token", "list"]) == 0
@@ -180,10 +185,7 @@ def test_token_commands_without_a_hub_start_the_server_briefly(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    monkeypatch.delenv("EMP_REDIS_URL", raising=False)
-    monkeypatch.delenv("REDIS_URL", raising=False)
-    monkeypatch.setenv("EMP_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("EMP_BROKER__NAMESPACE", namespace)
+    no_redis_url(monkeypatch, tmp_path / "data", namespace)
     assert main(["token", "create", "--role", "admin"]) == 0
     token = capsys.readouterr().out.strip()
     assert not (tmp_path / "data" / "valkey" / "url").exists()  # stopped again
