@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import redis
 
 from emp_hub.broker import TERMINAL
 from emp_hub.embedded import free_port
@@ -168,11 +169,16 @@ class Cluster:
         raise AssertionError(f"job {job_id} stayed {job and job['status']}:\n{logs}")
 
     def stop(self) -> None:
-        """Stop every process."""
+        """Stop every process, then remove the namespace (nothing writes to it any more)."""
         for proc in self.workers.values():
             proc.stop()
         if self.hub is not None:
             self.hub.stop()
+        client = redis.Redis.from_url(self.redis_url)
+        keys = list(client.scan_iter(match="{" + self.namespace + "}:*", count=1000))
+        if keys:
+            client.delete(*keys)
+        client.close()
 
 
 @contextmanager

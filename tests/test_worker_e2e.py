@@ -15,7 +15,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import redis
 
 from tests.processes import Cluster, cluster
 
@@ -27,11 +26,6 @@ def hub(redis_url: str, namespace: str, tmp_path: Path) -> Iterator[Cluster]:
     """A hub process in the test's namespace (removed afterwards)."""
     with cluster(redis_url, namespace, tmp_path) as running:
         yield running
-    client = redis.Redis.from_url(redis_url)
-    keys = list(client.scan_iter(match="{" + namespace + "}:*", count=1000))
-    if keys:
-        client.delete(*keys)
-    client.close()
 
 
 def test_one_worker_runs_jobs_in_priority_then_fifo_order(hub: Cluster) -> None:
