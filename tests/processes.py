@@ -174,6 +174,8 @@ class Cluster:
             proc.stop()
         if self.hub is not None:
             self.hub.stop()
+        if not self.redis_url:
+            return  # the hub ran its own embedded server, gone with it
         client = redis.Redis.from_url(self.redis_url)
         keys = list(client.scan_iter(match="{" + self.namespace + "}:*", count=1000))
         if keys:
