@@ -191,6 +191,9 @@ def test_cancel_mid_job_reaches_the_connector(hub: Cluster) -> None:
 
 
 def test_hub_restart_mid_job_the_worker_reconnects_and_completes(hub: Cluster) -> None:
+    assert hub.hub is not None
+    hub.hub.stop()  # a lease longer than a restart on a busy machine: the job stays held
+    hub.start_hub(EMP_BROKER__LEASE_S="30")
     hub.start_worker("w-survivor", EMP_SIMULATION_DURATION="3")
     hub.wait_for_workers("w-survivor")
     job_id = hub.submit()
@@ -199,7 +202,7 @@ def test_hub_restart_mid_job_the_worker_reconnects_and_completes(hub: Cluster) -
     hub.hub.signal(signal.SIGKILL)
     hub.hub.wait()
     time.sleep(0.5)
-    hub.start_hub()
+    hub.start_hub(EMP_BROKER__LEASE_S="30")
     job = hub.wait_job(job_id, timeout=30)
     assert (job["status"], job["worker_id"], job["attempt"]) == ("completed", "w-survivor", 1)
     assert "connected to" in hub.workers["w-survivor"].text().split("hub connection:", 1)[-1]
