@@ -149,7 +149,8 @@ class Client:
 
     async def events(self, job_id: str, after: str | None = None) -> AsyncIterator[dict[str, Any]]:
         """The job's events (status, progress) as they happen, until it ends. Each has an
-        `id`; pass the last one as `after` to resume."""
+        `id` (pass the last one as `after` to resume), `type` and `ts`; `progress` is a
+        number."""
         headers = {"Last-Event-ID": after} if after else {}
         try:
             async with self._http.stream(

@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
         logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         sys.exit(dispatch(args))
-    except (Refused, WorkerRefused) as exc:
+    except (Refused, WorkerRefused, PluginError) as exc:
         print(f"emp-worker: {exc}", file=sys.stderr)
         sys.exit(2)
 

@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from emp_worker.capabilities import Name
 
 
 class ConnectorSettings(BaseSettings):
@@ -41,9 +43,22 @@ class Health(BaseModel):
 class ConnectorCapabilities(BaseModel):
     """What a connector adds to the worker's capabilities."""
 
+    model_config = ConfigDict(extra="forbid")
+
     services: frozenset[str]
     models: dict[str, frozenset[str]] = Field(default_factory=dict)
-    features: frozenset[str] = frozenset()
+
+
+class CapabilityExtras(BaseModel):
+    """What a plugin's `worker_capabilities` hook adds to the worker's capabilities."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tags: list[Name] = Field(default_factory=list, description="Added to the worker's tags.")
+    region: Name | None = Field(default=None, description="Replaces the worker's region.")
+    models: dict[Name, list[Name]] = Field(
+        default_factory=dict, description="More models per service: {service: [model]}."
+    )
 
 
 class JobFailed(Exception):
@@ -94,17 +109,19 @@ class JobContext:
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     outputs: list[OutputRef] = field(default_factory=list)
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("emp_worker.job"))
-    _last_progress: float = field(default_factory=time.monotonic)  # the job's start
+    _last_progress: float | None = None  # when the last report was sent
 
     async def progress(self, percent: float, message: str = "", stage: str = "processing") -> None:
-        """Report progress (0-100), at most once per `progress_interval_s` (counted from the
-        job's start): reports in between are dropped, so a job shorter than that sends
-        none (its completion says 100% anyway)."""
+        """Report progress (0-100). The first report and every 100% report are sent;
+        between them, at most one per `progress_interval_s` (counted from the last one
+        sent): the others are dropped."""
+        percent = max(0.0, min(100.0, percent))
         now = time.monotonic()
-        if now - self._last_progress < self.progress_interval_s:
+        last = self._last_progress
+        if last is not None and percent < 100 and now - last < self.progress_interval_s:
             return
         self._last_progress = now
-        await self._progress(max(0.0, min(100.0, percent)), message, stage)
+        await self._progress(percent, message, stage)
 
     async def output(
         self, name: str, data: bytes | Path, content_type: str | None = None
@@ -153,7 +170,7 @@ class Connector:
         return Health(ok=True)
 
     def capabilities(self) -> ConnectorCapabilities:
-        """The services (and models, features) it offers. Default: its name."""
+        """The services (and models per service) it offers. Default: its name."""
         return ConnectorCapabilities(services=frozenset({self.name}))
 
     async def run(self, job: Job, ctx: JobContext) -> Any:

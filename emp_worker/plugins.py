@@ -16,14 +16,16 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pluggy
 from packaging.requirements import Requirement
 
 from emp_worker import hookspecs
-from emp_worker.connector import Connector
+from emp_worker.connector import Connector, maybe_await
 
 log = logging.getLogger("emp_worker.plugins")
 
@@ -143,6 +145,26 @@ class Plugins:
             self.connectors[cls.name] = cls
             self._connector_origin[cls.name] = origin
         return sorted(c.name for c in found)
+
+
+def each_answer(caller: pluggy.HookCaller, **kwargs: Any) -> Iterator[tuple[str, Any]]:
+    """Call a hook's implementations one at a time, in pluggy's order (tryfirst ones, then
+    the last registered first, trylast ones last): yields (plugin name, answer), the next
+    implementation being called only when the next pair is asked for."""
+    for impl in reversed(caller.get_hookimpls()):
+        if impl.hookwrapper or impl.wrapper:
+            raise PluginError(f"plugin {impl.plugin_name}: {caller.name} cannot be a wrapper")
+        yield impl.plugin_name, impl.function(*(kwargs[name] for name in impl.argnames))
+
+
+async def first_answer(caller: pluggy.HookCaller, **kwargs: Any) -> Any:
+    """A first-result hook whose implementations may be async: each answer is awaited
+    before the next implementation is called; the first that is not None wins."""
+    for _plugin, answer in each_answer(caller, **kwargs):
+        answer = await maybe_await(answer)
+        if answer is not None:
+            return answer
+    return None
 
 
 def pip(*args: str) -> None:

@@ -29,21 +29,32 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import websockets
+from pydantic import ValidationError
 from websockets.asyncio.client import ClientConnection
 
 from emp_worker import hardware
 from emp_worker.capabilities import GPU, CustomerAccess, WorkerCapabilities
-from emp_worker.connector import Connector, Job, JobContext, JobFailed, OutputRef, maybe_await
-from emp_worker.hookspecs import hookimpl
-from emp_worker.plugins import Plugins
+from emp_worker.connector import (
+    CapabilityExtras,
+    Connector,
+    Job,
+    JobContext,
+    JobFailed,
+    OutputRef,
+)
+from emp_worker.hookspecs import Outcome, hookimpl
+from emp_worker.plugins import PluginError, Plugins, each_answer, first_answer
 from emp_worker.protocol import PROTOCOL_VERSION
 from emp_worker.settings import WorkerSettings
 
 log = logging.getLogger("emp_worker")
+
+#: Why the worker stopped a running job (the job_finished outcome it becomes).
+StopReason = Literal["cancelled", "timed_out", "lost", "released"]
 
 #: Signals closer together than this are one (a process group stopped by supervisor).
 SAME_SIGNAL_S = 1.0
@@ -90,7 +101,7 @@ class Running:
     connector: Connector
     ctx: JobContext
     task: asyncio.Task[None] | None = None
-    stop_reason: str | None = None  # why its task was stopped: cancelled, timed_out, lost, released
+    stop_reason: StopReason | None = None  # why its task was stopped
 
 
 @dataclass
@@ -179,13 +190,11 @@ class Worker:
             for service, names in caps.models.items():
                 models.setdefault(service, set()).update(names)
         tags, region = set(self.settings.tags), self.settings.region
-        for extra in self.plugins.pm.hook.worker_capabilities():
-            if not extra:
-                continue
-            tags |= set(extra.get("tags", []))
-            region = extra.get("region", region)
-            for service, names in extra.get("models", {}).items():
-                models.setdefault(service, set()).update(names)
+        for extra in self._capability_extras():
+            tags.update(extra.tags)
+            region = extra.region or region
+            for service, more in extra.models.items():
+                models.setdefault(service, set()).update(more)
         index = self.settings.gpu_index
         return WorkerCapabilities(
             services=frozenset(services),
@@ -202,6 +211,26 @@ class Worker:
                 denied=frozenset(self.settings.customers_denied),
             ),
         )
+
+    def _capability_extras(self) -> list[CapabilityExtras]:
+        """The plugins' worker_capabilities answers; PluginError names a plugin whose
+        answer is not a CapabilityExtras (a dict is read as one)."""
+        extras = []
+        for plugin, answer in each_answer(self.plugins.pm.hook.worker_capabilities):
+            if answer is None:
+                continue
+            try:
+                extras.append(CapabilityExtras.model_validate(answer))
+            except ValidationError as exc:
+                problems = "; ".join(
+                    f"{'.'.join(str(p) for p in e['loc']) or 'answer'}: {e['msg']}"
+                    for e in exc.errors()
+                )
+                raise PluginError(
+                    f"plugin {plugin}: worker_capabilities answered {answer!r}, not a "
+                    f"CapabilityExtras ({problems})"
+                ) from exc
+        return extras
 
     # -- the connection -------------------------------------------------------------------
 
@@ -391,7 +420,11 @@ class Worker:
         """Detect the capabilities again now and then; tell the hub when they changed."""
         while True:
             await asyncio.sleep(self.settings.capabilities_refresh_s)
-            caps = await asyncio.to_thread(self.capabilities)
+            try:
+                caps = await asyncio.to_thread(self.capabilities)
+            except PluginError as exc:
+                log.error("%s; keeping the capabilities of before", exc)
+                continue
             stable = {"disk_gb": 0.0, "ram_gb": 0.0}
             if caps.model_copy(update=stable) != self._caps.model_copy(update=stable):
                 log.info("capabilities changed; registering again")
@@ -443,7 +476,7 @@ class Worker:
         self.running[job.id] = running
         running.task = asyncio.create_task(self._run_job(running), name=f"job-{job.id}")
 
-    def _stop_job(self, job_id: str, reason: str) -> None:
+    def _stop_job(self, job_id: str, reason: StopReason) -> None:
         running = self.running.get(job_id)
         if running is None or running.task is None or running.stop_reason is not None:
             return
@@ -473,17 +506,21 @@ class Worker:
     async def _store_output(
         self, context: JobContext, name: str, data: bytes, content_type: str
     ) -> OutputRef:
-        answer = self.plugins.pm.hook.store_output(
-            context=context, name=name, data=data, content_type=content_type
+        ref = await first_answer(
+            self.plugins.pm.hook.store_output,
+            context=context,
+            name=name,
+            data=data,
+            content_type=content_type,
         )
-        ref = await maybe_await(answer)
         if ref is None:
             raise JobFailed(f"no plugin stored output {name}")
         return OutputRef.model_validate(ref)
 
     async def _run_job(self, running: Running) -> None:
         job, ctx = running.job, running.ctx
-        outcome, error = "completed", None
+        outcome: Outcome = "completed"
+        error: str | None = None
         final: dict[str, Any] | None = None
         started = time.monotonic()
         timer = None
@@ -601,6 +638,10 @@ class Worker:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), left)
 
-    def stop(self) -> None:
-        """Stop as a first signal would (for embedding and tests)."""
-        self.on_signal()
+    def stop(self, *, now: bool = False) -> None:
+        """Stop as a first signal would (for embedding and tests); `now`: also hand back
+        the running jobs at once, as a second signal does."""
+        if self._drain is None:
+            self.on_signal()
+        if now:
+            self._release_all()

@@ -73,9 +73,9 @@ async def test_client_round_trip(
         assert [e.get("status") or e["progress"] for e in events] == [
             "pending",
             "active",
-            "25",
-            "50",
-            "75",
+            25,
+            50,
+            75,
             "completed",
         ]
         assert all(e["id"] for e in events)

@@ -231,9 +231,9 @@ async def test_events_stream_and_resume(http: httpx.AsyncClient, broker: Broker)
     assert kinds == [
         ("status", "pending"),
         ("status", "active"),
-        ("progress", "33.333333333333336"),
-        ("progress", "66.66666666666667"),
-        ("progress", "100.0"),
+        ("progress", 100 / 3),  # a number, as in GET /api/jobs/{id}
+        ("progress", 200 / 3),
+        ("progress", 100),
         ("status", "completed"),
     ]
     resumed = await read_stream({"Last-Event-ID": events[3][0]})

@@ -17,10 +17,10 @@ from emp_hub.broker import BrokerSettings
 from emp_hub.settings import HubSettings
 from emp_worker import hookimpl
 from emp_worker import worker as worker_module
-from emp_worker.connector import Connector, Job, JobContext, OutputRef
+from emp_worker.connector import Connector, Job, JobContext
 from emp_worker.plugins import PluginError, Plugins
 from emp_worker.settings import WorkerSettings
-from emp_worker.testing import TestHub, running_hub, running_worker
+from emp_worker.testing import TestHub, fake_context, running_hub, running_worker
 
 pytestmark = pytest.mark.worker
 
@@ -111,21 +111,21 @@ def test_disable_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 async def test_progress_is_throttled() -> None:
-    sent: list[float] = []
-
-    async def progress(percent: float, message: str, stage: str) -> None:
-        sent.append(percent)
-
-    async def store(ctx: JobContext, name: str, data: bytes, kind: str) -> OutputRef:
-        raise AssertionError
-
-    ctx = JobContext(Job(id="j", service="s"), progress, store, progress_interval_s=0.2)
+    ctx = fake_context(progress_interval_s=0.2)
     for percent in (0, 10, 20):
         await ctx.progress(percent)
     await asyncio.sleep(0.25)
     await ctx.progress(30)
     await ctx.progress(40)
-    assert sent == [30]
+    assert [r.percent for r in ctx.reports] == [0, 30]
+
+
+async def test_the_first_and_the_last_progress_report_pass_the_throttle() -> None:
+    """The docs' example reports 0% at once: that report is sent, and so is 100%."""
+    ctx = fake_context(progress_interval_s=60)
+    for percent in (0, 10, 99, 100):
+        await ctx.progress(percent, f"at {percent}")
+    assert [(r.percent, r.message) for r in ctx.reports] == [(0, "at 0"), (100, "at 100")]
 
 
 # -- the runtime against the hub --------------------------------------------------------------

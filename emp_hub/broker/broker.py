@@ -751,6 +751,13 @@ def _pairs(flat: list[Any]) -> dict[str, Any]:
     return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
+#: Event fields that are numbers (a stream keeps every value as a string).
+NUMERIC_EVENT_FIELDS = frozenset({"progress"})
+
+
 def _event(event_id: str, fields: dict[str, str]) -> Event:
-    data = dict(fields)
-    return Event(id=event_id, type=data.pop("type"), ts=float(data.pop("ts")), data=data)
+    data: dict[str, str | float] = {
+        k: float(v) if k in NUMERIC_EVENT_FIELDS else v for k, v in fields.items()
+    }
+    kind, ts = str(data.pop("type")), float(data.pop("ts"))
+    return Event(id=event_id, type=kind, ts=ts, data=data)

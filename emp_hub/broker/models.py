@@ -263,7 +263,7 @@ class Event(BaseModel):
     id: str = Field(description="Stream id; pass it back as `after` to resume.")
     type: str
     ts: float
-    data: dict[str, str]
+    data: dict[str, str | float] = Field(description="The event's fields; `progress` is a number.")
 
 
 class Page(BaseModel):

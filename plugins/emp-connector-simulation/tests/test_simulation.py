@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from emp_connector_simulation import SimulationConnector, SimulationSettings, png
 
-from emp_worker.connector import Job, JobContext, JobFailed, OutputRef
-from emp_worker.testing import connector_hub
+from emp_worker.connector import Job, JobFailed
+from emp_worker.testing import connector_hub, fake_context
 
 
 def settings(**values: object) -> SimulationSettings:
@@ -25,7 +25,8 @@ async def test_runs_a_job_with_progress_and_an_image() -> None:
 
 
 async def test_failures_are_retryable_or_fatal() -> None:
-    async with connector_hub(SimulationConnector(settings())) as hub:
+    # No backoff before the retry: the test does not wait out the real one.
+    async with connector_hub(SimulationConnector(settings()), broker={"retry_base_s": 0}) as hub:
         retried = await hub.run("simulation", {"fail_attempts": 1}, max_attempts=3)
         assert (retried["status"], retried["attempt"], retried["failures"]) == ("completed", 2, 1)
         fatal = await hub.run("simulation", {"fail": "fatal"})
@@ -52,23 +53,11 @@ async def test_random_durations_are_seeded_and_bounded() -> None:
 
 async def test_failure_rate() -> None:
     connector = SimulationConnector(settings(failure_rate=1.0, failure_kind="fatal", steps=1))
-    sent: list[float] = []
-
-    async def progress(percent: float, message: str, stage: str) -> None:
-        sent.append(percent)
-
-    async def store(ctx: JobContext, name: str, data: bytes, kind: str) -> OutputRef:
-        raise AssertionError("no output expected")
-
-    ctx = JobContext(
-        job=Job(id="j", service="simulation"),
-        _progress=progress,
-        _store=store,
-        progress_interval_s=0,
-    )
+    ctx = fake_context("simulation")
     with pytest.raises(JobFailed) as failed:
         await connector.run(ctx.job, ctx)
-    assert failed.value.retryable is False and sent == [0]
+    assert failed.value.retryable is False
+    assert [r.percent for r in ctx.reports] == [0] and ctx.outputs == []
 
 
 def test_png_is_a_png() -> None:
