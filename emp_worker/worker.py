@@ -179,7 +179,7 @@ class Worker:
             for service, names in caps.models.items():
                 models.setdefault(service, set()).update(names)
         tags, region = set(self.settings.tags), self.settings.region
-        for extra in self.plugins.pm.hook.worker_capabilities():
+        for _plugin, extra in self.plugins.call("worker_capabilities"):
             if not extra:
                 continue
             tags |= set(extra.get("tags", []))
@@ -492,7 +492,7 @@ class Worker:
                 # The hub records the start (started_at) at the first progress: say it now,
                 # not at the connector's first report.
                 await self._progress(job.id, 0, "started", "started")
-                self.plugins.pm.hook.job_started(context=ctx)
+                self.plugins.call("job_started", context=ctx)
                 if job.timeout:  # stopped like a cancel: the connector sees ctx.cancelled
                     timer = asyncio.get_running_loop().call_later(
                         job.timeout, self._stop_job, job.id, "timed_out"
@@ -546,10 +546,7 @@ class Worker:
             seconds,
             f" ({error})" if error else "",
         )
-        try:
-            self.plugins.pm.hook.job_finished(context=running.ctx, outcome=outcome, error=error)
-        except Exception:
-            log.exception("a job_finished hook failed")
+        self.plugins.call("job_finished", context=running.ctx, outcome=outcome, error=error)
 
     async def _flush_outbox(self) -> None:
         for job_id, (_token, final) in list(self.outbox.items()):

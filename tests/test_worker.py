@@ -253,3 +253,59 @@ async def test_capability_changes_reach_the_hub(hub_url: str) -> None:
             await asyncio.sleep(0.05)
         assert await hub_tags() == ["green"]
         assert worker.worker_id == "test-worker"
+
+
+class Faulty:
+    """A plugin whose every hook raises."""
+
+    @hookimpl
+    def job_started(self, context: JobContext) -> None:
+        raise RuntimeError("plugin bug")
+
+    @hookimpl
+    def job_finished(self, context: JobContext, outcome: str, error: str | None) -> None:
+        raise RuntimeError("plugin bug")
+
+    @hookimpl
+    def worker_capabilities(self) -> dict[str, Any]:
+        raise RuntimeError("plugin bug")
+
+
+async def test_a_plugin_hook_that_raises_leaves_the_job_and_other_plugins_alone(
+    hub_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    seen: list[tuple[str, str]] = []
+
+    @hookimpl
+    def job_started(context: JobContext) -> None:
+        seen.append(("started", context.job.id))
+
+    @hookimpl
+    def job_finished(context: JobContext, outcome: str, error: str | None) -> None:
+        seen.append((outcome, context.job.id))
+
+    @hookimpl
+    def worker_capabilities() -> dict[str, Any]:
+        return {"tags": ["blue"]}
+
+    plugins = Plugins()
+    plugins.register_builtin(
+        SimpleNamespace(
+            job_started=job_started,
+            job_finished=job_finished,
+            worker_capabilities=worker_capabilities,
+        ),
+        "emp-counting",
+    )
+    plugins.register_builtin(Faulty(), "emp-faulty")  # registered last: called first
+    async with running_worker(hub_url, [Sleepy()], plugins=plugins) as worker:
+        hub = TestHub(hub_url, worker)
+        job = await hub.run("sleepy", {"seconds": 0})
+        await hub.http.aclose()
+    assert job["status"] == "completed", job
+    assert seen == [("started", job["job_id"]), ("completed", job["job_id"])]
+    assert "blue" in worker.capabilities().tags
+    for hook in ("job_started", "job_finished", "worker_capabilities"):
+        assert f"plugin emp-faulty: {hook} raised RuntimeError: plugin bug" in caplog.text
+    assert "raise RuntimeError" in caplog.text  # with its traceback
+
