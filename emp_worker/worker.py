@@ -50,7 +50,8 @@ SAME_SIGNAL_S = 1.0
 
 
 class WorkerRefused(Exception):
-    """The hub will not take this worker: another live process has its worker id."""
+    """The hub will not take this worker: another live process has its worker id, or it
+    speaks another protocol version."""
 
 
 class WorkerIdKept(Exception):
@@ -318,6 +319,7 @@ class Worker:
             "type": "register_worker",
             "worker_id": self.worker_id,
             "instance": self.instance,
+            "protocol_version": PROTOCOL_VERSION,
             "capabilities": self._caps.model_dump(mode="json"),
             "jobs": [{"job_id": job_id, "lease_token": token} for job_id, token in held],
         }
@@ -340,6 +342,8 @@ class Worker:
                 break
             if message.get("type") == "error":
                 error = message.get("error", "refused")
+                if message.get("code") == "protocol_version":
+                    raise WorkerRefused(error)
                 if message.get("code") == "worker_id_in_use":
                     if "retry_after" in message:
                         raise WorkerIdKept(error, float(message["retry_after"]))

@@ -21,6 +21,7 @@ from emp_worker.connector import Connector, Job, JobContext, OutputRef
 from emp_worker.plugins import PluginError, Plugins
 from emp_worker.settings import WorkerSettings
 from emp_worker.testing import TestHub, running_hub, running_worker
+from emp_worker.worker import WorkerRefused
 
 pytestmark = pytest.mark.worker
 
@@ -309,3 +310,11 @@ async def test_a_plugin_hook_that_raises_leaves_the_job_and_other_plugins_alone(
         assert f"plugin emp-faulty: {hook} raised RuntimeError: plugin bug" in caplog.text
     assert "raise RuntimeError" in caplog.text  # with its traceback
 
+
+async def test_a_worker_of_another_protocol_version_is_refused(
+    hub_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(worker_module, "PROTOCOL_VERSION", 2)
+    with pytest.raises(WorkerRefused, match="speaks protocol 2; this hub speaks protocol 1"):
+        async with running_worker(hub_url, [Sleepy()]):
+            pass
