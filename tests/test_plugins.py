@@ -68,6 +68,7 @@ def add_plugin(
 ) -> None:
     """Write a plugin distribution `name` whose module holds `body` into `folder`."""
     package = name.replace("-", "_")
+    sys.modules.pop(package, None)  # a module of that name another test imported
     (folder / package).mkdir()
     (folder / package / "__init__.py").write_text(textwrap.dedent(body))
     info = folder / f"{package}-{version}.dist-info"
