@@ -64,6 +64,8 @@ FEED_WAIT_S = 0.01
 #: refused, because another process holds the worker id.
 CLOSE_SUPERSEDED = 4000
 CLOSE_ID_IN_USE = 4409
+#: Refused: the worker speaks another protocol version (HTTP's 426, upgrade required).
+CLOSE_PROTOCOL_VERSION = 4426
 #: A close the hub makes itself while it shuts down: its workers are not gone.
 CLOSE_SERVICE_RESTART = 1012
 
@@ -596,6 +598,17 @@ async def refuse(session: WorkerSession, registration: Registration) -> None:
     await session.websocket.close(CLOSE_ID_IN_USE, "worker id in use")
 
 
+async def refuse_protocol(session: WorkerSession, version: int | None) -> None:
+    """The worker speaks another protocol version: say both, and close (4426)."""
+    error = (
+        f"this worker speaks protocol {version}; this hub speaks protocol "
+        f"{PROTOCOL_VERSION}: upgrade the older one"
+    )
+    await session.send(hub_message("error", error=error, code="protocol_version"))
+    session.closed = True
+    await session.websocket.close(CLOSE_PROTOCOL_VERSION, "protocol version")
+
+
 async def handle(session: WorkerSession, dispatcher: Dispatcher, raw: Any) -> None:
     """Act on one message from a worker (a frame's JSON value). Bad input gets an `error`
     and changes nothing."""
@@ -616,6 +629,9 @@ async def handle(session: WorkerSession, dispatcher: Dispatcher, raw: Any) -> No
     worker_id = session.worker_id
     try:
         if isinstance(message, RegisterWorker):
+            if message.protocol_version not in {None, PROTOCOL_VERSION}:
+                await refuse_protocol(session, message.protocol_version)
+                return
             caps = message.worker_capabilities()
             registration = await broker.register_worker(
                 worker_id,

@@ -7,4 +7,8 @@ Plugin authors need `hookimpl` (to mark hook functions) and the classes of
 from emp_worker.hookspecs import hookimpl, hookspec
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "hookimpl", "hookspec"]
+#: The version of the plugin contract (the hooks, `emp_worker.connector`,
+#: `emp_worker.testing`): the minor goes up when something is added, the major when
+#: something is removed or changes meaning. See docs/plugins.md, "Versions".
+PLUGIN_API = "1.0"
+__all__ = ["PLUGIN_API", "__version__", "hookimpl", "hookspec"]

@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from pydantic import ValidationError
+from pydantic import AliasChoices, ValidationError
 
 from emp_worker import __version__
 from emp_worker.connector import Connector
-from emp_worker.plugins import PluginError, Plugins, install, plugin_dir, uninstall
+from emp_worker.plugins import PluginError, Plugins, install, plugin_dir, uninstall, unknown_hook
 from emp_worker.settings import WorkerSettings
 from emp_worker.worker import HubOutputs, Worker, WorkerRefused
 
@@ -69,17 +69,38 @@ def make_connectors(settings: WorkerSettings, plugins: Plugins) -> list[Connecto
         )
     unknown = [n for n in names if n not in plugins.connectors]
     if unknown:
-        known = ", ".join(sorted(plugins.connectors)) or "none"
-        raise Refused(f"unknown connector(s) {', '.join(unknown)}; installed: {known}")
+        raise Refused(plugins.unknown_connectors(unknown))
     connectors = []
     for name in names:
         cls = plugins.connectors[name]
         try:
             connectors.append(cls())
         except ValidationError as exc:
-            problems = "; ".join(f"{e['loc'][0]}: {e['msg']}" for e in exc.errors())
+            problems = "; ".join(
+                f"{setting_variable(cls, e['loc'])}: {e['msg']}" for e in exc.errors()
+            )
             raise Refused(f"connector {name}: invalid settings: {problems}") from exc
     return connectors
+
+
+def setting_variable(cls: type[Connector], loc: tuple[int | str, ...]) -> str:
+    """The environment variable a connector's invalid setting came from (`EMP_<NAME>_STEP`;
+    for a field with aliases, the one that is set): connector settings are read from the
+    environment only."""
+    if not loc:
+        return "settings"
+    key = str(loc[0])
+    for field_name, info in cls.Settings.model_fields.items():
+        alias = info.validation_alias
+        choices = alias.choices if isinstance(alias, AliasChoices) else [alias]
+        names = [c for c in choices if isinstance(c, str) and c != field_name]
+        if key != field_name and key not in names:
+            continue
+        if not names:
+            return f"{cls.env_prefix()}{field_name.upper()}"
+        present = {n.upper() for n in os.environ}
+        return next((n for n in names if n.upper() in present), names[0])
+    return key
 
 
 async def run_worker(settings: WorkerSettings) -> int:
@@ -129,10 +150,7 @@ async def doctor(settings: WorkerSettings) -> tuple[dict[str, Any], bool]:
         healthy &= all(check["ok"] for check in report["hub_checks"].values())
     report["worker_id"] = worker.worker_id
     report["capabilities"] = worker.capabilities().model_dump(mode="json")
-    report["plugins"] = [
-        {"name": i.name, "version": i.version, "status": i.status, "error": i.error}
-        for i in plugins.infos
-    ]
+    report["plugins"] = [dataclasses.asdict(i) for i in plugins.infos]
     return report, healthy
 
 
@@ -189,7 +207,7 @@ def show_doctor(report: dict[str, Any]) -> str:
 def plugins_list(as_json: bool) -> str:
     """`emp-worker plugins list`."""
     plugins = Plugins()
-    plugins.load(strict=False)
+    plugins.load(strict=False, listing=True)
     if as_json:
         infos = [dataclasses.asdict(i) for i in plugins.infos]
         return json.dumps({"plugin_dir": str(plugin_dir()), "plugins": infos}, indent=2)
@@ -199,7 +217,9 @@ def plugins_list(as_json: bool) -> str:
         [
             i.name,
             i.version,
-            i.status + (f": {i.error}" if i.error else ""),
+            i.status
+            + (f": {i.error}" if i.error else "")
+            + "".join(f"; {unknown_hook(h)}" for h in i.unknown_hooks),
             ", ".join(i.connectors) or "-",
             ", ".join(i.hooks) or "-",
         ]

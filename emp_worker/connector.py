@@ -149,10 +149,14 @@ class Connector:
         self.settings = settings if settings is not None else self.load_settings()
 
     @classmethod
+    def env_prefix(cls) -> str:
+        """`EMP_<NAME>_`: the start of its settings' environment variables."""
+        return f"EMP_{cls.name.upper().replace('-', '_')}_"
+
+    @classmethod
     def load_settings(cls) -> ConnectorSettings:
         """The connector's settings from the environment (`EMP_<NAME>_*`)."""
-        prefix = f"EMP_{cls.name.upper().replace('-', '_')}_"
-        return cls.Settings(_env_prefix=prefix)
+        return cls.Settings(_env_prefix=cls.env_prefix())
 
     @property
     def concurrency(self) -> int:

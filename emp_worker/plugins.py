@@ -1,17 +1,24 @@
 """Finding, loading and managing worker plugins.
 
 Plugins are distributions with an entry point in the group `emp_worker` (the module holds
-`@hookimpl` functions). Each entry point is loaded on its own: one that fails to import is
-reported (a log line, `status: error` in `emp-worker plugins list`) and the worker runs
-without it, unless `EMP_STRICT_PLUGINS=1`. `EMP_LOAD_PLUGINS` (comma list of distribution
-names; empty: none) and `EMP_DISABLE_PLUGINS` choose which load. Plugins installed later
+`@hookimpl` functions). Each entry point is loaded on its own: one that cannot load (it
+fails to import, requires another `emp`, or its `register_connectors` raises) is reported
+(a log line, `status: error` in `emp-worker plugins list`) and the worker runs without it,
+unless `EMP_STRICT_PLUGINS=1`; an unknown hook (a misspelled name) is reported the same
+way. Hooks are called through `Plugins.call` (at load, `_call`), which isolates each
+plugin's implementation; `store_output`, a first-result chain, is the worker's own
+(docs/plugins.md, "When a plugin fails"). `EMP_LOAD_PLUGINS`
+(comma list of distribution names; empty: none) and `EMP_DISABLE_PLUGINS` choose which
+load. Plugins installed later
 live in the plugin directory (`EMP_PLUGIN_DIR`), appended to sys.path, never prepended,
 so they cannot shadow the worker's own packages.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib.metadata
+import inspect
 import logging
 import os
 import subprocess
@@ -23,8 +30,9 @@ from typing import Any
 
 import pluggy
 from packaging.requirements import Requirement
+from pluggy import HookImpl
 
-from emp_worker import hookspecs
+from emp_worker import __version__, hookspecs
 from emp_worker.connector import Connector, maybe_await
 
 log = logging.getLogger("emp_worker.plugins")
@@ -46,6 +54,10 @@ class PluginInfo:
     hooks: list[str] = field(default_factory=list)
     connectors: list[str] = field(default_factory=list)
     error: str | None = None
+    #: `@hookimpl` functions whose name is no hook: never called.
+    unknown_hooks: list[str] = field(default_factory=list)
+    #: The last failure of each hook called while running (`job_started`...): hook -> error.
+    hook_errors: dict[str, str] = field(default_factory=dict)
 
 
 def default_plugin_dir() -> Path:
@@ -80,8 +92,33 @@ def _normal(name: str) -> str:
     return name.strip().lower().replace("_", "-")
 
 
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def unknown_hook(name: str) -> str:
+    """`unknown hook NAME`, with the closest real hook when there is one."""
+    hooks = [h for h in vars(hookspecs) if hasattr(getattr(hookspecs, h), "emp_worker_spec")]
+    close = difflib.get_close_matches(name, hooks, n=1)
+    return f"unknown hook {name}" + (f" (did you mean {close[0]}?)" if close else "")
+
+
+def _unsupported_emp(dist: importlib.metadata.Distribution) -> str | None:
+    """Why a plugin distribution cannot run on this emp (its Requires-Dist on `emp`)."""
+    for text in dist.requires or []:
+        req = Requirement(text)
+        if _normal(req.name) != "emp":
+            continue
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            continue
+        if not req.specifier.contains(__version__, prereleases=True):
+            name = dist.metadata["Name"]
+            return f"{name} {dist.version} requires {req}; this is emp {__version__}"
+    return None
+
+
 class Plugins:
-    """The worker's plugin manager: loads plugins, collects connectors."""
+    """The worker's plugin manager: loads plugins, collects connectors, calls hooks."""
 
     def __init__(self) -> None:
         self.pm = pluggy.PluginManager("emp_worker")
@@ -89,9 +126,15 @@ class Plugins:
         self.infos: list[PluginInfo] = []
         self.connectors: dict[str, type[Connector]] = {}
         self._connector_origin: dict[str, str] = {}
+        self._info_of: dict[str, PluginInfo] = {}  # pluggy's plugin name -> its info
+        self._entry_points: dict[str, PluginInfo] = {}  # entry-point name -> its plugin
+        self._clashes: list[str] = []
 
-    def load(self, *, strict: bool | None = None) -> None:
-        """Load every `emp_worker` entry point that the environment allows."""
+    def load(self, *, strict: bool | None = None, listing: bool = False) -> None:
+        """Load every `emp_worker` entry point that the environment allows. A plugin that
+        cannot load is skipped (`status: error`), or raises PluginError when strict; two
+        connectors with one name raise PluginError after loading, unless `listing` (then
+        both plugins show the clash as their error)."""
         if strict is None:
             strict = os.environ.get("EMP_STRICT_PLUGINS", "") not in {"", "0", "false"}
         use_plugin_dir()
@@ -103,48 +146,164 @@ class Plugins:
             if (dist, ep.value) in seen:  # the same distribution found twice on sys.path
                 continue
             seen.add((dist, ep.value))
+            info = PluginInfo(dist, version, "loaded")
+            self.infos.append(info)
+            self._entry_points.setdefault(ep.name, info)
             if (allowed is not None and _normal(dist) not in allowed) or _normal(dist) in disabled:
-                self.infos.append(PluginInfo(dist, version, "disabled"))
+                info.status = "disabled"
                 continue
             try:
-                module = ep.load()
-                self.pm.register(module, name=f"{dist}:{ep.name}")
-            except Exception as exc:
-                reason = f"{type(exc).__name__}: {exc}"
+                self._load(ep, info, strict)
+            except _Skipped as exc:
+                info.status, info.error = "error", str(exc)
                 if strict:
-                    raise PluginError(f"plugin {dist} failed to load: {reason}") from exc
-                log.error("plugin %s failed to load and is skipped: %s", dist, reason)
-                self.infos.append(PluginInfo(dist, version, "error", error=reason))
-                continue
-            info = PluginInfo(dist, version, "loaded", hooks=self._hooks_of(module))
-            self.infos.append(info)
-            info.connectors = self._collect_connectors(module, dist)
+                    raise PluginError(
+                        exc.refusal or f"plugin {dist} failed to load: {exc}"
+                    ) from exc
+                log.warning("plugin %s failed to load and is skipped: %s", dist, exc)
+                if exc.__cause__ is not None:
+                    log.debug("plugin %s failed to load", dist, exc_info=exc.__cause__)
+        if self._clashes and not listing:
+            raise PluginError(self._clashes[0])
+
+    def _load(self, ep: importlib.metadata.EntryPoint, info: PluginInfo, strict: bool) -> None:
+        """Check, import and register one entry point; _Skipped says why it cannot run."""
+        incompatible = ep.dist is not None and _unsupported_emp(ep.dist)
+        if incompatible:
+            raise _Skipped(incompatible, refusal=incompatible)
+        name = f"{info.name}:{ep.name}"
+        try:
+            module = ep.load()
+            self.pm.register(module, name=name)
+        except Exception as exc:
+            raise _Skipped(_reason(exc)) from exc
+        info.unknown_hooks, info.hooks = self._hooks_of(module)
+        problems = ", ".join(unknown_hook(h) for h in info.unknown_hooks)
+        try:
+            if problems and strict:
+                raise _Skipped(problems, refusal=f"plugin {info.name}: {problems}")
+            info.connectors = self._collect_connectors(module, info.name)
+        except _Skipped:
+            self.pm.unregister(module)
+            raise
+        self._info_of[name] = info
+        for hook in info.unknown_hooks:
+            log.warning("plugin %s: %s: it is never called", info.name, unknown_hook(hook))
 
     def register_builtin(self, module: object, name: str) -> None:
         """Register a plugin module that ships with the worker (not listed)."""
         self.pm.register(module, name=name)
-        self._collect_connectors(module, name)
+        clashes = len(self._clashes)
+        try:
+            self._collect_connectors(module, name)
+        except _Skipped as exc:
+            raise PluginError(f"{name}: {exc}") from exc
+        if len(self._clashes) > clashes:
+            raise PluginError(self._clashes[-1])
 
-    def _hooks_of(self, module: object) -> list[str]:
-        return sorted(h.name for h in self.pm.get_hookcallers(module) or [])
+    def _hooks_of(self, module: object) -> tuple[list[str], list[str]]:
+        """The module's unknown hooks, and its hooks."""
+        callers = self.pm.get_hookcallers(module) or []
+        unknown = sorted(h.name for h in callers if not h.has_spec())
+        return unknown, sorted(h.name for h in callers if h.has_spec())
+
+    def _implementations(self, hook: str, plugin: object | None = None) -> list[HookImpl]:
+        """A hook's implementations in pluggy's call order (of one plugin, if given); hook
+        wrappers are not part of the contract."""
+        caller: pluggy.HookCaller = getattr(self.pm.hook, hook)
+        found = reversed(caller.get_hookimpls())
+        return [
+            i
+            for i in found
+            if (plugin is None or i.plugin is plugin) and not (i.wrapper or i.hookwrapper)
+        ]
+
+    def call(self, hook: str, /, **kwargs: Any) -> list[tuple[str, Any]]:
+        """Call each plugin's implementation of `hook` on its own, in pluggy's order. One
+        that raises is logged with its plugin's name and traceback and left out; the others
+        run all the same. Returns (plugin, answer) for each answer that is not None."""
+        answers: list[tuple[str, Any]] = []
+        for impl in self._implementations(hook):
+            info = self._info_of.get(impl.plugin_name)
+            plugin = info.name if info is not None else impl.plugin_name
+            try:
+                answer = _call(impl, kwargs)
+                if inspect.isawaitable(answer):  # never awaited, it would never run
+                    if inspect.iscoroutine(answer):
+                        answer.close()
+                    raise PluginError(f"{hook} is async; only store_output may be")
+            except Exception as exc:
+                log.error("plugin %s: %s raised %s", plugin, hook, _reason(exc), exc_info=exc)
+                if info is not None:
+                    info.hook_errors[hook] = _reason(exc)
+                continue
+            if answer is not None:
+                answers.append((plugin, answer))
+        return answers
 
     def _collect_connectors(self, module: object, origin: str) -> list[str]:
+        """Call the plugin's register_connectors; a clash is recorded on both plugins."""
         found: list[type[Connector]] = []
-        for impl in self.pm.hook.register_connectors.get_hookimpls():
-            if impl.plugin is module:
-                impl.function(register=found.append)
+        for impl in self._implementations("register_connectors", module):
+            try:
+                _call(impl, {"register": found.append})
+            except Exception as exc:
+                raise _Skipped(f"register_connectors raised {_reason(exc)}") from exc
         for cls in found:
             if not (isinstance(cls, type) and issubclass(cls, Connector) and cls.name):
-                raise PluginError(f"{origin} registered {cls!r}, not a named Connector class")
+                raise _Skipped(f"it registered {cls!r}, not a named Connector class")
+        for cls in found:
             if cls.name in self.connectors:
                 first = self._connector_origin[cls.name]
-                raise PluginError(
+                clash = (
                     f"two connectors are named {cls.name!r}: from {first} and from {origin}; "
                     "disable one (EMP_DISABLE_PLUGINS)"
                 )
+                self._clashes.append(clash)
+                for info in self.infos:
+                    if info.name in {first, origin}:
+                        info.status, info.error = "error", clash
+                continue
             self.connectors[cls.name] = cls
             self._connector_origin[cls.name] = origin
         return sorted(c.name for c in found)
+
+    def unknown_connectors(self, names: list[str]) -> str:
+        """Why these connectors are not here: the plugin that should bring one did not load
+        (its entry point or its distribution `emp-connector-<name>` is named after it), or
+        the list of those installed and of the plugins that did not load."""
+        for name in names:
+            info = self._entry_points.get(name) or next(
+                (i for i in self.infos if _normal(i.name) == f"emp-connector-{_normal(name)}"),
+                None,
+            )
+            if info is not None and info.status == "error":
+                return f"connector {name}: plugin {info.name} failed to load: {info.error}"
+            if info is not None and info.status == "disabled":
+                return (
+                    f"connector {name}: plugin {info.name} is not loaded "
+                    "(EMP_LOAD_PLUGINS, EMP_DISABLE_PLUGINS)"
+                )
+        known = ", ".join(sorted(self.connectors)) or "none"
+        failed = [f"{i.name} ({i.error})" for i in self.infos if i.status == "error"]
+        return f"unknown connector {', '.join(names)}; installed: {known}" + (
+            f"; not loaded: {', '.join(failed)}" if failed else ""
+        )
+
+
+class _Skipped(Exception):
+    """Why a plugin is not loaded; `refusal` is the whole message, when strict, if the
+    usual "plugin X failed to load: ..." does not fit."""
+
+    def __init__(self, reason: str, refusal: str | None = None) -> None:
+        super().__init__(reason)
+        self.refusal = refusal
+
+
+def _call(impl: HookImpl, kwargs: dict[str, Any]) -> Any:
+    """One hook implementation, given the arguments it names (as pluggy passes them)."""
+    args = [kwargs[name] for name in impl.argnames]
+    return impl.function(*args, **{k: kwargs[k] for k in impl.kwargnames if k in kwargs})
 
 
 def each_answer(caller: pluggy.HookCaller, **kwargs: Any) -> Iterator[tuple[str, Any]]:
@@ -189,6 +348,8 @@ def install(spec: str, folder: Path | None = None) -> list[str]:
         for text in dist.requires or []:
             req = Requirement(text)
             if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+                continue
+            if _normal(req.name) == "emp":  # never the worker itself: checked at load
                 continue
             if not _satisfied(req, target):
                 missing.append(str(req))

@@ -15,8 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 from emp_worker.capabilities import WorkerCapabilities
 
 #: The version of this protocol. The hub says its own in `connection_established`
-#: (`protocol_version`); a worker of another version is told by `emp-worker doctor` and
-#: warned at start. Raised only for changes an older peer would misunderstand.
+#: (`protocol_version`), the worker its own in `register_worker`, and the hub refuses a
+#: worker of another version. Raised only for changes an older peer would misunderstand.
 PROTOCOL_VERSION = 1
 
 
@@ -46,6 +46,11 @@ class RegisterWorker(Message):
         pattern=r"^[A-Za-z0-9_.:-]{1,64}$",
         description="Names the worker process: the same process reconnecting takes over its "
         "old socket at once, another process with the same worker id is refused.",
+    )
+    protocol_version: int | None = Field(
+        default=None,
+        description="The worker's PROTOCOL_VERSION; another one is refused. Original "
+        "workers send none and are accepted.",
     )
     capabilities: dict[str, Any] = Field(default_factory=dict)
     subscribe_to_jobs: bool = True

@@ -47,7 +47,7 @@ from emp_worker.connector import (
     OutputRef,
 )
 from emp_worker.hookspecs import Outcome, hookimpl
-from emp_worker.plugins import PluginError, Plugins, each_answer, first_answer
+from emp_worker.plugins import PluginError, Plugins, first_answer
 from emp_worker.protocol import PROTOCOL_VERSION
 from emp_worker.settings import WorkerSettings
 
@@ -61,7 +61,8 @@ SAME_SIGNAL_S = 1.0
 
 
 class WorkerRefused(Exception):
-    """The hub will not take this worker: another live process has its worker id."""
+    """The hub will not take this worker: another live process has its worker id, or it
+    speaks another protocol version."""
 
 
 class WorkerIdKept(Exception):
@@ -213,12 +214,11 @@ class Worker:
         )
 
     def _capability_extras(self) -> list[CapabilityExtras]:
-        """The plugins' worker_capabilities answers; PluginError names a plugin whose
-        answer is not a CapabilityExtras (a dict is read as one)."""
+        """The plugins' worker_capabilities answers (one that raises is left out, see
+        Plugins.call); PluginError names a plugin whose answer is not a CapabilityExtras
+        (a dict is read as one)."""
         extras = []
-        for plugin, answer in each_answer(self.plugins.pm.hook.worker_capabilities):
-            if answer is None:
-                continue
+        for plugin, answer in self.plugins.call("worker_capabilities"):
             try:
                 extras.append(CapabilityExtras.model_validate(answer))
             except ValidationError as exc:
@@ -347,6 +347,7 @@ class Worker:
             "type": "register_worker",
             "worker_id": self.worker_id,
             "instance": self.instance,
+            "protocol_version": PROTOCOL_VERSION,
             "capabilities": self._caps.model_dump(mode="json"),
             "jobs": [{"job_id": job_id, "lease_token": token} for job_id, token in held],
         }
@@ -369,6 +370,8 @@ class Worker:
                 break
             if message.get("type") == "error":
                 error = message.get("error", "refused")
+                if message.get("code") == "protocol_version":
+                    raise WorkerRefused(error)
                 if message.get("code") == "worker_id_in_use":
                     if "retry_after" in message:
                         raise WorkerIdKept(error, float(message["retry_after"]))
@@ -529,7 +532,7 @@ class Worker:
                 # The hub records the start (started_at) at the first progress: say it now,
                 # not at the connector's first report.
                 await self._progress(job.id, 0, "started", "started")
-                self.plugins.pm.hook.job_started(context=ctx)
+                self.plugins.call("job_started", context=ctx)
                 if job.timeout:  # stopped like a cancel: the connector sees ctx.cancelled
                     timer = asyncio.get_running_loop().call_later(
                         job.timeout, self._stop_job, job.id, "timed_out"
@@ -583,10 +586,7 @@ class Worker:
             seconds,
             f" ({error})" if error else "",
         )
-        try:
-            self.plugins.pm.hook.job_finished(context=running.ctx, outcome=outcome, error=error)
-        except Exception:
-            log.exception("a job_finished hook failed")
+        self.plugins.call("job_finished", context=running.ctx, outcome=outcome, error=error)
 
     async def _flush_outbox(self) -> None:
         for job_id, (_token, final) in list(self.outbox.items()):

@@ -23,6 +23,7 @@ from emp_hub import ws_monitor
 from emp_hub.auth import Role, TokenStore
 from emp_hub.broker import BrokerSettings
 from emp_hub.settings import HubSettings
+from emp_worker.protocol import PROTOCOL_VERSION
 from tests.hub_server import running_hub
 from tests.processes import cluster
 
@@ -688,3 +689,25 @@ async def test_sockets_without_a_token_close_once_the_hub_has_tokens(
             assert (close.code, close.reason) == (1008, "token revoked")
         finally:
             await conn.close()
+
+
+async def test_a_worker_of_another_protocol_version_is_refused(base_url: str) -> None:
+    """A worker that says another protocol version gets an error naming both and is
+    closed; one of this version, and an original worker (which says none), register."""
+    conn = await socket(base_url, "worker/w-future")
+    register = {"type": "register_worker", "capabilities": SIM_CAPS}
+    await conn.send(json.dumps({**register, "protocol_version": PROTOCOL_VERSION + 1}))
+    refusal = strict_json(await asyncio.wait_for(conn.recv(), 5))
+    assert (refusal["type"], refusal["code"]) == ("error", "protocol_version")
+    assert refusal["error"] == (
+        f"this worker speaks protocol {PROTOCOL_VERSION + 1}; this hub speaks protocol "
+        f"{PROTOCOL_VERSION}: upgrade the older one"
+    )
+    assert (await closing(conn)).code == 4426
+    async with httpx.AsyncClient(base_url=base_url) as http:
+        assert (await http.get("/api/workers")).json() == []
+    for version in ({"protocol_version": PROTOCOL_VERSION}, {}):
+        conn = await socket(base_url, "worker/w-now")
+        await conn.send(json.dumps({**register, **version}))
+        assert strict_json(await asyncio.wait_for(conn.recv(), 5))["type"] == "worker_registered"
+        await conn.close()

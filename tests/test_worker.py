@@ -21,6 +21,7 @@ from emp_worker.connector import Connector, Job, JobContext
 from emp_worker.plugins import PluginError, Plugins
 from emp_worker.settings import WorkerSettings
 from emp_worker.testing import TestHub, fake_context, running_hub, running_worker
+from emp_worker.worker import WorkerRefused
 
 pytestmark = pytest.mark.worker
 
@@ -253,3 +254,83 @@ async def test_capability_changes_reach_the_hub(hub_url: str) -> None:
             await asyncio.sleep(0.05)
         assert await hub_tags() == ["green"]
         assert worker.worker_id == "test-worker"
+
+
+class Faulty:
+    """A plugin whose every hook raises."""
+
+    @hookimpl
+    def job_started(self, context: JobContext) -> None:
+        raise RuntimeError("plugin bug")
+
+    @hookimpl
+    def job_finished(self, context: JobContext, outcome: str, error: str | None) -> None:
+        raise RuntimeError("plugin bug")
+
+    @hookimpl
+    def worker_capabilities(self) -> dict[str, Any]:
+        raise RuntimeError("plugin bug")
+
+
+async def test_a_plugin_hook_that_raises_leaves_the_job_and_other_plugins_alone(
+    hub_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    seen: list[tuple[str, str]] = []
+
+    @hookimpl
+    def job_started(context: JobContext) -> None:
+        seen.append(("started", context.job.id))
+
+    @hookimpl
+    def job_finished(context: JobContext, outcome: str, error: str | None) -> None:
+        seen.append((outcome, context.job.id))
+
+    @hookimpl
+    def worker_capabilities() -> dict[str, Any]:
+        return {"tags": ["blue"]}
+
+    plugins = Plugins()
+    plugins.register_builtin(
+        SimpleNamespace(
+            job_started=job_started,
+            job_finished=job_finished,
+            worker_capabilities=worker_capabilities,
+        ),
+        "emp-counting",
+    )
+    plugins.register_builtin(Faulty(), "emp-faulty")  # registered last: called first
+    async with running_worker(hub_url, [Sleepy()], plugins=plugins) as worker:
+        hub = TestHub(hub_url, worker)
+        job = await hub.run("sleepy", {"seconds": 0})
+        await hub.http.aclose()
+    assert job["status"] == "completed", job
+    assert seen == [("started", job["job_id"]), ("completed", job["job_id"])]
+    assert "blue" in worker.capabilities().tags
+    for hook in ("job_started", "job_finished", "worker_capabilities"):
+        assert f"plugin emp-faulty: {hook} raised RuntimeError: plugin bug" in caplog.text
+    assert "raise RuntimeError" in caplog.text  # with its traceback
+
+
+async def test_a_worker_of_another_protocol_version_is_refused(
+    hub_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(worker_module, "PROTOCOL_VERSION", 2)
+    with pytest.raises(WorkerRefused, match="speaks protocol 2; this hub speaks protocol 1"):
+        async with running_worker(hub_url, [Sleepy()]):
+            pass
+
+
+def test_an_async_hook_other_than_store_output_is_reported_not_silently_skipped(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    ran: list[str] = []
+
+    @hookimpl
+    async def job_started(context: JobContext) -> None:
+        ran.append(context.job.id)  # pragma: no cover - an async job_started never runs
+
+    plugins = Plugins()
+    plugins.register_builtin(SimpleNamespace(job_started=job_started), "emp-async")
+    assert plugins.call("job_started", context=fake_context()) == []
+    assert "plugin emp-async: job_started raised PluginError: job_started is async" in caplog.text
+    assert ran == []
