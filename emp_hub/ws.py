@@ -30,8 +30,8 @@ from emp_hub.app import REDIS_DOWN, Hub
 from emp_hub.auth import Principal, Role
 from emp_hub.broker import BrokerError, Claim, Job, JobStatus, Registration, StaleLease
 from emp_hub.ws_common import error_details
-from emp_worker.capabilities import WorkerCapabilities
-from emp_worker.protocol import (
+from emp_protocol.capabilities import WorkerCapabilities
+from emp_protocol.messages import (
     PROTOCOL_VERSION,
     ClaimJob,
     CompleteJob,

@@ -32,8 +32,8 @@ from emp_hub.broker import (
 from emp_hub.ratelimit import RateLimited
 from emp_hub.ws import Dispatcher, authenticate_ws
 from emp_hub.ws_common import error_details, error_summary
-from emp_worker.capabilities import matches
-from emp_worker.protocol import hub_message
+from emp_protocol.capabilities import matches
+from emp_protocol.messages import hub_message
 
 router = APIRouter()
 

@@ -23,7 +23,7 @@ from emp_hub.auth import Role
 from emp_hub.broker import JobNotFound
 from emp_hub.ws import Dispatcher, authenticate_ws
 from emp_hub.ws_client import ClientSession
-from emp_worker.protocol import hub_message
+from emp_protocol.messages import hub_message
 
 router = APIRouter()
 

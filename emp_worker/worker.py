@@ -35,12 +35,12 @@ import httpx
 import websockets
 from websockets.asyncio.client import ClientConnection
 
+from emp_protocol.capabilities import GPU, CustomerAccess, WorkerCapabilities
+from emp_protocol.messages import PROTOCOL_VERSION
 from emp_worker import hardware
-from emp_worker.capabilities import GPU, CustomerAccess, WorkerCapabilities
 from emp_worker.connector import Connector, Job, JobContext, JobFailed, OutputRef, maybe_await
 from emp_worker.hookspecs import hookimpl
 from emp_worker.plugins import Plugins
-from emp_worker.protocol import PROTOCOL_VERSION
 from emp_worker.settings import WorkerSettings
 
 log = logging.getLogger("emp_worker")

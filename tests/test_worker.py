@@ -15,12 +15,12 @@ import redis.asyncio
 
 from emp_hub.broker import BrokerSettings
 from emp_hub.settings import HubSettings
+from emp_hub.testing import TestHub, running_hub, running_worker
 from emp_worker import hookimpl
 from emp_worker import worker as worker_module
 from emp_worker.connector import Connector, Job, JobContext, OutputRef
 from emp_worker.plugins import PluginError, Plugins
 from emp_worker.settings import WorkerSettings
-from emp_worker.testing import TestHub, running_hub, running_worker
 
 pytestmark = pytest.mark.worker
 

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from emp_worker.capabilities import NAME_PATTERN, Isolation, JobRequirements, Name
+from emp_protocol.capabilities import NAME_PATTERN, Isolation, JobRequirements, Name
 
 #: Priorities run from PRIORITY_MIN to PRIORITY_MAX; higher runs first.
 PRIORITY_MIN = -1000

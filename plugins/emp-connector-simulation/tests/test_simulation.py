@@ -1,12 +1,12 @@
-"""The simulation connector on a real hub (emp_worker.testing), and on its own."""
+"""The simulation connector on a real hub (emp_hub.testing), and on its own."""
 
 from __future__ import annotations
 
 import pytest
 from emp_connector_simulation import SimulationConnector, SimulationSettings, png
 
+from emp_hub.testing import connector_hub
 from emp_worker.connector import Job, JobContext, JobFailed, OutputRef
-from emp_worker.testing import connector_hub
 
 
 def settings(**values: object) -> SimulationSettings:

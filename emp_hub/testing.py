@@ -1,6 +1,6 @@
 """Test a connector against a real hub, in your plugin's own tests.
 
-    from emp_worker.testing import connector_hub
+    from emp_hub.testing import connector_hub
 
     async def test_my_connector():
         async with connector_hub(MyConnector()) as hub:

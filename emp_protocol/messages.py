@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
-from emp_worker.capabilities import WorkerCapabilities
+from emp_protocol.capabilities import WorkerCapabilities
 
 #: The version of this protocol. The hub says its own in `connection_established`
 #: (`protocol_version`); a worker of another version is told by `emp-worker doctor` and
