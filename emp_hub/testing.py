@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from emp_protocol.jobs import TERMINAL
 from emp_worker.connector import Connector
 from emp_worker.plugins import Plugins
 from emp_worker.settings import WorkerSettings
@@ -33,8 +34,6 @@ from emp_worker.worker import HubOutputs, Worker
 
 if TYPE_CHECKING:
     from emp_hub.settings import HubSettings
-
-TERMINAL = {"completed", "failed", "cancelled"}
 
 
 @asynccontextmanager

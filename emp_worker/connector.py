@@ -22,6 +22,8 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from emp_protocol.jobs import OutputRef as OutputRef  # plugin authors import it from here
+
 
 class ConnectorSettings(BaseSettings):
     """Settings every connector has; subclass to add yours (read from EMP_<NAME>_*)."""
@@ -53,15 +55,6 @@ class JobFailed(Exception):
     def __init__(self, message: str, *, retryable: bool = True) -> None:
         super().__init__(message)
         self.retryable = retryable
-
-
-class OutputRef(BaseModel):
-    """Where an output file went (the job's result lists these)."""
-
-    name: str
-    size: int
-    content_type: str
-    url: str
 
 
 class Job(BaseModel):

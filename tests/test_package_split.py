@@ -85,3 +85,29 @@ def test_what_the_worker_imports_of_ours_is_in_the_base_distribution() -> None:
         assert f"{package}*" in include, package
         assert "py.typed" in data[package], package
         assert package in tool["mypy"]["files"], package
+
+
+def defined(path: Path) -> set[str]:
+    """The public names a module defines at its top level (classes, functions, constants)."""
+    names = set()
+    for node in ast.parse(path.read_text(), str(path)).body:
+        if isinstance(node, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign | ast.AnnAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {t.id for t in targets if isinstance(t, ast.Name)}
+    return {name for name in names if not name.startswith("_")}
+
+
+def test_the_contract_is_defined_once() -> None:
+    """What emp_protocol defines (statuses, TERMINAL, OutputRef, the messages...) is
+    defined nowhere else: the hub and the worker import it."""
+    contract = {name for path in modules("emp_protocol").values() for name in defined(path)}
+    assert {"JobStatus", "TERMINAL", "OutputRef", "PROTOCOL_VERSION"} <= contract
+    again = {
+        f"{module}.{name}"
+        for package in ("emp_worker", "emp_hub")
+        for module, path in modules(package).items()
+        for name in defined(path) & contract
+    }
+    assert not again, sorted(again)
