@@ -36,7 +36,7 @@ import redis.asyncio
 import emp_hub
 from emp_hub.broker import Broker, BrokerSettings, JobSpec, RequirementsSpec, connect
 from emp_hub.embedded import redis_url_or_embedded
-from emp_worker.capabilities import JobRequirements, WorkerCapabilities, matches
+from emp_protocol.capabilities import JobRequirements, WorkerCapabilities, matches
 
 CLASSES = 100
 TARGET_TAG = "t0"  # the class the worker matches; its jobs have the lowest priority

@@ -41,8 +41,8 @@ import emp_hub
 from emp_hub.broker import Broker, BrokerSettings, JobSpec, RequirementsSpec, connect
 from emp_hub.embedded import redis_url_or_embedded
 from emp_hub.settings import HubSettings
-from emp_worker.capabilities import WorkerCapabilities
-from emp_worker.testing import running_hub
+from emp_hub.testing import running_hub
+from emp_protocol.capabilities import WorkerCapabilities
 
 NAMESPACE = "bench-classes"
 BATCH = 1000

@@ -38,7 +38,7 @@ from emp_hub.broker import (
 from emp_hub.broker.models import LARGE_FIELDS, Event, JobId
 from emp_hub.ratelimit import RateLimited
 from emp_hub.settings import MAX_BATCH_JOBS
-from emp_worker.capabilities import NAME_PATTERN, JobRequirements, WorkerCapabilities
+from emp_protocol.capabilities import NAME_PATTERN, JobRequirements, WorkerCapabilities
 
 # -- strict JSON bodies ------------------------------------------------------------------
 

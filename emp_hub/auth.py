@@ -29,7 +29,7 @@ from typing import cast
 import redis.asyncio
 from pydantic import BaseModel
 
-from emp_worker.capabilities import Name
+from emp_protocol.capabilities import Name
 
 
 class Role(StrEnum):

@@ -31,7 +31,7 @@ from emp_hub.broker import (
     connect,
 )
 from emp_hub.embedded import redis_url_or_embedded
-from emp_worker.capabilities import GPU, CustomerAccess, Isolation, WorkerCapabilities
+from emp_protocol.capabilities import GPU, CustomerAccess, Isolation, WorkerCapabilities
 
 WORKERS: dict[str, WorkerCapabilities] = {
     "gpu-big": WorkerCapabilities(

@@ -19,26 +19,17 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, HTTPException, Request
 from fastapi.responses import FileResponse
-from pydantic import BaseModel
 
 from emp_hub.api import HubDep, Reader, role, visible_job
 from emp_hub.auth import Principal, Role
 from emp_hub.broker import Broker
 from emp_hub.settings import HubSettings
+from emp_protocol.jobs import OutputRef
 
 router = APIRouter(tags=["outputs"])
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 Uploader = Annotated[Principal, role(Role.WORKER, Role.ADMIN)]
-
-
-class Output(BaseModel):
-    """A reference to one stored output."""
-
-    name: str
-    size: int
-    content_type: str
-    url: str
 
 
 def _folder(root: Path, job_id: str) -> Path:
@@ -83,7 +74,7 @@ def _check_size(settings: HubSettings, job_id: str, name: str, size: int, used: 
 
 @router.put(
     "/api/jobs/{job_id}/outputs/{name}",
-    response_model=Output,
+    response_model=OutputRef,
     status_code=201,
     responses={413: {"description": "Over EMP_MAX_OUTPUT_BYTES or EMP_OUTPUT_QUOTA_BYTES"}},
 )
@@ -95,7 +86,7 @@ async def upload(
     principal: Uploader,
     x_lease_token: Annotated[str, Header(description="The lease token of the job")],
     content_type: Annotated[str | None, Header()] = None,
-) -> Output:
+) -> OutputRef:
     """Store an output of a job; only the worker holding the job (its lease token) may.
     The body streams to disk, within EMP_MAX_OUTPUT_BYTES and the job's
     EMP_OUTPUT_QUOTA_BYTES; an upload refused half-way leaves nothing behind."""
@@ -126,18 +117,20 @@ async def upload(
             os.unlink(tmp)
     kind = content_type or mimetypes.guess_type(name)[0] or "application/octet-stream"
     path.with_name(path.name + ".meta").write_text(json.dumps({"content_type": kind}))
-    return Output(name=name, size=size, content_type=kind, url=f"/api/jobs/{job_id}/outputs/{name}")
+    return OutputRef(
+        name=name, size=size, content_type=kind, url=f"/api/jobs/{job_id}/outputs/{name}"
+    )
 
 
-@router.get("/api/jobs/{job_id}/outputs", response_model=list[Output])
-async def list_outputs(job_id: str, hub: HubDep, principal: Reader) -> list[Output]:
+@router.get("/api/jobs/{job_id}/outputs", response_model=list[OutputRef])
+async def list_outputs(job_id: str, hub: HubDep, principal: Reader) -> list[OutputRef]:
     """The job's stored outputs."""
     await visible_job(hub, principal, job_id)
     folder = _folder(hub.settings.outputs, job_id)
     if not folder.is_dir():
         return []
     return [
-        Output(
+        OutputRef(
             name=p.name,
             size=p.stat().st_size,
             url=f"/api/jobs/{job_id}/outputs/{p.name}",

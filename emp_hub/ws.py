@@ -29,9 +29,24 @@ import emp_hub
 from emp_hub.app import REDIS_DOWN, Hub
 from emp_hub.auth import Principal, Role
 from emp_hub.broker import BrokerError, Claim, Job, JobStatus, Registration, StaleLease
-from emp_hub.ws_common import error_details
-from emp_worker.capabilities import WorkerCapabilities
-from emp_worker.protocol import (
+from emp_hub.ws_common import error_details, ws_message
+from emp_protocol.capabilities import WorkerCapabilities
+from emp_protocol.hub_messages import (
+    CancelJob,
+    ConnectionEstablished,
+    Error,
+    HubMessage,
+    JobAssigned,
+    JobAvailable,
+    JobCompletedAck,
+    JobFailedAck,
+    JobNotificationsSubscribed,
+    JobReleased,
+    WorkerHeartbeatAck,
+    WorkerIdAvailable,
+    WorkerRegistered,
+)
+from emp_protocol.messages import (
     PROTOCOL_VERSION,
     ClaimJob,
     CompleteJob,
@@ -44,7 +59,6 @@ from emp_worker.protocol import (
     UpdateJobProgress,
     WorkerHeartbeat,
     WorkerStatus,
-    hub_message,
     worker_message,
 )
 
@@ -98,21 +112,20 @@ class WorkerSession:
     superseded: bool = False  # a newer connection of the same worker process took over
     send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
-    async def send(self, message: dict[str, Any]) -> bool:
+    async def send(self, message: HubMessage) -> bool:
         """Send one message (serialised: the feeder and the receive loop both send).
         False when the peer has closed: the receive loop still reads what it sent before
         closing, and how it closed (a failed reply must not hide a clean goodbye)."""
         async with self.send_lock:
             try:
-                await self.websocket.send_text(json.dumps(message))
+                await self.websocket.send_text(json.dumps(message.model_dump(mode="json")))
             except (WebSocketDisconnect, WebSocketDisconnected):
                 return False
         return True
 
     async def error(self, error: str, details: Any = None) -> None:
         """An `error` message; the connection stays open."""
-        body = {"error": error} if details is None else {"error": error, "details": details}
-        await self.send(hub_message("error", **body))
+        await self.send(Error(error=error, details=details))
 
 
 class Dispatcher:
@@ -377,9 +390,7 @@ class Dispatcher:
         session = self.sessions.get(notice["worker"])
         job_id = notice["job_id"]
         if session is not None and session.held.pop(job_id, None) is not None:
-            await session.send(
-                hub_message("cancel_job", job_id=job_id, reason=notice.get("reason", "cancelled"))
-            )
+            await session.send(CancelJob(job_id=job_id, reason=notice.get("reason", "cancelled")))
 
     async def feed(self, session: WorkerSession) -> None:
         """Claim jobs for the session's free slots whenever it is woken."""
@@ -422,8 +433,7 @@ class Dispatcher:
         session.held[job.id] = token
         session.services[job.id] = job.service
         delivered = await session.send(
-            hub_message(
-                "job_assigned",
+            JobAssigned(
                 job_id=job.id,
                 worker_id=session.worker_id,
                 job_type=job.service,
@@ -448,8 +458,7 @@ class Dispatcher:
         job = claim.job
         session.offered[job.id] = claim.token
         await session.send(
-            hub_message(
-                "job_available",
+            JobAvailable(
                 job_id=job.id,
                 job_type=job.service,
                 priority=job.priority,
@@ -504,14 +513,10 @@ async def authenticate_ws(websocket: WebSocket, hub: Hub, roles: set[Role]) -> P
         cause = "role"
         text = f"this token has role {principal.role.value}; this route needs role {needs}"
     await websocket.accept()
-    error = hub_message(
-        "error",
-        error=f"Authentication failed: {text}",
-        code="auth_failed",
-        cause=cause,
-        needs=needs,
+    error = Error(
+        error=f"Authentication failed: {text}", code="auth_failed", cause=cause, needs=needs
     )
-    await websocket.send_text(json.dumps(error))
+    await websocket.send_text(json.dumps(error.model_dump(mode="json")))
     await websocket.close(code=1008)
     return None
 
@@ -526,12 +531,11 @@ async def worker_socket(websocket: WebSocket, worker_id: str) -> None:
     await websocket.accept()
     session = WorkerSession(worker_id, websocket)
     await session.send(
-        {
-            "type": "connection_established",
-            "message": f"Welcome Worker {worker_id}! Connected to emp hub",
-            "protocol_version": PROTOCOL_VERSION,
-            "hub_version": emp_hub.__version__,
-        }
+        ConnectionEstablished(
+            message=f"Welcome Worker {worker_id}! Connected to emp hub",
+            protocol_version=PROTOCOL_VERSION,
+            hub_version=emp_hub.__version__,
+        )
     )
     feeder = asyncio.create_task(dispatcher.feed(session))
     code = 1006
@@ -569,25 +573,24 @@ async def _disconnected(session: WorkerSession, dispatcher: Dispatcher, code: in
         log.warning("could not record that worker %s disconnected", session.worker_id)
 
 
-def _refusal(worker_id: str, registration: Registration) -> dict[str, Any]:
+def _refusal(worker_id: str, registration: Registration) -> Error:
     """The error that refuses a worker id another process holds."""
     if registration.holder_connected:
-        error = (
-            f"worker id {worker_id} is already connected from another process; give each "
-            "worker process its own id (EMP_WORKER_ID)"
+        recheck = registration.recheck_after  # through a replica that may have just died
+        return Error(
+            error=f"worker id {worker_id} is already connected from another process; give "
+            "each worker process its own id (EMP_WORKER_ID)",
+            code="worker_id_in_use",
+            worker_id=worker_id,
+            recheck_after=round(recheck, 3) if recheck else None,
         )
-        details: dict[str, Any] = {}
-        if registration.recheck_after:  # through a replica that may have just been killed
-            details["recheck_after"] = round(registration.recheck_after, 3)
-    else:
-        left = registration.retry_after
-        error = (
-            f"worker id {worker_id} is kept {left:.1f} s more for another process that lost "
-            "its connection; retry then, or give this worker its own id (EMP_WORKER_ID)"
-        )
-        details = {"retry_after": round(left, 3)}
-    return hub_message(
-        "error", error=error, code="worker_id_in_use", worker_id=worker_id, **details
+    left = registration.retry_after
+    return Error(
+        error=f"worker id {worker_id} is kept {left:.1f} s more for another process that lost "
+        "its connection; retry then, or give this worker its own id (EMP_WORKER_ID)",
+        code="worker_id_in_use",
+        worker_id=worker_id,
+        retry_after=round(left, 3),
     )
 
 
@@ -604,7 +607,7 @@ async def refuse_protocol(session: WorkerSession, version: int | None) -> None:
         f"this worker speaks protocol {version}; this hub speaks protocol "
         f"{PROTOCOL_VERSION}: upgrade the older one"
     )
-    await session.send(hub_message("error", error=error, code="protocol_version"))
+    await session.send(Error(error=error, code="protocol_version"))
     session.closed = True
     await session.websocket.close(CLOSE_PROTOCOL_VERSION, "protocol version")
 
@@ -644,7 +647,7 @@ async def handle(session: WorkerSession, dispatcher: Dispatcher, raw: Any) -> No
                 await session.send(
                     _refusal(worker_id, registration)
                     if not registration.ok
-                    else hub_message("worker_id_available", worker_id=worker_id)
+                    else WorkerIdAvailable(worker_id=worker_id)
                 )
                 return
             if not registration.ok:
@@ -659,15 +662,10 @@ async def handle(session: WorkerSession, dispatcher: Dispatcher, raw: Any) -> No
                 {job: token for (job, token), ok in zip(tokens.items(), kept, strict=True) if ok}
             )
             await session.send(
-                hub_message(
-                    "worker_registered",
-                    worker_id=worker_id,
-                    status="active",
-                    jobs=sorted(session.held),
-                )
+                WorkerRegistered(worker_id=worker_id, status="active", jobs=sorted(session.held))
             )
             if message.subscribe_to_jobs:
-                await session.send(hub_message("job_notifications_subscribed", worker_id=worker_id))
+                await session.send(JobNotificationsSubscribed(worker_id=worker_id))
         elif session.caps is None:
             await session.error("register_worker first")
         elif isinstance(message, RequestJob):
@@ -683,15 +681,13 @@ async def handle(session: WorkerSession, dispatcher: Dispatcher, raw: Any) -> No
             for job in lost:
                 session.held.pop(job, None)
             if isinstance(message, WorkerHeartbeat):
-                await session.send(
-                    hub_message("worker_heartbeat_ack", worker_id=worker_id, lost=lost)
-                )
+                await session.send(WorkerHeartbeatAck(worker_id=worker_id, lost=lost))
             if isinstance(message, WorkerStatus) or message.status != session.status:
                 session.status = message.status
                 extra = message.model_extra or {}
                 await tell_monitors(
                     hub,
-                    hub_message(
+                    ws_message(
                         "worker_status",
                         message_id=f"worker-status-{int(time.time())}",
                         worker_id=worker_id,
@@ -751,9 +747,7 @@ async def job_message(
         await broker.complete(message.job_id, token, message.result)
         del session.held[message.job_id]
         hub.metrics.finished.labels(service, "completed").inc()
-        await session.send(
-            hub_message("job_completed_ack", job_id=message.job_id, worker_id=worker_id)
-        )
+        await session.send(JobCompletedAck(job_id=message.job_id, worker_id=worker_id))
     elif isinstance(message, FailJob):
         status = await broker.fail(
             message.job_id, token, message.error, retryable=message.retryable
@@ -762,16 +756,12 @@ async def job_message(
         outcome = "retrying" if status is JobStatus.DELAYED else "failed"
         hub.metrics.finished.labels(service, outcome).inc()
         await session.send(
-            hub_message(
-                "job_failed_ack",
-                job_id=message.job_id,
-                worker_id=worker_id,
-                error=message.error,
-                status=status.value,
+            JobFailedAck(
+                job_id=message.job_id, worker_id=worker_id, error=message.error, status=status
             )
         )
     else:
         await broker.release(message.job_id, token)
         del session.held[message.job_id]
         hub.metrics.finished.labels(service, "released").inc()
-        await session.send(hub_message("job_released", job_id=message.job_id, worker_id=worker_id))
+        await session.send(JobReleased(job_id=message.job_id, worker_id=worker_id))

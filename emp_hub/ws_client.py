@@ -31,9 +31,8 @@ from emp_hub.broker import (
 )
 from emp_hub.ratelimit import RateLimited
 from emp_hub.ws import Dispatcher, authenticate_ws
-from emp_hub.ws_common import error_details, error_summary
-from emp_worker.capabilities import matches
-from emp_worker.protocol import hub_message
+from emp_hub.ws_common import error_details, error_summary, ws_message
+from emp_protocol.capabilities import matches
 
 router = APIRouter()
 
@@ -49,7 +48,7 @@ def job_status(job_id: str, status: str, **fields: Any) -> dict[str, Any]:
         "message": None,
         **fields,
     }
-    return hub_message("response_job_status", job_id=job_id, status=status, **body)
+    return ws_message("response_job_status", job_id=job_id, status=status, **body)
 
 
 @dataclass(eq=False)
@@ -76,7 +75,7 @@ class ClientSession:
 
     async def error(self, error: str, details: Any = None) -> None:
         """An `error` message; the connection stays open."""
-        await self.send(hub_message("error", error=error, details=details))
+        await self.send(ws_message("error", error=error, details=details))
 
     async def follow(self, job_id: str, worker: str | None = None) -> None:
         """Receive this job's events from now on (`worker`: who runs it now)."""
@@ -113,7 +112,7 @@ class ClientSession:
         """Send what one event of a followed job means in the original protocol."""
         if event["type"] == "progress":
             await self.send_job_message(
-                hub_message(
+                ws_message(
                     "update_job_progress",
                     job_id=job_id,
                     worker_id=self.workers.get(job_id),
@@ -135,11 +134,11 @@ class ClientSession:
         elif status == "completed":
             job = await self.dispatcher.hub.broker.get(job_id)
             await self.send_job_message(
-                hub_message("complete_job", job_id=job_id, worker_id=job.worker, result=job.result)
+                ws_message("complete_job", job_id=job_id, worker_id=job.worker, result=job.result)
             )
         elif status == "failed":
             await self.send_job_message(
-                hub_message(
+                ws_message(
                     "fail_job",
                     job_id=job_id,
                     worker_id=self.workers.get(job_id),
@@ -148,7 +147,7 @@ class ClientSession:
             )
         elif status == "delayed":
             await self.send_job_message(
-                hub_message(
+                ws_message(
                     "update_job_progress",
                     job_id=job_id,
                     worker_id=self.workers.get(job_id),
@@ -175,7 +174,7 @@ async def client_socket(websocket: WebSocket, client_id: str) -> None:
     await websocket.accept()
     session = ClientSession(client_id, websocket, principal, dispatcher)
     await session.send(
-        hub_message(
+        ws_message(
             "connection_established", message=f"Welcome Client {client_id}! Connected to emp hub"
         )
     )
@@ -225,7 +224,7 @@ async def handle(session: ClientSession, hub: Hub, message: Any) -> None:
             job = await visible(session, hub, str(job_id))
             await session.follow(job.id, job.worker)
             await session.send(
-                hub_message("subscription_confirmed", job_id=job.id, monitor_id=None, channels=None)
+                ws_message("subscription_confirmed", job_id=job.id, monitor_id=None, channels=None)
             )
         elif kind == "cancel_job":
             reason = str(message.get("reason") or "Manually cancelled")
@@ -255,7 +254,7 @@ async def handle(session: ClientSession, hub: Hub, message: Any) -> None:
             )
         elif kind == "subscribe_stats":
             await session.send(
-                hub_message(
+                ws_message(
                     "subscription_confirmed", job_id="stats", monitor_id=None, channels=["stats"]
                 )
             )
@@ -323,7 +322,7 @@ async def submit(session: ClientSession, hub: Hub, message: dict[str, Any]) -> N
     live = await hub.broker.live_workers()
     able = sum(1 for caps in live.values() if matches(requirements, caps))
     await session.send(
-        hub_message(
+        ws_message(
             "job_accepted",
             job_id=submitted.id,
             status="pending",

@@ -1,5 +1,7 @@
 """What the three WebSocket routes (worker, client, monitor) share: reading a frame,
-describing an invalid message, and closing the sockets of revoked tokens.
+describing an invalid message, and closing the sockets of revoked tokens; and how the
+client and monitor routes build their messages (the worker route's are the models of
+emp_protocol).
 
 Every frame is a JSON text frame. A binary frame or text that is not JSON is answered with
 an `error` and the connection stays. A socket whose token is revoked (or, on a hub that was
@@ -14,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -32,6 +35,11 @@ REVOKED = (1008, "token revoked")
 #: The answer to a frame that is not JSON (the original hub's words).
 NOT_JSON = "Invalid JSON format"
 BINARY = "binary frames are not accepted: send JSON text frames"
+
+
+def ws_message(type_: str, **fields: Any) -> dict[str, Any]:
+    """A message of the client or monitor protocol, with its type and timestamp."""
+    return {"type": type_, "timestamp": time.time(), **fields}
 
 
 def error_details(

@@ -23,7 +23,7 @@ from emp_hub.auth import Role
 from emp_hub.broker import JobNotFound
 from emp_hub.ws import Dispatcher, authenticate_ws
 from emp_hub.ws_client import ClientSession
-from emp_worker.protocol import hub_message
+from emp_hub.ws_common import ws_message
 
 router = APIRouter()
 
@@ -90,7 +90,7 @@ async def stats_broadcast(hub: Hub, dispatcher: Dispatcher) -> dict[str, Any]:
         {getattr(w, "client_id", "") for ws in dispatcher.watchers.values() for w in ws}
         - set(monitors)
     )
-    return hub_message(
+    return ws_message(
         "stats_broadcast",
         message_id=f"stats-{int(time.time())}",
         connections={
@@ -131,7 +131,7 @@ async def monitor_socket(websocket: WebSocket, monitor_id: str) -> None:
     await websocket.accept()
     session = MonitorSession(monitor_id, websocket, principal, dispatcher)
     await session.send(
-        hub_message(
+        ws_message(
             "connection_established", message=f"Welcome Monitor {monitor_id}! Connected to emp hub"
         )
     )
@@ -157,12 +157,12 @@ async def monitor_socket(websocket: WebSocket, monitor_id: str) -> None:
             if kind == "subscribe":
                 await session.send(await stats_broadcast(hub, dispatcher))
                 await session.send(
-                    hub_message("subscription_confirmed", channels=message.get("channels") or [])
+                    ws_message("subscription_confirmed", channels=message.get("channels") or [])
                 )
             elif kind == "get_system_status":
                 await session.send(await stats_broadcast(hub, dispatcher))
             elif kind == "stay_alive":
-                await session.send(hub_message("stay_alive_response"))
+                await session.send(ws_message("stay_alive_response"))
             else:
                 await session.error(f"Unsupported message type: {kind}")
     except WebSocketDisconnect:

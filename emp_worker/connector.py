@@ -22,7 +22,8 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from emp_worker.capabilities import Name
+from emp_protocol.capabilities import Name
+from emp_protocol.jobs import OutputRef as OutputRef  # plugin authors import it from here
 
 
 class ConnectorSettings(BaseSettings):
@@ -68,15 +69,6 @@ class JobFailed(Exception):
     def __init__(self, message: str, *, retryable: bool = True) -> None:
         super().__init__(message)
         self.retryable = retryable
-
-
-class OutputRef(BaseModel):
-    """Where an output file went (the job's result lists these)."""
-
-    name: str
-    size: int
-    content_type: str
-    url: str
 
 
 class Job(BaseModel):

@@ -10,7 +10,7 @@ import os
 import shutil
 from pathlib import Path
 
-from emp_worker.capabilities import GPU
+from emp_protocol.capabilities import GPU
 
 GIB = 1024**3
 

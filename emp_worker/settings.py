@@ -20,7 +20,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from emp_worker.capabilities import Isolation
+from emp_protocol.capabilities import Isolation
 
 
 def _env(name: str, *legacy: str) -> AliasChoices:

@@ -36,8 +36,31 @@ import websockets
 from pydantic import ValidationError
 from websockets.asyncio.client import ClientConnection
 
+from emp_protocol.capabilities import GPU, CustomerAccess, WorkerCapabilities
+from emp_protocol.hub_messages import (
+    CancelJob,
+    ConnectionEstablished,
+    Error,
+    HubMessage,
+    JobAssigned,
+    WorkerHeartbeatAck,
+    WorkerIdAvailable,
+    WorkerRegistered,
+    hub_message,
+)
+from emp_protocol.messages import (
+    PROTOCOL_VERSION,
+    CompleteJob,
+    FailJob,
+    HeldJob,
+    RegisterWorker,
+    ReleaseJob,
+    RequestJob,
+    UpdateJobProgress,
+    WorkerHeartbeat,
+    WorkerMessage,
+)
 from emp_worker import hardware
-from emp_worker.capabilities import GPU, CustomerAccess, WorkerCapabilities
 from emp_worker.connector import (
     CapabilityExtras,
     Connector,
@@ -48,7 +71,6 @@ from emp_worker.connector import (
 )
 from emp_worker.hookspecs import Outcome, hookimpl
 from emp_worker.plugins import PluginError, Plugins, first_answer
-from emp_worker.protocol import PROTOCOL_VERSION
 from emp_worker.settings import WorkerSettings
 
 log = logging.getLogger("emp_worker")
@@ -77,10 +99,10 @@ class TokenRefused(Exception):
     """The hub refused this worker's token (missing, unknown or revoked, wrong role)."""
 
 
-def _token_refusal(message: dict[str, Any]) -> str:
+def _token_refusal(message: Error) -> str:
     """What to do about the hub's auth_failed error, in one line."""
     create = "emp-hub token create --role worker"
-    cause = message.get("cause")
+    cause = message.cause
     if cause == "missing":
         return f"the hub needs a token: set EMP_TOKEN to a token with role worker ({create})"
     if cause == "invalid":
@@ -88,10 +110,24 @@ def _token_refusal(message: dict[str, Any]) -> str:
             "the hub does not know this token (mistyped, or revoked): set EMP_TOKEN to a "
             f"valid token with role worker ({create})"
         )
-    error = str(message.get("error", "the hub refused the token"))
     if cause == "role":
-        return f"{error}: set EMP_TOKEN to a token with role worker ({create})"
-    return error
+        return f"{message.error}: set EMP_TOKEN to a token with role worker ({create})"
+    return message.error
+
+
+def read_hub_message(raw: str | bytes) -> HubMessage | None:
+    """A message from the hub; None (and a log line) for one this worker cannot read: not
+    JSON, invalid fields, or a type it does not know (a newer hub's)."""
+    try:
+        return hub_message.validate_json(raw)
+    except ValidationError as exc:
+        unknown = any(e["type"] == "union_tag_invalid" for e in exc.errors())
+        log.log(
+            logging.DEBUG if unknown else logging.WARNING,
+            "ignoring a message from the hub: %s",
+            exc.errors(include_url=False, include_input=False, include_context=False),
+        )
+        return None
 
 
 @dataclass(eq=False)
@@ -168,7 +204,8 @@ class Worker:
         self.instance = uuid.uuid4().hex[:16]
         self._rechecked = False  # asked again once after a refusal through another replica
         self.running: dict[str, Running] = {}
-        self.outbox: dict[str, tuple[str, dict[str, Any]]] = {}  # job -> (token, final msg)
+        #: job -> (lease token, its final message), kept until sent
+        self.outbox: dict[str, tuple[str, CompleteJob | FailJob | ReleaseJob]] = {}
         self.conn: ClientConnection | None = None
         self.send_lock = asyncio.Lock()
         self.draining = False
@@ -299,22 +336,29 @@ class Worker:
         checks: dict[str, dict[str, Any]] = {}
         try:
             async with self._connect(open_timeout=5) as conn:
-                greeting = json.loads(await asyncio.wait_for(conn.recv(), 5))
-                if greeting.get("type") == "error":
+                greeting = read_hub_message(await asyncio.wait_for(conn.recv(), 5))
+                if isinstance(greeting, Error):
                     checks["token"] = {"ok": False, "detail": _token_refusal(greeting)}
                     return checks
                 checks["token"] = {"ok": True, "detail": "accepted on the worker route"}
-                version = greeting.get("protocol_version")
+                version, hub_version = (
+                    (greeting.protocol_version, greeting.hub_version)
+                    if isinstance(greeting, ConnectionEstablished)
+                    else (None, None)
+                )
                 checks["protocol"] = {
                     "ok": version == PROTOCOL_VERSION,
-                    "detail": f"hub {greeting.get('hub_version', '?')} speaks protocol "
+                    "detail": f"hub {hub_version or '?'} speaks protocol "
                     f"{version if version is not None else '? (not an emp hub)'}, this "
                     f"worker {PROTOCOL_VERSION}",
                 }
-                await conn.send(json.dumps({**self._registration(), "dry_run": True}))
-                answer = json.loads(await asyncio.wait_for(conn.recv(), 5))
-                free = answer.get("type") == "worker_id_available"
-                detail = "free" if free else str(answer.get("error", answer))
+                dry_run = self._registration().model_copy(update={"dry_run": True})
+                await conn.send(json.dumps(dry_run.model_dump(mode="json")))
+                answer = read_hub_message(await asyncio.wait_for(conn.recv(), 5))
+                free = isinstance(answer, WorkerIdAvailable)
+                detail = (
+                    "free" if free else f"{answer.error if isinstance(answer, Error) else answer}"
+                )
                 checks["worker_id"] = {"ok": free, "detail": f"{self.worker_id}: {detail}"}
         except (OSError, websockets.WebSocketException, TimeoutError) as exc:
             checks["token"] = {"ok": False, "detail": f"worker socket: {exc or type(exc).__name__}"}
@@ -331,73 +375,76 @@ class Worker:
             beats = asyncio.create_task(self._heartbeats())
             try:
                 async for raw in conn:
-                    await self._handle(json.loads(raw))
+                    if (message := read_hub_message(raw)) is not None:
+                        await self._handle(message)
                     if self.done.is_set():
                         break
             finally:
                 self.conn = None
                 beats.cancel()
 
-    def _registration(self) -> dict[str, Any]:
+    def _registration(self) -> RegisterWorker:
         """register_worker: who we are, what we offer, and the jobs we still hold (running,
         or finished with a result not yet delivered)."""
         held = [(job_id, r.job.lease_token) for job_id, r in self.running.items()]
         held += [(job_id, token) for job_id, (token, _) in self.outbox.items()]
-        return {
-            "type": "register_worker",
-            "worker_id": self.worker_id,
-            "instance": self.instance,
-            "protocol_version": PROTOCOL_VERSION,
-            "capabilities": self._caps.model_dump(mode="json"),
-            "jobs": [{"job_id": job_id, "lease_token": token} for job_id, token in held],
-        }
+        return RegisterWorker(
+            worker_id=self.worker_id,
+            instance=self.instance,
+            protocol_version=PROTOCOL_VERSION,
+            capabilities=self._caps.model_dump(mode="json"),
+            jobs=[HeldJob(job_id=job_id, lease_token=token) for job_id, token in held],
+        )
 
     async def _register(self, conn: ClientConnection) -> None:
         """Register with the jobs still held; drop those the hub no longer gives us."""
-        greeting = json.loads(await asyncio.wait_for(conn.recv(), 30))
-        if greeting.get("type") == "error" and greeting.get("code") == "auth_failed":
+        greeting = read_hub_message(await asyncio.wait_for(conn.recv(), 30))
+        if isinstance(greeting, Error) and greeting.code == "auth_failed":
             raise TokenRefused(_token_refusal(greeting))  # before a send fails on the close
-        if greeting.get("protocol_version", PROTOCOL_VERSION) != PROTOCOL_VERSION:
+        if isinstance(greeting, ConnectionEstablished) and greeting.protocol_version not in (
+            None,
+            PROTOCOL_VERSION,
+        ):
             log.warning(
                 "the hub speaks protocol %s, this worker %s: upgrade the older one",
-                greeting["protocol_version"],
+                greeting.protocol_version,
                 PROTOCOL_VERSION,
             )
-        await conn.send(json.dumps(self._registration()))
+        await conn.send(json.dumps(self._registration().model_dump(mode="json")))
         while True:
-            message = json.loads(await asyncio.wait_for(conn.recv(), 30))
-            if message.get("type") == "worker_registered":
+            message = read_hub_message(await asyncio.wait_for(conn.recv(), 30))
+            if isinstance(message, WorkerRegistered):
                 break
-            if message.get("type") == "error":
-                error = message.get("error", "refused")
-                if message.get("code") == "protocol_version":
+            if isinstance(message, Error):
+                error = message.error
+                if message.code == "protocol_version":
                     raise WorkerRefused(error)
-                if message.get("code") == "worker_id_in_use":
-                    if "retry_after" in message:
-                        raise WorkerIdKept(error, float(message["retry_after"]))
-                    if "recheck_after" in message and not self._rechecked:
+                if message.code == "worker_id_in_use":
+                    if message.retry_after is not None:
+                        raise WorkerIdKept(error, message.retry_after)
+                    if message.recheck_after is not None and not self._rechecked:
                         # The holder came through another hub replica, which may be dead:
                         # ask once more when that would show; a live holder means exit.
                         self._rechecked = True
-                        raise WorkerIdKept(error, float(message["recheck_after"]))
+                        raise WorkerIdKept(error, message.recheck_after)
                     raise WorkerRefused(error)
                 raise websockets.InvalidHandshake(error)
         self._rechecked = False
-        kept = set(message.get("jobs", []))
+        kept = set(message.jobs)
         for job_id in [j for j in self.running if j not in kept]:
             log.warning("job %s was lost while disconnected; stopping it", job_id)
             self._stop_job(job_id, "lost")
         for job_id in [j for j in self.outbox if j not in kept]:
             del self.outbox[job_id]
 
-    async def send(self, message: dict[str, Any]) -> bool:
+    async def send(self, message: WorkerMessage) -> bool:
         """Send a message if connected; False when it could not be sent."""
         conn = self.conn
         if conn is None:
             return False
         try:
             async with self.send_lock:
-                await conn.send(json.dumps(message))
+                await conn.send(json.dumps(message.model_dump(mode="json")))
         except websockets.ConnectionClosed:
             return False
         return True
@@ -405,18 +452,17 @@ class Worker:
     async def request_work(self) -> None:
         """Tell the hub how many slots are free (0 while draining)."""
         free = 0 if self.draining else max(0, self.capacity - len(self.running))
-        await self.send({"type": "request_job", "slots": free})
+        await self.send(RequestJob(slots=free))
 
     async def _heartbeats(self) -> None:
         while True:
             await asyncio.sleep(self.settings.heartbeat_s)
             await self.send(
-                {
-                    "type": "worker_heartbeat",
-                    "worker_id": self.worker_id,
-                    "status": "busy" if self.running else "idle",
-                    "load": len(self.running) / max(1, self.capacity),
-                }
+                WorkerHeartbeat(
+                    worker_id=self.worker_id,
+                    status="busy" if self.running else "idle",
+                    load=len(self.running) / max(1, self.capacity),
+                )
             )
 
     async def _refresh_capabilities(self) -> None:
@@ -434,31 +480,30 @@ class Worker:
                 self._caps = caps
                 await self.send(self._registration())
 
-    async def _handle(self, message: dict[str, Any]) -> None:
-        kind = message.get("type")
-        if kind == "job_assigned":
+    async def _handle(self, message: HubMessage) -> None:
+        if isinstance(message, JobAssigned):
             self._start_job(message)
-        elif kind == "cancel_job":
-            self._stop_job(message["job_id"], "cancelled")
-        elif kind == "worker_heartbeat_ack":
-            for job_id in message.get("lost", []):
+        elif isinstance(message, CancelJob):
+            self._stop_job(message.job_id, "cancelled")
+        elif isinstance(message, WorkerHeartbeatAck):
+            for job_id in message.lost:
                 log.warning("job %s: lease lost; stopping it", job_id)
                 self._stop_job(job_id, "lost")
-        elif kind == "error":
-            log.warning("hub: %s", message.get("error"))
+        elif isinstance(message, Error):
+            log.warning("hub: %s", message.error)
 
     # -- jobs -----------------------------------------------------------------------------
 
-    def _start_job(self, message: dict[str, Any]) -> None:
+    def _start_job(self, message: JobAssigned) -> None:
         job = Job(
-            id=message["job_id"],
-            service=message.get("job_type", ""),
-            payload=message.get("params") or {},
-            priority=message.get("priority", 0),
-            attempt=message.get("attempt", 1),
-            timeout=message.get("timeout") or 0,
-            lease_token=message.get("lease_token", ""),
-            created_at=message.get("created_at") or 0,
+            id=message.job_id,
+            service=message.job_type,
+            payload=message.params,
+            priority=message.priority,
+            attempt=message.attempt,
+            timeout=message.timeout,
+            lease_token=message.lease_token,
+            created_at=message.created_at,
         )
         if job.id in self.running:
             return
@@ -471,9 +516,7 @@ class Worker:
         )
         if connector is None:  # the hub should not do that; say so and hand it back
             log.error("job %s is for %s, which no connector here runs", job.id, job.service)
-            asyncio.get_running_loop().create_task(
-                self.send({"type": "release_job", "job_id": job.id})
-            )
+            asyncio.get_running_loop().create_task(self.send(ReleaseJob(job_id=job.id)))
             return
         running = Running(job, connector, ctx)
         self.running[job.id] = running
@@ -497,13 +540,7 @@ class Worker:
 
     async def _progress(self, job_id: str, percent: float, message: str, stage: str) -> None:
         await self.send(
-            {
-                "type": "update_job_progress",
-                "job_id": job_id,
-                "progress": percent,
-                "message": message,
-                "status": stage,
-            }
+            UpdateJobProgress(job_id=job_id, progress=percent, message=message, status=stage)
         )
 
     async def _store_output(
@@ -524,7 +561,7 @@ class Worker:
         job, ctx = running.job, running.ctx
         outcome: Outcome = "completed"
         error: str | None = None
-        final: dict[str, Any] | None = None
+        final: CompleteJob | FailJob | ReleaseJob | None = None
         started = time.monotonic()
         timer = None
         try:
@@ -542,29 +579,24 @@ class Worker:
                 result.setdefault("outputs", [o.model_dump() for o in ctx.outputs])
             elif ctx.outputs and result is None:
                 result = {"outputs": [o.model_dump() for o in ctx.outputs]}
-            final = {"type": "complete_job", "job_id": job.id, "result": result}
+            final = CompleteJob(job_id=job.id, result=result)
         except JobFailed as exc:
             outcome, error = "failed", str(exc)
-            final = {
-                "type": "fail_job",
-                "job_id": job.id,
-                "error": error,
-                "retryable": exc.retryable,
-            }
+            final = FailJob(job_id=job.id, error=error, retryable=exc.retryable)
         except asyncio.CancelledError:
             reason = running.stop_reason
             if reason is None:
                 raise  # the worker itself is going down
             outcome = reason
             if reason == "released":
-                final = {"type": "release_job", "job_id": job.id}
+                final = ReleaseJob(job_id=job.id)
             elif reason == "timed_out":
                 error = f"timed out after {job.timeout:g} s"
-                final = {"type": "fail_job", "job_id": job.id, "error": error}
+                final = FailJob(job_id=job.id, error=error)
         except Exception as exc:
             log.exception("job %s failed in connector %s", job.id, running.connector.name)
             outcome, error = "failed", f"{type(exc).__name__}: {exc}"
-            final = {"type": "fail_job", "job_id": job.id, "error": error, "retryable": True}
+            final = FailJob(job_id=job.id, error=error, retryable=True)
         finally:
             if timer is not None:
                 timer.cancel()

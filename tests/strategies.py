@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
-from emp_worker.capabilities import (
+from emp_protocol.capabilities import (
     GPU,
     CustomerAccess,
     Isolation,

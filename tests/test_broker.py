@@ -20,7 +20,7 @@ from emp_hub.broker import (
     RequirementsSpec,
     StaleLease,
 )
-from emp_worker.capabilities import GPU, CustomerAccess, Isolation, WorkerCapabilities
+from emp_protocol.capabilities import GPU, CustomerAccess, Isolation, WorkerCapabilities
 from tests.conftest import Clock
 
 pytestmark = pytest.mark.broker

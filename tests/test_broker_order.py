@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from emp_hub.broker import Broker, BrokerSettings, JobSpec, RequirementsSpec
 from emp_hub.broker.connection import connect
-from emp_worker.capabilities import GPU, JobRequirements, WorkerCapabilities, matches
+from emp_protocol.capabilities import GPU, JobRequirements, WorkerCapabilities, matches
 from tests.conftest import drop_namespace
 from tests.strategies import MODELS, SERVICES, TAGS, capabilities, requirements
 

@@ -17,7 +17,7 @@ from emp_hub.broker import Broker, BrokerSettings, JobSpec, JobStatus
 from emp_hub.broker.connection import connect
 from emp_hub.broker.scripts import source
 from emp_hub.embedded import EmbeddedValkey, redis_url_or_embedded
-from emp_worker.capabilities import WorkerCapabilities
+from emp_protocol.capabilities import WorkerCapabilities
 
 pytestmark = pytest.mark.broker
 

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from emp_worker.capabilities import (
+from emp_protocol.capabilities import (
     GPU,
     CustomerAccess,
     Isolation,

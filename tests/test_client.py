@@ -25,7 +25,7 @@ from emp_hub.client import AuthError, Client, HubUnreachable, JobNotFound, Rejec
 from emp_hub.client_cli import main
 from emp_hub.embedded import free_port
 from emp_hub.settings import HubSettings
-from emp_worker.capabilities import WorkerCapabilities
+from emp_protocol.capabilities import WorkerCapabilities
 from tests.hub_server import running_hub
 
 pytestmark = pytest.mark.hub

@@ -12,6 +12,7 @@ from typing import Any, get_args
 import pytest
 from pydantic import ValidationError
 
+from emp_hub.testing import TestHub, connector_hub
 from emp_worker import hookimpl, hookspecs
 from emp_worker.connector import (
     CapabilityExtras,
@@ -25,7 +26,7 @@ from emp_worker.connector import (
 from emp_worker.hookspecs import Outcome
 from emp_worker.plugins import PluginError, Plugins
 from emp_worker.settings import WorkerSettings
-from emp_worker.testing import TestHub, connector_hub, fake_context
+from emp_worker.testing import fake_context
 from emp_worker.worker import Worker
 
 pytestmark = pytest.mark.worker

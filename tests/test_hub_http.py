@@ -18,7 +18,7 @@ from pydantic import SecretStr
 from emp_hub.auth import Role, TokenStore
 from emp_hub.broker import Broker, BrokerSettings
 from emp_hub.settings import HubSettings
-from emp_worker.capabilities import WorkerCapabilities
+from emp_protocol.capabilities import WorkerCapabilities
 from tests.hub_server import running_hub
 
 pytestmark = pytest.mark.hub

@@ -10,7 +10,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import httpx
 import pytest
@@ -23,7 +23,8 @@ from emp_hub import ws_monitor
 from emp_hub.auth import Role, TokenStore
 from emp_hub.broker import BrokerSettings
 from emp_hub.settings import HubSettings
-from emp_worker.protocol import PROTOCOL_VERSION
+from emp_protocol.hub_messages import HubMessage, hub_message
+from emp_protocol.messages import PROTOCOL_VERSION
 from tests.hub_server import running_hub
 from tests.processes import cluster
 
@@ -247,6 +248,65 @@ async def test_worker_socket_needs_a_worker_token(
             ws_url, additional_headers={"Authorization": f"Bearer {worker_token}"}
         ) as conn:
             assert json.loads(await conn.recv())["type"] == "connection_established"
+
+
+class TypedPeer(Peer):
+    """A worker-route peer that checks every frame the hub sends against the models of
+    emp_protocol.hub_messages: it must parse, and read back to the very same JSON."""
+
+    def __init__(self, conn: ClientConnection) -> None:
+        super().__init__(conn)
+        self.seen: set[str] = set()
+
+    async def recv(self, wait: float = 5) -> dict[str, Any]:
+        raw = await super().recv(wait)
+        assert hub_message.validate_python(raw).model_dump(mode="json") == raw
+        self.seen.add(raw["type"])
+        return raw
+
+
+async def test_every_message_to_a_worker_is_a_hub_message(base_url: str) -> None:
+    """Every message type the hub sends a worker, each as a model describes it exactly."""
+    url = base_url.replace("http", "ws") + "/ws/worker/"
+    async with (
+        websockets.connect(url + "w1") as c1,
+        websockets.connect(url + "w1") as c2,
+        websockets.connect(url + "old") as c3,
+    ):
+        w, other, old = TypedPeer(c1), TypedPeer(c2), TypedPeer(c3)
+        for peer in (w, other, old):
+            greeting = await peer.expect("connection_established")
+        assert greeting["protocol_version"] == PROTOCOL_VERSION
+        await w.send("register_worker", worker_id="w1", instance="one", capabilities=SIM_CAPS)
+        await w.expect("worker_registered")
+        await w.expect("job_notifications_subscribed")
+        await other.send("register_worker", instance="two", capabilities=SIM_CAPS, dry_run=True)
+        assert (await other.expect("error"))["code"] == "worker_id_in_use"
+        await w.send("launch_rockets")
+        assert "details" not in await w.expect("error")
+        await w.send("worker_heartbeat", status="busy")
+        assert (await w.expect("worker_heartbeat_ack"))["lost"] == []
+        ids = [await submit(base_url) for _ in range(4)]
+        await w.send("request_job", slots=4)
+        assert [(await w.expect("job_assigned"))["job_id"] for _ in ids] == ids
+        await w.send("complete_job", job_id=ids[0], result={"ok": True})
+        await w.expect("job_completed_ack")
+        await w.send("fail_job", job_id=ids[1], error="CUDA out of memory")
+        assert (await w.expect("job_failed_ack"))["status"] == "delayed"
+        await w.send("release_job", job_id=ids[2])
+        await w.expect("job_released")
+        async with httpx.AsyncClient(base_url=base_url) as http:
+            await http.post(f"/api/jobs/{ids[3]}/cancel", json={"reason": "user gave up"})
+        await w.expect("cancel_job")
+        legacy = {"supported_job_types": ["simulation"]}
+        await old.send("register_worker", worker_id="old", capabilities=legacy, dry_run=True)
+        await old.expect("worker_id_available")
+        await old.send("register_worker", worker_id="old", capabilities=legacy)
+        await old.expect("worker_registered")
+        await old.expect("job_notifications_subscribed")
+        await old.expect("job_available")  # the released job
+    kinds = {cls.model_fields["type"].default for cls in get_args(get_args(HubMessage)[0])}
+    assert w.seen | other.seen | old.seen == kinds
 
 
 async def test_two_hubs_share_one_redis(hub_settings: HubSettings) -> None:

@@ -13,7 +13,7 @@ import redis.asyncio
 from emp_hub.broker import Broker, JobStatus, connect
 from emp_hub.cli import main
 from emp_hub.migrate import migrate
-from emp_worker.capabilities import WorkerCapabilities
+from emp_protocol.capabilities import WorkerCapabilities
 
 pytestmark = pytest.mark.hub
 

@@ -207,7 +207,7 @@ async def test_original_monitor(
 ) -> None:
     """The recorded monitor's requests, stats, and copies of every job's messages."""
     from emp_hub.broker import Broker
-    from emp_worker.capabilities import WorkerCapabilities
+    from emp_protocol.capabilities import WorkerCapabilities
 
     ws = base_url.replace("http", "ws")
     async with websockets.connect(f"{ws}/ws/monitor/mon-1") as mon:

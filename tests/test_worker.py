@@ -4,6 +4,7 @@ against the real hub app (cancel, timeout, signals, capability changes)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,12 +16,14 @@ import redis.asyncio
 
 from emp_hub.broker import BrokerSettings
 from emp_hub.settings import HubSettings
+from emp_hub.testing import TestHub, running_hub, running_worker
+from emp_protocol.hub_messages import CancelJob
 from emp_worker import hookimpl
 from emp_worker import worker as worker_module
 from emp_worker.connector import Connector, Job, JobContext
 from emp_worker.plugins import PluginError, Plugins
 from emp_worker.settings import WorkerSettings
-from emp_worker.testing import TestHub, fake_context, running_hub, running_worker
+from emp_worker.testing import fake_context
 from emp_worker.worker import WorkerRefused
 
 pytestmark = pytest.mark.worker
@@ -127,6 +130,22 @@ async def test_the_first_and_the_last_progress_report_pass_the_throttle() -> Non
     for percent in (0, 10, 99, 100):
         await ctx.progress(percent, f"at {percent}")
     assert [(r.percent, r.message) for r in ctx.reports] == [(0, "at 0"), (100, "at 100")]
+
+
+def test_a_hub_message_the_worker_cannot_read_is_skipped(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A newer hub's message type is skipped quietly, an invalid message with a warning;
+    neither ends the connection (the old code failed on a job_assigned without a field)."""
+    caplog.set_level(logging.DEBUG, "emp_worker")
+    assert worker_module.read_hub_message('{"type": "launch_rockets"}') is None
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert worker_module.read_hub_message('{"type": "job_assigned", "job_id": "j"}') is None
+    assert worker_module.read_hub_message("{not json") is None
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2 and "lease_token" in warnings[0]
+    cancel = worker_module.read_hub_message('{"type": "cancel_job", "job_id": "j", "reason": "r"}')
+    assert isinstance(cancel, CancelJob) and cancel.job_id == "j"
 
 
 # -- the runtime against the hub --------------------------------------------------------------

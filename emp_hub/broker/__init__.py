@@ -8,7 +8,6 @@ from emp_hub.broker.connection import connect
 from emp_hub.broker.models import (
     PRIORITY_MAX,
     PRIORITY_MIN,
-    TERMINAL,
     BrokerError,
     CancelResult,
     Claim,
@@ -20,7 +19,6 @@ from emp_hub.broker.models import (
     Job,
     JobNotFound,
     JobSpec,
-    JobStatus,
     Page,
     QueueStats,
     RequirementsSpec,
@@ -29,6 +27,7 @@ from emp_hub.broker.models import (
     TooLarge,
 )
 from emp_hub.broker.settings import BrokerSettings
+from emp_protocol.jobs import TERMINAL, JobStatus
 
 __all__ = [
     "PRIORITY_MAX",

@@ -57,7 +57,6 @@ from emp_hub.broker.models import (
     Job,
     JobNotFound,
     JobSpec,
-    JobStatus,
     Page,
     QueueStats,
     Submitted,
@@ -65,7 +64,8 @@ from emp_hub.broker.models import (
 )
 from emp_hub.broker.scripts import CONFIG_FIELDS, Scripts
 from emp_hub.broker.settings import BrokerSettings
-from emp_worker.capabilities import JobRequirements, WorkerCapabilities, matches, why_unmatched
+from emp_protocol.capabilities import JobRequirements, WorkerCapabilities, matches, why_unmatched
+from emp_protocol.jobs import JobStatus
 
 log = logging.getLogger("emp_hub.broker")
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from enum import StrEnum
 from functools import lru_cache
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from emp_worker.capabilities import NAME_PATTERN, Isolation, JobRequirements, Name
+from emp_protocol.capabilities import NAME_PATTERN, Isolation, JobRequirements, Name
+from emp_protocol.jobs import JobStatus
 
 #: Priorities run from PRIORITY_MIN to PRIORITY_MAX; higher runs first.
 PRIORITY_MIN = -1000
@@ -41,26 +41,6 @@ JobId = Annotated[
 
 #: The fields of a job record that may be large: a list reads them only when asked.
 LARGE_FIELDS = ("payload", "result")
-
-
-class JobStatus(StrEnum):
-    """Where a job is in its life. Terminal: completed, failed, cancelled."""
-
-    PENDING = "pending"
-    ACTIVE = "active"
-    DELAYED = "delayed"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-    @property
-    def terminal(self) -> bool:
-        """True for completed, failed and cancelled."""
-        return self in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED)
-
-
-#: The terminal statuses' names, as events and the API carry them.
-TERMINAL = frozenset(s.value for s in JobStatus if s.terminal)
 
 
 class RequirementsSpec(BaseModel):

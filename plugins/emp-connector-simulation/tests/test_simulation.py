@@ -1,12 +1,13 @@
-"""The simulation connector on a real hub (emp_worker.testing), and on its own."""
+"""The simulation connector on a real hub (emp_hub.testing), and on its own."""
 
 from __future__ import annotations
 
 import pytest
 from emp_connector_simulation import SimulationConnector, SimulationSettings, png
 
+from emp_hub.testing import connector_hub
 from emp_worker.connector import Job, JobFailed
-from emp_worker.testing import connector_hub, fake_context
+from emp_worker.testing import fake_context
 
 
 def settings(**values: object) -> SimulationSettings:

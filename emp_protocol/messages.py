@@ -8,11 +8,19 @@ in the heartbeat acknowledgement. docs/protocol.md lists every message with an e
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    TypeAdapter,
+    field_validator,
+    model_serializer,
+)
 
-from emp_worker.capabilities import WorkerCapabilities
+from emp_protocol.capabilities import WorkerCapabilities
 
 #: The version of this protocol. The hub says its own in `connection_established`
 #: (`protocol_version`), the worker its own in `register_worker`, and the hub refuses a
@@ -22,11 +30,21 @@ PROTOCOL_VERSION = 1
 
 class Message(BaseModel):
     """Fields every message may carry. Unknown extra fields are tolerated (and ignored),
-    as original workers send some (connector details, message ids)."""
+    as original workers send some (connector details, message ids).
+
+    On the wire (`model_dump(mode="json")`) `type` comes first, and the fields named in
+    `OMIT_NONE` are left out while they are None."""
 
     model_config = ConfigDict(extra="allow")
+    OMIT_NONE: ClassVar[frozenset[str]] = frozenset()
 
     timestamp: float = Field(default_factory=time.time)
+
+    @model_serializer(mode="wrap")
+    def _wire(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        kind = {"type": data.pop("type")} if "type" in data else {}
+        return kind | {k: v for k, v in data.items() if v is not None or k not in self.OMIT_NONE}
 
 
 class HeldJob(BaseModel):
@@ -39,7 +57,7 @@ class HeldJob(BaseModel):
 class RegisterWorker(Message):
     """First message of a worker: who it is and what it can do."""
 
-    type: Literal["register_worker"]
+    type: Literal["register_worker"] = "register_worker"
     worker_id: str | None = None
     instance: str | None = Field(
         default=None,
@@ -88,14 +106,14 @@ class RequestJob(Message):
     """Pull model: the worker has `slots` free slots; the hub answers with job_assigned
     messages now or as soon as matching jobs arrive."""
 
-    type: Literal["request_job"]
+    type: Literal["request_job"] = "request_job"
     slots: int = Field(default=1, ge=0, le=1000)
 
 
 class ClaimJob(Message):
     """The original worker takes the job it was offered (job_available)."""
 
-    type: Literal["claim_job"]
+    type: Literal["claim_job"] = "claim_job"
     job_id: str
     worker_id: str | None = None
     claim_timeout: float = 30
@@ -104,7 +122,7 @@ class ClaimJob(Message):
 class WorkerHeartbeat(Message):
     """Liveness; renews the leases of the jobs this connection holds."""
 
-    type: Literal["worker_heartbeat"]
+    type: Literal["worker_heartbeat"] = "worker_heartbeat"
     worker_id: str | None = None
     status: str = "idle"
     load: float = 0
@@ -113,7 +131,7 @@ class WorkerHeartbeat(Message):
 class WorkerStatus(Message):
     """The original worker's status report (idle/busy)."""
 
-    type: Literal["worker_status"]
+    type: Literal["worker_status"] = "worker_status"
     worker_id: str | None = None
     status: str = "idle"
 
@@ -121,7 +139,7 @@ class WorkerStatus(Message):
 class UpdateJobProgress(Message):
     """Progress of a held job: 0-100 (-1: keep-alive only)."""
 
-    type: Literal["update_job_progress"]
+    type: Literal["update_job_progress"] = "update_job_progress"
     job_id: str
     progress: float = Field(ge=-1, le=100)
     status: str = "processing"
@@ -131,7 +149,7 @@ class UpdateJobProgress(Message):
 class CompleteJob(Message):
     """The result of a held job."""
 
-    type: Literal["complete_job"]
+    type: Literal["complete_job"] = "complete_job"
     job_id: str
     result: Any = None
 
@@ -139,7 +157,7 @@ class CompleteJob(Message):
 class FailJob(Message):
     """A held job's attempt failed."""
 
-    type: Literal["fail_job"]
+    type: Literal["fail_job"] = "fail_job"
     job_id: str
     error: str = "failed"
     retryable: bool = True
@@ -148,14 +166,14 @@ class FailJob(Message):
 class ReleaseJob(Message):
     """Hand a held job back without penalty (e.g. on shutdown)."""
 
-    type: Literal["release_job"]
+    type: Literal["release_job"] = "release_job"
     job_id: str
 
 
 class ConnectorWsStatus(Message):
     """The state of a connector's link to its service; relayed to monitors."""
 
-    type: Literal["connector_ws_status"]
+    type: Literal["connector_ws_status"] = "connector_ws_status"
     worker_id: str | None = None
     connector_type: str
     connected: bool
@@ -167,7 +185,7 @@ class ConnectorWsStatus(Message):
 class ServiceRequest(Message):
     """A request a connector made to its service for a job; relayed to monitors."""
 
-    type: Literal["service_request"]
+    type: Literal["service_request"] = "service_request"
     job_id: str
     worker_id: str | None = None
     service: str | None = None
@@ -190,8 +208,3 @@ WorkerMessage = Annotated[
     Field(discriminator="type"),
 ]
 worker_message = TypeAdapter(WorkerMessage)
-
-
-def hub_message(type_: str, **fields: Any) -> dict[str, Any]:
-    """A hub-to-peer message with its type and timestamp."""
-    return {"type": type_, "timestamp": time.time(), **fields}
