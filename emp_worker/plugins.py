@@ -313,7 +313,7 @@ def each_answer(caller: pluggy.HookCaller, **kwargs: Any) -> Iterator[tuple[str,
     for impl in reversed(caller.get_hookimpls()):
         if impl.hookwrapper or impl.wrapper:
             raise PluginError(f"plugin {impl.plugin_name}: {caller.name} cannot be a wrapper")
-        yield impl.plugin_name, impl.function(*(kwargs[name] for name in impl.argnames))
+        yield impl.plugin_name, _call(impl, kwargs)
 
 
 async def first_answer(caller: pluggy.HookCaller, **kwargs: Any) -> Any:
