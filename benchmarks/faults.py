@@ -415,7 +415,11 @@ async def run(args: argparse.Namespace, url: str, tmp: Path) -> dict[str, Any]:
                 submitted = await submits
                 settle_s = await settle(http, submitted.accepted, args.settle_s)
                 wall_s = time.monotonic() - started
-                counts = await audit(http, submitted.accepted)
+                # Fresh connections for the audit: a pooled one the hub closed while idle
+                # (keep-alive ends after 5 s) would fail the read on a loaded machine.
+                fresh = httpx.Limits(max_keepalive_connections=0)
+                async with httpx.AsyncClient(base_url=hub.url, limits=fresh, timeout=30) as reader:
+                    counts = await audit(reader, submitted.accepted)
         finally:
             chaos.stop_all()
     return {
