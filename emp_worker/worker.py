@@ -279,6 +279,7 @@ class Worker:
                 loop.add_signal_handler(sig, self.on_signal)
         for connector in self.connectors:
             await connector.start()
+        self._caps = self.capabilities()  # what the connectors found as they started
         refresher = asyncio.create_task(self._refresh_capabilities())
         failures = 0
         try:
