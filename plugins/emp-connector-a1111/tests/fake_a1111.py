@@ -95,6 +95,7 @@ class FakeA1111:
     switches: list[str] = field(default_factory=list)  #: titles switched to, in order
     requests: list[dict[str, Any]] = field(default_factory=list)  #: generation bodies
     progress_polls: int = 0
+    spent: list[float] = field(default_factory=list)  #: seconds each generation request took
     interrupts: int = 0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -247,6 +248,13 @@ def create_app(fake: FakeA1111) -> FastAPI:
         return JSONResponse({"ram": ram, "cuda": {"error": "unavailable"}})
 
     async def generate(request: Request, mode: str) -> Response:
+        began = time.perf_counter()
+        try:
+            return await _generate(request, mode)
+        finally:
+            fake.spent.append(time.perf_counter() - began)
+
+    async def _generate(request: Request, mode: str) -> Response:
         try:
             body = await request.json()
         except ValueError:
