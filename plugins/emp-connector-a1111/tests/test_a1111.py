@@ -247,3 +247,26 @@ async def test_dying_mid_job_fails_retryable() -> None:
         if process.returncode is None:
             process.kill()
         await process.wait()
+
+
+async def test_interrupted_by_someone_else_fails_retryable() -> None:
+    fake = FakeA1111(step_s=0.02)
+    async with serve(fake) as url, connector_hub(connector(url)) as hub:
+        job_id = await hub.submit("a1111", {"prompt": "x", "steps": 200}, max_attempts=1)
+        await wait_for(lambda: fake.sampling_step > 2)
+        async with httpx.AsyncClient() as http:  # another client of the same A1111
+            await http.post(f"{url}/sdapi/v1/interrupt")
+        job = await hub.wait(job_id, within_s=10)
+        assert job["status"] == "failed" and "interrupted outside emp" in job["error"], job
+        assert job["result"] is None or not job["result"].get("images")
+
+
+async def test_a_timed_out_job_interrupts_a1111() -> None:
+    fake = FakeA1111(step_s=0.05)
+    async with serve(fake) as url, connector_hub(connector(url)) as hub:
+        job = await hub.run(
+            "a1111", {"prompt": "slow", "steps": 400}, job_timeout=1, max_attempts=1
+        )
+        assert job["status"] == "failed", job
+        await wait_for(lambda: fake.job_count == 0, within_s=5)
+        assert fake.interrupts >= 1 and fake.sampling_step < 400

@@ -306,6 +306,7 @@ class A1111Connector(Connector):
             poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await poller
+        await self._check_not_interrupted(endpoint)
         images = answer.get("images") if isinstance(answer, dict) else None
         if not isinstance(images, list):
             raise JobFailed(f"A1111 {endpoint} answered without images: {str(answer)[:200]}")
@@ -337,6 +338,18 @@ class A1111Connector(Connector):
             "parameters": parameters,
             "elapsed_s": round(time.perf_counter() - began, 6),
         }
+
+    async def _check_not_interrupted(self, endpoint: str) -> None:
+        """A1111 answers an interrupted generation with 200 and the partial images; its
+        state keeps `interrupted` until the next one begins. Not ours (ours cancels run):
+        someone else stopped it, so the images are not what the job asked for."""
+        try:
+            state = (await self._call("GET", "/sdapi/v1/progress?skip_current_image=true"))["state"]
+            interrupted = bool(state.get("interrupted"))
+        except (JobFailed, KeyError, TypeError, AttributeError):
+            return  # the answer we have decides
+        if interrupted:
+            raise JobFailed(f"A1111's {endpoint} was interrupted outside emp (partial images)")
 
     @staticmethod
     def _decode(encoded: Any, index: int) -> bytes:
