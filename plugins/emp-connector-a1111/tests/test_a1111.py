@@ -270,3 +270,17 @@ async def test_a_timed_out_job_interrupts_a1111() -> None:
         assert job["status"] == "failed", job
         await wait_for(lambda: fake.job_count == 0, within_s=5)
         assert fake.interrupts >= 1 and fake.sampling_step < 400
+
+
+async def test_two_jobs_wanting_different_models_each_get_theirs() -> None:
+    fake = FakeA1111(step_s=0.02, load_s=0.1)
+    async with serve(fake) as url, connector_hub(connector(url, concurrency=2)) as hub:
+        first = await hub.submit("a1111", {"prompt": "a", "steps": 10, "model": "sd_xl_base_1.0"})
+        second = await hub.submit("a1111", {"prompt": "b", "steps": 10, "model": "6ce0161689"})
+        jobs = [await hub.wait(first), await hub.wait(second)]
+        assert [j["status"] for j in jobs] == ["completed", "completed"], jobs
+        assert [j["result"]["info"]["sd_model_name"] for j in jobs] == [
+            "sd_xl_base_1.0",
+            "v1-5-pruned-emaonly",
+        ]
+        assert fake.switches == [SDXL, SD15]  # one at a time, each before its generation

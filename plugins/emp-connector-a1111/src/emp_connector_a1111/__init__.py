@@ -133,7 +133,10 @@ class A1111Connector(Connector):
         super().__init__(settings)
         self.models: list[dict[str, Any]] = []  #: the last /sdapi/v1/sd-models answer
         self._http: httpx.AsyncClient | None = None
-        self._switch = asyncio.Lock()  # one model switch at a time
+        # One job at a time talks to A1111 (a model switch and the generation that needs
+        # it): A1111 runs one generation at a time anyway, its progress is global, and a
+        # switch must not happen under another job's generation.
+        self._turn = asyncio.Lock()
         self._active: set[str] = set()  # jobs whose generation request is in flight
         self._refresher: asyncio.Task[None] | None = None
 
@@ -246,13 +249,12 @@ class A1111Connector(Connector):
             raise JobFailed(
                 f"A1111 has no checkpoint {wanted!r} (it has: {known})", retryable=False
             )
-        async with self._switch:
-            options = await self._call("GET", "/sdapi/v1/options")
-            if isinstance(options, dict) and options.get("sd_model_checkpoint") == title:
-                return title
-            await ctx.progress(0, f"loading model {title}", "loading_model")
-            await self._call("POST", "/sdapi/v1/options", json={"sd_model_checkpoint": title})
-            await ctx.progress(0, f"loaded model {title}", "loading_model")
+        options = await self._call("GET", "/sdapi/v1/options")
+        if isinstance(options, dict) and options.get("sd_model_checkpoint") == title:
+            return title
+        await ctx.progress(0, f"loading model {title}", "loading_model")
+        await self._call("POST", "/sdapi/v1/options", json={"sd_model_checkpoint": title})
+        await ctx.progress(0, f"loaded model {title}", "loading_model")
         return title
 
     async def _poll(self, ctx: JobContext) -> None:
@@ -292,21 +294,12 @@ class A1111Connector(Connector):
         if wanted is None and isinstance(overrides, dict):
             wanted = overrides.get("sd_model_checkpoint")
         await ctx.progress(0, "started", "started")
-        model = await self._ensure_model(str(wanted), ctx) if wanted else None
-        poller = asyncio.create_task(self._poll(ctx))
-        self._active.add(job.id)
-        try:
-            answer = await self._call("POST", f"/sdapi/v1/{endpoint}", json=body)
-        except asyncio.CancelledError:
-            with contextlib.suppress(Exception):  # leave nothing running in A1111
-                await asyncio.shield(self.interrupt())
-            raise
-        finally:
-            self._active.discard(job.id)
-            poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await poller
-        await self._check_not_interrupted(endpoint)
+        if self._turn.locked():
+            await ctx.progress(0, "waiting for A1111 (busy with another job)", "queued")
+        async with self._turn:
+            model = await self._ensure_model(str(wanted), ctx) if wanted else None
+            answer = await self._generate(job, ctx, endpoint, body)
+            await self._check_not_interrupted(endpoint)
         images = answer.get("images") if isinstance(answer, dict) else None
         if not isinstance(images, list):
             raise JobFailed(f"A1111 {endpoint} answered without images: {str(answer)[:200]}")
@@ -338,6 +331,24 @@ class A1111Connector(Connector):
             "parameters": parameters,
             "elapsed_s": round(time.perf_counter() - began, 6),
         }
+
+    async def _generate(
+        self, job: Job, ctx: JobContext, endpoint: str, body: dict[str, Any]
+    ) -> Any:
+        """POST the generation, polling its progress meanwhile; interrupt it if cancelled."""
+        poller = asyncio.create_task(self._poll(ctx))
+        self._active.add(job.id)
+        try:
+            return await self._call("POST", f"/sdapi/v1/{endpoint}", json=body)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):  # leave nothing running in A1111
+                await asyncio.shield(self.interrupt())
+            raise
+        finally:
+            self._active.discard(job.id)
+            poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await poller
 
     async def _check_not_interrupted(self, endpoint: str) -> None:
         """A1111 answers an interrupted generation with 200 and the partial images; its
