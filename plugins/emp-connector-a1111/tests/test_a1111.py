@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import serve
+from conftest import serve, wait_for
 from emp_connector_a1111 import A1111Connector, A1111Settings, describe_error
 from fake_a1111 import FakeA1111, png
 
@@ -29,13 +29,6 @@ def connector(url: str, **values: Any) -> A1111Connector:
         {"url": url, "poll_interval_s": 0.01, "models_refresh_s": 0, **values}
     )
     return A1111Connector(settings)
-
-
-async def wait_for(check: Any, within_s: float = 10) -> None:
-    deadline = time.monotonic() + within_s
-    while not check():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.01)
 
 
 async def test_txt2img_stores_images_and_reports_progress() -> None:
