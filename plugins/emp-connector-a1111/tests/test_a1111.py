@@ -277,3 +277,15 @@ async def test_two_jobs_wanting_different_models_each_get_theirs() -> None:
             "v1-5-pruned-emaonly",
         ]
         assert fake.switches == [SDXL, SD15]  # one at a time, each before its generation
+
+
+def test_installed_as_an_emp_worker_plugin() -> None:
+    from importlib.metadata import entry_points
+
+    import emp_connector_a1111
+
+    [entry] = [e for e in entry_points(group="emp_worker") if e.name == "a1111"]
+    assert entry.load() is emp_connector_a1111
+    registered: list[type] = []
+    emp_connector_a1111.register_connectors(registered.append)
+    assert registered == [A1111Connector]
