@@ -25,6 +25,7 @@ import json
 import logging
 import random
 import signal
+import ssl
 import time
 import uuid
 from collections.abc import Callable
@@ -156,6 +157,7 @@ class HubOutputs:
 
     def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings
+        self._tls: ssl.SSLContext | None = None  # made once: loading the CAs takes ~50 ms
 
     @hookimpl(trylast=True)
     async def store_output(
@@ -166,7 +168,8 @@ class HubOutputs:
         if self.settings.token is not None:
             headers["Authorization"] = f"Bearer {self.settings.token.get_secret_value()}"
         url = f"{self.settings.http_url}/api/jobs/{context.job.id}/outputs/{name}"
-        async with httpx.AsyncClient(timeout=120) as http:
+        self._tls = self._tls or httpx.create_ssl_context()
+        async with httpx.AsyncClient(timeout=120, verify=self._tls) as http:
             response = await http.put(url, content=data, headers=headers)
         if response.status_code >= 400:
             raise JobFailed(
@@ -279,6 +282,7 @@ class Worker:
                 loop.add_signal_handler(sig, self.on_signal)
         for connector in self.connectors:
             await connector.start()
+        self._caps = self.capabilities()  # what the connectors found as they started
         refresher = asyncio.create_task(self._refresh_capabilities())
         failures = 0
         try:
