@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -36,6 +37,8 @@ class FakeService:
         self.completed: list[str] = []
         self.running: set[str] = set()
         self.headers: list[str | None] = []
+        #: Seconds from each job's frame to its result frame (the service's own time).
+        self.durations: dict[str, float] = {}
         self.server: Server | None = None
         #: Set when a job starts, and when a cancel frame stops one.
         self.started = asyncio.Event()
@@ -76,6 +79,7 @@ class FakeService:
         """Run one job: progress frames, then its result or error."""
         self.running.add(job_id)
         self.started.set()
+        began = time.perf_counter()
         try:
             steps, step_s = int(payload.get("steps", 3)), float(payload.get("step_s", 0.01))
             other = {"type": "result", "job_id": "other", "result": "not yours"}
@@ -116,6 +120,7 @@ class FakeService:
             if not payload.get("no_result"):
                 result["result"] = {"echo": payload, "steps": steps}
             await conn.send(json.dumps(result))
+            self.durations[job_id] = time.perf_counter() - began
             self.completed.append(job_id)
         except ConnectionClosed:
             pass

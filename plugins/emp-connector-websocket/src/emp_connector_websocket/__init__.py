@@ -159,6 +159,10 @@ class WebSocketConnector(Connector):
     Settings = WebSocketSettings
     settings: WebSocketSettings
 
+    def __init__(self, settings: WebSocketSettings | None = None) -> None:
+        super().__init__(settings)
+        self._closing: set[asyncio.Task[None]] = set()
+
     def capabilities(self) -> ConnectorCapabilities:
         """The configured services."""
         return ConnectorCapabilities(services=frozenset(self.settings.services))
@@ -234,8 +238,20 @@ class WebSocketConnector(Connector):
             await self._send_cancel(conn, job)
             raise
         finally:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(conn.close(), 2)
+            # Closed in the background: the close handshake need not delay the job's end.
+            closing = asyncio.get_running_loop().create_task(self._close(conn))
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
+
+    @staticmethod
+    async def _close(conn: ClientConnection) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(conn.close(), 2)
+
+    async def stop(self) -> None:
+        """Wait for the connections still closing."""
+        if self._closing:
+            await asyncio.wait(set(self._closing), timeout=3)
 
     async def _send_cancel(self, conn: ClientConnection, job: Job) -> None:
         if self.settings.cancel_template is None:
