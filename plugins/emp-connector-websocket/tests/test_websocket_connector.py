@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import pytest
@@ -14,6 +15,7 @@ from emp_connector_websocket import (
     render,
 )
 from fake_ws_service import fake_ws_service
+from websockets.asyncio.server import ServerConnection, serve
 
 from emp_hub.testing import connector_hub
 from emp_worker.connector import Job, JobFailed
@@ -209,3 +211,75 @@ async def test_scaled_progress_on_its_own() -> None:
     percents = [r.percent for r in ctx.reports]
     # 25, 50, 75 of 50 -> 50, 99 (capped below 100 until the result), 99, then 100.
     assert percents == [50, 99, 99, 100]
+
+
+async def test_a_timed_out_job_sends_the_cancel_frame() -> None:
+    cancel = {"type": "cancel", "job_id": "{job_id}"}
+    async with (
+        fake_ws_service() as fake,
+        connector_hub(connector(fake.url, cancel_template=cancel)) as hub,
+    ):
+        job = await hub.run("websocket", {"hang": True}, job_timeout=0.5, max_attempts=1)
+        assert job["status"] == "failed" and "timed out" in job["error"], job
+        await asyncio.wait_for(fake.cancel_seen.wait(), 10)
+        assert fake.cancelled == [job["job_id"]]
+
+
+async def test_two_jobs_at_once() -> None:
+    async with (
+        fake_ws_service() as fake,
+        connector_hub(connector(fake.url, concurrency=2)) as hub,
+    ):
+        ids = [await hub.submit("websocket", {"steps": 4, "step_s": 0.1}) for _ in range(2)]
+        jobs = [await hub.wait(job_id) for job_id in ids]
+        assert [job["status"] for job in jobs] == ["completed", "completed"]
+        # They overlapped: each started before the other ended.
+        assert jobs[0]["started_at"] < jobs[1]["completed_at"]
+        assert jobs[1]["started_at"] < jobs[0]["completed_at"]
+        assert sorted(fake.completed) == sorted(ids)
+
+
+async def tts_service(conn: ServerConnection) -> None:
+    """The service of docs/connectors/websocket.md's example."""
+    async for raw in conn:
+        frame = json.loads(raw)
+        job_id, text = frame["id"], frame["args"]["text"]
+        if text == "fail":
+            failed = {"event": "failed", "id": job_id, "reason": "no voice", "transient": True}
+            await conn.send(json.dumps(failed))
+            continue
+        for fraction in (0.25, 0.5, 0.75):
+            progress = {"event": "progress", "id": job_id, "data": {"fraction": fraction}}
+            await conn.send(json.dumps(progress))
+        done = {"event": "done", "id": job_id, "data": {"audio_url": f"https://x/{text}.wav"}}
+        await conn.send(json.dumps(done))
+
+
+async def test_the_documented_example() -> None:
+    example = {
+        "services": "tts",
+        "job_template": {"op": "synthesize", "id": "{job_id}", "args": "{payload}"},
+        "job_id_path": "id",
+        "progress_match": "event=progress",
+        "progress_path": "data.fraction",
+        "progress_scale": 1,
+        "result_match": "event=done",
+        "result_path": "data",
+        "error_match": "event=failed",
+        "error_path": "reason",
+        "error_retryable_path": "transient",
+    }
+    async with serve(tts_service, "127.0.0.1", 0) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        tts = connector(f"ws://127.0.0.1:{port}", **example)
+        async with connector_hub(tts) as hub:
+            job = await hub.run("tts", {"text": "hello", "voice": "alto"})
+            assert job["status"] == "completed", job
+            assert job["result"] == {"audio_url": "https://x/hello.wav"}
+        ctx = fake_context("tts", {"text": "fail"})
+        with pytest.raises(JobFailed) as failed:
+            await tts.run(ctx.job, ctx)
+        assert failed.value.retryable is True and "no voice" in str(failed.value)
+        ctx = fake_context("tts", {"text": "hi"})
+        await tts.run(ctx.job, ctx)
+        assert [r.percent for r in ctx.reports] == [25, 50, 75, 100]
