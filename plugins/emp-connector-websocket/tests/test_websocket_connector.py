@@ -6,6 +6,7 @@ import asyncio
 import json
 from typing import Any
 
+import emp_connector_websocket
 import pytest
 from emp_connector_websocket import (
     WebSocketConnector,
@@ -283,3 +284,15 @@ async def test_the_documented_example() -> None:
         ctx = fake_context("tts", {"text": "hi"})
         await tts.run(ctx.job, ctx)
         assert [r.percent for r in ctx.reports] == [25, 50, 75, 100]
+
+
+async def test_loaded_as_a_plugin_with_settings_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with fake_ws_service() as fake:
+        monkeypatch.setenv("EMP_WEBSOCKET_URL", fake.url)
+        monkeypatch.setenv("EMP_WEBSOCKET_SERVICES", "echo")
+        async with connector_hub(plugins=[emp_connector_websocket]) as hub:
+            job = await hub.run("echo", {"text": "hi"})
+            assert job["status"] == "completed", job
+            assert job["result"]["echo"] == {"text": "hi"}
