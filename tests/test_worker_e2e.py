@@ -353,7 +353,9 @@ def test_outputs_are_uploaded_and_listed_in_the_result(hub: Cluster) -> None:
 
 
 def test_doctor_and_version(hub: Cluster) -> None:
+    # Only the simulation: other installed connectors' services do not run here.
     env = {"EMP_HUB_URL": hub.url, "EMP_PLUGIN_DIR": str(hub.tmp / "plugins")}
+    env["EMP_CONNECTORS"] = "simulation"
     healthy = _worker_cli(env, "doctor", "--json")
     assert healthy.returncode == 0, healthy.stderr
     report = json.loads(healthy.stdout)
@@ -385,6 +387,7 @@ def test_doctor_checks_the_token_its_role_and_the_worker_id(hub: Cluster) -> Non
     time.sleep(2.1)  # the hub notices it is no longer open
     env = {"EMP_HUB_URL": hub.url, "EMP_PLUGIN_DIR": str(hub.tmp / "plugins")}
     env["EMP_WORKER_ID"] = "w-doc"
+    env["EMP_CONNECTORS"] = "simulation"  # other installed connectors' services do not run
 
     def doctor(**more: str) -> tuple[int, str]:
         done = _worker_cli({**env, **more}, "doctor")
