@@ -108,6 +108,7 @@ class Cluster:
             **os.environ,
             "EMP_HUB_URL": f"ws://127.0.0.1:{self.port}",
             "EMP_WORKER_ID": worker_id,
+            "EMP_CONNECTORS": "simulation",  # not the other installed connectors' services
             "EMP_PLUGIN_DIR": str(self.tmp / "plugins"),
             "EMP_SIMULATION_DURATION": "1",
             "EMP_SIMULATION_STEPS": "4",

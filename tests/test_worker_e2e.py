@@ -353,6 +353,7 @@ def test_outputs_are_uploaded_and_listed_in_the_result(hub: Cluster) -> None:
 
 
 def test_doctor_and_version(hub: Cluster) -> None:
+    # Only the simulation: other installed connectors' services do not run here.
     env = {"EMP_HUB_URL": hub.url, "EMP_PLUGIN_DIR": str(hub.tmp / "plugins")}
     env["EMP_CONNECTORS"] = "simulation"  # not other installed connectors: no service here
     healthy = _worker_cli(env, "doctor", "--json")
