@@ -1,7 +1,8 @@
 """A small REST service for the tests: sync and async endpoints, failures on demand.
 
-Sync: POST /echo answers {"echo": body, "auth": header, "query": {...}}; GET /image a PNG;
-GET /text plain text; GET /big 1 MB; GET /broken "JSON" that is not; GET /slow waits.
+Sync: POST /echo answers {"echo": body, "auth": header, "query": {...}, "elapsed_s"};
+GET /image a PNG; GET /text plain text; GET /big 1 MB; GET /broken "JSON" that is not;
+GET /slow waits.
 Async: POST /tasks -> {"data": {"task_id": id}}; GET /tasks/{id} -> {"state", "pct",
 "output"} advancing `step` percent a poll (done at 100); GET /tasks/{id}/result the output;
 POST /tasks/{id}/cancel. `fail_next` holds statuses the next calls answer with (then normal).
@@ -14,6 +15,7 @@ import contextlib
 import itertools
 import json
 import socket
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,6 +61,7 @@ class FakeRest:
         return None
 
     async def echo(self, request: Request) -> Response:
+        began = time.perf_counter()
         self.calls.append(f"{request.method} /echo")
         if failure := self._failure():
             return failure
@@ -69,6 +72,7 @@ class FakeRest:
                 "auth": request.headers.get("authorization") or request.headers.get("x-api-key"),
                 "query": dict(request.query_params),
                 "extra": request.headers.get("x-extra"),
+                "elapsed_s": time.perf_counter() - began,  # the service's own time
             }
         )
 
