@@ -51,6 +51,8 @@ class FakeRest:
     calls: list[str] = field(default_factory=list)
     tasks: dict[str, Task] = field(default_factory=dict)
     ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    in_flight: int = 0
+    most_in_flight: int = 0
     url: str = ""
     server: uvicorn.Server | None = None
 
@@ -90,7 +92,12 @@ class FakeRest:
         return Response(b'{"not": json', media_type="application/json")
 
     async def slow(self, request: Request) -> Response:
-        await asyncio.sleep(float(request.query_params.get("s", "5")))
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(float(request.query_params.get("s", "5")))
+        finally:
+            self.in_flight -= 1
         return JSONResponse({"slow": True})
 
     async def submit(self, request: Request) -> Response:

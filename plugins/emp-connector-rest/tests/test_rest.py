@@ -235,6 +235,31 @@ async def test_service_dying_mid_job_fails_retryable_without_hanging() -> None:
         assert failed.value.retryable and "status:" in str(failed.value)
 
 
+async def test_service_dying_mid_job_through_the_hub_is_retried_then_fails() -> None:
+    async with fake_rest(step=1) as fake:
+        rest = connector(async_instance(fake.url))
+        async with connector_hub(rest, broker={"retry_base_s": 0}) as hub:
+            job_id = await hub.submit("tasks", {}, max_attempts=2)
+            await until(lambda: "t1" in fake.tasks and fake.tasks["t1"].polls >= 2)
+            await fake.stop()
+            job = await hub.wait(job_id, within_s=30)
+            assert (job["status"], job["attempt"], job["failures"]) == ("failed", 2, 2), job
+            assert "ConnectError" in job["error"] and hub.worker.running == {}
+
+
+async def test_two_jobs_at_once_with_concurrency_two() -> None:
+    async with fake_rest() as fake:
+        rest = RestConnector(
+            RestSettings(concurrency=2),
+            [instance(base_url=fake.url, endpoint="/slow?s=0.5", method="GET")],
+        )
+        async with connector_hub(rest) as hub:
+            ids = [await hub.submit("rest", {}) for _ in range(2)]
+            jobs = [await hub.wait(job_id) for job_id in ids]
+            assert [j["result"] for j in jobs] == [{"slow": True}] * 2
+            assert fake.most_in_flight == 2
+
+
 async def test_named_instances_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     async with fake_rest(step=100) as fake:
         monkeypatch.setenv("EMP_REST_INSTANCES", "echo, tasks")
