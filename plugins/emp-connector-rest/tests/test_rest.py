@@ -11,7 +11,7 @@ from emp_connector_rest import Instance, RestConnector, RestInstance, RestSettin
 from fake_rest import PNG, fake_rest, free_url
 
 from emp_hub.testing import connector_hub
-from emp_worker.connector import JobFailed
+from emp_worker.connector import Health, JobFailed
 from emp_worker.testing import fake_context
 
 
@@ -104,7 +104,7 @@ async def test_binary_response_is_an_output_downloadable_from_the_hub() -> None:
 async def test_retries_5xx_then_succeeds_or_fails_retryable() -> None:
     async with fake_rest() as fake:
         rest = connector(instance(base_url=fake.url, endpoint="/echo"))
-        fake.fail_next = [503, 500]
+        fake.fail_next = [503, 429]
         ctx = fake_context("rest", {"x": 1})
         assert (await rest.run(ctx.job, ctx))["echo"] == {"x": 1}
         assert fake.calls == ["POST /echo"] * 3
@@ -219,8 +219,7 @@ async def test_service_down_at_start_health_says_so_and_jobs_fail_retryable() ->
         assert job["status"] == "failed" and "ConnectError" in job["error"], job
     async with fake_rest() as fake:
         up = connector(instance(base_url=fake.url))
-        assert (await up.health()).ok
-        await up.stop()
+        assert await up.health() == Health(ok=True, detail="rest: HTTP 200")
 
 
 async def test_service_dying_mid_job_fails_retryable_without_hanging() -> None:

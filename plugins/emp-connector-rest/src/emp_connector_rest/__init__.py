@@ -250,19 +250,20 @@ class RestConnector(Connector):
     async def health(self) -> Health:
         """Every instance's service answers (any HTTP status under 500)."""
         details, ok = [], True
-        for instance in self.instances:
-            s = instance.settings
-            url = join(s.base_url, s.health_endpoint)
-            try:
-                response = await self.client().get(
-                    url, headers={**s.headers, **s.auth()}, timeout=s.connect_timeout
-                )
-                up = response.status_code < 500
-                details.append(f"{instance.name}: HTTP {response.status_code}")
-            except httpx.HTTPError as exc:
-                up = False
-                details.append(f"{instance.name}: unreachable ({type(exc).__name__})")
-            ok &= up
+        async with httpx.AsyncClient(follow_redirects=True) as http:  # doctor calls it alone
+            for instance in self.instances:
+                s = instance.settings
+                url = join(s.base_url, s.health_endpoint)
+                try:
+                    response = await http.get(
+                        url, headers={**s.headers, **s.auth()}, timeout=s.connect_timeout
+                    )
+                    up = response.status_code < 500
+                    details.append(f"{instance.name}: HTTP {response.status_code}")
+                except httpx.HTTPError as exc:
+                    up = False
+                    details.append(f"{instance.name}: unreachable ({type(exc).__name__})")
+                ok &= up
         return Health(ok=ok, detail="; ".join(details))
 
     # -- HTTP ------------------------------------------------------------------------------
@@ -270,7 +271,7 @@ class RestConnector(Connector):
     async def request(
         self, s: RestInstance, method: str, url: str, what: str, **kwargs: Any
     ) -> Response:
-        """One call, retried with backoff on 5xx, 429 and connection errors; then a
+        """One call, retried with backoff on 5xx, 408, 429, timeouts and connection errors; then a
         retryable JobFailed. A 4xx is a non-retryable JobFailed with the service's text."""
         headers = {**s.headers, **s.auth(), **kwargs.pop("headers", {})}
         timeout = httpx.Timeout(s.timeout, connect=s.connect_timeout)
@@ -283,7 +284,7 @@ class RestConnector(Connector):
             except httpx.HTTPError as exc:
                 problem = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 continue
-            if response.status >= 500 or response.status == 429:
+            if response.status >= 500 or response.status in {408, 429}:
                 problem = f"HTTP {response.status}: {error_text(response)}"
                 continue
             if response.status >= 400:
@@ -352,6 +353,7 @@ class RestConnector(Connector):
             )
         remote_id = str(remote)
         self.remote[job.id] = (call.instance, remote_id)
+        stopped = False
         try:
             status = await self._poll(ctx, call, remote_id)
             if s.result_endpoint:
@@ -361,8 +363,14 @@ class RestConnector(Connector):
                 result = await self.result(ctx, fetched, call, "result")
             else:
                 result = lookup(status, call.paths["result"])
+        except asyncio.CancelledError:
+            stopped = True
+            raise
         finally:
-            self.remote.pop(job.id, None)
+            if stopped:  # `cancel` may be called just after: keep the service's id for it
+                asyncio.get_running_loop().call_later(60, self.remote.pop, job.id, None)
+            else:
+                self.remote.pop(job.id, None)
         await ctx.progress(100, "done", "completed")
         return result
 
@@ -412,7 +420,7 @@ class RestConnector(Connector):
 
     async def cancel(self, job: Job) -> None:
         """Tell the service to cancel its job (async instances with a cancel endpoint)."""
-        entry = self.remote.get(job.id)
+        entry = self.remote.pop(job.id, None)
         if entry is None or not entry[0].settings.cancel_endpoint:
             return
         instance, remote_id = entry
