@@ -1,7 +1,8 @@
 """A small REST service for the tests: sync and async endpoints, failures on demand.
 
 Sync: POST /echo answers {"echo": body, "auth": header, "query": {...}, "elapsed_s"};
-GET /image a PNG; GET /text plain text; GET /big 1 MB; GET /broken "JSON" that is not;
+GET /image a PNG; GET /text plain text; DELETE /empty 204; GET /big 1 MB; GET /broken
+"JSON" that is not;
 GET /slow waits.
 Async: POST /tasks -> {"data": {"task_id": id}}; GET /tasks/{id} -> {"state", "pct",
 "output"} advancing `step` percent a poll (done at 100); GET /tasks/{id}/result the output;
@@ -85,6 +86,9 @@ class FakeRest:
     async def text(self, request: Request) -> Response:
         return PlainTextResponse("hello")
 
+    async def empty(self, request: Request) -> Response:
+        return Response(status_code=204)
+
     async def big(self, request: Request) -> Response:
         return Response(b"x" * 1_000_000, media_type="application/octet-stream")
 
@@ -153,6 +157,7 @@ class FakeRest:
                 Route("/image", self.image),
                 Route("/text", self.text),
                 Route("/big", self.big),
+                Route("/empty", self.empty, methods=["DELETE"]),
                 Route("/broken", self.broken),
                 Route("/slow", self.slow, methods=["GET", "POST"]),
                 Route("/tasks", self.submit, methods=["POST"]),

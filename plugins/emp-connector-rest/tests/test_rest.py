@@ -138,6 +138,8 @@ async def test_malformed_and_oversized_and_text_responses() -> None:
             await big.run(ctx.job, ctx)
         text = connector(instance(endpoint="/text", **base))
         assert await text.run(ctx.job, ctx) == {"text": "hello"}
+        empty = connector(instance(base_url=fake.url, endpoint="/empty", method="DELETE"))
+        assert await empty.run(ctx.job, ctx) == {"status_code": 204}
 
 
 async def test_timeout_is_a_retryable_failure() -> None:
@@ -176,6 +178,14 @@ async def test_async_paths_overridden_per_job_and_a_result_endpoint() -> None:
         with pytest.raises(JobFailed, match="no job id at 'wrong'") as failed:
             await rest.run(ctx.job, ctx)
         assert failed.value.retryable is False
+
+
+async def test_async_progress_scaled_by_progress_max() -> None:
+    async with fake_rest(step=25) as fake:  # pct 25, 50, 75, then done
+        rest = connector(async_instance(fake.url, progress_max=200))
+        ctx = fake_context("tasks", {"p": 1})
+        assert await rest.run(ctx.job, ctx) == {"answer": {"p": 1}}
+        assert [r.percent for r in ctx.reports] == [0, 12.5, 25, 37.5, 100]
 
 
 async def test_async_failed_status_fails_with_the_service_error() -> None:
@@ -265,6 +275,7 @@ async def test_named_instances_from_the_environment(monkeypatch: pytest.MonkeyPa
         monkeypatch.setenv("EMP_REST_ECHO_BASE_URL", fake.url)
         monkeypatch.setenv("EMP_REST_ECHO_ENDPOINT", "/echo")
         monkeypatch.setenv("EMP_REST_ECHO_SERVICES", "echo,llm")
+        monkeypatch.setenv("EMP_REST_ECHO_HEADERS", '{"X-Extra": "from settings"}')
         monkeypatch.setenv("EMP_REST_TASKS_BASE_URL", fake.url)
         monkeypatch.setenv("EMP_REST_TASKS_SUBMIT_ENDPOINT", "/tasks")
         monkeypatch.setenv("EMP_REST_TASKS_STATUS_ENDPOINT", "/tasks/{id}")
@@ -275,7 +286,8 @@ async def test_named_instances_from_the_environment(monkeypatch: pytest.MonkeyPa
         rest = RestConnector()
         assert rest.capabilities().services == {"echo", "llm", "tasks"}
         async with connector_hub(rest) as hub:
-            assert (await hub.run("llm", {"a": 1}))["result"]["echo"] == {"a": 1}
+            answer = (await hub.run("llm", {"a": 1}))["result"]
+            assert (answer["echo"], answer["extra"]) == ({"a": 1}, "from settings")
             assert (await hub.run("tasks", {"b": 2}))["result"] == {"b": 2}
 
 
