@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from emp_connector_rest import Instance, RestConnector, RestInstance, RestSettings, lookup
 from fake_rest import PNG, fake_rest, free_url
+from pydantic import ValidationError
 
 from emp_hub.testing import connector_hub
 from emp_worker.connector import Health, JobFailed
@@ -327,3 +328,17 @@ def test_lookup_dotted_paths() -> None:
     assert lookup(data, "a.b.1.c") == 2 and lookup(data, "a.b.-1.c") == 2
     assert lookup(data, "") is data and lookup(data, "a.x.c") is None
     assert lookup(data, "a.b.5") is None
+
+
+def test_an_invalid_setting_is_named_by_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EMP_REST_INSTANCES", "a")
+    monkeypatch.setenv("EMP_REST_A_TIMEOUT", "soon")
+    with pytest.raises(ValidationError) as invalid:
+        RestConnector()
+    [error] = invalid.value.errors()
+    assert error["loc"] == ("EMP_REST_A_TIMEOUT",) and "valid number" in error["msg"]
+    monkeypatch.delenv("EMP_REST_INSTANCES")
+    monkeypatch.setenv("REST_ASYNC_POLL_INTERVAL", "-1")
+    with pytest.raises(ValidationError) as invalid:
+        RestConnector()
+    assert invalid.value.errors()[0]["loc"] == ("REST_ASYNC_POLL_INTERVAL",)

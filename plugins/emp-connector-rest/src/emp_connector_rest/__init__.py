@@ -13,7 +13,8 @@ import time
 from typing import Annotated, Any, Literal
 
 import httpx
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from emp_worker import hookimpl
@@ -155,14 +156,34 @@ def load_instances(settings: RestSettings) -> list[Instance]:
             for name, field in ORIGINAL.items()
             if name in env and f"EMP_REST_{field.upper()}" not in env
         }
-        return [Instance(name="rest", settings=RestInstance(_env_prefix="EMP_REST_", **originals))]
+        return [Instance(name="rest", settings=instance_settings("EMP_REST_", originals))]
     return [
         Instance(
             name=name,
-            settings=RestInstance(_env_prefix=f"EMP_REST_{name.upper().replace('-', '_')}_"),
+            settings=instance_settings(f"EMP_REST_{name.upper().replace('-', '_')}_", {}),
         )
         for name in settings.instances
     ]
+
+
+def instance_settings(prefix: str, originals: dict[str, Any]) -> RestInstance:
+    """An instance's settings from the environment; an invalid one is named by its
+    environment variable (`EMP_REST_<NAME>_TIMEOUT`, or the original name it came from)."""
+    try:
+        return RestInstance(_env_prefix=prefix, **originals)
+    except ValidationError as exc:
+        named = {field: name for name, field in ORIGINAL.items() if field in originals}
+        errors: list[InitErrorDetails] = [
+            {
+                "type": PydanticCustomError("invalid_setting", e["msg"]),
+                "loc": (named.get(str(e["loc"][0]), f"{prefix}{str(e['loc'][0]).upper()}"),)
+                if e["loc"]
+                else (),
+                "input": e["input"],
+            }
+            for e in exc.errors()
+        ]
+        raise ValidationError.from_exception_data("RestInstance", errors) from exc
 
 
 def lookup(data: Any, path: str) -> Any:
