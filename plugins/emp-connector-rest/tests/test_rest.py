@@ -342,3 +342,11 @@ def test_an_invalid_setting_is_named_by_its_variable(monkeypatch: pytest.MonkeyP
     with pytest.raises(ValidationError) as invalid:
         RestConnector()
     assert invalid.value.errors()[0]["loc"] == ("REST_ASYNC_POLL_INTERVAL",)
+
+
+async def test_unconfigured_it_offers_nothing() -> None:
+    # Installed next to other connectors (all run when EMP_CONNECTORS is unset), a REST
+    # connector with no service configured takes no jobs and does not fail `doctor`.
+    rest = RestConnector()
+    assert rest.instances == [] and rest.capabilities().services == set()
+    assert rest.concurrency == 0 and (await rest.health()).ok

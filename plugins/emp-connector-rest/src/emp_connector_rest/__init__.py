@@ -156,7 +156,10 @@ def load_instances(settings: RestSettings) -> list[Instance]:
             for name, field in ORIGINAL.items()
             if name in env and f"EMP_REST_{field.upper()}" not in env
         }
-        return [Instance(name="rest", settings=instance_settings("EMP_REST_", originals))]
+        only = instance_settings("EMP_REST_", originals)
+        if not (only.base_url or only.endpoint or only.submit_endpoint):
+            return []  # not configured: installed next to others, it offers nothing
+        return [Instance(name="rest", settings=only)]
     return [
         Instance(
             name=name,
@@ -253,6 +256,11 @@ class RestConnector(Connector):
         #: Our job id -> (instance, the service's job id), while an async job runs.
         self.remote: dict[str, tuple[Instance, str]] = {}
 
+    @property
+    def concurrency(self) -> int:
+        """Jobs at once (none when no service is configured)."""
+        return self.settings.concurrency if self.instances else 0
+
     def capabilities(self) -> ConnectorCapabilities:
         """Every instance's services."""
         return ConnectorCapabilities(services=frozenset(self.by_service))
@@ -270,6 +278,8 @@ class RestConnector(Connector):
 
     async def health(self) -> Health:
         """Every instance's service answers (any HTTP status under 500)."""
+        if not self.instances:
+            return Health(ok=True, detail="no service configured (EMP_REST_BASE_URL)")
         details, ok = [], True
         async with httpx.AsyncClient(follow_redirects=True) as http:  # doctor calls it alone
             for instance in self.instances:
