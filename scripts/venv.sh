@@ -10,5 +10,7 @@ ensure_venv() {
   .venv/bin/python -m pip install --quiet --disable-pip-version-check -e "$1" \
     -e plugins/emp-connector-simulation \
     -e plugins/emp-connector-a1111 \
+    -e plugins/emp-connector-comfyui \
+    -e plugins/emp-connector-rest \
     -e plugins/emp-connector-websocket
 }
