@@ -8,5 +8,5 @@ ensure_venv() {
   fi
   [ -x .venv/bin/python ] || "$python" -m venv .venv
   .venv/bin/python -m pip install --quiet --disable-pip-version-check -e "$1" \
-    -e plugins/emp-connector-simulation
+    -e plugins/emp-connector-simulation -e plugins/emp-connector-comfyui
 }
