@@ -279,6 +279,7 @@ class Worker:
                 loop.add_signal_handler(sig, self.on_signal)
         for connector in self.connectors:
             await connector.start()
+        self._caps = self.capabilities()  # what the connectors found as they started
         refresher = asyncio.create_task(self._refresh_capabilities())
         failures = 0
         try:
@@ -478,7 +479,8 @@ class Worker:
             if caps.model_copy(update=stable) != self._caps.model_copy(update=stable):
                 log.info("capabilities changed; registering again")
                 self._caps = caps
-                await self.send(self._registration())
+                if await self.send(self._registration()):
+                    await self.request_work()  # jobs the new capabilities match
 
     async def _handle(self, message: HubMessage) -> None:
         if isinstance(message, JobAssigned):

@@ -645,12 +645,12 @@ class FakeComfyUI:
 
 @asynccontextmanager
 async def fake_comfyui(
-    node_s: float = 0.005,
+    node_s: float = 0.005, port: int | None = None
 ) -> AsyncIterator[tuple[FakeComfyUI, str, uvicorn.Server]]:
     """A FakeComfyUI served on a free port: (fake, base URL, server); it stops at the end
     (or earlier: `server.should_exit = True`)."""
     fake = FakeComfyUI(node_s)
-    port = free_port()
+    port = port or free_port()
     config = uvicorn.Config(
         fake.app,
         host="127.0.0.1",

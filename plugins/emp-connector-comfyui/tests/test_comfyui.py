@@ -343,5 +343,48 @@ def test_original_environment_names(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COMFYUI_PASSWORD", "secret")
     connector = ComfyUIConnector()
     assert connector.settings.url == "https://gpu-box:8190"
-    assert connector._ws_url().startswith("wss://gpu-box:8190/ws?clientId=")
+    assert connector._ws_url("me") == "wss://gpu-box:8190/ws?clientId=me"
     assert connector._ws_headers()["Authorization"].startswith("Basic ")
+
+
+async def test_through_the_hub_down_at_start_then_back() -> None:
+    """Down at start: no `comfyui` service (the job waits); back: models advertised, job runs."""
+    from emp_hub.embedded import free_port
+
+    port = free_port()
+    connector = ComfyUIConnector(settings(f"http://127.0.0.1:{port}", models_refresh_s=0.1))
+    async with connector_hub(connector, capabilities_refresh_s=0.1) as hub:
+        [worker] = (await hub.http.get("/api/workers")).json()
+        assert "comfyui" not in worker["capabilities"]["services"], worker
+        job_id = await hub.submit("comfyui", {"workflow": recorded_workflow()})
+        assert (await hub.wait(job_id, within_s=0.5))["status"] == "pending"
+        async with fake_comfyui(port=port):
+            job = await hub.wait(job_id, within_s=20)
+            assert job["status"] == "completed", job
+            [worker] = (await hub.http.get("/api/workers")).json()
+            assert "sd_xl_base_1.0.safetensors" in worker["capabilities"]["models"]["comfyui"]
+
+
+async def test_through_the_hub_comfyui_dying_mid_job_fails_retryable() -> None:
+    async with fake_comfyui(node_s=0.3) as (fake, url, server):
+        connector = ComfyUIConnector(settings(url, reconnect_s=0.3))
+        async with connector_hub(connector, broker={"retry_base_s": 60}) as hub:
+            job_id = await hub.submit("comfyui", {"workflow": recorded_workflow()}, max_attempts=2)
+            await until(lambda: fake.running is not None)
+            server.should_exit = True
+            await fake.drop_sockets()
+            await until(lambda: connector.prompts == {})
+            job = await hub.job(job_id)
+            assert job["failures"] == 1 and "ComfyUI" in (job["error"] or ""), job
+
+
+async def test_two_jobs_at_once(comfy: Served) -> None:
+    fake, url, _ = comfy
+    connector = ComfyUIConnector(settings(url, concurrency=2))
+    async with connector_hub(connector) as hub:
+        ids = [await hub.submit("comfyui", {"workflow": recorded_workflow()}) for _ in range(2)]
+        jobs = [await hub.wait(job_id) for job_id in ids]
+    assert [j["status"] for j in jobs] == ["completed", "completed"]
+    names = {j["result"]["nodes"]["4"]["images"][0]["name"] for j in jobs}
+    assert names == {"emp_fixture_00001_.png", "emp_fixture_00002_.png"}
+    assert len(fake.prompts_run) == 2

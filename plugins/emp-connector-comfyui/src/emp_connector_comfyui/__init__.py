@@ -89,7 +89,6 @@ class ComfyUIConnector(Connector):
 
     def __init__(self, settings: ComfyUISettings | None = None) -> None:
         super().__init__(settings)
-        self.client_id = uuid.uuid4().hex
         self.models: frozenset[str] = frozenset()
         self.up: bool | None = None  # None: not checked yet
         self.prompts: dict[str, str] = {}  # job id -> its prompt id while it runs
@@ -110,10 +109,10 @@ class ComfyUIConnector(Connector):
             )
         return self._http
 
-    def _ws_url(self) -> str:
+    def _ws_url(self, client_id: str) -> str:
         parts = urlsplit(self.settings.url)
         scheme = "wss" if parts.scheme == "https" else "ws"
-        return f"{scheme}://{parts.netloc}{parts.path}/ws?clientId={self.client_id}"
+        return f"{scheme}://{parts.netloc}{parts.path}/ws?clientId={client_id}"
 
     def _ws_headers(self) -> dict[str, str]:
         if not self.settings.username:
@@ -235,17 +234,18 @@ class ComfyUIConnector(Connector):
         """Submit the workflow, follow it to its end, store its outputs."""
         graph = self.workflow(job.payload)
         await self.upload_inputs(graph)
-        prompt_id = str(uuid.uuid4())
+        # A client id per job: ComfyUI sends a client's messages to its newest socket only.
+        client_id, prompt_id = uuid.uuid4().hex, str(uuid.uuid4())
         tracker = Progress(graph, ctx)
         try:
-            ws = await self._connect()
+            ws = await self._connect(client_id)
         except (OSError, websockets.InvalidHandshake, TimeoutError) as exc:
             raise JobFailed(f"ComfyUI at {self.settings.url} unreachable: {exc!r}") from exc
         self.prompts[job.id] = prompt_id
         try:
-            await self._submit(graph, prompt_id)
+            await self._submit(graph, client_id, prompt_id)
             await ctx.progress(0, "queued in ComfyUI", "queued")
-            await self._follow(ws, prompt_id, tracker)
+            await self._follow(ws, client_id, prompt_id, tracker)
             entry = await self._history(prompt_id)
             return await self._results(entry, prompt_id, ctx)
         except asyncio.CancelledError:
@@ -257,16 +257,16 @@ class ComfyUIConnector(Connector):
             with contextlib.suppress(Exception):
                 await ws.close()
 
-    async def _connect(self) -> websockets.ClientConnection:
+    async def _connect(self, client_id: str) -> websockets.ClientConnection:
         return await asyncio.wait_for(
             websockets.connect(
-                self._ws_url(), additional_headers=self._ws_headers(), max_size=None
+                self._ws_url(client_id), additional_headers=self._ws_headers(), max_size=None
             ),
             self.settings.timeout_s,
         )
 
-    async def _submit(self, graph: dict[str, Any], prompt_id: str) -> None:
-        body = {"prompt": graph, "client_id": self.client_id, "prompt_id": prompt_id}
+    async def _submit(self, graph: dict[str, Any], client_id: str, prompt_id: str) -> None:
+        body = {"prompt": graph, "client_id": client_id, "prompt_id": prompt_id}
         try:
             response = await self.http.post("/prompt", json=body)
         except httpx.HTTPError as exc:
@@ -279,7 +279,7 @@ class ComfyUIConnector(Connector):
             )
 
     async def _follow(
-        self, ws: websockets.ClientConnection, prompt_id: str, tracker: Progress
+        self, ws: websockets.ClientConnection, client_id: str, prompt_id: str, tracker: Progress
     ) -> None:
         """Read the WebSocket until our prompt ends; after a drop, reconnect and ask
         /history (then /queue) until it ends or ComfyUI stays away `reconnect_s`."""
@@ -293,7 +293,7 @@ class ComfyUIConnector(Connector):
                         return
             except (websockets.ConnectionClosed, ValueError, OSError):
                 pass
-            ws = await self._recover(prompt_id, tracker)
+            ws = await self._recover(client_id)
             if await self._finished(prompt_id):
                 with contextlib.suppress(Exception):
                     await ws.close()
@@ -325,12 +325,12 @@ class ComfyUIConnector(Connector):
             )
         return False
 
-    async def _recover(self, prompt_id: str, tracker: Progress) -> websockets.ClientConnection:
+    async def _recover(self, client_id: str) -> websockets.ClientConnection:
         """A WebSocket again, within `reconnect_s`; else the job fails retryable."""
         deadline = time.monotonic() + self.settings.reconnect_s
         while True:
             try:
-                return await self._connect()
+                return await self._connect(client_id)
             except (OSError, websockets.InvalidHandshake, TimeoutError) as exc:
                 if time.monotonic() > deadline:
                     raise JobFailed(
