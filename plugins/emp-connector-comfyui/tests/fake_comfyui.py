@@ -119,6 +119,9 @@ class FakeComfyUI:
         self.number = 0
         self.prompts_run: list[str] = []
         self.requests: list[str] = []
+        #: prompt id -> (POST /prompt received, final `executing {node: null}` sent), in
+        #: time.perf_counter() seconds: the server's own time for that prompt
+        self.timings: dict[str, tuple[float, float]] = {}
         self._wake = asyncio.Event()
         routes: list[Any] = []
         for prefix in ("", "/api"):
@@ -146,6 +149,7 @@ class FakeComfyUI:
 
     async def post_prompt(self, request: Request) -> Response:
         self.requests.append("POST /prompt")
+        received = time.perf_counter()
         body = json.loads(await request.body())  # not JSON: a 500, as aiohttp's
         prompt = body.get("prompt")
         if not isinstance(prompt, dict):
@@ -165,6 +169,7 @@ class FakeComfyUI:
             extra["client_id"] = body["client_id"]
         outputs = [n for n, node in prompt.items() if NODES[node["class_type"]][1]]
         heapq.heappush(self.pending, (number, prompt_id, prompt, extra, outputs))
+        self.timings[prompt_id] = (received, received)
         await self.broadcast_status()
         self._wake.set()
         return JSONResponse({"prompt_id": prompt_id, "number": number, "node_errors": {}})
@@ -641,6 +646,7 @@ class FakeComfyUI:
         await self.broadcast_status()
         if sid is not None:
             await self.send("executing", {"node": None, "prompt_id": prompt_id}, sid)
+        self.timings[prompt_id] = (self.timings[prompt_id][0], time.perf_counter())
 
 
 @asynccontextmanager
