@@ -550,25 +550,26 @@ class FakeComfyUI:
 
         for node_id in order:
             node = prompt[node_id]
-            if self.interrupted:
-                await event(
-                    "execution_interrupted",
-                    {
-                        "node_id": node_id,
-                        "node_type": node["class_type"],
-                        "executed": executed,
-                        "timestamp": _ms(),
-                    },
-                    broadcast=sid is None,
-                )
-                status = "error"
-                break
+
+            async def interrupted(node_id: str = node_id, kind: str = node["class_type"]) -> None:
+                data = {
+                    "node_id": node_id,
+                    "node_type": kind,
+                    "executed": executed,
+                    "timestamp": _ms(),
+                }
+                await event("execution_interrupted", data, broadcast=sid is None)
+
             self.current_node = node_id
             state(node_id, 0.0, 1.0, "running")
             await event("progress_state", {"nodes": dict(states)})
             await event("executing", {"node": node_id, "display_node": node_id})
             if self.drop_ws_at == node_id:
                 await self.drop_sockets()
+            if self.interrupted:  # checked before each node runs, and at each step
+                await interrupted()
+                status = "error"
+                break
             failure = self.fail.get(node_id) or self.fail.get(node["class_type"])
             steps = int(node["inputs"].get("steps", 0)) if node["class_type"] == "EmpSteps" else 0
             for step in range(1, steps + 1):
@@ -579,17 +580,8 @@ class FakeComfyUI:
                 state(node_id, float(step), float(steps), "running")
                 await event("progress_state", {"nodes": dict(states)})
             await asyncio.sleep(0 if steps else self.node_s)
-            if self.interrupted:
-                await event(
-                    "execution_interrupted",
-                    {
-                        "node_id": node_id,
-                        "node_type": node["class_type"],
-                        "executed": executed,
-                        "timestamp": _ms(),
-                    },
-                    broadcast=sid is None,
-                )
+            if steps and self.interrupted:  # a node without steps runs to its end
+                await interrupted()
                 status = "error"
                 break
             if failure is not None:

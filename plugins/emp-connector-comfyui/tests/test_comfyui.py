@@ -388,3 +388,25 @@ async def test_two_jobs_at_once(comfy: Served) -> None:
     names = {j["result"]["nodes"]["4"]["images"][0]["name"] for j in jobs}
     assert names == {"emp_fixture_00001_.png", "emp_fixture_00002_.png"}
     assert len(fake.prompts_run) == 2
+
+
+async def test_fake_replays_the_recorded_interrupt(comfy: Served) -> None:
+    fake, url, _ = comfy
+    fake.node_s = 0.2
+    [request, interrupt] = [m["msg"] for m in recorded("interrupt") if m["dir"] == "request"]
+    wanted = [m["msg"]["type"] for m in recorded("interrupt") if m["conn"] == "ws"]
+    ws_url = f"{url.replace('http', 'ws')}/ws?clientId={request['body']['client_id']}"
+    async with websockets.connect(ws_url) as ws, httpx.AsyncClient(base_url=url) as http:
+        await http.post("/prompt", json=request["body"])
+        seen: list[str] = []
+        message: dict[str, Any] = {}
+        while message.get("type") != "executing" or message["data"]["node"] is not None:
+            message = json.loads(await ws.recv())
+            seen.append(message["type"])
+            if message["type"] == "execution_cached":
+                answer = await http.post("/interrupt", json=interrupt["body"])
+                assert (answer.status_code, answer.text) == (200, "")
+        entry = (await http.get(f"/history/{request['body']['prompt_id']}")).json()
+    assert seen == wanted
+    status = entry[request["body"]["prompt_id"]]["status"]
+    assert (status["status_str"], status["completed"]) == ("error", False)
