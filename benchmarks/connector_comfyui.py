@@ -80,8 +80,10 @@ async def overhead(jobs: int) -> dict[str, Any]:
         connector = Timed(ComfyUISettings.model_validate({"url": url}))
         connector.runs = {}
         async with connector_hub(connector) as hub:
-            for _ in range(jobs):
-                job = await hub.run("comfyui", {"workflow": WORKFLOW})
+            for n in range(jobs):  # another colour each time: nothing served from the cache
+                workflow = json.loads(json.dumps(WORKFLOW))
+                workflow["1"]["inputs"]["color"] = n
+                job = await hub.run("comfyui", {"workflow": workflow})
                 assert job["status"] == "completed", job
         samples = [
             (took - (fake.timings[pid][1] - fake.timings[pid][0]), storing)

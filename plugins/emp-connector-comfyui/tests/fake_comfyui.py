@@ -92,6 +92,19 @@ def _ms() -> int:
     return int(time.time() * 1000)
 
 
+def _state(prompt_id: str, node_id: str, value: float, most: float, kind: str) -> dict[str, Any]:
+    return {
+        "value": value,
+        "max": most,
+        "state": kind,
+        "node_id": node_id,
+        "prompt_id": prompt_id,
+        "display_node_id": node_id,
+        "parent_node_id": None,
+        "real_node_id": node_id,
+    }
+
+
 def _error(
     kind: str, message: str, details: str = "", extra: dict[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -113,6 +126,7 @@ class FakeComfyUI:
         self.current_node: str | None = None
         self.interrupted = False
         self.history: dict[str, dict[str, Any]] = {}
+        self.cache: dict[str, dict[str, Any]] = {}  # a prompt's JSON -> its ui outputs
         self.files: dict[tuple[str, str, str], bytes] = {}
         self.counters: dict[str, int] = {}
         self.sockets: dict[str, WebSocket] = {}
@@ -526,8 +540,6 @@ class FakeComfyUI:
             if sid is not None or broadcast:
                 await self.send(kind, data, sid)
 
-        await event("execution_start", {"timestamp": _ms()})
-        await event("execution_cached", {"nodes": [], "timestamp": _ms()})
         order: list[str] = []
         for output in outputs:
             order += [n for n in self._needed(prompt, output) if n not in order]
@@ -535,18 +547,20 @@ class FakeComfyUI:
         executed: list[str] = []
         ui_outputs: dict[str, Any] = {}
         status = "success"
+        key = json.dumps(prompt, sort_keys=True)
+        cached = self.cache.get(key)  # the identical prompt ran before: every node cached
+        await event("execution_start", {"timestamp": _ms()})
+        await event("execution_cached", {"nodes": order if cached else [], "timestamp": _ms()})
+        if cached is not None:
+            for node_id, ui in cached.items():
+                ui_outputs[node_id] = ui
+                await event("executed", {"node": node_id, "display_node": node_id, "output": ui})
+                states = {node_id: {**_state(prompt_id, node_id, 1, 1, "finished")}}
+                await event("progress_state", {"nodes": states})
+            order = []
 
         def state(node_id: str, value: float, most: float, kind: str) -> None:
-            states[node_id] = {
-                "value": value,
-                "max": most,
-                "state": kind,
-                "node_id": node_id,
-                "prompt_id": prompt_id,
-                "display_node_id": node_id,
-                "parent_node_id": None,
-                "real_node_id": node_id,
-            }
+            states[node_id] = _state(prompt_id, node_id, value, most, kind)
 
         for node_id in order:
             node = prompt[node_id]
@@ -619,6 +633,7 @@ class FakeComfyUI:
             state(node_id, 1.0, 1.0, "finished")
             await event("progress_state", {"nodes": dict(states)})
         if status == "success":
+            self.cache[key] = ui_outputs
             await event("execution_success", {"timestamp": _ms()})
         await asyncio.sleep(self.history_lag_s)
         self.history[prompt_id] = {

@@ -29,14 +29,17 @@ def recorded(name: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in lines if line.strip()]
 
 
-def recorded_workflow(name: str = "success") -> dict[str, Any]:
-    """The workflow the transcript's POST /prompt sent."""
+def recorded_workflow(name: str = "success", color: int | None = None) -> dict[str, Any]:
+    """The workflow the transcript's POST /prompt sent (with another colour: not cached)."""
     [first] = [
         m
         for m in recorded(name)
         if m["msg"].get("path") == "/prompt" and "body" in m["msg"] and m["dir"] == "request"
     ]
-    return copy.deepcopy(first["msg"]["body"]["prompt"])
+    graph: dict[str, Any] = copy.deepcopy(first["msg"]["body"]["prompt"])
+    if color is not None:
+        graph["1"]["inputs"]["color"] = color
+    return graph
 
 
 def settings(url: str, **values: Any) -> ComfyUISettings:
@@ -162,7 +165,7 @@ async def test_only_our_prompt_completes_the_job(comfy: Served) -> None:
     other = {"prompt": recorded_workflow(), "client_id": "someone-else", "prompt_id": "theirs"}
     async with httpx.AsyncClient(base_url=url) as http:
         await http.post("/prompt", json=other)
-    ctx = fake_context("comfyui", {"workflow": recorded_workflow()})
+    ctx = fake_context("comfyui", {"workflow": recorded_workflow(color=1)})
     result = await ComfyUIConnector(settings(url)).run(ctx.job, ctx)
     assert fake.prompts_run == ["theirs", result["prompt_id"]]
     assert list(ctx.files) == ["emp_fixture_00002_.png"]
@@ -373,16 +376,22 @@ async def test_through_the_hub_comfyui_dying_mid_job_fails_retryable() -> None:
             await until(lambda: fake.running is not None)
             server.should_exit = True
             await fake.drop_sockets()
-            await until(lambda: connector.prompts == {})
-            job = await hub.job(job_id)
-            assert job["failures"] == 1 and "ComfyUI" in (job["error"] or ""), job
+            for _ in range(200):  # the retryable failure recorded; the retry waits 60 s
+                job = await hub.job(job_id)
+                if job["failures"]:
+                    break
+                await asyncio.sleep(0.05)
+            assert (job["failures"], job["status"]) == (1, "delayed"), job
+            assert "lost ComfyUI" in job["error"], job
 
 
 async def test_two_jobs_at_once(comfy: Served) -> None:
     fake, url, _ = comfy
     connector = ComfyUIConnector(settings(url, concurrency=2))
     async with connector_hub(connector) as hub:
-        ids = [await hub.submit("comfyui", {"workflow": recorded_workflow()}) for _ in range(2)]
+        ids = [
+            await hub.submit("comfyui", {"workflow": recorded_workflow(color=c)}) for c in (1, 2)
+        ]
         jobs = [await hub.wait(job_id) for job_id in ids]
     assert [j["status"] for j in jobs] == ["completed", "completed"]
     names = {j["result"]["nodes"]["4"]["images"][0]["name"] for j in jobs}
@@ -410,3 +419,26 @@ async def test_fake_replays_the_recorded_interrupt(comfy: Served) -> None:
     assert seen == wanted
     status = entry[request["body"]["prompt_id"]]["status"]
     assert (status["status_str"], status["completed"]) == ("error", False)
+
+
+async def test_cached_resubmission_returns_the_old_outputs(comfy: Served) -> None:
+    """The identical workflow again is served from ComfyUI's cache (no new file, the old
+    name re-emitted, as recorded in cached_resubmit); the job still completes with it."""
+    fake, url, _ = comfy
+    wanted = [m["msg"]["type"] for m in recorded("cached_resubmit") if m["conn"] == "ws"]
+    connector = ComfyUIConnector(settings(url))
+    first = fake_context("comfyui", {"workflow": recorded_workflow()})
+    await connector.run(first.job, first)
+    seen: list[str] = []
+    original = fake.send
+
+    async def spy(kind: str, data: dict[str, Any], sid: str | None) -> None:
+        seen.append(kind)
+        await original(kind, data, sid)
+
+    fake.send = spy  # type: ignore[method-assign]
+    again = fake_context("comfyui", {"workflow": recorded_workflow()})
+    result = await connector.run(again.job, again)
+    assert result["nodes"]["4"]["images"][0]["name"] == "emp_fixture_00001_.png"
+    assert again.files == first.files and again.reports[-1].percent == 100
+    assert seen == wanted[1:]  # all but the status on connect
