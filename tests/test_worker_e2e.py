@@ -353,7 +353,11 @@ def test_outputs_are_uploaded_and_listed_in_the_result(hub: Cluster) -> None:
 
 
 def test_doctor_and_version(hub: Cluster) -> None:
-    env = {"EMP_HUB_URL": hub.url, "EMP_PLUGIN_DIR": str(hub.tmp / "plugins")}
+    env = {
+        "EMP_HUB_URL": hub.url,
+        "EMP_PLUGIN_DIR": str(hub.tmp / "plugins"),
+        "EMP_CONNECTORS": "simulation",
+    }
     healthy = _worker_cli(env, "doctor", "--json")
     assert healthy.returncode == 0, healthy.stderr
     report = json.loads(healthy.stdout)
@@ -383,7 +387,11 @@ def _token(hub: Cluster, role: str) -> str:
 def test_doctor_checks_the_token_its_role_and_the_worker_id(hub: Cluster) -> None:
     worker_token, client_token = _token(hub, "worker"), _token(hub, "client")
     time.sleep(2.1)  # the hub notices it is no longer open
-    env = {"EMP_HUB_URL": hub.url, "EMP_PLUGIN_DIR": str(hub.tmp / "plugins")}
+    env = {
+        "EMP_HUB_URL": hub.url,
+        "EMP_PLUGIN_DIR": str(hub.tmp / "plugins"),
+        "EMP_CONNECTORS": "simulation",
+    }
     env["EMP_WORKER_ID"] = "w-doc"
 
     def doctor(**more: str) -> tuple[int, str]:

@@ -289,6 +289,7 @@ async def test_health_and_capabilities(comfy: Served) -> None:
     connector = ComfyUIConnector(settings(url))
     health = await connector.health()
     assert health.ok and "0.3.64" in health.detail and "H200" in health.detail
+    assert "checkpoints 1, loras 1, vae 0" in health.detail, health.detail
     caps = connector.capabilities()
     assert caps.models == {
         "comfyui": frozenset({"sd_xl_base_1.0.safetensors", "detail.safetensors"})

@@ -90,6 +90,7 @@ class ComfyUIConnector(Connector):
     def __init__(self, settings: ComfyUISettings | None = None) -> None:
         super().__init__(settings)
         self.models: frozenset[str] = frozenset()
+        self.model_counts: dict[str, int] = {}  # model folder -> files in it
         self.up: bool | None = None  # None: not checked yet
         self.prompts: dict[str, str] = {}  # job id -> its prompt id while it runs
         self._http: httpx.AsyncClient | None = None
@@ -150,11 +151,14 @@ class ComfyUIConnector(Connector):
         try:
             folders = await self._get("/models")
             models: set[str] = set()
+            counts: dict[str, int] = {}
             for folder in folders:
                 if folder in MODEL_FOLDERS:
                     with contextlib.suppress(JobFailed):
-                        models.update(str(m) for m in await self._get(f"/models/{folder}"))
-            self.models, self.up = frozenset(models), True
+                        names = [str(m) for m in await self._get(f"/models/{folder}")]
+                        models.update(names)
+                        counts[folder] = len(names)
+            self.models, self.model_counts, self.up = frozenset(models), counts, True
         except (JobFailed, TypeError):
             self.up = False
 
@@ -180,7 +184,8 @@ class ComfyUIConnector(Connector):
         except (JobFailed, AttributeError, TypeError, ValueError) as exc:
             self.up = False
             return Health(ok=False, detail=f"ComfyUI at {self.settings.url} unreachable: {exc}")
-        detail = f"ComfyUI {version} at {self.settings.url}; {devices}; {len(self.models)} models"
+        counts = ", ".join(f"{folder} {n}" for folder, n in sorted(self.model_counts.items()))
+        detail = f"ComfyUI {version} at {self.settings.url}; {devices}; models: {counts or 'none'}"
         return Health(ok=True, detail=detail)
 
     # -- a job ----------------------------------------------------------------------------
