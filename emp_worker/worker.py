@@ -482,7 +482,8 @@ class Worker:
             if caps.model_copy(update=stable) != self._caps.model_copy(update=stable):
                 log.info("capabilities changed; registering again")
                 self._caps = caps
-                await self.send(self._registration())
+                if await self.send(self._registration()):
+                    await self.request_work()  # jobs the new capabilities match
 
     async def _handle(self, message: HubMessage) -> None:
         if isinstance(message, JobAssigned):

@@ -385,7 +385,11 @@ def _token(hub: Cluster, role: str) -> str:
 def test_doctor_checks_the_token_its_role_and_the_worker_id(hub: Cluster) -> None:
     worker_token, client_token = _token(hub, "worker"), _token(hub, "client")
     time.sleep(2.1)  # the hub notices it is no longer open
-    env = {"EMP_HUB_URL": hub.url, "EMP_PLUGIN_DIR": str(hub.tmp / "plugins")}
+    env = {
+        "EMP_HUB_URL": hub.url,
+        "EMP_PLUGIN_DIR": str(hub.tmp / "plugins"),
+        "EMP_CONNECTORS": "simulation",
+    }
     env["EMP_WORKER_ID"] = "w-doc"
     env["EMP_CONNECTORS"] = "simulation"  # not other installed connectors: no service here
 

@@ -1,0 +1,445 @@
+"""The ComfyUI connector against a fake ComfyUI (fake_comfyui.py, replaying the recorded
+traffic in transcripts/), on a real hub and worker and on its own."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import websockets
+from emp_connector_comfyui import ComfyUIConnector, ComfyUISettings
+from fake_comfyui import FakeComfyUI, fake_comfyui, png
+
+from emp_hub.testing import connector_hub, running_hub  # noqa: F401
+from emp_worker.connector import JobFailed
+from emp_worker.testing import fake_context
+
+TRANSCRIPTS = Path(__file__).parent / "transcripts"
+
+
+def recorded(name: str) -> list[dict[str, Any]]:
+    """A transcript's lines."""
+    lines = (TRANSCRIPTS / f"{name}.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def recorded_workflow(name: str = "success", color: int | None = None) -> dict[str, Any]:
+    """The workflow the transcript's POST /prompt sent (with another colour: not cached)."""
+    [first] = [
+        m
+        for m in recorded(name)
+        if m["msg"].get("path") == "/prompt" and "body" in m["msg"] and m["dir"] == "request"
+    ]
+    graph: dict[str, Any] = copy.deepcopy(first["msg"]["body"]["prompt"])
+    if color is not None:
+        graph["1"]["inputs"]["color"] = color
+    return graph
+
+
+def settings(url: str, **values: Any) -> ComfyUISettings:
+    return ComfyUISettings.model_validate({"url": url, "reconnect_s": 1, "poll_s": 0.05, **values})
+
+
+Served = tuple[FakeComfyUI, str, Any]
+
+
+async def until(check: Callable[[], object], within_s: float = 10) -> None:
+    """Wait for `check()` to be true."""
+    for _ in range(int(within_s / 0.01)):
+        if check():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the condition did not come true")
+
+
+@pytest.fixture
+async def comfy() -> AsyncIterator[Served]:
+    async with fake_comfyui() as served:
+        yield served
+
+
+# -- the fake is faithful --------------------------------------------------------------------
+
+
+async def test_fake_replays_the_recorded_success(comfy: Served) -> None:
+    _, url, _ = comfy
+    [request] = [m["msg"]["body"] for m in recorded("success") if m["dir"] == "request"]
+    wanted = [m["msg"]["type"] for m in recorded("success") if m["conn"] == "ws"]
+    ws_url = f"{url.replace('http', 'ws')}/ws?clientId={request['client_id']}"
+    async with websockets.connect(ws_url) as ws, httpx.AsyncClient(base_url=url) as http:
+        answer = await http.post("/prompt", json=request)
+        assert answer.json() == {
+            "prompt_id": request["prompt_id"],
+            "number": 0,
+            "node_errors": {},
+        }
+        seen: list[tuple[str, Any]] = []
+        while not seen or seen[-1] != ("executing", None):
+            message = json.loads(await ws.recv())
+            seen.append((message["type"], message["data"].get("node", "")))
+        history = (await http.get(f"/history/{request['prompt_id']}")).json()
+        entry = history[request["prompt_id"]]
+        recorded_entry = next(
+            m["msg"]["body"]
+            for m in recorded("success")
+            if m["msg"].get("path", "").startswith("/history")
+        )[request["prompt_id"]]
+        assert entry["outputs"] == recorded_entry["outputs"]
+        assert [k for k, _ in entry["status"]["messages"]] == [
+            k for k, _ in recorded_entry["status"]["messages"]
+        ]
+        image = await http.get(
+            "/view",
+            params={"filename": "emp_fixture_00001_.png", "type": "output", "subfolder": ""},
+        )
+        assert image.content.startswith(b"\x89PNG")
+    assert [kind for kind, _ in seen] == wanted
+
+
+@pytest.mark.parametrize("name", ["validation_error", "no_outputs"])
+async def test_fake_refuses_what_the_real_one_refuses(comfy: Served, name: str) -> None:
+    fake, url, _ = comfy
+    [request] = [m["msg"]["body"] for m in recorded(name) if m["dir"] == "request"]
+    [response] = [m["msg"] for m in recorded(name) if m["dir"] == "response"]
+    async with httpx.AsyncClient(base_url=url) as http:
+        answer = await http.post("/api/prompt", json=request)
+    assert (answer.status_code, answer.json()) == (response["status"], response["body"])
+    assert fake.history == {} and fake.pending == []
+
+
+async def test_fake_get_endpoints_have_the_recorded_shapes(comfy: Served) -> None:
+    _, url, _ = comfy
+    async with httpx.AsyncClient(base_url=url) as http:
+        for line in recorded("get_endpoints"):
+            answer = await http.get(line["path"])
+            assert answer.status_code == line["status"]
+            body, want = answer.json(), line["body"]
+            assert type(body) is type(want)
+            if isinstance(want, dict):
+                assert set(body) == set(want), line["path"]
+
+
+# -- the connector on a real hub ---------------------------------------------------------------
+
+
+async def test_runs_the_recorded_workflow_outputs_on_the_hub(comfy: Served) -> None:
+    fake, url, _ = comfy
+    async with connector_hub(ComfyUIConnector(settings(url)), progress_interval_s=0) as hub:
+        job = await hub.run("comfyui", {"workflow": recorded_workflow()})
+        assert job["status"] == "completed", job
+        assert job["progress"] == 100
+        result = job["result"]
+        [image] = result["nodes"]["4"]["images"]
+        assert image["name"] == "emp_fixture_00001_.png"
+        data = await hub.download(image["url"])
+        assert data == fake.files[("output", "", "emp_fixture_00001_.png")]
+        assert "base64" not in json.dumps(result) and len(json.dumps(result)) < 2000
+        assert fake.prompts_run == [result["prompt_id"]]
+
+
+async def test_original_payload_shape_and_progress_over_the_whole_workflow(comfy: Served) -> None:
+    _, url, _ = comfy
+    graph = recorded_workflow()
+    graph["5"] = {"class_type": "EmpSteps", "inputs": {"image": ["3", 0], "steps": 4}}
+    graph["4"]["inputs"]["images"] = ["5", 0]
+    ctx = fake_context("comfyui", {"prompt": graph})
+    connector = ComfyUIConnector(settings(url))
+    result = await connector.run(ctx.job, ctx)
+    percents = [r.percent for r in ctx.reports]
+    assert percents == sorted(percents) and percents[-1] == 100
+    assert len(set(percents)) >= 8  # nodes and the steps of node 5
+    assert any("node 5 (EmpSteps)" in r.message for r in ctx.reports)
+    assert list(result["nodes"]) == ["4"] and list(ctx.files) == ["emp_fixture_00001_.png"]
+
+
+async def test_only_our_prompt_completes_the_job(comfy: Served) -> None:
+    """Another client's prompt on the same server does not end ours."""
+    fake, url, _ = comfy
+    fake.node_s = 0.05
+    other = {"prompt": recorded_workflow(), "client_id": "someone-else", "prompt_id": "theirs"}
+    async with httpx.AsyncClient(base_url=url) as http:
+        await http.post("/prompt", json=other)
+    ctx = fake_context("comfyui", {"workflow": recorded_workflow(color=1)})
+    result = await ComfyUIConnector(settings(url)).run(ctx.job, ctx)
+    assert fake.prompts_run == ["theirs", result["prompt_id"]]
+    assert list(ctx.files) == ["emp_fixture_00002_.png"]
+
+
+async def test_refused_workflow_fails_not_retryable_with_every_node_error(comfy: Served) -> None:
+    fake, url, _ = comfy
+    graph = recorded_workflow()
+    graph["3"]["inputs"]["upscale_method"] = "no-such-method"
+    graph["1"]["inputs"]["width"] = 99999
+    async with connector_hub(ComfyUIConnector(settings(url))) as hub:
+        job = await hub.run("comfyui", {"workflow": graph}, max_attempts=3)
+        assert job["status"] == "failed" and job["attempt"] == 1, job
+        assert "no-such-method" in job["error"] and "node 1 (EmptyImage)" in job["error"]
+        graph["1"]["class_type"] = "NoSuchNode"
+        job = await hub.run("comfyui", {"workflow": graph}, max_attempts=3)
+        assert job["status"] == "failed" and "NoSuchNode does not exist" in job["error"]
+    assert fake.prompts_run == []
+
+
+async def test_execution_errors_retryable_only_when_transient(comfy: Served) -> None:
+    fake, url, _ = comfy
+    connector = ComfyUIConnector(settings(url))
+    fake.fail["ImageInvert"] = (
+        "torch.OutOfMemoryError",
+        "CUDA out of memory. Tried to allocate 2 GiB",
+    )
+    ctx = fake_context("comfyui", {"workflow": recorded_workflow()})
+    with pytest.raises(JobFailed) as oom:
+        await connector.run(ctx.job, ctx)
+    assert oom.value.retryable and "node 2 (ImageInvert)" in str(oom.value)
+    fake.fail["ImageInvert"] = ("builtins.ValueError", "bad image")
+    with pytest.raises(JobFailed) as bad:
+        await connector.run(ctx.job, ctx)
+    assert not bad.value.retryable and "builtins.ValueError: bad image" in str(bad.value)
+
+
+async def test_cancel_running_interrupts_it_in_comfyui(comfy: Served) -> None:
+    fake, url, _ = comfy
+    fake.node_s = 0.5
+    async with connector_hub(ComfyUIConnector(settings(url))) as hub:
+        job_id = await hub.submit("comfyui", {"workflow": recorded_workflow()})
+        await until(lambda: fake.running is not None)
+        assert fake.running is not None
+        prompt_id = fake.running[1]
+        await hub.cancel(job_id)
+        job = await hub.wait(job_id)
+        assert job["status"] == "cancelled"
+        for _ in range(100):
+            if prompt_id in fake.history:
+                break
+            await asyncio.sleep(0.05)
+    assert fake.history[prompt_id]["status"]["status_str"] == "error"
+    assert f'POST /interrupt {{"prompt_id": "{prompt_id}"}}' in fake.requests
+    assert fake.running is None and fake.pending == []
+
+
+async def test_cancel_queued_deletes_it_from_the_queue(comfy: Served) -> None:
+    fake, url, _ = comfy
+    fake.hold.clear()  # nothing leaves ComfyUI's queue
+    async with connector_hub(ComfyUIConnector(settings(url))) as hub:
+        job_id = await hub.submit("comfyui", {"workflow": recorded_workflow()})
+        await until(lambda: fake.pending)
+        await hub.cancel(job_id)
+        assert (await hub.wait(job_id))["status"] == "cancelled"
+        for _ in range(100):
+            if not fake.pending:
+                break
+            await asyncio.sleep(0.05)
+    assert fake.pending == [] and fake.prompts_run == []
+    assert any(r.startswith('POST /queue {"delete"') for r in fake.requests)
+
+
+async def test_websocket_dropped_mid_job_recovers_from_history(comfy: Served) -> None:
+    fake, url, _ = comfy
+    fake.drop_ws_at = "2"
+    ctx = fake_context("comfyui", {"workflow": recorded_workflow()})
+    result = await ComfyUIConnector(settings(url)).run(ctx.job, ctx)
+    assert list(result["nodes"]) == ["4"] and len(fake.prompts_run) == 1
+    assert ctx.reports[-1].percent == 100
+
+
+async def test_history_lag_after_success_is_waited_for(comfy: Served) -> None:
+    fake, url, _ = comfy
+    fake.history_lag_s = 0.3
+    ctx = fake_context("comfyui", {"workflow": recorded_workflow()})
+    result = await ComfyUIConnector(settings(url)).run(ctx.job, ctx)
+    assert result["nodes"]["4"]["images"][0]["name"] == "emp_fixture_00001_.png"
+
+
+async def test_comfyui_dying_mid_job_fails_retryable() -> None:
+    async with fake_comfyui(node_s=0.3) as (fake, url, server):
+        ctx = fake_context("comfyui", {"workflow": recorded_workflow()})
+        run = asyncio.create_task(
+            ComfyUIConnector(settings(url, reconnect_s=0.5)).run(ctx.job, ctx)
+        )
+        await until(lambda: fake.running is not None)
+        server.should_exit = True
+        await fake.drop_sockets()
+        with pytest.raises(JobFailed) as failed:
+            await asyncio.wait_for(run, 10)
+    assert failed.value.retryable
+
+
+async def test_down_at_start_health_says_so_and_no_jobs_taken() -> None:
+    from emp_hub.embedded import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"
+    connector = ComfyUIConnector(settings(url))
+    health = await connector.health()
+    assert not health.ok and "unreachable" in health.detail
+    assert connector.capabilities().services == frozenset()
+    ctx = fake_context("comfyui", {"workflow": recorded_workflow()})
+    with pytest.raises(JobFailed) as failed:
+        await connector.run(ctx.job, ctx)
+    assert failed.value.retryable
+
+
+async def test_health_and_capabilities(comfy: Served) -> None:
+    _, url, _ = comfy
+    connector = ComfyUIConnector(settings(url))
+    health = await connector.health()
+    assert health.ok and "0.3.64" in health.detail and "H200" in health.detail
+    assert "checkpoints 1, loras 1, vae 0" in health.detail, health.detail
+    caps = connector.capabilities()
+    assert caps.models == {
+        "comfyui": frozenset({"sd_xl_base_1.0.safetensors", "detail.safetensors"})
+    }
+
+
+async def test_input_image_url_is_uploaded_and_the_workflow_rewritten(comfy: Served) -> None:
+    fake, url, _ = comfy
+    fake.files[("output", "", "source.png")] = png(7)
+    graph = recorded_workflow()
+    graph["1"] = {"class_type": "LoadImage", "inputs": {"image": f"{url}/view?filename=source.png"}}
+    ctx = fake_context("comfyui", {"workflow": graph})
+    await ComfyUIConnector(settings(url)).run(ctx.job, ctx)
+    assert fake.files[("input", "", "view")] == png(7)
+    assert "POST /upload/image view" in fake.requests
+
+
+@pytest.mark.parametrize(
+    "payload", [{}, {"workflow": "not json"}, {"workflow": {"1": {"inputs": {}}}}, {"workflow": []}]
+)
+async def test_malformed_payloads_fail_not_retryable(payload: dict[str, Any]) -> None:
+    ctx = fake_context("comfyui", payload)
+    with pytest.raises(JobFailed) as failed:
+        await ComfyUIConnector(settings("http://127.0.0.1:9")).run(ctx.job, ctx)
+    assert not failed.value.retryable
+
+
+async def test_malformed_history_fails_the_job(comfy: Served) -> None:
+    fake, url, _ = comfy
+    original = fake.get_history
+
+    async def broken(request: Any) -> Any:
+        from starlette.responses import Response
+
+        return Response(b"<html>oops</html>", media_type="text/html")
+
+    fake.app.router.routes = [
+        r for r in fake.app.router.routes if getattr(r, "path", "") != "/history/{prompt_id}"
+    ]
+    from starlette.routing import Route
+
+    fake.app.router.routes.insert(0, Route("/history/{prompt_id}", broken))
+    ctx = fake_context("comfyui", {"workflow": recorded_workflow()})
+    with pytest.raises(JobFailed) as failed:
+        await ComfyUIConnector(settings(url)).run(ctx.job, ctx)
+    assert failed.value.retryable and "/history" in str(failed.value)
+    assert original is not None
+
+
+def test_original_environment_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COMFYUI_HOST", "gpu-box")
+    monkeypatch.setenv("COMFYUI_PORT", "8190")
+    monkeypatch.setenv("COMFYUI_USE_SSL", "true")
+    monkeypatch.setenv("COMFYUI_USERNAME", "me")
+    monkeypatch.setenv("COMFYUI_PASSWORD", "secret")
+    connector = ComfyUIConnector()
+    assert connector.settings.url == "https://gpu-box:8190"
+    assert connector._ws_url("me") == "wss://gpu-box:8190/ws?clientId=me"
+    assert connector._ws_headers()["Authorization"].startswith("Basic ")
+
+
+async def test_through_the_hub_down_at_start_then_back() -> None:
+    """Down at start: no `comfyui` service (the job waits); back: models advertised, job runs."""
+    from emp_hub.embedded import free_port
+
+    port = free_port()
+    connector = ComfyUIConnector(settings(f"http://127.0.0.1:{port}", models_refresh_s=0.1))
+    async with connector_hub(connector, capabilities_refresh_s=0.1) as hub:
+        [worker] = (await hub.http.get("/api/workers")).json()
+        assert "comfyui" not in worker["capabilities"]["services"], worker
+        job_id = await hub.submit("comfyui", {"workflow": recorded_workflow()})
+        assert (await hub.wait(job_id, within_s=0.5))["status"] == "pending"
+        async with fake_comfyui(port=port):
+            job = await hub.wait(job_id, within_s=20)
+            assert job["status"] == "completed", job
+            [worker] = (await hub.http.get("/api/workers")).json()
+            assert "sd_xl_base_1.0.safetensors" in worker["capabilities"]["models"]["comfyui"]
+
+
+async def test_through_the_hub_comfyui_dying_mid_job_fails_retryable() -> None:
+    async with fake_comfyui(node_s=0.3) as (fake, url, server):
+        connector = ComfyUIConnector(settings(url, reconnect_s=0.3))
+        async with connector_hub(connector, broker={"retry_base_s": 60}) as hub:
+            job_id = await hub.submit("comfyui", {"workflow": recorded_workflow()}, max_attempts=2)
+            await until(lambda: fake.running is not None)
+            server.should_exit = True
+            await fake.drop_sockets()
+            for _ in range(200):  # the retryable failure recorded; the retry waits 60 s
+                job = await hub.job(job_id)
+                if job["failures"]:
+                    break
+                await asyncio.sleep(0.05)
+            assert (job["failures"], job["status"]) == (1, "delayed"), job
+            assert "lost ComfyUI" in job["error"], job
+
+
+async def test_two_jobs_at_once(comfy: Served) -> None:
+    fake, url, _ = comfy
+    connector = ComfyUIConnector(settings(url, concurrency=2))
+    async with connector_hub(connector) as hub:
+        ids = [
+            await hub.submit("comfyui", {"workflow": recorded_workflow(color=c)}) for c in (1, 2)
+        ]
+        jobs = [await hub.wait(job_id) for job_id in ids]
+    assert [j["status"] for j in jobs] == ["completed", "completed"]
+    names = {j["result"]["nodes"]["4"]["images"][0]["name"] for j in jobs}
+    assert names == {"emp_fixture_00001_.png", "emp_fixture_00002_.png"}
+    assert len(fake.prompts_run) == 2
+
+
+async def test_fake_replays_the_recorded_interrupt(comfy: Served) -> None:
+    fake, url, _ = comfy
+    fake.node_s = 0.2
+    [request, interrupt] = [m["msg"] for m in recorded("interrupt") if m["dir"] == "request"]
+    wanted = [m["msg"]["type"] for m in recorded("interrupt") if m["conn"] == "ws"]
+    ws_url = f"{url.replace('http', 'ws')}/ws?clientId={request['body']['client_id']}"
+    async with websockets.connect(ws_url) as ws, httpx.AsyncClient(base_url=url) as http:
+        await http.post("/prompt", json=request["body"])
+        seen: list[str] = []
+        message: dict[str, Any] = {}
+        while message.get("type") != "executing" or message["data"]["node"] is not None:
+            message = json.loads(await ws.recv())
+            seen.append(message["type"])
+            if message["type"] == "execution_cached":
+                answer = await http.post("/interrupt", json=interrupt["body"])
+                assert (answer.status_code, answer.text) == (200, "")
+        entry = (await http.get(f"/history/{request['body']['prompt_id']}")).json()
+    assert seen == wanted
+    status = entry[request["body"]["prompt_id"]]["status"]
+    assert (status["status_str"], status["completed"]) == ("error", False)
+
+
+async def test_cached_resubmission_returns_the_old_outputs(comfy: Served) -> None:
+    """The identical workflow again is served from ComfyUI's cache (no new file, the old
+    name re-emitted, as recorded in cached_resubmit); the job still completes with it."""
+    fake, url, _ = comfy
+    wanted = [m["msg"]["type"] for m in recorded("cached_resubmit") if m["conn"] == "ws"]
+    connector = ComfyUIConnector(settings(url))
+    first = fake_context("comfyui", {"workflow": recorded_workflow()})
+    await connector.run(first.job, first)
+    seen: list[str] = []
+    original = fake.send
+
+    async def spy(kind: str, data: dict[str, Any], sid: str | None) -> None:
+        seen.append(kind)
+        await original(kind, data, sid)
+
+    fake.send = spy  # type: ignore[method-assign]
+    again = fake_context("comfyui", {"workflow": recorded_workflow()})
+    result = await connector.run(again.job, again)
+    assert result["nodes"]["4"]["images"][0]["name"] == "emp_fixture_00001_.png"
+    assert again.files == first.files and again.reports[-1].percent == 100
+    assert seen == wanted[1:]  # all but the status on connect
