@@ -17,6 +17,7 @@ import pytest
 from rich.console import Console
 
 from benchmarks import claim as claim_benchmark
+from benchmarks import connectors as connectors_benchmark
 from benchmarks import faults as faults_benchmark
 from benchmarks import hub as hub_benchmark
 from benchmarks import recovery as recovery_benchmark
@@ -70,6 +71,15 @@ def test_worker_benchmark_prints_its_json(
     results = report["results"]
     assert results["completed"] == 100 and results["jobs_per_s"] > 0
     assert results["worker_side_overhead"]["p99_ms"] > 0
+
+
+@pytest.mark.timeout(300)
+def test_connectors_benchmark_prints_its_json(capsys: pytest.CaptureFixture[str]) -> None:
+    connectors_benchmark.main(["--jobs", "3"])
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["results"]) == {"comfyui", "a1111", "rest", "websocket"}
+    for name, figures in report["results"].items():
+        assert figures["connector"] == name and figures["jobs"] == 3, figures
 
 
 @pytest.mark.timeout(300)
