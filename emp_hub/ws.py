@@ -148,6 +148,10 @@ class Dispatcher:
         self._turn = 0
         self._stopping = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
+        # Lost workers' graces end in bursts (a network blip drops many sockets at once):
+        # one requeue pass and one notice serve every grace that ended before it started.
+        self._grace_pass = asyncio.Lock()
+        self._grace_pass_started = float("-inf")
         # Jobs submitted through this replica wake its workers without the pub/sub round
         # trip; the announcement that comes back with this broker's origin is skipped.
         hub.broker.on_submit = self.wake_for_submit
@@ -327,11 +331,18 @@ class Dispatcher:
                     self._stopping.wait(), broker.settings.reconnect_grace_s + 0.05
                 )
                 return  # the hub is stopping; the leases and the next hub take care
-            try:
-                await broker.maintain()  # requeues the leases that just ran out
-                await self._notify_workers_channel({"event": "gone", "worker": session.worker_id})
-            except redis.exceptions.RedisError:
-                log.warning("could not requeue the jobs of lost worker %s", session.worker_id)
+            grace_ended = time.monotonic()
+            async with self._grace_pass:
+                if self._grace_pass_started >= grace_ended:
+                    return  # a pass that started after this grace ended has done it
+                self._grace_pass_started = time.monotonic()
+                try:
+                    await broker.maintain()  # requeues the leases that just ran out
+                    await self._notify_workers_channel(
+                        {"event": "gone", "worker": session.worker_id}
+                    )
+                except redis.exceptions.RedisError:
+                    log.warning("could not requeue the jobs of lost worker %s", session.worker_id)
 
         self._spawn(after_grace())
 
