@@ -6,7 +6,8 @@ sequence, a priority queue, history written before the final `executing {node: n
 Test knobs: `node_s` (seconds per node), `hold` (cleared: prompts stay queued), `fail`
 (class or node id -> (exception type, message): `execution_error`), `drop_ws_at` (node id:
 close every WebSocket when it starts), `history_lag_s` (between `execution_success` and the
-history write)."""
+history write), `down_s` (with `drop_ws_at`: for that many seconds after the drop every
+HTTP request is answered 503, as a proxy in front of a restarting ComfyUI answers)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
@@ -121,6 +124,8 @@ class FakeComfyUI:
         self.fail: dict[str, tuple[str, str]] = {}
         self.drop_ws_at: str | None = None
         self.history_lag_s = 0.0
+        self.down_s = 0.0
+        self._down_until = 0.0
         self.pending: list[tuple[float, str, dict[str, Any], dict[str, Any], list[str]]] = []
         self.running: tuple[float, str, dict[str, Any], dict[str, Any], list[str]] | None = None
         self.current_node: str | None = None
@@ -157,7 +162,14 @@ class FakeComfyUI:
                 Route(prefix + "/features", self.features, methods=["GET"]),
                 WebSocketRoute(prefix + "/ws", self.ws),
             ]
-        self.app = Starlette(routes=routes)
+        down = Middleware(BaseHTTPMiddleware, dispatch=self._maybe_down)
+        self.app = Starlette(routes=routes, middleware=[down])
+
+    async def _maybe_down(self, request: Request, call_next: Any) -> Response:
+        if time.monotonic() < self._down_until:
+            return Response(b"ComfyUI is restarting", status_code=503)
+        response: Response = await call_next(request)
+        return response
 
     # -- HTTP -----------------------------------------------------------------------------
 
@@ -579,6 +591,7 @@ class FakeComfyUI:
             await event("progress_state", {"nodes": dict(states)})
             await event("executing", {"node": node_id, "display_node": node_id})
             if self.drop_ws_at == node_id:
+                self._down_until = time.monotonic() + self.down_s
                 await self.drop_sockets()
             if self.interrupted:  # checked before each node runs, and at each step
                 await interrupted()

@@ -248,6 +248,25 @@ async def test_websocket_dropped_mid_job_recovers_from_history(comfy: Served) ->
     assert ctx.reports[-1].percent == 100
 
 
+async def test_websocket_back_but_http_not_yet_is_waited_for(comfy: Served) -> None:
+    """ComfyUI restarting behind a proxy: the WebSocket reconnects before /history
+    answers; the connector keeps asking within `reconnect_s`."""
+    fake, url, _ = comfy
+    fake.drop_ws_at, fake.down_s = "2", 0.5
+    ctx = fake_context("comfyui", {"workflow": recorded_workflow()})
+    result = await ComfyUIConnector(settings(url, reconnect_s=5)).run(ctx.job, ctx)
+    assert list(result["nodes"]) == ["4"] and len(fake.prompts_run) == 1
+
+
+async def test_http_away_past_reconnect_s_is_lost_comfyui(comfy: Served) -> None:
+    fake, url, _ = comfy
+    fake.drop_ws_at, fake.down_s = "2", 3
+    ctx = fake_context("comfyui", {"workflow": recorded_workflow()})
+    with pytest.raises(JobFailed) as failed:
+        await ComfyUIConnector(settings(url, reconnect_s=0.3)).run(ctx.job, ctx)
+    assert failed.value.retryable and "lost ComfyUI" in str(failed.value), failed.value
+
+
 async def test_history_lag_after_success_is_waited_for(comfy: Served) -> None:
     fake, url, _ = comfy
     fake.history_lag_s = 0.3

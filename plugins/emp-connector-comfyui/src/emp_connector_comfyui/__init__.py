@@ -80,6 +80,10 @@ class ComfyUISettings(ConnectorSettings):
         return self
 
 
+class Unreachable(JobFailed):
+    """ComfyUI did not answer an HTTP request, or answered it with an error (retryable)."""
+
+
 class ComfyUIConnector(Connector):
     """A ComfyUI server: runs API-format workflows on it."""
 
@@ -122,13 +126,14 @@ class ComfyUIConnector(Connector):
         return {"Authorization": "Basic " + base64.b64encode(token).decode()}
 
     async def _get(self, path: str, **params: Any) -> Any:
-        """GET a JSON answer; JobFailed (retryable) when ComfyUI is unreachable or odd."""
+        """GET a JSON answer; Unreachable (a retryable JobFailed) when ComfyUI is
+        unreachable or odd."""
         try:
             response = await self.http.get(path, params=params or None)
             response.raise_for_status()
             return response.json()
         except (httpx.HTTPError, ValueError) as exc:
-            raise JobFailed(f"ComfyUI {path}: {exc!r}", retryable=True) from exc
+            raise Unreachable(f"ComfyUI {path}: {exc!r}") from exc
 
     async def start(self) -> None:
         await self.refresh()
@@ -298,11 +303,10 @@ class ComfyUIConnector(Connector):
                         return
             except (websockets.ConnectionClosed, ValueError, OSError):
                 pass
-            ws = await self._recover(client_id)
-            if await self._finished(prompt_id):
-                with contextlib.suppress(Exception):
-                    await ws.close()
+            rejoined = await self._rejoin(client_id, prompt_id)
+            if rejoined is None:
                 return
+            ws = rejoined
 
     async def _on_message(self, message: Any, prompt_id: str, tracker: Progress) -> bool:
         """Handle one message; True when our prompt is done (history written)."""
@@ -330,17 +334,25 @@ class ComfyUIConnector(Connector):
             )
         return False
 
-    async def _recover(self, client_id: str) -> websockets.ClientConnection:
-        """A WebSocket again, within `reconnect_s`; else the job fails retryable."""
+    async def _rejoin(self, client_id: str, prompt_id: str) -> websockets.ClientConnection | None:
+        """After a dropped WebSocket: a new one and our prompt's state, within
+        `reconnect_s` (ComfyUI restarting may take the socket before it answers HTTP);
+        None when the prompt has already ended. Past the deadline the job fails retryable."""
         deadline = time.monotonic() + self.settings.reconnect_s
         while True:
+            ws: websockets.ClientConnection | None = None
             try:
-                return await self._connect(client_id)
-            except (OSError, websockets.InvalidHandshake, TimeoutError) as exc:
+                ws = await self._connect(client_id)
+                if not await self._finished(prompt_id):
+                    return ws
+                await ws.close()
+                return None
+            except (OSError, websockets.InvalidHandshake, TimeoutError, Unreachable) as exc:
+                if ws is not None:
+                    with contextlib.suppress(Exception):
+                        await ws.close()
                 if time.monotonic() > deadline:
-                    raise JobFailed(
-                        f"lost ComfyUI at {self.settings.url} mid-job: {exc!r}"
-                    ) from exc
+                    raise JobFailed(f"lost ComfyUI at {self.settings.url} mid-job: {exc}") from exc
             await asyncio.sleep(self.settings.poll_s)
 
     async def _finished(self, prompt_id: str) -> bool:
