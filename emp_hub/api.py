@@ -448,7 +448,7 @@ async def submit_job(body: SubmitRequest, hub: HubDep, principal: Submitter) -> 
     job_id = body.job_id
     recovering = False  # the key's job was never stored: store it now
     if body.idempotency_key is not None:
-        key = hub.broker.key("idem", principal.token_id, body.idempotency_key)
+        key = hub.broker.key("idempotency", principal.token_id, body.idempotency_key)
         candidate = job_id or f"job-rest-{uuid.uuid4()}"
         if not await hub.redis.set(key, candidate, nx=True, ex=86_400):
             # The key names the job of the first submit. If that job was never stored (its

@@ -56,7 +56,7 @@ class Hub:
         if result.worker is not None:
             self.metrics.finished.labels(job.service, "cancelled").inc()
             notice = {"job_id": job.id, "worker": result.worker, "reason": reason}
-            await self.redis.publish(self.broker.key("cancel"), json.dumps(notice))
+            await self.redis.publish(self.broker.key("cancel_channel"), json.dumps(notice))
         return result
 
 

@@ -29,6 +29,7 @@ from typing import cast
 import redis.asyncio
 from pydantic import BaseModel
 
+from emp_hub.broker.keys import Keys
 from emp_protocol.capabilities import Name
 
 
@@ -88,7 +89,7 @@ class TokenStore:
         refresh_s: float = 2.0,
     ) -> None:
         self.redis = client
-        self.key = "{" + namespace + "}:tokens"
+        self.key = Keys(namespace)("tokens")
         self._shared = shared_token
         self.refresh_s = refresh_s
         self._open_checked_at = float("-inf")

@@ -8,6 +8,8 @@ from typing import cast
 
 import redis.asyncio
 
+from emp_hub.broker.keys import Keys
+
 # Generic cell rate algorithm: one key per token holds the "theoretical arrival time".
 # ARGV: now, seconds per job (1/rate), burst (jobs), cost (jobs in this request).
 # Returns {allowed (1/0), seconds to wait before retrying (string)}.
@@ -40,7 +42,7 @@ class RateLimiter:
     def __init__(
         self, client: redis.asyncio.Redis, namespace: str, rate: float, burst: int
     ) -> None:
-        self.prefix = "{" + namespace + "}:rate:"
+        self.keys = Keys(namespace)
         self.rate = rate
         self.burst = burst
         self._script = client.register_script(_GCRA)
@@ -54,7 +56,7 @@ class RateLimiter:
         allowed, wait = cast(
             list[int | str],
             await self._script(
-                keys=[self.prefix + token_id],
+                keys=[self.keys("rate", token_id)],
                 args=[repr(time.time()), repr(1 / self.rate), self.burst, cost],
             ),
         )

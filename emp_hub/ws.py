@@ -161,7 +161,7 @@ class Dispatcher:
         watchers = self.watchers.setdefault(job_id, set())
         watchers.add(watcher)
         if len(watchers) == 1:
-            await self._subscribe(self.hub.broker.key("jev", job_id))
+            await self._subscribe(self.hub.broker.key("job_channel", job_id))
 
     async def unwatch(self, job_id: str, watcher: Watcher) -> None:
         """Stop sending this job's events to `watcher`."""
@@ -171,19 +171,19 @@ class Dispatcher:
         watchers.discard(watcher)
         if not watchers:
             del self.watchers[job_id]
-            await self._unsubscribe(self.hub.broker.key("jev", job_id))
+            await self._unsubscribe(self.hub.broker.key("job_channel", job_id))
 
     async def add_monitor(self, monitor: Watcher) -> None:
         """A monitor: every job's events, and the messages for monitors."""
         self.monitors.add(monitor)
         if len(self.monitors) == 1:
-            await self._subscribe(self.hub.broker.key("jev", "*"), pattern=True)
+            await self._subscribe(self.hub.broker.key("job_channel", "*"), pattern=True)
 
     async def remove_monitor(self, monitor: Watcher) -> None:
         """The monitor went away."""
         self.monitors.discard(monitor)
         if not self.monitors:
-            await self._unsubscribe(self.hub.broker.key("jev", "*"), pattern=True)
+            await self._unsubscribe(self.hub.broker.key("job_channel", "*"), pattern=True)
 
     async def _subscribe(self, channel: str, *, pattern: bool = False) -> None:
         """Subscribe, and return once Redis confirmed it (events published after this
@@ -216,7 +216,10 @@ class Dispatcher:
         broker = self.hub.broker
         pubsub = self._pubsub
         await pubsub.subscribe(
-            broker.key("work"), broker.key("cancel"), broker.key("monitor"), broker.key("workers")
+            broker.key("work_channel"),
+            broker.key("cancel_channel"),
+            broker.key("monitor_channel"),
+            broker.key("workers_channel"),
         )
         self._listening.set()
         lost = False
@@ -246,16 +249,16 @@ class Dispatcher:
                     pass
                 elif kind == "pmessage":  # every job's events: for the monitors
                     await self.forward(json.loads(message["data"]), self.monitors)
-                elif channel == broker.key("work"):
+                elif channel == broker.key("work_channel"):
                     origin, *items = message["data"].split()
                     if origin != broker.origin:  # our own submits woke our workers already
                         announced = [item.rpartition(":") for item in items]
                         await self.wake({c: int(n) for c, _, n in announced})
-                elif channel == broker.key("cancel"):
+                elif channel == broker.key("cancel_channel"):
                     await self.tell_cancel(json.loads(message["data"]))
-                elif channel == broker.key("monitor"):
+                elif channel == broker.key("monitor_channel"):
                     await self.forward(json.loads(message["data"]), self.monitors)
-                elif channel == broker.key("workers"):
+                elif channel == broker.key("workers_channel"):
                     await self.on_worker_notice(json.loads(message["data"]))
                 else:  # a watched job's events
                     event = json.loads(message["data"])
@@ -273,7 +276,7 @@ class Dispatcher:
 
     async def _notify_workers_channel(self, notice: dict[str, str]) -> None:
         """Tell every replica (this one too) about a worker: replaced or gone."""
-        await self.hub.redis.publish(self.hub.broker.key("workers"), json.dumps(notice))
+        await self.hub.redis.publish(self.hub.broker.key("workers_channel"), json.dumps(notice))
 
     async def on_worker_notice(self, notice: dict[str, str]) -> None:
         """`replaced`: close the superseded socket if it is here. `gone`: a worker left
@@ -723,7 +726,7 @@ async def handle(session: WorkerSession, dispatcher: Dispatcher, raw: Any) -> No
 async def tell_monitors(hub: Hub, message: dict[str, Any]) -> None:
     """Send a message to the monitors of every replica (through the monitor channel)."""
     event = {"type": "monitor", "message": message}
-    await hub.redis.publish(hub.broker.key("monitor"), json.dumps(event))
+    await hub.redis.publish(hub.broker.key("monitor_channel"), json.dumps(event))
 
 
 async def job_message(

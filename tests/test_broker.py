@@ -424,7 +424,7 @@ async def test_retention(broker: Broker, clock: Clock, namespace: str) -> None:
     assert claim is not None
     await broker.complete(job.id, claim.token, {"ok": True})
     assert 0 < await broker.redis.ttl(broker.key("job", job.id)) <= 1
-    assert 0 < await broker.redis.ttl(broker.key("ev", job.id)) <= 1
+    assert 0 < await broker.redis.ttl(broker.key("events", job.id)) <= 1
     assert [j.id for j in (await broker.list_jobs(customer="acme")).jobs] == [job.id]
     await asyncio.sleep(1.2)
     clock.advance(1.2)
@@ -467,7 +467,7 @@ async def test_event_stream_is_capped(broker: Broker) -> None:
     assert claim is not None
     for i in range(500):
         await broker.progress(job.id, claim.token, i / 5)
-    assert await broker.redis.xlen(broker.key("ev", job.id)) < 200
+    assert await broker.redis.xlen(broker.key("events", job.id)) < 200
 
 
 async def test_batch_submit_and_listing(broker: Broker) -> None:
@@ -597,7 +597,7 @@ async def test_empty_classes_are_collected(broker: Broker, clock: Clock) -> None
     await broker.redis.hset(broker.key("classes"), old.requirement_class, old.canonical_json)
     classes = broker.key("classes")
     assert await broker.redis.hlen(classes) == 202
-    version = int(await broker.redis.get(broker.key("classes:ver")) or 0)
+    version = int(await broker.redis.get(broker.key("classes_ver")) or 0)
     await broker.maintain()
     await broker.maintain()
     clock.advance(broker.settings.class_idle_s - 1)
@@ -606,7 +606,7 @@ async def test_empty_classes_are_collected(broker: Broker, clock: Clock) -> None
     clock.advance(2)
     await broker.maintain()
     assert await broker.redis.hkeys(classes) == [kept.requirement_class]
-    assert int(await broker.redis.get(broker.key("classes:ver")) or 0) > version
+    assert int(await broker.redis.get(broker.key("classes_ver")) or 0) > version
     stats = await broker.stats()
     assert [c.requirement_class for c in stats.classes] == [kept.requirement_class]
     assert list(broker.known_classes) == [kept.requirement_class]

@@ -193,7 +193,7 @@ async def test_cancel_active_is_announced(
     claim = await broker.claim("gpu-7", SIM)
     assert claim is not None
     pubsub = redis_client.pubsub()
-    await pubsub.subscribe(broker.key("cancel"))
+    await pubsub.subscribe(broker.key("cancel_channel"))
     r = await http.post(f"/api/jobs/{job_id}/cancel")
     assert r.json() == {"previous_status": "active", "worker": "gpu-7"}
     for _ in range(50):
@@ -258,7 +258,8 @@ async def test_idempotency_key_after_a_hub_died_between_key_and_job(
     stored. The client got no answer and sends the submit again, as the key is for; it
     must get the job submitted, not 404 for the 24 h the key lives."""
     # What the killed hub left behind: the key of an anonymous caller, and no job.
-    await redis_client.set(broker.key("idem", "anonymous", "order-7"), "job-order-7", ex=86_400)
+    key = broker.key("idempotency", "anonymous", "order-7")
+    await redis_client.set(key, "job-order-7", ex=86_400)
     body = {"job_type": "s", "job_id": "job-order-7", "idempotency_key": "order-7"}
     again = await http.post("/api/jobs", json=body)
     assert again.status_code == 200, again.text
@@ -542,7 +543,7 @@ async def test_outputs_follow_the_job_retention(
         r = await http.get(f"/api/jobs/{running.job.id}/outputs/out.png")
         assert r.status_code == 200 and r.content == b"png"
         assert set(ids) == {done.job.id, running.job.id}
-        assert await redis_client.zcard(broker.key("outputs:expired")) == 0
+        assert await redis_client.zcard(broker.key("outputs_expired")) == 0
 
 
 async def test_classes_and_metrics_stay_bounded(

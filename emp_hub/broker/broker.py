@@ -1,30 +1,6 @@
 """The broker: every job operation, each one Lua script over the Redis data model.
 
-Data model (docs/broker.md has the whole picture); every key starts with "{namespace}:":
-
-    job:<id>            hash: the job record
-    ev:<id>             stream: the job's status and progress events (capped)
-    q:<class>           zset: pending jobs of one requirement class, by score
-    classes             hash: requirement class -> canonical requirements (JSON)
-    classes:ver         counter: bumped when the class list changes
-    nonempty            set: classes with pending jobs
-    idle                zset: classes without pending jobs -> since when (collected later)
-    seq                 counter: submission order
-    leases              zset: active job -> lease expiry
-    delayed             zset: job waiting for a retry -> when it is due
-    dead                zset: dead-lettered (failed) job -> when it failed
-    expiring            zset: "id TAB service TAB customer TAB status" -> retention end
-    idx:all, idx:status:<s>, idx:svc:<service>, idx:cust:<customer>
-                        zsets: job id -> seq, to list jobs newest first
-    workers             zset: worker id -> last seen (a lost worker: set to age out after
-                        the reconnect grace)
-    worker:<id>         string: the worker's capabilities (JSON), expires
-    owner:<id>          string: "up|gone <instance> <connection> <replica>": which process
-                        and connection (on which hub replica) hold the worker id; expires
-                        (with the grace once gone)
-    replica:<origin>    string: a live hub replica; expires unless renewed
-    outputs             set: jobs with files stored by the hub (track_outputs)
-    outputs:expired     zset: such jobs whose retention ran out -> when; their files go
+The data model: the keys are defined in keys.py, described in docs/broker.md.
 """
 
 from __future__ import annotations
@@ -43,6 +19,7 @@ from typing import Any, cast
 
 from redis.asyncio import Redis
 
+from emp_hub.broker.keys import KeyName, Keys
 from emp_hub.broker.models import (
     LARGE_FIELDS,
     PRIORITY_MAX,
@@ -121,7 +98,7 @@ class Broker:
         #: Called with {class: count} after each submit: a hub wakes its own parked workers
         #: at once, and skips the announcement that comes back with its origin.
         self.on_submit: Callable[[dict[str, int]], Awaitable[None]] | None = None
-        self.prefix = "{" + self.settings.namespace + "}:"
+        self.keys = Keys(self.settings.namespace)
         self._scripts = Scripts(redis)
         s = self.settings
         config = {
@@ -152,13 +129,13 @@ class Broker:
 
     # -- helpers -----------------------------------------------------------------------
 
-    def key(self, *parts: str) -> str:
-        """A key in this broker's namespace, e.g. key("job", id)."""
-        return self.prefix + ":".join(parts)
+    def key(self, name: KeyName, *args: str) -> str:
+        """A key in this broker's namespace, e.g. key("job", id) (the layout: keys.py)."""
+        return self.keys(name, *args)
 
     async def _run(self, name: str, *args: Any) -> Any:
         return await self._scripts.run(
-            name, self.key("seq"), [self.prefix, repr(self.clock()), self._config, *args]
+            name, self.key("seq"), [self.keys.prefix, repr(self.clock()), self._config, *args]
         )
 
     # -- submit ------------------------------------------------------------------------
@@ -402,7 +379,7 @@ class Broker:
     async def refresh_classes(self) -> None:
         """Re-read the requirement classes (a new one appeared)."""
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.get(self.key("classes:ver"))
+            pipe.get(self.key("classes_ver"))
             pipe.hgetall(self.key("classes"))
             ver, classes = await pipe.execute()
         self._classes = {c: JobRequirements.model_validate_json(r) for c, r in classes.items()}
@@ -592,12 +569,12 @@ class Broker:
     async def expired_outputs(self, limit: int = 1000) -> list[str]:
         """Jobs with stored files whose retention ran out, oldest first; whoever removes
         their files calls forget_outputs() after (until then every replica may see them)."""
-        return cast(list[str], await self.redis.zrange(self.key("outputs:expired"), 0, limit - 1))
+        return cast(list[str], await self.redis.zrange(self.key("outputs_expired"), 0, limit - 1))
 
     async def forget_outputs(self, job_ids: Sequence[str]) -> None:
         """The files of these expired jobs are gone."""
         if job_ids:
-            await self.redis.zrem(self.key("outputs:expired"), *job_ids)
+            await self.redis.zrem(self.key("outputs_expired"), *job_ids)
 
     # -- reading -----------------------------------------------------------------------
 
@@ -623,13 +600,13 @@ class Broker:
         Of the LARGE_FIELDS, only those in `include` are read, and only when at most `cap`
         bytes; the others are left out (`Job.omitted` says which, and their sizes)."""
         if customer is not None:
-            index = self.key("idx", "cust", customer)
+            index = self.key("by_customer", customer)
         elif service is not None:
-            index = self.key("idx", "svc", service)
+            index = self.key("by_service", service)
         elif status is not None:
-            index = self.key("idx", "status", status.value)
+            index = self.key("by_status", status.value)
         else:
-            index = self.key("idx", "all")
+            index = self.key("all_jobs")
         jobs: list[Job] = []
         top = f"({cursor}" if cursor is not None else "+inf"
         batch = max(limit, 50)
@@ -673,7 +650,7 @@ class Broker:
         start = f"({after}" if after else "-"
         rows = cast(
             list[tuple[str, dict[str, str]]],
-            await self.redis.xrange(self.key("ev", job_id), start, "+", count=count),
+            await self.redis.xrange(self.key("events", job_id), start, "+", count=count),
         )
         return [_event(event_id, fields) for event_id, fields in rows]
 
@@ -690,7 +667,7 @@ class Broker:
         reply = cast(
             list[tuple[str, list[tuple[str, dict[str, str]]]]],
             await self.redis.xread(
-                {self.key("ev", job_id): after or "0-0"}, count=100, block=int(block_s * 1000)
+                {self.key("events", job_id): after or "0-0"}, count=100, block=int(block_s * 1000)
             ),
         )
         return [_event(i, f) for _, rows in reply for i, f in rows]
@@ -698,13 +675,13 @@ class Broker:
     async def position(self, job_id: str, requirement_class: str) -> int | None:
         """How many pending jobs of its class are ahead of the job (0: next), or None when
         it is not pending."""
-        rank = await self.redis.zrank(self.key("q", requirement_class), job_id)
+        rank = await self.redis.zrank(self.key("queue", requirement_class), job_id)
         return cast(int | None, rank)
 
     async def stats(self) -> QueueStats:
         """Depth per class and priority, set sizes, and unschedulable classes."""
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.get(self.key("classes:ver"))
+            pipe.get(self.key("classes_ver"))
             pipe.smembers(self.key("nonempty"))
             version, members = await pipe.execute()
         if (version or "0") != self._classes_ver:  # classes came or were collected
@@ -732,7 +709,8 @@ class Broker:
                 )
             )
         async with self.redis.pipeline(transaction=False) as pipe:
-            for name in ("leases", "delayed", "dead"):
+            names: tuple[KeyName, ...] = ("leases", "delayed", "dead")
+            for name in names:
                 pipe.zcard(self.key(name))
             active, delayed, dead = await pipe.execute()
         return QueueStats(

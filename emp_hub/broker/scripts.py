@@ -1,6 +1,7 @@
 """The broker's Lua scripts: loaded once, run with EVALSHA, reloaded after NOSCRIPT.
 
-Each script is the shared prelude (lua/common.lua) followed by its own body (lua/NAME.lua).
+Each script is the settings' names, the key prefix `P` and the key layout `K` (keys.py),
+the shared prelude (lua/common.lua), then its own body (lua/NAME.lua).
 redis-py's Script object runs EVALSHA and, when the server answers NOSCRIPT (a restarted
 Redis, a SCRIPT FLUSH, a failover), loads the source and runs it again.
 """
@@ -15,6 +16,7 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import ResponseError
 
+from emp_hub.broker.keys import lua_layout
 from emp_hub.broker.models import BrokerError, DuplicateJob, InvalidState, JobNotFound, StaleLease
 
 NAMES = (
@@ -62,12 +64,15 @@ _ERRORS: dict[str, type[BrokerError]] = {
 
 @cache
 def source(name: str) -> str:
-    """The full source of one script: the settings' names, the prelude, the body."""
+    """The full source of one script: the settings' names, the key layout, the prelude,
+    the body."""
     lua = files("emp_hub.broker") / "lua"
     fields = ", ".join(f"'{f}'" for f in CONFIG_FIELDS)
     return "\n".join(
         [
             f"local CONFIG_FIELDS = {{{fields}}}",
+            "local P = ARGV[1]",
+            lua_layout(),
             (lua / "common.lua").read_text(),
             (lua / f"{name}.lua").read_text(),
         ]

@@ -6,13 +6,13 @@ if not j.status then return redis.error_reply('NOJOB no such job: ' .. id) end
 if j.status == 'pending' then
   dequeue(id, j.class)
 elseif j.status == 'delayed' then
-  redis.call('ZREM', P .. 'delayed', id)
+  redis.call('ZREM', K.delayed, id)
 elseif j.status == 'active' then
-  redis.call('ZREM', P .. 'leases', id)
+  redis.call('ZREM', K.leases, id)
 else
   return redis.error_reply('STATE job ' .. id .. ' is already ' .. j.status)
 end
-redis.call('HSET', jkey(id), 'cancellation_reason', ARGV[5], 'message', ARGV[5])
+redis.call('HSET', K.job(id), 'cancellation_reason', ARGV[5], 'message', ARGV[5])
 finish(id, j.status, 'cancelled', CFG.retention)
 event(id, 'type', 'status', 'status', 'cancelled', 'reason', ARGV[5])
 return {j.status, j.worker or ''}

@@ -7,13 +7,13 @@
 -- else {1, classes_version, HGETALL of each claimed job...} (none when nothing matched).
 local worker, prefix, lease = ARGV[4], ARGV[5], tonumber(ARGV[6])
 local count = tonumber(ARGV[7])
-local ver = redis.call('GET', P .. 'classes:ver') or '0'
+local ver = redis.call('GET', K.classes_ver) or '0'
 if ver ~= ARGV[8] then return {0, ver} end
 local nq = tonumber(ARGV[9])
 local classes, allow, offs, heads = {}, {}, {}, {}
 
 local function peek(i)
-  local r = redis.call('ZRANGE', qkey(classes[i]), offs[i], offs[i], 'WITHSCORES')
+  local r = redis.call('ZRANGE', K.queue(classes[i]), offs[i], offs[i], 'WITHSCORES')
   if r[1] then heads[i] = {r[1], tonumber(r[2])} else heads[i] = false end
 end
 
@@ -26,20 +26,17 @@ end
 
 local function take(id, class, token)
   dequeue(id, class)
-  local k = jkey(id)
+  local k = K.job(id)
   local j = hget(id, {'seq', 'timeout'})
   local timeout = tonumber(j.timeout)
   local deadline = 0
-  local expires = NOW + lease
-  if timeout > 0 then
-    deadline = NOW + timeout + CFG.timeout_grace
-    if deadline < expires then expires = deadline end
-  end
+  if timeout > 0 then deadline = NOW + timeout + CFG.timeout_grace end
+  local expires = lease_end(lease, deadline)
   redis.call('HSET', k, 'worker', worker, 'token', token, 'claimed_at', NOW_S,
     'deadline', deadline, 'lease_expires', expires, 'progress', 0, 'message', '')
   redis.call('HDEL', k, 'started_at')
   redis.call('HINCRBY', k, 'attempt', 1)
-  redis.call('ZADD', P .. 'leases', expires, id)
+  redis.call('ZADD', K.leases, expires, id)
   set_status(id, j.seq, 'pending', 'active')
   event(id, 'type', 'status', 'status', 'active', 'worker', worker)
   return redis.call('HGETALL', k)
@@ -55,7 +52,7 @@ while #out - 2 < count and skips <= CFG.max_skip do
   end
   if best == nil then break end
   local id = heads[best][1]
-  local avoid = redis.call('HGET', jkey(id), 'avoid')
+  local avoid = redis.call('HGET', K.job(id), 'avoid')
   if avoid and not allow[best] and string.find(avoid, needle, 1, true) then
     offs[best] = offs[best] + 1
     skips = skips + 1

@@ -1,11 +1,11 @@
 -- Shared helpers, prepended to every broker script (see scripts.py).
 -- ARGV[1] is the key prefix (e.g. "{emp}:", one hash tag so every key lives in one slot),
 -- ARGV[2] the current time in seconds, ARGV[3] the broker's settings: numbers separated by
--- spaces, in the order of CONFIG_FIELDS (cheaper to parse than JSON). scripts.py defines
--- CONFIG_FIELDS in a line it puts before this file.
+-- spaces, in the order of CONFIG_FIELDS (cheaper to parse than JSON). scripts.py puts
+-- before this file: CONFIG_FIELDS, `local P = ARGV[1]` and the key layout `K`
+-- (keys.py: `K.leases`, `K.job(id)`; no key name is spelled in the scripts).
 -- Scores and sequence numbers are passed to redis.call as numbers, which Redis formats
 -- exactly (%.17g); they are never concatenated into strings (Lua would round them).
-local P = ARGV[1]
 local NOW_S = ARGV[2]
 local NOW = tonumber(NOW_S)
 local CFG = {}
@@ -17,13 +17,9 @@ do
   end
 end
 
-local function jkey(id) return P .. 'job:' .. id end
-local function ekey(id) return P .. 'ev:' .. id end
-local function qkey(class) return P .. 'q:' .. class end
-
 -- Read some fields of a job's hash into a table (false for missing ones).
 local function hget(id, fields)
-  local values = redis.call('HMGET', jkey(id), unpack(fields))
+  local values = redis.call('HMGET', K.job(id), unpack(fields))
   local out = {}
   for i, f in ipairs(fields) do out[f] = values[i] end
   return out
@@ -32,18 +28,18 @@ end
 -- Append an event to the job's capped stream, and publish it (channel "jev:<id>") for the
 -- WebSocket clients and monitors following the job on any hub replica.
 local function event(id, ...)
-  local stream_id = redis.call('XADD', ekey(id), 'MAXLEN', '~', CFG.event_cap, '*',
+  local stream_id = redis.call('XADD', K.events(id), 'MAXLEN', '~', CFG.event_cap, '*',
     'ts', NOW_S, ...)
   local fields = {job = id, id = stream_id, ts = NOW_S}
   local kv = {...}
   for i = 1, #kv, 2 do fields[kv[i]] = kv[i + 1] end
-  redis.call('PUBLISH', P .. 'jev:' .. id, cjson.encode(fields))
+  redis.call('PUBLISH', K.job_channel(id), cjson.encode(fields))
 end
 
 local function set_status(id, seq, old, new)
-  redis.call('ZREM', P .. 'idx:status:' .. old, id)
-  redis.call('ZADD', P .. 'idx:status:' .. new, seq, id)
-  redis.call('HSET', jkey(id), 'status', new)
+  redis.call('ZREM', K.by_status(old), id)
+  redis.call('ZADD', K.by_status(new), seq, id)
+  redis.call('HSET', K.job(id), 'status', new)
 end
 
 -- A class with pending jobs is in `nonempty`; one without is in `idle` (since when), and
@@ -51,30 +47,28 @@ end
 -- becomes pending again (retry, release, lease expiry) lists its class again if it was
 -- collected meanwhile, bumping `classes:ver` so every hub re-reads the list.
 local function enqueue(id, class, score)
-  redis.call('ZADD', qkey(class), score, id)
-  if redis.call('SADD', P .. 'nonempty', class) == 1 then
-    redis.call('ZREM', P .. 'idle', class)
-    if redis.call('HEXISTS', P .. 'classes', class) == 0 then
-      redis.call('HSET', P .. 'classes', class, redis.call('HGET', jkey(id), 'requirements'))
-      redis.call('INCR', P .. 'classes:ver')
+  redis.call('ZADD', K.queue(class), score, id)
+  if redis.call('SADD', K.nonempty, class) == 1 then
+    redis.call('ZREM', K.idle, class)
+    if redis.call('HEXISTS', K.classes, class) == 0 then
+      redis.call('HSET', K.classes, class, redis.call('HGET', K.job(id), 'requirements'))
+      redis.call('INCR', K.classes_ver)
     end
   end
 end
 
 local function dequeue(id, class)
-  redis.call('ZREM', qkey(class), id)
-  if redis.call('ZCARD', qkey(class)) == 0 then
-    redis.call('SREM', P .. 'nonempty', class)
-    redis.call('ZADD', P .. 'idle', NOW, class)
+  redis.call('ZREM', K.queue(class), id)
+  if redis.call('ZCARD', K.queue(class)) == 0 then
+    redis.call('SREM', K.nonempty, class)
+    redis.call('ZADD', K.idle, NOW, class)
   end
 end
 
--- Tell every hub replica that jobs became pending (channel "work"), so parked workers
--- wake up at once. `classes` lists a class once per job; the message says
--- "class:count class:count ..." so a replica wakes as many workers as there are jobs.
--- Publish "<origin> class:count ..." on the work channel: how many jobs of each class
--- became pending. `origin` names the broker that submitted them (it has woken its own
--- workers already); '-' for everything else.
+-- Tell every hub replica that jobs became pending, so parked workers wake up at once:
+-- "<origin> class:count class:count ..." on the work channel (`classes` lists a class once
+-- per job, so a replica wakes as many workers as there are jobs). `origin` names the broker
+-- that submitted them (it has woken its own workers already); '-' for everything else.
 local function announce(classes, origin)
   if #classes == 0 then return end
   local counts, order = {}, {}
@@ -87,7 +81,29 @@ local function announce(classes, origin)
   end
   local parts = {}
   for i, class in ipairs(order) do parts[i] = class .. ':' .. counts[class] end
-  redis.call('PUBLISH', P .. 'work', (origin or '-') .. ' ' .. table.concat(parts, ' '))
+  redis.call('PUBLISH', K.work_channel, (origin or '-') .. ' ' .. table.concat(parts, ' '))
+end
+
+-- Back to pending: queued in its class at its original place (its score), the status
+-- changed from `from`, and a `pending` event saying why.
+local function back_to_pending(id, j, from, reason)
+  enqueue(id, j.class, j.score)
+  set_status(id, j.seq, from, 'pending')
+  event(id, 'type', 'status', 'status', 'pending', 'reason', reason)
+end
+
+-- When a lease taken or renewed now ends: `lease` seconds from now, but never past the
+-- job's deadline (0: none).
+local function lease_end(lease, deadline)
+  local expires = NOW + lease
+  if deadline > 0 and deadline < expires then return deadline end
+  return expires
+end
+
+-- Move a held job's lease to end at `expires` (the `leases` entry and the record).
+local function renew(id, expires)
+  redis.call('ZADD', K.leases, 'XX', expires, id)
+  redis.call('HSET', K.job(id), 'lease_expires', expires)
 end
 
 -- Check that `token` holds the active job `id`; returns its fields or an error reply.
@@ -109,19 +125,19 @@ end
 local function finish(id, old, new, ttl)
   local j = hget(id, {'seq', 'service', 'customer'})
   set_status(id, j.seq, old, new)
-  local k = jkey(id)
+  local k = K.job(id)
   redis.call('HSET', k, 'finished_at', NOW_S, 'token', '')
   local member = id .. '\t' .. j.service .. '\t' .. j.customer .. '\t' .. new
   redis.call('HSET', k, 'xm', member)
-  redis.call('ZADD', P .. 'expiring', NOW + ttl, member)
+  redis.call('ZADD', K.expiring, NOW + ttl, member)
   redis.call('EXPIRE', k, ttl)
-  redis.call('EXPIRE', ekey(id), ttl)
+  redis.call('EXPIRE', K.events(id), ttl)
 end
 
 -- Move an active job to the dead-letter set: failed for good, kept for dead_retention.
 local function dead_letter(id, err)
-  redis.call('ZADD', P .. 'dead', NOW, id)
-  redis.call('HSET', jkey(id), 'error', err)
+  redis.call('ZADD', K.dead, NOW, id)
+  redis.call('HSET', K.job(id), 'error', err)
   finish(id, 'active', 'failed', CFG.dead_retention)
   event(id, 'type', 'status', 'status', 'failed', 'error', err)
   return 'failed'
@@ -133,13 +149,13 @@ end
 local function fail_attempt(id, err, retryable, jitter)
   local j = hget(id, {'failures', 'max_attempts', 'worker', 'seq', 'avoid'})
   local failures = tonumber(j.failures) + 1
-  local k = jkey(id)
+  local k = K.job(id)
   redis.call('HSET', k, 'failures', failures, 'token', '', 'error', err,
     'avoid', (j.avoid or '|') .. j.worker .. '|')
   if retryable and failures < tonumber(j.max_attempts) then
     local backoff = math.min(CFG.retry_cap, CFG.retry_base * 2 ^ (failures - 1))
     backoff = backoff * (0.5 + 0.5 * jitter)
-    redis.call('ZADD', P .. 'delayed', NOW + backoff, id)
+    redis.call('ZADD', K.delayed, NOW + backoff, id)
     redis.call('HSET', k, 'retry_at', NOW + backoff)
     set_status(id, j.seq, 'active', 'delayed')
     event(id, 'type', 'status', 'status', 'delayed', 'error', err)

@@ -3,7 +3,7 @@
 -- list priority, count.
 local out = {}
 for a = 4, #ARGV do
-  local q = qkey(ARGV[a])
+  local q = K.queue(ARGV[a])
   local row = {}
   local head = redis.call('ZRANGE', q, 0, 0, 'WITHSCORES')
   while head[1] do

@@ -9,26 +9,25 @@
 -- Returns 1 when it owned the id, else 0.
 local worker, conn, mode = ARGV[4], ARGV[5], ARGV[6]
 local grace, ttl = tonumber(ARGV[7]), tonumber(ARGV[8])
-local okey = P .. 'owner:' .. worker
+local okey = K.owner(worker)
 local current = redis.call('GET', okey)
 if not current then return 0 end
 local state, instance, held_by, replica = string.match(current, '^(%S+) (%S+) (%S+) ?(%S*)$')
 if held_by ~= conn or state ~= 'up' then return 0 end
 if mode == 'bye' then
-  redis.call('DEL', okey, P .. 'worker:' .. worker)
-  redis.call('ZREM', P .. 'workers', worker)
+  redis.call('DEL', okey, K.worker(worker))
+  redis.call('ZREM', K.workers, worker)
   return 1
 end
 redis.call('SET', okey, 'gone ' .. instance .. ' ' .. conn .. ' ' .. replica,
   'PX', math.ceil(grace * 1000))
-redis.call('ZADD', P .. 'workers', 'XX', NOW - ttl + grace, worker)
+redis.call('ZADD', K.workers, 'XX', NOW - ttl + grace, worker)
 local ends = NOW + grace
 for i = 9, #ARGV, 2 do
   local id, token = ARGV[i], ARGV[i + 1]
-  local t = redis.call('HMGET', jkey(id), 'status', 'token', 'lease_expires')
+  local t = redis.call('HMGET', K.job(id), 'status', 'token', 'lease_expires')
   if t[1] == 'active' and t[2] == token and (tonumber(t[3]) or math.huge) > ends then
-    redis.call('ZADD', P .. 'leases', 'XX', ends, id)
-    redis.call('HSET', jkey(id), 'lease_expires', ends)
+    renew(id, ends)
   end
 end
 return 1

@@ -5,13 +5,9 @@ local lease = tonumber(ARGV[4])
 local out = {}
 for i = 5, #ARGV, 2 do
   local id, token = ARGV[i], ARGV[i + 1]
-  local t = redis.call('HMGET', jkey(id), 'status', 'token', 'deadline')
+  local t = redis.call('HMGET', K.job(id), 'status', 'token', 'deadline')
   if t[1] == 'active' and t[2] == token then
-    local expires = NOW + lease
-    local deadline = tonumber(t[3])
-    if deadline > 0 and deadline < expires then expires = deadline end
-    redis.call('ZADD', P .. 'leases', 'XX', expires, id)
-    redis.call('HSET', jkey(id), 'lease_expires', expires)
+    renew(id, lease_end(lease, tonumber(t[3])))
     out[#out + 1] = 1
   else
     out[#out + 1] = 0

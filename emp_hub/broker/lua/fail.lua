@@ -4,5 +4,5 @@
 local id, token = ARGV[4], ARGV[5]
 local j, err = held(id, token, {'worker'})
 if not j then return err end
-redis.call('ZREM', P .. 'leases', id)
+redis.call('ZREM', K.leases, id)
 return fail_attempt(id, ARGV[6], ARGV[7] == '1', tonumber(ARGV[8]))

@@ -5,14 +5,10 @@
 local id, token = ARGV[4], ARGV[5]
 local j, err = held(id, token, {'deadline'})
 if not j then return err end
-local k = jkey(id)
+local k = K.job(id)
 redis.call('HSET', k, 'progress', ARGV[6], 'message', ARGV[7])
 redis.call('HSETNX', k, 'started_at', NOW_S)
-local expires = NOW + tonumber(ARGV[8])
-local deadline = tonumber(j.deadline)
-if deadline > 0 and deadline < expires then expires = deadline end
-redis.call('ZADD', P .. 'leases', 'XX', expires, id)
-redis.call('HSET', k, 'lease_expires', expires)
+renew(id, lease_end(tonumber(ARGV[8]), tonumber(j.deadline)))
 event(id, 'type', 'progress', 'progress', ARGV[6], 'message', ARGV[7], 'stage', ARGV[9],
   'details', ARGV[10])
 return 1

@@ -1,14 +1,12 @@
 -- Move delayed jobs whose retry is due back to their queues, at most ARGV[4] of them.
 -- Returns the classes that got jobs (so waiting workers can be woken).
-local due = redis.call('ZRANGEBYSCORE', P .. 'delayed', '-inf', NOW, 'LIMIT', 0, tonumber(ARGV[4]))
+local due = redis.call('ZRANGEBYSCORE', K.delayed, '-inf', NOW, 'LIMIT', 0, tonumber(ARGV[4]))
 local classes = {}
 for _, id in ipairs(due) do
-  redis.call('ZREM', P .. 'delayed', id)
+  redis.call('ZREM', K.delayed, id)
   local j = hget(id, {'status', 'class', 'score', 'seq'})
   if j.status == 'delayed' then
-    enqueue(id, j.class, j.score)
-    set_status(id, j.seq, 'delayed', 'pending')
-    event(id, 'type', 'status', 'status', 'pending', 'reason', 'retry due')
+    back_to_pending(id, j, 'delayed', 'retry due')
     classes[#classes + 1] = j.class
   end
 end

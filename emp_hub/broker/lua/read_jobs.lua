@@ -10,7 +10,7 @@ for f in string.gmatch(ARGV[5], '%S+') do wanted[f] = true end
 for f in string.gmatch(ARGV[6], '%S+') do skipped[f] = true end
 local out = {}
 for i = 7, #ARGV do
-  local k = jkey(ARGV[i])
+  local k = K.job(ARGV[i])
   local read, row, cut = {}, {}, {}
   for _, f in ipairs(redis.call('HKEYS', k)) do
     if wanted[f] or skipped[f] then

@@ -2,11 +2,11 @@
 -- A lease that ran into the job's deadline is a timeout: a failed attempt.
 -- Otherwise the worker was lost: an orphaning, counted apart from failures, up to
 -- CFG.max_orphans. ARGV[5] jitter. Returns a flat list of id, outcome.
-local due = redis.call('ZRANGEBYSCORE', P .. 'leases', '-inf', NOW, 'LIMIT', 0, tonumber(ARGV[4]))
+local due = redis.call('ZRANGEBYSCORE', K.leases, '-inf', NOW, 'LIMIT', 0, tonumber(ARGV[4]))
 local out = {}
 local requeued = {}
 for _, id in ipairs(due) do
-  redis.call('ZREM', P .. 'leases', id)
+  redis.call('ZREM', K.leases, id)
   local j = hget(id, {'status', 'deadline', 'orphans', 'class', 'score', 'seq', 'timeout'})
   local outcome = 'ignored'
   if j.status == 'active' then
@@ -16,14 +16,12 @@ for _, id in ipairs(due) do
         tonumber(ARGV[5]))
     else
       local orphans = tonumber(j.orphans) + 1
-      redis.call('HSET', jkey(id), 'orphans', orphans)
+      redis.call('HSET', K.job(id), 'orphans', orphans)
       if orphans > CFG.max_orphans then
         outcome = dead_letter(id, 'the worker running it was lost ' .. orphans .. ' times')
       else
-        redis.call('HSET', jkey(id), 'token', '', 'worker', '')
-        enqueue(id, j.class, j.score)
-        set_status(id, j.seq, 'active', 'pending')
-        event(id, 'type', 'status', 'status', 'pending', 'reason', 'lease expired')
+        redis.call('HSET', K.job(id), 'token', '', 'worker', '')
+        back_to_pending(id, j, 'active', 'lease expired')
         outcome = 'requeued'
         requeued[#requeued + 1] = j.class
       end

@@ -14,13 +14,13 @@
 -- replica was killed, the id is free then}.
 local worker, instance, conn = ARGV[4], ARGV[5], ARGV[6]
 local ttl = tonumber(ARGV[8])
-local okey = P .. 'owner:' .. worker
+local okey = K.owner(worker)
 local previous = ''
 local current = redis.call('GET', okey)
 if current then
   local state, holder, held_by, replica = string.match(current, '^(%S+) (%S+) (%S+) ?(%S*)$')
   if state == 'up' and replica ~= '' and replica ~= ARGV[10]
-      and redis.call('EXISTS', P .. 'replica:' .. replica) == 0 then
+      and redis.call('EXISTS', K.replica(replica)) == 0 then
     current = nil  -- its hub is gone, and the connection with it
   end
 end
@@ -30,7 +30,7 @@ if current then
     if holder ~= '-' and holder ~= instance then
       local replica_left = 0
       if state == 'up' and replica ~= '' and replica ~= ARGV[10] then
-        replica_left = redis.call('PTTL', P .. 'replica:' .. replica) / 1000
+        replica_left = redis.call('PTTL', K.replica(replica)) / 1000
       end
       return {0, state, tostring(redis.call('PTTL', okey) / 1000), tostring(replica_left)}
     end
@@ -40,6 +40,6 @@ end
 if ARGV[9] == '1' then return {1, previous} end
 redis.call('SET', okey, 'up ' .. instance .. ' ' .. conn .. ' ' .. ARGV[10],
   'PX', math.ceil(ttl * 1000))
-redis.call('ZADD', P .. 'workers', NOW, worker)
-redis.call('SET', P .. 'worker:' .. worker, ARGV[7], 'PX', math.ceil(ttl * 1000) + 1000)
+redis.call('ZADD', K.workers, NOW, worker)
+redis.call('SET', K.worker(worker), ARGV[7], 'PX', math.ceil(ttl * 1000) + 1000)
 return {1, previous}

@@ -3,10 +3,8 @@
 local id, token = ARGV[4], ARGV[5]
 local j, err = held(id, token, {'class', 'score', 'seq'})
 if not j then return err end
-redis.call('ZREM', P .. 'leases', id)
-redis.call('HSET', jkey(id), 'token', '', 'worker', '')
-enqueue(id, j.class, j.score)
-set_status(id, j.seq, 'active', 'pending')
-event(id, 'type', 'status', 'status', 'pending', 'reason', 'released')
+redis.call('ZREM', K.leases, id)
+redis.call('HSET', K.job(id), 'token', '', 'worker', '')
+back_to_pending(id, j, 'active', 'released')
 announce({j.class})
 return 1

@@ -5,14 +5,12 @@
 local id = ARGV[4]
 local j = hget(id, {'status', 'class', 'score', 'seq', 'xm', 'avoid'})
 if not j.status then return redis.error_reply('NOJOB no such job: ' .. id) end
-local k = jkey(id)
+local k = K.job(id)
 if j.status == 'delayed' then
-  redis.call('ZREM', P .. 'delayed', id)
+  redis.call('ZREM', K.delayed, id)
   redis.call('HSET', k, 'avoid', '')
   redis.call('HDEL', k, 'retry_at')
-  enqueue(id, j.class, j.score)
-  set_status(id, j.seq, 'delayed', 'pending')
-  event(id, 'type', 'status', 'status', 'pending', 'reason', 'retried')
+  back_to_pending(id, j, 'delayed', 'retried')
   announce({j.class})
   return 1
 end
@@ -25,14 +23,12 @@ if j.status ~= 'failed' then
   return redis.error_reply('STATE job ' .. id .. ' is ' .. j.status ..
     '; only failed jobs and jobs waiting for a retry can be retried')
 end
-redis.call('ZREM', P .. 'dead', id)
-redis.call('ZREM', P .. 'expiring', j.xm)
+redis.call('ZREM', K.dead, id)
+redis.call('ZREM', K.expiring, j.xm)
 redis.call('PERSIST', k)
-redis.call('PERSIST', ekey(id))
+redis.call('PERSIST', K.events(id))
 redis.call('HSET', k, 'failures', 0, 'orphans', 0, 'avoid', '', 'error', '', 'worker', '')
 redis.call('HDEL', k, 'finished_at', 'xm', 'retry_at')
-enqueue(id, j.class, j.score)
-set_status(id, j.seq, 'failed', 'pending')
-event(id, 'type', 'status', 'status', 'pending', 'reason', 'retried')
+back_to_pending(id, j, 'failed', 'retried')
 announce({j.class})
 return 1

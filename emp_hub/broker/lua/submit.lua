@@ -6,11 +6,11 @@ local jobs = cjson.decode(ARGV[4])
 local n = #jobs
 for i = 1, n do
   local id = jobs[i][1]
-  if redis.call('EXISTS', jkey(id)) == 1 then
+  if redis.call('EXISTS', K.job(id)) == 1 then
     return redis.error_reply('DUPLICATE a job with id ' .. id .. ' already exists')
   end
 end
-local last = redis.call('INCRBY', P .. 'seq', n)
+local last = redis.call('INCRBY', K.seq, n)
 local first = last - n + 1
 local new_classes = {}
 local touched = {}
@@ -19,27 +19,27 @@ for i = 1, n do
     unpack(jobs[i])
   local seq = first + i - 1
   local score = (CFG.pmax - tonumber(priority)) * CFG.pscale + seq
-  redis.call('HSET', jkey(id), 'id', id, 'service', service, 'class', class,
+  redis.call('HSET', K.job(id), 'id', id, 'service', service, 'class', class,
     'requirements', req, 'priority', priority, 'seq', seq, 'score', score,
     'customer', customer, 'status', 'pending', 'attempt', 0, 'failures', 0, 'orphans', 0,
     'max_attempts', max_attempts, 'timeout', timeout, 'payload', payload,
     'created_at', NOW_S, 'progress', 0, 'client', client)
-  if redis.call('HSETNX', P .. 'classes', class, req) == 1 then
-    redis.call('INCR', P .. 'classes:ver')
+  if redis.call('HSETNX', K.classes, class, req) == 1 then
+    redis.call('INCR', K.classes_ver)
     new_classes[#new_classes + 1] = class
   end
   enqueue(id, class, score)
   touched[#touched + 1] = class
-  redis.call('ZADD', P .. 'idx:all', seq, id)
-  redis.call('ZADD', P .. 'idx:status:pending', seq, id)
-  redis.call('ZADD', P .. 'idx:svc:' .. service, seq, id)
+  redis.call('ZADD', K.all_jobs, seq, id)
+  redis.call('ZADD', K.by_status('pending'), seq, id)
+  redis.call('ZADD', K.by_service(service), seq, id)
   if customer ~= '' then
-    redis.call('ZADD', P .. 'idx:cust:' .. customer, seq, id)
+    redis.call('ZADD', K.by_customer(customer), seq, id)
   end
   event(id, 'type', 'status', 'status', 'pending')
 end
 announce(touched, ARGV[5])
 -- A single job's place in line (jobs of its class ahead of it), saving a round trip.
 local rank = -1
-if n == 1 then rank = redis.call('ZRANK', qkey(jobs[1][3]), jobs[1][1]) end
+if n == 1 then rank = redis.call('ZRANK', K.queue(jobs[1][3]), jobs[1][1]) end
 return {first, new_classes, rank}
