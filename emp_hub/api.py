@@ -587,7 +587,9 @@ async def job_events(
     async def stream() -> AsyncIterator[str]:
         cursor = start
         while True:
-            events = await hub.broker.wait_events(job_id, after=cursor, block_s=15)
+            events = await hub.broker.wait_events(
+                job_id, after=cursor, block_s=hub.settings.events_keepalive_s
+            )
             if not events:
                 try:
                     if (await hub.broker.get(job_id)).status.terminal:

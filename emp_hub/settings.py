@@ -106,6 +106,15 @@ class HubSettings(BaseSettings):
         description="Jobs one token may submit at once above the sustained rate; also the "
         "largest batch that can pass.",
     )
+    events_keepalive_s: float = Field(
+        default=15.0,
+        gt=0,
+        le=15,
+        validation_alias=_env("events_keepalive_s"),
+        description="A job's event stream (GET /api/jobs/{id}/events) sends a keep-alive "
+        "comment after this many quiet seconds (at most 15), so proxies with short idle "
+        "timeouts keep it open.",
+    )
     token_refresh_s: float = Field(
         default=2.0,
         gt=0,

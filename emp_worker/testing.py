@@ -7,14 +7,23 @@ connector tests are in `emp_hub.testing`, which needs the hub's extra).
         ctx = fake_context("my-service", {"prompt": "a fox"})
         result = await MyConnector().run(ctx.job, ctx)
         assert ctx.reports[-1].percent == 100
+
+`eventually(check)` waits for a condition in any test (a fake service got a request, a job
+reached a state) instead of a hand-written polling loop.
 """
 
 from __future__ import annotations
 
+import asyncio
+import inspect
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar, overload
 
 from emp_worker.connector import Job, JobContext, OutputRef
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -64,3 +73,45 @@ def fake_context(
         progress_interval_s=progress_interval_s,
     )
     return ctx
+
+
+@overload
+async def eventually(
+    check: Callable[[], Awaitable[T | None]],
+    *,
+    within_s: float = 10,
+    every_s: float = 0.02,
+    what: str = "the condition",
+) -> T: ...
+
+
+@overload
+async def eventually(
+    check: Callable[[], T | None],
+    *,
+    within_s: float = 10,
+    every_s: float = 0.02,
+    what: str = "the condition",
+) -> T: ...
+
+
+async def eventually(
+    check: Callable[[], Any],
+    *,
+    within_s: float = 10,
+    every_s: float = 0.02,
+    what: str = "the condition",
+) -> Any:
+    """Call `check` (a function or a coroutine function) every `every_s` until it returns
+    something true, and return that; AssertionError naming `what` and the last answer
+    when `within_s` passes first."""
+    deadline = time.monotonic() + within_s
+    while True:
+        answer = check()
+        if inspect.isawaitable(answer):
+            answer = await answer
+        if answer:
+            return answer
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what} did not come true within {within_s} s: {answer!r}")
+        await asyncio.sleep(every_s)

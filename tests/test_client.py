@@ -26,6 +26,7 @@ from emp_hub.client_cli import main
 from emp_hub.embedded import free_port
 from emp_hub.settings import HubSettings
 from emp_protocol.capabilities import WorkerCapabilities
+from emp_worker.testing import eventually
 from tests.hub_server import running_hub
 
 pytestmark = pytest.mark.hub
@@ -46,19 +47,15 @@ async def base_url(hub_settings: HubSettings) -> AsyncIterator[str]:
 
 async def work_one(broker: Broker, *, fail: bool = False) -> str:
     """Play a worker: claim the next job, report progress, finish it."""
-    for _ in range(300):
-        claim = await broker.claim("w1", SIM)
-        if claim is not None:
-            for p in (25, 50, 75):
-                await broker.progress(claim.job.id, claim.token, p, f"step {p}")
-                await asyncio.sleep(0.02)
-            if fail:
-                await broker.fail(claim.job.id, claim.token, "bad prompt", retryable=False)
-            else:
-                await broker.complete(claim.job.id, claim.token, {"image": "out.png"})
-            return claim.job.id
+    claim = await eventually(lambda: broker.claim("w1", SIM), within_s=6, what="a job to claim")
+    for p in (25, 50, 75):
+        await broker.progress(claim.job.id, claim.token, p, f"step {p}")
         await asyncio.sleep(0.02)
-    raise AssertionError("nothing to claim")
+    if fail:
+        await broker.fail(claim.job.id, claim.token, "bad prompt", retryable=False)
+    else:
+        await broker.complete(claim.job.id, claim.token, {"image": "out.png"})
+    return claim.job.id
 
 
 async def test_client_round_trip(

@@ -26,7 +26,7 @@ from emp_worker.connector import (
 from emp_worker.hookspecs import Outcome
 from emp_worker.plugins import PluginError, Plugins
 from emp_worker.settings import WorkerSettings
-from emp_worker.testing import fake_context
+from emp_worker.testing import eventually, fake_context
 from emp_worker.worker import Worker
 
 pytestmark = pytest.mark.worker
@@ -59,11 +59,7 @@ class Writer(Connector):
 
 async def until_running(hub: TestHub, job_id: str) -> None:
     """Wait until the worker runs the job."""
-    for _ in range(200):
-        if job_id in hub.worker.running:
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"{job_id} never ran")
+    await eventually(lambda: job_id in hub.worker.running, what=f"{job_id} running")
 
 
 # -- store_output ---------------------------------------------------------------------------
@@ -206,10 +202,7 @@ async def test_an_invalid_answer_at_a_refresh_keeps_the_capabilities_of_before(
     settings = WorkerSettings(worker_id="caps", capabilities_refresh_s=0.01)
     worker = Worker(settings, plugins, [Writer()])
     refresher = asyncio.create_task(worker._refresh_capabilities())
-    for _ in range(500):
-        if len(answers) > 3:
-            break
-        await asyncio.sleep(0.01)
+    await eventually(lambda: len(answers) > 3, what="more answers")
     refresher.cancel()
     assert len(answers) > 3  # it went on refreshing after the invalid answers
     assert worker._caps.tags == {"blue"}

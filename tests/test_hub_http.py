@@ -13,12 +13,13 @@ import httpx
 import pytest
 import redis.asyncio
 import websockets
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 
 from emp_hub.auth import Role, TokenStore
-from emp_hub.broker import Broker, BrokerSettings
+from emp_hub.broker import Broker, BrokerSettings, connect
 from emp_hub.settings import HubSettings
 from emp_protocol.capabilities import WorkerCapabilities
+from emp_worker.testing import eventually
 from tests.hub_server import running_hub
 
 pytestmark = pytest.mark.hub
@@ -61,15 +62,11 @@ def broker(redis_client: redis.asyncio.Redis, hub_settings: HubSettings) -> Brok
 
 async def run_one(broker: Broker, result: Any = None, steps: int = 0) -> str:
     """Claim the next simulation job, report progress, complete it; returns its id."""
-    for _ in range(200):
-        claim = await broker.claim("w1", SIM)
-        if claim is not None:
-            for step in range(1, steps + 1):
-                await broker.progress(claim.job.id, claim.token, 100 * step / steps, f"s{step}")
-            await broker.complete(claim.job.id, claim.token, result)
-            return claim.job.id
-        await asyncio.sleep(0.02)
-    raise AssertionError("no job to claim")
+    claim = await eventually(lambda: broker.claim("w1", SIM), within_s=4, what="a job to claim")
+    for step in range(1, steps + 1):
+        await broker.progress(claim.job.id, claim.token, 100 * step / steps, f"s{step}")
+    await broker.complete(claim.job.id, claim.token, result)
+    return claim.job.id
 
 
 async def test_original_rest_flow(http: httpx.AsyncClient, broker: Broker) -> None:
@@ -196,14 +193,12 @@ async def test_cancel_active_is_announced(
     await pubsub.subscribe(broker.key("cancel_channel"))
     r = await http.post(f"/api/jobs/{job_id}/cancel")
     assert r.json() == {"previous_status": "active", "worker": "gpu-7"}
-    for _ in range(50):
-        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.1)
-        if message:
-            notice = json.loads(message["data"])
-            assert notice == {"job_id": job_id, "worker": "gpu-7", "reason": "Manually cancelled"}
-            break
-    else:
-        raise AssertionError("no cancel announcement")
+    message = await eventually(
+        lambda: pubsub.get_message(ignore_subscribe_messages=True, timeout=0.1),
+        what="a cancel announcement",
+    )
+    notice = json.loads(message["data"])
+    assert notice == {"job_id": job_id, "worker": "gpu-7", "reason": "Manually cancelled"}
     await pubsub.aclose()  # type: ignore[no-untyped-call]
 
 
@@ -388,23 +383,37 @@ async def test_rate_limit(hub_settings: HubSettings) -> None:
         assert (await http.get("/api/jobs")).status_code == 200  # reads are not limited
 
 
-async def test_event_stream_outlives_quiet_periods(http: httpx.AsyncClient, broker: Broker) -> None:
-    """Nothing happens for longer than a Redis client's default read timeout (5 s): the
-    stream waits and still delivers what comes after."""
-    job_id = (await http.post("/api/jobs", json={"job_type": "simulation"})).json()["job_id"]
+async def test_event_stream_outlives_quiet_periods(
+    hub_settings: HubSettings, broker: Broker
+) -> None:
+    """Nothing happens for several keep-alive periods: the stream sends its keep-alive
+    comments and still delivers what comes after."""
+    settings = hub_settings.model_copy(update={"events_keepalive_s": 0.2})
+    async with running_hub(settings) as url, httpx.AsyncClient(base_url=url) as http:
+        job_id = (await http.post("/api/jobs", json={"job_type": "simulation"})).json()["job_id"]
 
-    async def later() -> None:
-        await asyncio.sleep(6.5)
-        await run_one(broker, {"late": True})
+        async def later() -> None:
+            await asyncio.sleep(1)
+            await run_one(broker, {"late": True})
 
-    worker = asyncio.create_task(later())
-    seen = []
-    async with http.stream("GET", f"/api/jobs/{job_id}/events") as r:
-        async for line in r.aiter_lines():
-            if line.startswith("data: "):
-                seen.append(json.loads(line[6:]).get("status"))
-    await worker
+        worker = asyncio.create_task(later())
+        seen, keepalives = [], 0
+        async with http.stream("GET", f"/api/jobs/{job_id}/events") as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data: "):
+                    seen.append(json.loads(line[6:]).get("status"))
+                keepalives += line == ": keep-alive"
+        await worker
     assert seen == ["pending", "active", "completed"]
+    assert keepalives >= 3
+
+
+def test_the_redis_read_timeout_outlasts_the_longest_blocking_read() -> None:
+    """The stream's XREAD blocks up to 15 s: a socket timeout below that would cut it."""
+    client = connect("redis://127.0.0.1:1")
+    assert client.connection_pool.connection_kwargs["socket_timeout"] > 15
+    with pytest.raises(ValidationError, match="less than or equal to 15"):
+        HubSettings(events_keepalive_s=16)
 
 
 async def test_outputs(

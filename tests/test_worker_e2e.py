@@ -155,13 +155,14 @@ def test_sigterm_mid_job_lets_it_finish_and_exits_0(hub: Cluster) -> None:
     hub.wait_job(job_id, {"active"})
     worker.signal(signal.SIGTERM)
     worker.signal(signal.SIGTERM)  # twice at once, as supervisor may: one stop
+    later = hub.submit()  # while it drains: it must ask for no more work
+    assert worker.popen.poll() is None, "the worker exited before its job was done"
     assert worker.wait(30) == 0
     job = hub.wait_job(job_id)
     assert (job["status"], job["worker_id"]) == ("completed", "w-term")
     assert hub.get("/api/workers") == []  # it stopped: no longer live
-    later = hub.submit()  # it asked for no more work
-    time.sleep(0.5)
-    assert hub.get(f"/api/jobs/{later}")["status"] == "pending"
+    untouched = hub.get(f"/api/jobs/{later}")
+    assert (untouched["status"], untouched["attempt"]) == ("pending", 0), untouched
 
 
 def test_sigterm_hands_back_what_does_not_finish_in_time(hub: Cluster) -> None:
