@@ -1,32 +1,24 @@
-"""The hub: a FastAPI app over the broker. Stateless: every replica on one Redis is alike."""
+"""The hub's ASGI app: FastAPI, its routes (emp_hub/routes/) and middleware: a 503 with
+Retry-After when Redis is unreachable, and a cap on request bodies. The replica's state is
+`Hub` (emp_hub/hub.py), opened for the app's lifetime."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import json
 import logging
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
 
-import redis.asyncio
-import redis.exceptions
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import emp_hub
-from emp_hub.auth import TokenStore
-from emp_hub.broker import Broker, BrokerError, CancelResult, Job, connect
-from emp_hub.embedded import EmbeddedValkey
-from emp_hub.logs import redact, redact_secrets_in_logs
-from emp_hub.metrics import Metrics
-from emp_hub.ratelimit import RateLimiter
+from emp_hub.broker import REDIS_DOWN, BrokerError
+from emp_hub.hub import open_hub
+from emp_hub.logs import redact_secrets_in_logs
+from emp_hub.routes import api, docs_ui, legacy_client, legacy_monitor, outputs, worker
 from emp_hub.settings import HubSettings
-from emp_hub.ws_common import OpenSockets
 
 log = logging.getLogger("emp_hub")
 
@@ -34,112 +26,10 @@ log = logging.getLogger("emp_hub")
 UNAVAILABLE = "the hub's Redis is unavailable; retry later"
 #: The `Retry-After` of those 503 answers, in seconds.
 RETRY_AFTER_S = 2
-REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
-
-
-@dataclass
-class Hub:
-    """What the routes of one hub process share."""
-
-    settings: HubSettings
-    redis: redis.asyncio.Redis
-    broker: Broker
-    tokens: TokenStore
-    limiter: RateLimiter
-    metrics: Metrics
-    sockets: OpenSockets = field(default_factory=OpenSockets)  # this replica's WebSockets
-
-    async def cancel(self, job: Job, reason: str) -> CancelResult:
-        """Cancel a job and, when it was running, tell its worker on whichever replica
-        holds its connection (channel `{namespace}:cancel`)."""
-        result = await self.broker.cancel(job.id, reason)
-        if result.worker is not None:
-            self.metrics.finished.labels(job.service, "cancelled").inc()
-            notice = {"job_id": job.id, "worker": result.worker, "reason": reason}
-            await self.redis.publish(self.broker.key("cancel_channel"), json.dumps(notice))
-        return result
-
-
-async def maintain_until(
-    stop: asyncio.Event, broker: Broker, interval: float, outputs: Path | None = None
-) -> None:
-    """Run the broker's idempotent maintenance pass every `interval` seconds until `stop`,
-    and remove the `outputs` of expired jobs.
-    (Stopped by an event, not by cancelling: a Redis command is never cut in half.)"""
-    from emp_hub.outputs import remove_expired  # it imports the routes, which import Hub
-
-    while not stop.is_set():
-        try:
-            # This replica is alive (its workers' ids are held by live connections) for
-            # three passes more: a replica killed outright frees its workers' ids then.
-            await broker.replica_alive(3 * interval + 1)
-            await broker.maintain()
-            if outputs is not None:
-                await remove_expired(broker, outputs)
-        except REDIS_DOWN as exc:
-            log.warning("maintenance pass skipped: %s", exc)
-        except Exception:  # nothing must end the loop
-            log.exception("maintenance pass failed")
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), interval)
-
-
-@asynccontextmanager
-async def open_hub(settings: HubSettings) -> AsyncIterator[Hub]:
-    """Connect to Redis (or start the embedded Valkey), and run maintenance meanwhile."""
-    with contextlib.ExitStack() as stack:
-        url = settings.redis_url
-        if not url:
-            # Starting the embedded server blocks for a moment, once, at start-up. This
-            # process owns it (DataDirLocked if another does) and restarts it if it dies.
-            server = EmbeddedValkey(settings.data_dir / "valkey", supervise=True)
-            url = stack.enter_context(server).url
-            log.info(
-                "no EMP_REDIS_URL: an embedded Valkey at %s keeps the data in %s",
-                redact(url),
-                server.data_dir,
-            )
-        async with _hub(settings, url) as hub:
-            yield hub
-
-
-@asynccontextmanager
-async def _hub(settings: HubSettings, url: str) -> AsyncIterator[Hub]:
-    client = connect(url)
-    namespace = settings.broker.namespace
-    shared = settings.auth_token.get_secret_value() if settings.auth_token else None
-    hub = Hub(
-        settings=settings,
-        redis=client,
-        broker=Broker(client, settings.broker),
-        tokens=TokenStore(client, namespace, shared, settings.token_refresh_s),
-        limiter=RateLimiter(client, namespace, settings.submit_rate, settings.submit_burst),
-        metrics=Metrics(settings.metrics_max_queue_series, settings.metrics_max_services),
-    )
-    if await hub.tokens.is_open():
-        log.warning("no auth token configured and none created: the hub is open to anyone")
-    await hub.broker.replica_alive(3 * settings.maintenance_interval_s + 1)  # before sockets
-    stop = asyncio.Event()
-    maintenance = asyncio.create_task(
-        maintain_until(stop, hub.broker, settings.maintenance_interval_s, settings.outputs)
-    )
-    token_checks = asyncio.create_task(hub.sockets.check_tokens_until(stop, hub.tokens))
-    try:
-        yield hub
-    finally:
-        stop.set()
-        await maintenance
-        await token_checks
-        with contextlib.suppress(*REDIS_DOWN):  # its workers reconnect to another replica
-            await hub.broker.replica_gone()
-        await client.aclose()
 
 
 def create_app(settings: HubSettings | None = None) -> FastAPI:
     """The hub's ASGI app."""
-    from emp_hub import docs_ui, outputs, ws, ws_client, ws_monitor  # the routes need Hub
-    from emp_hub.api import broker_error, router
-
     settings = settings or HubSettings()
     redact_secrets_in_logs()
 
@@ -147,14 +37,7 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with open_hub(settings) as hub:
             app.state.hub = hub
-            app.state.dispatcher = dispatcher = ws.Dispatcher(hub)
-            stop = asyncio.Event()
-            listener = asyncio.create_task(dispatcher.listen(stop))
-            try:
-                yield
-            finally:
-                stop.set()
-                await listener
+            yield
 
     app = FastAPI(
         title="emp hub",
@@ -165,12 +48,12 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
         redoc_url=None,
     )
     docs_ui.add_docs(app)
-    app.include_router(router)
+    app.include_router(api.router)
     app.include_router(outputs.router)
-    app.include_router(ws.router)
-    app.include_router(ws_client.router)
-    app.include_router(ws_monitor.router)
-    app.add_exception_handler(BrokerError, broker_error)
+    app.include_router(worker.router)
+    app.include_router(legacy_client.router)
+    app.include_router(legacy_monitor.router)
+    app.add_exception_handler(BrokerError, api.broker_error)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RedisUnavailable)
     return app

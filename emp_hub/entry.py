@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-OURS = ("emp_hub", "emp_worker")
+OURS = ("emp_hub", "emp_worker", "emp_client")
 
 
 def _run(command: str, module: str, extra: str) -> int | None:
@@ -33,7 +33,7 @@ def _run(command: str, module: str, extra: str) -> int | None:
 
 def client() -> int | None:
     """`emp`."""
-    return _run("emp", "emp_hub.client_cli", "client")
+    return _run("emp", "emp_client.cli", "client")
 
 
 def hub() -> int | None:
@@ -43,9 +43,9 @@ def hub() -> int | None:
 
 def demo() -> int | None:
     """`emp-demo`."""
-    return _run("emp-demo", "emp_hub.demo_system", "hub")
+    return _run("emp-demo", "emp_hub.demos.system", "hub")
 
 
 def broker_demo() -> int | None:
     """`emp-broker-demo`."""
-    return _run("emp-broker-demo", "emp_hub.demo", "hub")
+    return _run("emp-broker-demo", "emp_hub.demos.broker", "hub")

@@ -19,10 +19,10 @@ import httpx
 import pytest
 import redis.asyncio
 
+from emp_client import AuthError, Client, HubUnreachable, JobNotFound, Rejected
+from emp_client.cli import main
 from emp_hub.auth import Role, TokenStore
 from emp_hub.broker import Broker, BrokerSettings
-from emp_hub.client import AuthError, Client, HubUnreachable, JobNotFound, Rejected
-from emp_hub.client_cli import main
 from emp_hub.embedded import free_port
 from emp_hub.settings import HubSettings
 from emp_protocol.capabilities import WorkerCapabilities
@@ -166,7 +166,7 @@ async def test_a_waiting_job_says_why_no_worker_can_run_it(
     await broker.cancel(waited.json()["job_id"])
     await broker.cancel(fine.json()["job_id"])
 
-    monkeypatch.setattr("emp_hub.client_cli.WAITING_CHECK_S", 0.1)
+    monkeypatch.setattr("emp_client.cli.WAITING_CHECK_S", 0.1)
 
     async def late_worker() -> str:
         await asyncio.sleep(1)  # the CLI says why it waits meanwhile
@@ -193,7 +193,7 @@ async def run_emp(*args: str, token: str | None = None) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "emp_hub.client_cli",
+        "emp_client.cli",
         *args,
         env=env,
         stdout=asyncio.subprocess.PIPE,
@@ -350,7 +350,7 @@ async def test_cli_tables_never_cut_job_ids(base_url: str) -> None:
     assert lines[0].split() == ["job", "status", "service", "priority", "progress", "worker"]
     assert sorted(line.split()[0] for line in lines[1:]) == sorted(ids)
 
-    cli = [sys.executable, "-m", "emp_hub.client_cli", "--hub", base_url]
+    cli = [sys.executable, "-m", "emp_client.cli", "--hub", base_url]
     for columns in (80, 200):  # too narrow for the table: plain lines; wide: the table
         shown = await asyncio.to_thread(run_in_terminal, [*cli, "jobs"], columns)
         assert ("┃ job" in shown) is (columns == 200), shown

@@ -16,9 +16,9 @@ import pytest
 import redis
 import redis.exceptions
 
-from emp_hub.app import open_hub
 from emp_hub.cli import main
 from emp_hub.embedded import EmbeddedValkey
+from emp_hub.hub import open_hub
 from emp_hub.logs import redact
 from emp_hub.settings import HubSettings
 from tests.processes import Cluster, spawn

@@ -19,9 +19,9 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.frames import Close
 
-from emp_hub import ws_monitor
 from emp_hub.auth import Role, TokenStore
 from emp_hub.broker import BrokerSettings
+from emp_hub.routes import legacy_monitor
 from emp_hub.settings import HubSettings
 from emp_protocol.hub_messages import HubMessage, hub_message
 from emp_protocol.messages import PROTOCOL_VERSION
@@ -720,7 +720,7 @@ async def test_a_monitor_gets_stats_at_once_with_the_original_capabilities(
     """A monitor's first stats_broadcast comes on connect (not an interval later), and a
     worker's `capabilities` there keep the original `supported_job_types`, which the
     original monitor page reads."""
-    monkeypatch.setattr(ws_monitor, "STATS_INTERVAL_S", 60.0)
+    monkeypatch.setattr(legacy_monitor, "STATS_INTERVAL_S", 60.0)
     legacy = {"version": "1.0.0", "supported_job_types": ["simulation"], "cpu": True}
     async with worker(base_url, "w1"), worker(base_url, "legacy-1", legacy):
         url = base_url.replace("http", "ws") + "/ws/monitor/m1"

@@ -174,9 +174,9 @@ async def test_original_worker_runs_jobs(base_url: str) -> None:
 async def test_unclaimed_offer_returns_to_the_queue(base_url: str) -> None:
     """An original worker that ignores an offer does not keep the job (it went to another
     worker in the original, or was offered twice)."""
-    from emp_hub import ws
+    from emp_hub import dispatch
 
-    ws.OFFER_S, before = 0.5, ws.OFFER_S
+    dispatch.OFFER_S, before = 0.5, dispatch.OFFER_S
     try:
         caps = {"version": "1.0.0", "supported_job_types": ["simulation"]}
         url = base_url.replace("http", "ws") + "/ws/worker/silent"
@@ -199,7 +199,7 @@ async def test_unclaimed_offer_returns_to_the_queue(base_url: str) -> None:
             job = (await http.get(f"/api/jobs/{job_id}")).json()
             assert (job["status"], job["worker_id"], job["orphans"]) == ("active", "silent", 0)
     finally:
-        ws.OFFER_S = before
+        dispatch.OFFER_S = before
 
 
 async def test_original_monitor(

@@ -22,8 +22,8 @@ from benchmarks import faults as faults_benchmark
 from benchmarks import hub as hub_benchmark
 from benchmarks import recovery as recovery_benchmark
 from benchmarks import worker as worker_benchmark
-from emp_hub.demo import run_demo
-from emp_hub.demo_system import WORKERS, summary_table
+from emp_hub.demos.broker import run_demo
+from emp_hub.demos.system import WORKERS, summary_table
 
 
 async def test_demo_runs_every_scenario(redis_url: str) -> None:
@@ -117,7 +117,7 @@ def _start_demo(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[str], Path
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     demo = subprocess.Popen(
-        [sys.executable, "-c", "from emp_hub.demo_system import main; main()", *args],
+        [sys.executable, "-c", "from emp_hub.demos.system import main; main()", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

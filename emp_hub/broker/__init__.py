@@ -4,7 +4,7 @@ Start at `Broker` (broker.py); the data model is described there and in docs/bro
 """
 
 from emp_hub.broker.broker import Broker, MaintenanceReport, Registration
-from emp_hub.broker.connection import connect
+from emp_hub.broker.connection import REDIS_DOWN, connect
 from emp_hub.broker.models import (
     PRIORITY_MAX,
     PRIORITY_MIN,
@@ -32,6 +32,7 @@ from emp_protocol.jobs import TERMINAL, JobStatus
 __all__ = [
     "PRIORITY_MAX",
     "PRIORITY_MIN",
+    "REDIS_DOWN",
     "TERMINAL",
     "Broker",
     "BrokerError",

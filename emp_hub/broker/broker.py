@@ -12,8 +12,7 @@ import random
 import secrets
 import time
 import uuid
-from collections import Counter
-from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -93,11 +92,10 @@ class Broker:
         self.redis = redis
         self.settings = settings or BrokerSettings()
         self.clock = clock
-        #: Names this broker in its announcements of submitted jobs (see `on_submit`).
+        #: Names this broker in its announcements of submitted jobs: a hub wakes its own
+        #: parked workers for what it submits at once (Hub.submit), and skips the
+        #: announcement that comes back with its origin.
         self.origin = uuid.uuid4().hex[:12]
-        #: Called with {class: count} after each submit: a hub wakes its own parked workers
-        #: at once, and skips the announcement that comes back with its origin.
-        self.on_submit: Callable[[dict[str, int]], Awaitable[None]] | None = None
         self.keys = Keys(self.settings.namespace)
         self._scripts = Scripts(redis)
         s = self.settings
@@ -183,11 +181,6 @@ class Broker:
         first_seq, _new_classes, rank = await self._run(
             "submit", json.dumps(rows, separators=(",", ":")), self.origin
         )
-        if self.on_submit is not None:
-            try:
-                await self.on_submit(Counter(req.requirement_class for _, _, req, _ in accepted))
-            except Exception:  # waking local workers is a shortcut; the jobs are stored
-                log.exception("could not wake local workers after a submit")
         return [
             Submitted(
                 id=job_id,

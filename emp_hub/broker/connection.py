@@ -27,6 +27,8 @@ RETRY_S = 1.0
 #: Opening a connection (TCP, TLS) gives up after this long: a server that drops packets
 #: fails as fast as one that refuses them.
 CONNECT_TIMEOUT_S = 1.0
+#: What a command raises once Redis stayed unreachable past RETRY_S.
+REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 
 class RetryFor(Retry):

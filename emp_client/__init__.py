@@ -1,4 +1,5 @@
-"""A small async Python client of the hub's HTTP API, for applications.
+"""emp_client: a small async Python client of the hub's HTTP API, for applications, and
+the `emp` command (emp_client/cli.py, with the `client` extra).
 
     async with Client("http://127.0.0.1:8001", token="emp_...") as emp:
         job_id = await emp.submit("comfyui", {"prompt": {...}}, priority=5)

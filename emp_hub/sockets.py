@@ -1,5 +1,6 @@
-"""What the three WebSocket routes (worker, client, monitor) share: reading a frame,
-describing an invalid message, and closing the sockets of revoked tokens; and how the
+"""What the three WebSocket routes (worker, client, monitor) share: authenticating the
+caller, reading a frame, describing an invalid message, and closing the sockets of revoked
+tokens; and how the
 client and monitor routes build their messages (the worker route's are the models of
 emp_protocol).
 
@@ -26,7 +27,8 @@ import redis.exceptions
 from pydantic import ValidationError
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from emp_hub.auth import Principal, TokenStore
+from emp_hub.auth import Principal, Role, TokenStore
+from emp_protocol.hub_messages import Error
 
 log = logging.getLogger("emp_hub.ws")
 
@@ -165,3 +167,33 @@ class OpenSockets:
 
 def _ended(websocket: WebSocket) -> bool:
     return WebSocketState.DISCONNECTED in (websocket.client_state, websocket.application_state)
+
+
+async def authenticate_ws(
+    websocket: WebSocket, tokens: TokenStore, sockets: OpenSockets, roles: set[Role]
+) -> Principal | None:
+    """The caller of a WebSocket (token in ?token= or Authorization: Bearer), whose token
+    is re-checked while the socket is open (`sockets`). On failure, answer as the
+    original hub did (an `error` message, with `code: auth_failed`, the `cause`: missing,
+    invalid or role, and the roles it `needs`), then close (1008)."""
+    token = websocket.query_params.get("token")
+    header = websocket.headers.get("authorization", "")
+    if header.lower().startswith("bearer "):
+        token = header[7:].strip()
+    principal = await tokens.authenticate(token)
+    if principal is not None and principal.role in roles:
+        sockets.add(websocket, principal)
+        return principal
+    needs = " or ".join(sorted(r.value for r in roles))
+    if principal is None:  # the original hub's words, for missing and unknown tokens alike
+        cause, text = ("missing" if not token else "invalid"), "Invalid token"
+    else:
+        cause = "role"
+        text = f"this token has role {principal.role.value}; this route needs role {needs}"
+    await websocket.accept()
+    error = Error(
+        error=f"Authentication failed: {text}", code="auth_failed", cause=cause, needs=needs
+    )
+    await websocket.send_text(json.dumps(error.model_dump(mode="json")))
+    await websocket.close(code=1008)
+    return None

@@ -16,7 +16,6 @@ from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from emp_hub.app import Hub
 from emp_hub.auth import Principal, Role
 from emp_hub.broker import (
     PRIORITY_MAX,
@@ -36,6 +35,7 @@ from emp_hub.broker import (
     TooLarge,
 )
 from emp_hub.broker.models import LARGE_FIELDS, Event, JobId
+from emp_hub.hub import Hub
 from emp_hub.ratelimit import RateLimited
 from emp_hub.settings import MAX_BATCH_JOBS
 from emp_protocol.capabilities import NAME_PATTERN, JobRequirements, WorkerCapabilities
@@ -462,7 +462,7 @@ async def submit_job(body: SubmitRequest, hub: HubDep, principal: Submitter) -> 
             job_id = candidate
     spec = body.spec(principal, job_id or f"job-rest-{uuid.uuid4()}")
     try:
-        submitted = await hub.broker.submit(spec)
+        [submitted] = await hub.submit([spec])
     except DuplicateJob:
         if not recovering:
             raise
@@ -490,7 +490,7 @@ async def submit_batch(body: BatchRequest, hub: HubDep, principal: Submitter) ->
             raise HTTPException(422, "wait and idempotency_key do not apply to batches")
     specs = [item.spec(principal, item.job_id or f"job-rest-{uuid.uuid4()}") for item in body.jobs]
     await _rate_limit(hub, principal, len(specs))
-    submitted = await hub.broker.submit_many(specs)
+    submitted = await hub.submit(specs)
     for spec in specs:
         hub.metrics.submitted.labels(spec.service).inc()
     return BatchResponse(job_ids=[s.id for s in submitted])
@@ -636,7 +636,7 @@ async def queues(hub: HubDep, principal: Operator) -> QueueStats:
 async def metrics(request: Request, hub: HubDep, principal: Operator) -> Response:
     """Prometheus metrics: jobs by service and outcome, queue depth, unschedulable jobs,
     workers, claim and submit-to-start latency."""
-    connected = len(request.app.state.dispatcher.sessions)
+    connected = len(hub.dispatcher.sessions)
     body = hub.metrics.render(await hub.broker.stats(), connected)
     return Response(content=body, media_type=CONTENT_TYPE_LATEST)
 

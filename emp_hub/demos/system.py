@@ -32,7 +32,7 @@ from rich.console import Console
 from rich.table import Table
 
 from emp_hub.broker import TERMINAL
-from emp_hub.demo import live_view
+from emp_hub.demos.broker import live_view
 from emp_hub.embedded import free_port
 
 #: Worker id -> its environment (beside the hub URL and plugin folder).

@@ -29,7 +29,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from emp_hub.client import AuthError, Client, EmpError, HubUnreachable, JobNotFound
+from emp_client import AuthError, Client, EmpError, HubUnreachable, JobNotFound
 
 console = Console()
 

@@ -18,12 +18,11 @@ from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
-from emp_hub.app import Hub
 from emp_hub.auth import Role
 from emp_hub.broker import JobNotFound
-from emp_hub.ws import Dispatcher, authenticate_ws
-from emp_hub.ws_client import ClientSession
-from emp_hub.ws_common import ws_message
+from emp_hub.hub import Hub
+from emp_hub.routes.legacy_client import ClientSession
+from emp_hub.sockets import authenticate_ws, ws_message
 
 router = APIRouter()
 
@@ -49,7 +48,7 @@ class MonitorSession(ClientSession):
             if len(self.clients) >= CLIENT_CACHE:
                 self.clients.clear()
             try:
-                job = await self.dispatcher.hub.broker.get(job_id)
+                job = await self.hub.broker.get(job_id)
                 self.clients[job_id] = job.client_id
             except JobNotFound:
                 self.clients[job_id] = None
@@ -57,20 +56,20 @@ class MonitorSession(ClientSession):
 
     async def forward(self, event: dict[str, Any]) -> None:
         """A job event, or a message for monitors only (`worker_status`,
-        `connector_ws_status`, `service_request`: see ws.tell_monitors)."""
+        `connector_ws_status`, `service_request`: see EventBus.tell_monitors)."""
         if event["type"] == "monitor":
             await self.send(event["message"])
         else:
             await super().forward(event)
 
 
-async def stats_broadcast(hub: Hub, dispatcher: Dispatcher) -> dict[str, Any]:
+async def stats_broadcast(hub: Hub) -> dict[str, Any]:
     """The original stats message, from Redis and this replica's connections."""
     stats = await hub.broker.stats()
     live = await hub.broker.live_workers(fresh=True)
     workers = {}
     for worker_id, caps in sorted(live.items()):
-        session = dispatcher.sessions.get(worker_id)
+        session = hub.dispatcher.sessions.get(worker_id)
         busy = bool(session and session.held)
         status = "busy" if busy else "idle"
         workers[worker_id] = {
@@ -85,9 +84,9 @@ async def stats_broadcast(hub: Hub, dispatcher: Dispatcher) -> dict[str, Any]:
             "supported_job_types": sorted(caps.services),
         }
     busy_workers = [w for w, info in workers.items() if info["status"] == "busy"]
-    monitors = [getattr(m, "client_id", "") for m in dispatcher.monitors]
+    monitors = [getattr(m, "client_id", "") for m in hub.bus.monitors]
     clients = sorted(
-        {getattr(w, "client_id", "") for ws in dispatcher.watchers.values() for w in ws}
+        {getattr(w, "client_id", "") for ws in hub.bus.watchers.values() for w in ws}
         - set(monitors)
     )
     return ws_message(
@@ -95,7 +94,7 @@ async def stats_broadcast(hub: Hub, dispatcher: Dispatcher) -> dict[str, Any]:
         message_id=f"stats-{int(time.time())}",
         connections={
             "clients": clients,
-            "workers": sorted(dispatcher.sessions),
+            "workers": sorted(hub.dispatcher.sessions),
             "monitors": sorted(monitors),
         },
         workers=workers,
@@ -124,18 +123,19 @@ async def stats_broadcast(hub: Hub, dispatcher: Dispatcher) -> dict[str, Any]:
 async def monitor_socket(websocket: WebSocket, monitor_id: str) -> None:
     """A monitor's connection."""
     hub: Hub = websocket.app.state.hub
-    dispatcher: Dispatcher = websocket.app.state.dispatcher
-    principal = await authenticate_ws(websocket, hub, {Role.MONITOR, Role.ADMIN})
+    principal = await authenticate_ws(
+        websocket, hub.tokens, hub.sockets, {Role.MONITOR, Role.ADMIN}
+    )
     if principal is None:
         return
     await websocket.accept()
-    session = MonitorSession(monitor_id, websocket, principal, dispatcher)
+    session = MonitorSession(monitor_id, websocket, principal, hub)
     await session.send(
         ws_message(
             "connection_established", message=f"Welcome Monitor {monitor_id}! Connected to emp hub"
         )
     )
-    await dispatcher.add_monitor(session)
+    await hub.bus.add_monitor(session)
     closed = asyncio.Event()
 
     async def broadcast() -> None:
@@ -144,23 +144,23 @@ async def monitor_socket(websocket: WebSocket, monitor_id: str) -> None:
                 await asyncio.wait_for(closed.wait(), STATS_INTERVAL_S)
             if not closed.is_set():
                 try:
-                    await session.send(await stats_broadcast(hub, dispatcher))
+                    await session.send(await stats_broadcast(hub))
                 except Exception:  # the socket closed meanwhile
                     return
 
     ticker = asyncio.create_task(broadcast())
     try:
-        await session.send(await stats_broadcast(hub, dispatcher))  # at once, then the ticker's
+        await session.send(await stats_broadcast(hub))  # at once, then the ticker's
         while True:
             message = await hub.sockets.receive_json(websocket, session.error)
             kind = message.get("type") if isinstance(message, dict) else None
             if kind == "subscribe":
-                await session.send(await stats_broadcast(hub, dispatcher))
+                await session.send(await stats_broadcast(hub))
                 await session.send(
                     ws_message("subscription_confirmed", channels=message.get("channels") or [])
                 )
             elif kind == "get_system_status":
-                await session.send(await stats_broadcast(hub, dispatcher))
+                await session.send(await stats_broadcast(hub))
             elif kind == "stay_alive":
                 await session.send(ws_message("stay_alive_response"))
             else:
@@ -169,5 +169,5 @@ async def monitor_socket(websocket: WebSocket, monitor_id: str) -> None:
         pass
     finally:
         closed.set()
-        await dispatcher.remove_monitor(session)
+        await hub.bus.remove_monitor(session)
         await ticker  # ends by itself: a Redis read is never cut in half

@@ -1,18 +1,15 @@
-"""Job outputs (images, video): uploaded by the worker holding the job, stored on disk
-(EMP_OUTPUT_DIR, shared by the replicas), downloaded by whoever may read the job. The job's
+"""The output routes (images, video): uploaded by the worker holding the job, stored on
+disk (emp_hub/storage.py), downloaded by whoever may read the job. The job's
 result holds references (name, size, content type, URL), never the bytes. Each file and
 each job's files together are size-capped; the files go when the job's retention runs out."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import hashlib
 import json
 import mimetypes
 import os
 import re
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Annotated
@@ -20,10 +17,10 @@ from typing import Annotated
 from fastapi import APIRouter, Header, HTTPException, Request
 from fastapi.responses import FileResponse
 
-from emp_hub.api import HubDep, Reader, role, visible_job
 from emp_hub.auth import Principal, Role
-from emp_hub.broker import Broker
+from emp_hub.routes.api import HubDep, Reader, role, visible_job
 from emp_hub.settings import HubSettings
+from emp_hub.storage import folder
 from emp_protocol.jobs import OutputRef
 
 router = APIRouter(tags=["outputs"])
@@ -32,15 +29,10 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 Uploader = Annotated[Principal, role(Role.WORKER, Role.ADMIN)]
 
 
-def _folder(root: Path, job_id: str) -> Path:
-    """A job's output folder: named by a hash, since job ids may hold any printable char."""
-    return root / hashlib.sha256(job_id.encode()).hexdigest()[:32]
-
-
 def _place(root: Path, job_id: str, name: str) -> Path:
     if not NAME.match(name) or name.endswith(".meta"):
         raise HTTPException(422, "output names are letters, digits, '.', '_' and '-'")
-    return _folder(root, job_id) / name
+    return folder(root, job_id) / name
 
 
 def _used(path: Path, own: str = "") -> int:
@@ -126,8 +118,8 @@ async def upload(
 async def list_outputs(job_id: str, hub: HubDep, principal: Reader) -> list[OutputRef]:
     """The job's stored outputs."""
     await visible_job(hub, principal, job_id)
-    folder = _folder(hub.settings.outputs, job_id)
-    if not folder.is_dir():
+    where = folder(hub.settings.outputs, job_id)
+    if not where.is_dir():
         return []
     return [
         OutputRef(
@@ -136,7 +128,7 @@ async def list_outputs(job_id: str, hub: HubDep, principal: Reader) -> list[Outp
             url=f"/api/jobs/{job_id}/outputs/{p.name}",
             content_type=json.loads(p.with_name(p.name + ".meta").read_text())["content_type"],
         )
-        for p in sorted(folder.iterdir())
+        for p in sorted(where.iterdir())
         if not p.name.endswith(".meta") and p.with_name(p.name + ".meta").exists()
     ]
 
@@ -150,19 +142,3 @@ async def download(job_id: str, name: str, hub: HubDep, principal: Reader) -> Fi
     if not path.is_file() or not meta.exists():
         raise HTTPException(404, f"job {job_id} has no output {name}")
     return FileResponse(path, media_type=json.loads(meta.read_text())["content_type"])
-
-
-def _remove(folders: list[Path]) -> None:
-    for folder in folders:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-async def remove_expired(broker: Broker, root: Path, limit: int = 1000) -> int:
-    """Remove the files of up to `limit` jobs whose retention ran out (the broker's
-    janitor lists them). Any replica may run it, at the same time too."""
-    job_ids = await broker.expired_outputs(limit)
-    if job_ids:
-        folders = [_folder(root, job_id) for job_id in job_ids]
-        await asyncio.to_thread(_remove, folders)
-        await broker.forget_outputs(job_ids)
-    return len(job_ids)

@@ -3,22 +3,22 @@
 A client submits jobs and follows them: the submitter is subscribed to its job, and
 `subscribe_job` / `request_job_status` subscribe to others (in the original they never
 did); a job is followed until it ends. Job events come from the broker (published by its
-scripts on `{namespace}:jev:<job id>`) through the dispatcher, which subscribes to a job's
-channel while someone on this replica follows it, so a client on one replica follows a
-worker on another.
+scripts on the job's channel) through the replica's event bus (emp_hub/events.py), which
+subscribes to a job's channel while someone on this replica follows it, so a client on one
+replica follows a worker on another.
 """
 
 from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
-from emp_hub.app import Hub
 from emp_hub.auth import Principal, Role
 from emp_hub.broker import (
     TERMINAL,
@@ -29,9 +29,9 @@ from emp_hub.broker import (
     JobSpec,
     JobStatus,
 )
+from emp_hub.hub import Hub
 from emp_hub.ratelimit import RateLimited
-from emp_hub.ws import Dispatcher, authenticate_ws
-from emp_hub.ws_common import error_details, error_summary, ws_message
+from emp_hub.sockets import authenticate_ws, error_details, error_summary, ws_message
 from emp_protocol.capabilities import matches
 
 router = APIRouter()
@@ -58,7 +58,7 @@ class ClientSession:
     client_id: str
     websocket: WebSocket
     principal: Principal
-    dispatcher: Dispatcher
+    hub: Hub
     following: set[str] = field(default_factory=set)
     workers: dict[str, str] = field(default_factory=dict)  # job id -> worker (for progress)
     quiet_cancel: set[str] = field(default_factory=set)  # cancels this client already heard
@@ -82,14 +82,14 @@ class ClientSession:
         if worker:
             self.workers[job_id] = worker
         self.following.add(job_id)
-        await self.dispatcher.watch(job_id, self)
+        await self.hub.bus.watch(job_id, self)
 
     async def unfollow(self, job_id: str) -> None:
         """Stop following a job (it ended, or the connection did)."""
         self.following.discard(job_id)
         self.workers.pop(job_id, None)
         self.quiet_cancel.discard(job_id)
-        await self.dispatcher.unwatch(job_id, self)
+        await self.hub.bus.unwatch(job_id, self)
 
     async def unfollow_all(self) -> None:
         """The connection ended."""
@@ -132,7 +132,7 @@ class ClientSession:
                 job_status(job_id, "processing", worker_id=event.get("worker"))
             )
         elif status == "completed":
-            job = await self.dispatcher.hub.broker.get(job_id)
+            job = await self.hub.broker.get(job_id)
             await self.send_job_message(
                 ws_message("complete_job", job_id=job_id, worker_id=job.worker, result=job.result)
             )
@@ -167,12 +167,11 @@ class ClientSession:
 async def client_socket(websocket: WebSocket, client_id: str) -> None:
     """A client's connection: submit jobs and follow them."""
     hub: Hub = websocket.app.state.hub
-    dispatcher: Dispatcher = websocket.app.state.dispatcher
-    principal = await authenticate_ws(websocket, hub, {Role.CLIENT, Role.ADMIN})
+    principal = await authenticate_ws(websocket, hub.tokens, hub.sockets, {Role.CLIENT, Role.ADMIN})
     if principal is None:
         return
     await websocket.accept()
-    session = ClientSession(client_id, websocket, principal, dispatcher)
+    session = ClientSession(client_id, websocket, principal, hub)
     await session.send(
         ws_message(
             "connection_established", message=f"Welcome Client {client_id}! Connected to emp hub"
@@ -188,8 +187,8 @@ async def client_socket(websocket: WebSocket, client_id: str) -> None:
 
 
 async def handle(session: ClientSession, hub: Hub, message: Any) -> None:
-    """Act on one client message (a frame's JSON value); bad input gets an `error` and
-    changes nothing."""
+    """Act on one client message (a frame's JSON value): its type's handler in HANDLERS;
+    bad input gets an `error` and changes nothing."""
     if not isinstance(message, dict):
         await session.error("Invalid message: expected a JSON object")
         return
@@ -197,75 +196,89 @@ async def handle(session: ClientSession, hub: Hub, message: Any) -> None:
     if not isinstance(kind, str):
         await session.error("Invalid message: `type` must be a string")
         return
+    handler = HANDLERS.get(kind)
+    if handler is None:
+        await session.error(f"Unsupported message type: {kind}")
+        return
     job_id = message.get("job_id")
-    needs_id = {"request_job_status", "subscribe_job", "cancel_job", "force_retry_job"}
-    if kind in needs_id and not isinstance(job_id, str):
+    if kind in NEEDS_JOB_ID and not isinstance(job_id, str):
         await session.error(f"Missing job_id in {kind} request")
         return
     try:
-        if kind == "submit_job":
-            await submit(session, hub, message)
-        elif kind == "request_job_status":
-            job = await visible(session, hub, str(job_id))
-            await session.follow(job.id, job.worker)
-            await session.send(
-                job_status(
-                    job.id,
-                    job.status.value,
-                    progress=job.progress,
-                    worker_id=job.worker,
-                    started_at=job.started_at,
-                    completed_at=job.finished_at if job.status is JobStatus.COMPLETED else None,
-                    result=job.result,
-                    message=job.message,
-                )
-            )
-        elif kind == "subscribe_job":
-            job = await visible(session, hub, str(job_id))
-            await session.follow(job.id, job.worker)
-            await session.send(
-                ws_message("subscription_confirmed", job_id=job.id, monitor_id=None, channels=None)
-            )
-        elif kind == "cancel_job":
-            reason = str(message.get("reason") or "Manually cancelled")
-            await cancel(session, hub, str(job_id), reason)
-        elif kind == "force_retry_job":
-            job = await visible(session, hub, str(job_id))
-            waiting = job.status in {JobStatus.DELAYED, JobStatus.PENDING} and job.failures
-            if job.status is JobStatus.FAILED or waiting:
-                await hub.broker.retry(job.id)
-                await session.send(
-                    job_status(
-                        job.id,
-                        "pending",
-                        message="Job failure history cleared. Job can now be assigned to any "
-                        "worker.",
-                    )
-                )
-            else:
-                await session.send(
-                    job_status(
-                        job.id, job.status.value, message="Job has no failure history to clear."
-                    )
-                )
-        elif kind == "stay_alive":
-            await session.send(
-                job_status("keep-alive", "acknowledged", message="Connection is alive")
-            )
-        elif kind == "subscribe_stats":
-            await session.send(
-                ws_message(
-                    "subscription_confirmed", job_id="stats", monitor_id=None, channels=["stats"]
-                )
-            )
-        elif kind == "request_stats":
-            await session.error("Stats requests are restricted to monitors only")
-        else:
-            await session.error(f"Unsupported message type: {kind}")
+        await handler(session, hub, message)
     except JobNotFound:
         await session.error(f"Job {job_id} not found")
     except BrokerError as exc:
         await session.error(str(exc))
+
+
+async def request_job_status(session: ClientSession, hub: Hub, message: dict[str, Any]) -> None:
+    """The job's status now; the client follows the job from then on."""
+    job = await visible(session, hub, message["job_id"])
+    await session.follow(job.id, job.worker)
+    await session.send(
+        job_status(
+            job.id,
+            job.status.value,
+            progress=job.progress,
+            worker_id=job.worker,
+            started_at=job.started_at,
+            completed_at=job.finished_at if job.status is JobStatus.COMPLETED else None,
+            result=job.result,
+            message=job.message,
+        )
+    )
+
+
+async def subscribe_job(session: ClientSession, hub: Hub, message: dict[str, Any]) -> None:
+    """Follow a job."""
+    job = await visible(session, hub, message["job_id"])
+    await session.follow(job.id, job.worker)
+    await session.send(
+        ws_message("subscription_confirmed", job_id=job.id, monitor_id=None, channels=None)
+    )
+
+
+async def cancel_job(session: ClientSession, hub: Hub, message: dict[str, Any]) -> None:
+    """Cancel a job (see `cancel`)."""
+    reason = str(message.get("reason") or "Manually cancelled")
+    await cancel(session, hub, message["job_id"], reason)
+
+
+async def force_retry_job(session: ClientSession, hub: Hub, message: dict[str, Any]) -> None:
+    """Retry a failed job, or one waiting after failures, on any worker."""
+    job = await visible(session, hub, message["job_id"])
+    waiting = job.status in {JobStatus.DELAYED, JobStatus.PENDING} and job.failures
+    if job.status is JobStatus.FAILED or waiting:
+        await hub.broker.retry(job.id)
+        await session.send(
+            job_status(
+                job.id,
+                "pending",
+                message="Job failure history cleared. Job can now be assigned to any worker.",
+            )
+        )
+    else:
+        await session.send(
+            job_status(job.id, job.status.value, message="Job has no failure history to clear.")
+        )
+
+
+async def stay_alive(session: ClientSession, hub: Hub, message: dict[str, Any]) -> None:
+    """The original client's keep-alive."""
+    await session.send(job_status("keep-alive", "acknowledged", message="Connection is alive"))
+
+
+async def subscribe_stats(session: ClientSession, hub: Hub, message: dict[str, Any]) -> None:
+    """Confirmed, as the original did (stats go to monitors only)."""
+    await session.send(
+        ws_message("subscription_confirmed", job_id="stats", monitor_id=None, channels=["stats"])
+    )
+
+
+async def request_stats(session: ClientSession, hub: Hub, message: dict[str, Any]) -> None:
+    """Refused, as the original did."""
+    await session.error("Stats requests are restricted to monitors only")
 
 
 async def visible(session: ClientSession, hub: Hub, job_id: str) -> Any:
@@ -304,7 +317,7 @@ async def submit(session: ClientSession, hub: Hub, message: dict[str, Any]) -> N
     session.held[job_id] = []
     await session.follow(job_id)
     try:
-        submitted = await hub.broker.submit(spec)
+        [submitted] = await hub.submit([spec])
     except DuplicateJob:
         session.held.pop(job_id, None)
         if not known:
@@ -348,3 +361,17 @@ async def cancel(session: ClientSession, hub: Hub, job_id: str, reason: str) -> 
         )
         return
     await session.send(job_status(job_id, "cancelled", message=f"Job cancelled: {reason}"))
+
+
+#: The handler of each message type a client sends, and the types that name a job.
+HANDLERS: dict[str, Callable[[ClientSession, Hub, dict[str, Any]], Awaitable[None]]] = {
+    "submit_job": submit,
+    "request_job_status": request_job_status,
+    "subscribe_job": subscribe_job,
+    "cancel_job": cancel_job,
+    "force_retry_job": force_retry_job,
+    "stay_alive": stay_alive,
+    "subscribe_stats": subscribe_stats,
+    "request_stats": request_stats,
+}
+NEEDS_JOB_ID = {"request_job_status", "subscribe_job", "cancel_job", "force_retry_job"}

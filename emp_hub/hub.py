@@ -1,0 +1,156 @@
+"""The hub's state: what one replica's routes share (`Hub`), and `open_hub`, which
+connects it to Redis (or starts the embedded Valkey) and runs the replica's background
+work: the event bus, the maintenance pass and the token re-checks. Stateless across
+replicas: every replica on one Redis is alike."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections import Counter
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis.asyncio
+
+from emp_hub.auth import TokenStore
+from emp_hub.broker import (
+    REDIS_DOWN,
+    Broker,
+    CancelResult,
+    Job,
+    JobSpec,
+    Submitted,
+    connect,
+)
+from emp_hub.dispatch import Dispatcher
+from emp_hub.embedded import EmbeddedValkey
+from emp_hub.events import EventBus
+from emp_hub.logs import redact
+from emp_hub.metrics import Metrics
+from emp_hub.ratelimit import RateLimiter
+from emp_hub.settings import HubSettings
+from emp_hub.sockets import OpenSockets
+from emp_hub.storage import remove_expired
+
+log = logging.getLogger("emp_hub")
+
+
+@dataclass
+class Hub:
+    """What the routes of one hub process share."""
+
+    settings: HubSettings
+    redis: redis.asyncio.Redis
+    broker: Broker
+    tokens: TokenStore
+    limiter: RateLimiter
+    metrics: Metrics
+    bus: EventBus
+    dispatcher: Dispatcher
+    sockets: OpenSockets = field(default_factory=OpenSockets)  # this replica's WebSockets
+
+    async def submit(self, specs: Sequence[JobSpec]) -> list[Submitted]:
+        """Store jobs (atomically: all or none), then wake this replica's parked workers
+        for them at once; the other replicas hear the broker's announcement."""
+        submitted = await self.broker.submit_many(specs)
+        try:
+            await self.dispatcher.submitted(Counter(s.requirement_class for s in submitted))
+        except Exception:  # waking local workers is a shortcut; the jobs are stored
+            log.exception("could not wake local workers after a submit")
+        return submitted
+
+    async def cancel(self, job: Job, reason: str) -> CancelResult:
+        """Cancel a job and, when it was running, tell its worker on whichever replica
+        holds its connection (the cancel channel)."""
+        result = await self.broker.cancel(job.id, reason)
+        if result.worker is not None:
+            self.metrics.finished.labels(job.service, "cancelled").inc()
+            notice = {"job_id": job.id, "worker": result.worker, "reason": reason}
+            await self.redis.publish(self.broker.key("cancel_channel"), json.dumps(notice))
+        return result
+
+
+async def maintain_until(
+    stop: asyncio.Event, broker: Broker, interval: float, outputs: Path | None = None
+) -> None:
+    """Run the broker's idempotent maintenance pass every `interval` seconds until `stop`,
+    and remove the `outputs` of expired jobs.
+    (Stopped by an event, not by cancelling: a Redis command is never cut in half.)"""
+    while not stop.is_set():
+        try:
+            # This replica is alive (its workers' ids are held by live connections) for
+            # three passes more: a replica killed outright frees its workers' ids then.
+            await broker.replica_alive(3 * interval + 1)
+            await broker.maintain()
+            if outputs is not None:
+                await remove_expired(broker, outputs)
+        except REDIS_DOWN as exc:
+            log.warning("maintenance pass skipped: %s", exc)
+        except Exception:  # nothing must end the loop
+            log.exception("maintenance pass failed")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval)
+
+
+@asynccontextmanager
+async def open_hub(settings: HubSettings) -> AsyncIterator[Hub]:
+    """Connect to Redis (or start the embedded Valkey), and run maintenance meanwhile."""
+    with contextlib.ExitStack() as stack:
+        url = settings.redis_url
+        if not url:
+            # Starting the embedded server blocks for a moment, once, at start-up. This
+            # process owns it (DataDirLocked if another does) and restarts it if it dies.
+            server = EmbeddedValkey(settings.data_dir / "valkey", supervise=True)
+            url = stack.enter_context(server).url
+            log.info(
+                "no EMP_REDIS_URL: an embedded Valkey at %s keeps the data in %s",
+                redact(url),
+                server.data_dir,
+            )
+        async with _hub(settings, url) as hub:
+            yield hub
+
+
+@asynccontextmanager
+async def _hub(settings: HubSettings, url: str) -> AsyncIterator[Hub]:
+    client = connect(url)
+    namespace = settings.broker.namespace
+    shared = settings.auth_token.get_secret_value() if settings.auth_token else None
+    broker = Broker(client, settings.broker)
+    metrics = Metrics(settings.metrics_max_queue_series, settings.metrics_max_services)
+    bus = EventBus(client, broker.keys)
+    hub = Hub(
+        settings=settings,
+        redis=client,
+        broker=broker,
+        tokens=TokenStore(client, namespace, shared, settings.token_refresh_s),
+        limiter=RateLimiter(client, namespace, settings.submit_rate, settings.submit_burst),
+        metrics=metrics,
+        bus=bus,
+        dispatcher=Dispatcher(broker, bus, metrics),
+    )
+    if await hub.tokens.is_open():
+        log.warning("no auth token configured and none created: the hub is open to anyone")
+    await hub.broker.replica_alive(3 * settings.maintenance_interval_s + 1)  # before sockets
+    stop = asyncio.Event()
+    maintenance = asyncio.create_task(
+        maintain_until(stop, hub.broker, settings.maintenance_interval_s, settings.outputs)
+    )
+    token_checks = asyncio.create_task(hub.sockets.check_tokens_until(stop, hub.tokens))
+    listener = asyncio.create_task(bus.listen(stop))
+    try:
+        yield hub
+    finally:
+        stop.set()
+        await listener
+        await hub.dispatcher.close()
+        await maintenance
+        await token_checks
+        with contextlib.suppress(*REDIS_DOWN):  # its workers reconnect to another replica
+            await hub.broker.replica_gone()
+        await client.aclose()

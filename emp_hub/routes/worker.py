@@ -1,0 +1,331 @@
+"""The worker WebSocket (`/ws/worker/{worker_id}`): registration, pulls, progress,
+results, one handler per message type (`HANDLERS`). The dispatcher (emp_hub/dispatch.py)
+feeds the connected workers their jobs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import redis.exceptions
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from pydantic import ValidationError
+
+import emp_hub
+from emp_hub.auth import Role
+from emp_hub.broker import BrokerError, JobStatus, Registration, StaleLease
+from emp_hub.dispatch import WorkerSession
+from emp_hub.hub import Hub
+from emp_hub.sockets import authenticate_ws, error_details, ws_message
+from emp_protocol.hub_messages import (
+    ConnectionEstablished,
+    Error,
+    JobCompletedAck,
+    JobFailedAck,
+    JobNotificationsSubscribed,
+    JobReleased,
+    WorkerHeartbeatAck,
+    WorkerIdAvailable,
+    WorkerRegistered,
+)
+from emp_protocol.messages import (
+    PROTOCOL_VERSION,
+    ClaimJob,
+    CompleteJob,
+    ConnectorWsStatus,
+    FailJob,
+    RegisterWorker,
+    ReleaseJob,
+    RequestJob,
+    ServiceRequest,
+    UpdateJobProgress,
+    WorkerHeartbeat,
+    WorkerStatus,
+    worker_message,
+)
+
+log = logging.getLogger("emp_hub.ws")
+router = APIRouter()
+
+#: Close codes of the worker socket (and CLOSE_SUPERSEDED, in dispatch.py): refused,
+#: because another process holds the worker id.
+CLOSE_ID_IN_USE = 4409
+#: Refused: the worker speaks another protocol version (HTTP's 426, upgrade required).
+CLOSE_PROTOCOL_VERSION = 4426
+#: A close the hub makes itself while it shuts down: its workers are not gone.
+CLOSE_SERVICE_RESTART = 1012
+
+
+@router.websocket("/ws/worker/{worker_id}")
+async def worker_socket(websocket: WebSocket, worker_id: str) -> None:
+    """A worker's connection: registration, pulls, progress, results."""
+    hub: Hub = websocket.app.state.hub
+    if await authenticate_ws(websocket, hub.tokens, hub.sockets, {Role.WORKER, Role.ADMIN}) is None:
+        return
+    await websocket.accept()
+    session = WorkerSession(worker_id, websocket)
+    await session.send(
+        ConnectionEstablished(
+            message=f"Welcome Worker {worker_id}! Connected to emp hub",
+            protocol_version=PROTOCOL_VERSION,
+            hub_version=emp_hub.__version__,
+        )
+    )
+    dispatcher = hub.dispatcher
+    feeder = asyncio.create_task(dispatcher.feed(session))
+    code = 1006
+    try:
+        # The socket's frames as JSON (sockets.py): it reads with receive(), so a reply that
+        # failed because the peer had just closed still leaves its close code to be read.
+        while not session.closed:
+            raw = await hub.sockets.receive_json(websocket, session.error)
+            await handle(session, hub, raw)
+    except WebSocketDisconnect as exc:
+        code = exc.code
+    finally:
+        session.closed = True
+        session.wake.set()
+        await feeder  # it ends by itself: no Redis command is cut in half
+        if dispatcher.sessions.get(worker_id) is session:
+            del dispatcher.sessions[worker_id]
+        if session.caps is not None and not session.superseded:
+            await _disconnected(session, hub, code)
+
+
+async def _disconnected(session: WorkerSession, hub: Hub, code: int) -> None:
+    """A registered worker's connection ended: gone at once if it said goodbye holding
+    nothing; lost (gone after the reconnect grace) otherwise; and neither when the hub
+    itself is shutting down (the worker reconnects to the next hub)."""
+    if code == CLOSE_SERVICE_RESTART:
+        return
+    try:
+        if code in {1000, 1001} and not session.held:
+            await hub.broker.unregister_worker(session.worker_id, session.connection)
+        else:
+            await hub.dispatcher.lost(session)
+    except redis.exceptions.RedisError:  # the lease and the worker TTL remain the guard
+        log.warning("could not record that worker %s disconnected", session.worker_id)
+
+
+def _refusal(worker_id: str, registration: Registration) -> Error:
+    """The error that refuses a worker id another process holds."""
+    if registration.holder_connected:
+        recheck = registration.recheck_after  # through a replica that may have just died
+        return Error(
+            error=f"worker id {worker_id} is already connected from another process; give "
+            "each worker process its own id (EMP_WORKER_ID)",
+            code="worker_id_in_use",
+            worker_id=worker_id,
+            recheck_after=round(recheck, 3) if recheck else None,
+        )
+    left = registration.retry_after
+    return Error(
+        error=f"worker id {worker_id} is kept {left:.1f} s more for another process that lost "
+        "its connection; retry then, or give this worker its own id (EMP_WORKER_ID)",
+        code="worker_id_in_use",
+        worker_id=worker_id,
+        retry_after=round(left, 3),
+    )
+
+
+async def refuse(session: WorkerSession, registration: Registration) -> None:
+    """Another process holds the worker id: say so, and close (4409)."""
+    await session.send(_refusal(session.worker_id, registration))
+    session.closed = True
+    await session.websocket.close(CLOSE_ID_IN_USE, "worker id in use")
+
+
+async def refuse_protocol(session: WorkerSession, version: int | None) -> None:
+    """The worker speaks another protocol version: say both, and close (4426)."""
+    error = (
+        f"this worker speaks protocol {version}; this hub speaks protocol "
+        f"{PROTOCOL_VERSION}: upgrade the older one"
+    )
+    await session.send(Error(error=error, code="protocol_version"))
+    session.closed = True
+    await session.websocket.close(CLOSE_PROTOCOL_VERSION, "protocol version")
+
+
+async def handle(session: WorkerSession, hub: Hub, raw: Any) -> None:
+    """Act on one message from a worker (a frame's JSON value): its type's handler in
+    HANDLERS. Bad input gets an `error` and changes nothing."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("type"), str):
+        await session.error("message must be a JSON object with a string `type`")
+        return
+    try:
+        message = worker_message.validate_python(raw)
+    except ValidationError as exc:
+        if "union_tag_invalid" in {e["type"] for e in exc.errors()}:
+            await session.error(f"unknown message type: {raw['type']}")
+        else:
+            await session.error(f"invalid {raw['type']} message", error_details(exc))
+        return
+    if session.caps is None and not isinstance(message, RegisterWorker):
+        await session.error("register_worker first")
+        return
+    try:
+        await HANDLERS[type(message)](session, hub, message)
+        if session.original and not session.held and not session.offered and not session.wanted:
+            session.wanted = 1  # idle again: offer the next job
+            session.wake.set()
+    except StaleLease as exc:
+        session.held.pop(getattr(message, "job_id", ""), None)
+        await session.error(str(exc))
+    except BrokerError as exc:
+        await session.error(str(exc))
+
+
+async def register(session: WorkerSession, hub: Hub, message: RegisterWorker) -> None:
+    """Take the worker id (or say who holds it), keep the jobs it still runs."""
+    if message.protocol_version not in {None, PROTOCOL_VERSION}:
+        await refuse_protocol(session, message.protocol_version)
+        return
+    worker_id, broker = session.worker_id, hub.broker
+    caps = message.worker_capabilities()
+    registration = await broker.register_worker(
+        worker_id,
+        caps,
+        instance=message.instance,
+        connection=session.connection,
+        dry_run=message.dry_run,
+    )
+    if message.dry_run:  # emp-worker doctor: could it register?
+        await session.send(
+            _refusal(worker_id, registration)
+            if not registration.ok
+            else WorkerIdAvailable(worker_id=worker_id)
+        )
+        return
+    if not registration.ok:
+        await refuse(session, registration)
+        return
+    session.caps = caps
+    session.original = message.original
+    await hub.dispatcher.registered(session, registration)
+    tokens = {h.job_id: h.lease_token for h in message.jobs}
+    kept = await broker.extend(tokens.items())
+    session.held.update(
+        {job: token for (job, token), ok in zip(tokens.items(), kept, strict=True) if ok}
+    )
+    await session.send(
+        WorkerRegistered(worker_id=worker_id, status="active", jobs=sorted(session.held))
+    )
+    if message.subscribe_to_jobs:
+        await session.send(JobNotificationsSubscribed(worker_id=worker_id))
+
+
+async def request_job(session: WorkerSession, hub: Hub, message: RequestJob) -> None:
+    """Free slots: the dispatcher claims for them now or when jobs come."""
+    session.wanted = message.slots
+    session.wake.set()
+
+
+async def claim_job(session: WorkerSession, hub: Hub, message: ClaimJob) -> None:
+    """An original worker takes the job it was offered."""
+    await hub.dispatcher.take_offer(session, message.job_id)
+
+
+async def heartbeat(
+    session: WorkerSession, hub: Hub, message: WorkerHeartbeat | WorkerStatus
+) -> None:
+    """Alive: renew the worker and its leases (say which jobs it lost); a changed status
+    goes to the monitors."""
+    worker_id, broker = session.worker_id, hub.broker
+    await broker.touch_worker(worker_id)
+    held = list(session.held.items())
+    kept = await broker.extend(held)
+    lost = [job for (job, _), ok in zip(held, kept, strict=True) if not ok]
+    for job in lost:
+        session.held.pop(job, None)
+    if isinstance(message, WorkerHeartbeat):
+        await session.send(WorkerHeartbeatAck(worker_id=worker_id, lost=lost))
+    if isinstance(message, WorkerStatus) or message.status != session.status:
+        session.status = message.status
+        extra = message.model_extra or {}
+        await hub.bus.tell_monitors(
+            ws_message(
+                "worker_status",
+                message_id=f"worker-status-{int(time.time())}",
+                worker_id=worker_id,
+                status=message.status,
+                connector_statuses=extra.get("connector_statuses"),
+            )
+        )
+
+
+async def for_monitors(
+    session: WorkerSession, hub: Hub, message: ConnectorWsStatus | ServiceRequest
+) -> None:
+    """The original worker's reports for monitors: passed on."""
+    await hub.bus.tell_monitors({**message.model_dump(mode="json"), "worker_id": session.worker_id})
+
+
+async def job_message(
+    session: WorkerSession,
+    hub: Hub,
+    message: UpdateJobProgress | CompleteJob | FailJob | ReleaseJob,
+) -> None:
+    """Progress, result, failure or release of a job this connection holds."""
+    token = session.held.get(message.job_id)
+    if token is None:
+        await session.error(f"worker {session.worker_id} does not hold job {message.job_id}")
+        return
+    broker = hub.broker
+    worker_id = session.worker_id
+    service = session.services.get(message.job_id, "unknown")
+    if not isinstance(message, UpdateJobProgress):
+        session.services.pop(message.job_id, None)  # the job leaves this worker
+    if isinstance(message, UpdateJobProgress):
+        if message.progress < 0:  # keep-alive
+            await broker.extend([(message.job_id, token)])
+        else:
+            details = (message.model_extra or {}).get("connector_details")
+            await broker.progress(
+                message.job_id,
+                token,
+                message.progress,
+                message.message or "",
+                message.status,
+                details,
+            )
+    elif isinstance(message, CompleteJob):
+        await broker.complete(message.job_id, token, message.result)
+        del session.held[message.job_id]
+        hub.metrics.finished.labels(service, "completed").inc()
+        await session.send(JobCompletedAck(job_id=message.job_id, worker_id=worker_id))
+    elif isinstance(message, FailJob):
+        status = await broker.fail(
+            message.job_id, token, message.error, retryable=message.retryable
+        )
+        del session.held[message.job_id]
+        outcome = "retrying" if status is JobStatus.DELAYED else "failed"
+        hub.metrics.finished.labels(service, outcome).inc()
+        await session.send(
+            JobFailedAck(
+                job_id=message.job_id, worker_id=worker_id, error=message.error, status=status
+            )
+        )
+    else:
+        await broker.release(message.job_id, token)
+        del session.held[message.job_id]
+        hub.metrics.finished.labels(service, "released").inc()
+        await session.send(JobReleased(job_id=message.job_id, worker_id=worker_id))
+
+
+#: The handler of each message type a worker sends.
+HANDLERS: dict[type[Any], Callable[[WorkerSession, Hub, Any], Awaitable[None]]] = {
+    RegisterWorker: register,
+    RequestJob: request_job,
+    ClaimJob: claim_job,
+    WorkerHeartbeat: heartbeat,
+    WorkerStatus: heartbeat,
+    ConnectorWsStatus: for_monitors,
+    ServiceRequest: for_monitors,
+    UpdateJobProgress: job_message,
+    CompleteJob: job_message,
+    FailJob: job_message,
+    ReleaseJob: job_message,
+}
