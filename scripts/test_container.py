@@ -11,8 +11,9 @@ under chroot as the image's user, with the image's environment and working direc
 - the image: a non-root user, the entry point `emp-hub serve --host 0.0.0.0`, a HEALTHCHECK,
   the /data volume, the version label equal to the project's version (and the installed one);
 - the default (no EMP_REDIS_URL): the embedded Valkey starts in /data as that user; ready;
-- with EMP_REDIS_URL on the machine's Redis (EMP_TEST_REDIS_URL, default
-  redis://127.0.0.1:6379/0) in a key namespace of its own: ready; the image's HEALTHCHECK
+- with EMP_REDIS_URL on a Redis (EMP_TEST_REDIS_URL, e.g. the machine's
+  redis://127.0.0.1:6379/0; unset: an embedded Valkey started from this .venv), in a key
+  namespace of its own: ready; the image's HEALTHCHECK
   command passes against it (and fails once the hub is stopped); `emp-hub token create`
   from the image; a job submitted over HTTP is completed by the worker of the
   simulation-worker image, its output file stored under /data/outputs; SIGTERM stops both
@@ -38,11 +39,12 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import redis
 
-from emp_hub.embedded import free_port
+from emp_hub.embedded import EmbeddedValkey, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE_IMAGE = "localhost/debian-py:bookworm"
@@ -348,6 +350,27 @@ def check_with_redis(hub: Image, worker: Image, redis_url: str, work: Path) -> N
         assert not left, f"keys left in Redis: {left[:5]}"
 
 
+@contextmanager
+def redis_server(work: Path) -> Iterator[str]:
+    """EMP_TEST_REDIS_URL, or an embedded Valkey for the moment."""
+    url = os.environ.get("EMP_TEST_REDIS_URL")
+    if url:
+        yield url
+        return
+    with EmbeddedValkey(work / "valkey") as server:
+        yield server.url
+
+
+def redact(url: str) -> str:
+    """A Redis URL without its password."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return parts._replace(
+        netloc=f"{parts.username or ''}:***@{parts.hostname}:{parts.port}"
+    ).geturl()
+
+
 def main() -> None:
     """Build both images, check them, print the figures."""
     if os.geteuid() != 0:
@@ -355,7 +378,6 @@ def main() -> None:
     for tool in ("podman", "debootstrap", "chroot", "mount"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is not installed (apt-get install podman debootstrap)")
-    redis_url = os.environ.get("EMP_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
     version = project_version()
     figures: dict[str, Any] = {"version": version}
     started_at = time.monotonic()
@@ -378,8 +400,9 @@ def main() -> None:
             check_config(hub, worker, version)
             log("the hub on its embedded Valkey")
             check_embedded(hub, work)
-            log(f"the hub on {redis_url}, a job run by the simulation worker image")
-            check_with_redis(hub, worker, redis_url, work)
+            with redis_server(work) as redis_url:
+                log(f"the hub on {redact(redis_url)}, a job run by the simulation worker image")
+                check_with_redis(hub, worker, redis_url, work)
     figures["run_s"] = round(time.monotonic() - mark, 1)
     figures["total_s"] = round(time.monotonic() - started_at, 1)
     figures["conditions"] = (
