@@ -274,7 +274,9 @@ def check_config(hub: Image, worker: Image, version: str) -> None:
         assert installed == version, (installed, version)
     data = hub.root / "data"
     assert (data.stat().st_uid, (data / "outputs").stat().st_uid) == (hub.uid, hub.uid)
-    assert not list(hub.root.glob("opt/emp/bin/pip*")), "pip is left in the hub's venv"
+    for image in (hub, worker):  # no installer tools left in the images' environments
+        site = next(image.root.glob("opt/emp/lib/python3*/site-packages"))
+        assert not [p for p in ("pip", "setuptools") if (site / p).exists()], site
     plugins = run(worker.command(["emp-worker", "plugins", "list"])).stdout
     assert "simulation" in plugins, plugins
 
