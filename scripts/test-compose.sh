@@ -17,8 +17,12 @@ hub=http://127.0.0.1:$EMP_PUBLISH
 auth=(-H "Authorization: Bearer $EMP_AUTH_TOKEN")
 
 cleanup() {
-  docker compose logs --no-color --timestamps >compose.log 2>&1 || true
+  status=$?
+  if [ "$status" -ne 0 ]; then
+    docker compose logs --no-color --timestamps || true  # what went wrong
+  fi
   docker compose down --volumes --remove-orphans --timeout 90 || true
+  exit "$status"
 }
 trap cleanup EXIT
 
