@@ -26,6 +26,7 @@ CPU, is enough. The checks:
   touched (then interrupted by this script, to leave ComfyUI idle).
 * `input_image_url`: a job whose LoadImage input is the hub URL of an earlier job's output:
   uploaded to ComfyUI and used (the output is that image, inverted).
+* `timed_jobs`: --jobs (20) more jobs of the four-node graph, each checked as above.
 * `doctor`: `emp-worker doctor --json` (a process of its own, EMP_CONNECTORS=comfyui)
   shows ComfyUI's version, device and memory; the worker offers service `comfyui` on the
   hub.
@@ -33,10 +34,13 @@ CPU, is enough. The checks:
 Timings per completed job, in seconds: `comfyui_run_s` (ComfyUI's own time: its
 `execution_start` to `execution_success` timestamps in the history, ms resolution),
 `comfyui_queue_s` (from the job's "queued in ComfyUI" event, sent once POST /prompt
-answered, to `execution_start`: ComfyUI taking the prompt up), `end_to_end_s` (from just
-before the submit to the hub until the job's final event) and `overhead_s` (end to end
-less ComfyUI's two: the hub, the worker, the connector, fetching the output and storing it
-on the hub); `summary` has their medians. The script leaves ComfyUI idle; it writes a few
+answered, to `execution_start`: ComfyUI taking the prompt up), `connector_s` (the
+connector's `run`: the WebSocket, the submission, following the prompt, /history, /view and
+storing the output on the hub, ComfyUI's time included), `end_to_end_s` (from just before
+the submit to the hub until the job's final event reached this client) and `overhead_s`
+(end to end less ComfyUI's two: everything of ours, the hub's part included). `summary`:
+their p50 and p99 in ms over `timed_jobs` (--jobs more jobs of the four-node graph, run
+last, when everything is warm). The script leaves ComfyUI idle; it writes a few
 PNGs to ComfyUI's output and input folders.
 
 Usage: python -m benchmarks.real_comfyui --url http://127.0.0.1:8188
@@ -50,7 +54,6 @@ import json
 import os
 import platform
 import random
-import statistics
 import subprocess
 import sys
 import time
@@ -64,12 +67,28 @@ import httpx
 from emp_connector_comfyui import ComfyUIConnector, ComfyUISettings
 
 import emp_hub
+from benchmarks.hub import percentiles
 from emp_hub.client import Client
 from emp_hub.testing import TestHub, connector_hub
+from emp_worker.connector import Job, JobContext
 
 #: ImageScales in the slow graphs: seconds of work on a CPU, each node short (an interrupt
 #: lands between nodes); both slow prompts are interrupted long before their end.
 SCALES = 40
+
+
+class Timed(ComfyUIConnector):
+    """The connector, noting how long each run took (by prompt id)."""
+
+    def __init__(self, settings: ComfyUISettings) -> None:
+        super().__init__(settings)
+        self.runs: dict[str, float] = {}
+
+    async def run(self, job: Job, ctx: JobContext) -> dict[str, Any]:
+        began = time.perf_counter()
+        result = await super().run(job, ctx)
+        self.runs[str(result["prompt_id"])] = time.perf_counter() - began
+        return result
 
 
 class CheckFailed(Exception):
@@ -170,11 +189,11 @@ def near(got: list[int], want: list[int]) -> bool:
 class Checks:
     """The checks, sharing one hub (with its worker) and one ComfyUI."""
 
-    def __init__(self, hub: TestHub, client: Client, comfy: httpx.AsyncClient) -> None:
-        self.hub, self.client, self.comfy = hub, client, comfy
-        self.connector: ComfyUIConnector = hub.worker.connectors[0]  # type: ignore[assignment]
+    def __init__(self, hub: TestHub, client: Client, comfy: httpx.AsyncClient, jobs: int) -> None:
+        self.hub, self.client, self.comfy, self.jobs = hub, client, comfy, jobs
+        self.connector: Timed = hub.worker.connectors[0]  # type: ignore[assignment]
         self.run_id = uuid.uuid4().hex[:8]  # in each colour and prefix: nothing cached from before
-        self.colors = random.Random(self.run_id).sample(range(1, 0xFFFFFF), 64)
+        self.colors = random.Random(self.run_id).sample(range(1, 0xFFFFFF), 64 + jobs)
         self.timings: list[dict[str, Any]] = []
 
     def color(self) -> int:
@@ -206,11 +225,13 @@ class Checks:
                 raise CheckFailed(f"no timestamps in the history: {stamps}")
             queued = next(e["ts"] for e in events if e.get("message") == "queued in ComfyUI")
             run_s, queue_s = (success - start) / 1000, max(0.0, start / 1000 - queued)
+            connector_s = self.connector.runs[str(job["result"]["prompt_id"])]
             self.timings.append(
                 {
                     "check": check,
                     "comfyui_run_s": round(run_s, 3),
                     "comfyui_queue_s": round(queue_s, 3),
+                    "connector_s": round(connector_s, 3),
                     "end_to_end_s": round(end_to_end, 3),
                     "overhead_s": round(end_to_end - run_s - queue_s, 3),
                 }
@@ -450,6 +471,14 @@ class Checks:
         expect(view.content == data, "ComfyUI's input file differs from the hub's output")
         return {"input_url": url, "uploaded_as": uploaded, "source": first_facts["output"]}
 
+    async def timed_jobs(self) -> dict[str, Any]:
+        """`jobs` more jobs of the four-node graph, one after another, for the timings."""
+        for _ in range(self.jobs):
+            payload = {"workflow": graph(self.color(), self.prefix("timed_jobs"))}
+            job, events = await self.job(payload, "timed_jobs")
+            await self.completed_image(job, events)
+        return {"jobs": self.jobs}
+
     async def doctor(self) -> dict[str, Any]:
         stats = (await self.comfy.get("/system_stats")).json()
         env = {k: v for k, v in os.environ.items() if not k.startswith(("EMP_", "COMFYUI_"))}
@@ -492,19 +521,20 @@ CHECKS = (
     "input_image_url",
     "cancel_running",
     "cancel_queued",
+    "timed_jobs",
 )
 
 
-async def run_checks(url: str, only: list[str]) -> dict[str, Any]:
+async def run_checks(url: str, only: list[str], jobs: int = 20) -> dict[str, Any]:
     """Run the checks against the ComfyUI at `url`; the report."""
     async with httpx.AsyncClient(base_url=url, timeout=30) as comfy:
         stats = (await comfy.get("/system_stats")).json()
-        connector = ComfyUIConnector(ComfyUISettings.model_validate({"url": url}))
+        connector = Timed(ComfyUISettings.model_validate({"url": url}))
         async with (
             connector_hub(connector, progress_interval_s=0) as hub,
             Client(hub.url) as client,
         ):
-            checks = Checks(hub, client, comfy)
+            checks = Checks(hub, client, comfy, jobs)
             await checks.idle(within_s=5)
             outcomes: dict[str, Any] = {}
             for name in only:
@@ -535,12 +565,18 @@ async def run_checks(url: str, only: list[str]) -> dict[str, Any]:
         "failed": [name for name, o in outcomes.items() if not o["ok"]],
         "checks": outcomes,
         "timings": timings,
-        "summary": {
-            f"median_{key}": round(statistics.median(t[key] for t in timings), 3)
-            for key in ("comfyui_run_s", "comfyui_queue_s", "end_to_end_s", "overhead_s")
-        }
-        if timings
-        else {},
+        "summary": summary(timings),
+    }
+
+
+def summary(timings: list[dict[str, Any]]) -> dict[str, Any]:
+    """p50 and p99 (ms) of each timing, over the `timed_jobs` (warm) when they ran."""
+    warm = [t for t in timings if t["check"] == "timed_jobs"] or timings
+    if not warm:
+        return {}
+    keys = ("comfyui_run_s", "comfyui_queue_s", "connector_s", "end_to_end_s", "overhead_s")
+    return {"jobs": len(warm)} | {
+        key.removesuffix("_s"): percentiles([t[key] for t in warm]) for key in keys
     }
 
 
@@ -549,12 +585,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", default="http://127.0.0.1:8188", help="ComfyUI's base URL")
     parser.add_argument("--only", default=",".join(CHECKS), help="comma-separated checks")
+    parser.add_argument("--jobs", type=int, default=20, help="jobs of the timed_jobs check")
     args = parser.parse_args(argv)
     only = [n for n in args.only.split(",") if n]
     unknown = set(only) - set(CHECKS)
     if unknown:
         parser.error(f"unknown checks: {', '.join(sorted(unknown))}")
-    report = asyncio.run(run_checks(args.url.rstrip("/"), only))
+    report = asyncio.run(run_checks(args.url.rstrip("/"), only, args.jobs))
     print(json.dumps(report, indent=2))
     if report["failed"]:
         sys.exit(1)

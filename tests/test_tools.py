@@ -87,8 +87,9 @@ def test_connectors_benchmark_prints_its_json(capsys: pytest.CaptureFixture[str]
 
 @pytest.mark.timeout(300)
 async def test_real_comfyui_check_as_documented_passes_against_the_fake() -> None:
-    """docs/connectors/comfyui.md's command, run as written but at the fake ComfyUI's URL:
-    every check passes against the fake too (which behaves as the real server did)."""
+    """docs/connectors/comfyui.md's command, run as written but at the fake ComfyUI's URL
+    (and with 3 timed jobs, not 20): every check passes against the fake too (which
+    behaves as the real server did)."""
     sys.path.insert(0, str(ROOT / "plugins" / "emp-connector-comfyui" / "tests"))
     from fake_comfyui import fake_comfyui
 
@@ -100,7 +101,7 @@ async def test_real_comfyui_check_as_documented_passes_against_the_fake() -> Non
         check = await asyncio.create_subprocess_exec(
             "bash",
             "-c",
-            command.replace("http://127.0.0.1:8188", url),
+            command.replace("http://127.0.0.1:8188", url).strip() + " --jobs 3",
             cwd=ROOT,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
@@ -108,7 +109,8 @@ async def test_real_comfyui_check_as_documented_passes_against_the_fake() -> Non
         out, err = await asyncio.wait_for(check.communicate(), 240)
     assert check.returncode == 0, out.decode()[-3000:] + err.decode()[-3000:]
     report = json.loads(out)
-    assert report["passed"] == 10 and report["failed"] == [], report
+    assert report["passed"] == len(report["checks"]) == 11 and report["failed"] == [], report
+    assert report["summary"]["jobs"] == 3, report["summary"]
     assert all(t["overhead_s"] >= 0 for t in report["timings"]), report["timings"]
     assert fake.running is None and fake.pending == []  # it left ComfyUI idle
 
