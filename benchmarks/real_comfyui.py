@@ -18,6 +18,9 @@ CPU, is enough. The checks:
 * `refused_unknown_node`, `refused_bad_input`: ComfyUI's 400 fails the job at once (not
   retried, though 3 attempts were allowed) with the node errors in the job's error;
   nothing queued in ComfyUI.
+* `execution_error`: LoadImage of a URL that answers no image: ComfyUI accepts the graph,
+  then PIL fails in LoadImage; the job fails at once (not retried) with the node, its type
+  and the exception.
 * `cancel_running`: a slow graph (a chain of 40 lanczos ImageScales, 1024 to 2048 pixels
   square and back) cancelled on the hub while it runs: cancelled, ComfyUI idle soon after,
   the prompt interrupted (its history `error` with `execution_interrupted`), no output.
@@ -376,6 +379,26 @@ class Checks:
         words = ["node 1 (EmptyImage)", "99999", "node 3 (ImageScale)", "no-such-method"]
         return await self.refused("refused_bad_input", broken, words)
 
+    async def execution_error(self) -> dict[str, Any]:
+        """LoadImage of a file that is no image (the hub's /health/live, JSON): accepted,
+        then failed in ComfyUI; the job fails at once with node, type and exception."""
+        loaded = {
+            "1": {"class_type": "LoadImage", "inputs": {"image": self.hub.url + "/health/live"}},
+            "2": {
+                "class_type": "SaveImage",
+                "inputs": {"images": ["1", 0], "filename_prefix": self.prefix("execution_error")},
+            },
+        }
+        job, _ = await self.job({"workflow": loaded}, "execution_error", max_attempts=3)
+        expect(job["status"] == "failed", f"job {job['status']}, not failed")
+        expect(job["attempt"] == 1 and job["failures"] == 1, f"retried: {job['attempt']}")
+        words = ["ComfyUI failed at node 1 (LoadImage)", "UnidentifiedImageError", "live'"]
+        missing = [w for w in words if w not in (job["error"] or "")]
+        expect(not missing, f"{missing} not in the error: {job['error']!r}")
+        expect(job["error"] == job["error"].strip(), f"untrimmed: {job['error']!r}")
+        await self.idle()
+        return {"error": job["error"]}
+
     async def cancel_running(self) -> dict[str, Any]:
         slow = slow_graph(self.color(), self.prefix("cancel_running"), 1024, SCALES)
         job_id = await self.client.submit("comfyui", {"workflow": slow})
@@ -519,6 +542,7 @@ CHECKS = (
     "refused_unknown_node",
     "refused_bad_input",
     "input_image_url",
+    "execution_error",
     "cancel_running",
     "cancel_queued",
     "timed_jobs",

@@ -109,7 +109,7 @@ async def test_real_comfyui_check_as_documented_passes_against_the_fake() -> Non
         out, err = await asyncio.wait_for(check.communicate(), 240)
     assert check.returncode == 0, out.decode()[-3000:] + err.decode()[-3000:]
     report = json.loads(out)
-    assert report["passed"] == len(report["checks"]) == 11 and report["failed"] == [], report
+    assert report["passed"] == len(report["checks"]) == 12 and report["failed"] == [], report
     assert report["summary"]["jobs"] == 3, report["summary"]
     assert all(t["overhead_s"] >= 0 for t in report["timings"]), report["timings"]
     assert fake.running is None and fake.pending == []  # it left ComfyUI idle

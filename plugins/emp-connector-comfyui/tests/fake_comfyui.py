@@ -80,6 +80,7 @@ NODES: dict[str, tuple[dict[str, Any], bool]] = {
     ),
     "PreviewImage": ({"images": ["IMAGE"]}, True),
 }
+PNG = b"\x89PNG\r\n\x1a\n"
 MODELS = {"checkpoints": ["sd_xl_base_1.0.safetensors"], "loras": ["detail.safetensors"], "vae": []}
 
 
@@ -112,7 +113,7 @@ def solid_png(width: int, height: int, colour: tuple[int, int, int]) -> bytes:
 def png_facts(data: bytes) -> tuple[int, int, tuple[int, int, int]]:
     """Width, height and first pixel's RGB of an 8-bit RGB(A) PNG; (8, 8, black) for
     anything else (the fake's LoadImage reads no other kind)."""
-    if not data.startswith(b"\x89PNG\r\n\x1a\n"):
+    if not data.startswith(PNG):
         return 8, 8, (0, 0, 0)
     pos, width, height, idat = 8, 8, 8, b""
     while pos + 8 <= len(data):
@@ -692,6 +693,13 @@ class FakeComfyUI:
                 status = "error"
                 break
             failure = self.fail.get(node_id) or self.fail.get(node["class_type"])
+            if node["class_type"] == "LoadImage" and failure is None:
+                name = str(node["inputs"]["image"])
+                if not self.files[("input", *self._split(name))].startswith(PNG):
+                    failure = (  # as PIL answers LoadImage for a file that is no image
+                        "PIL.UnidentifiedImageError",
+                        f"cannot identify image file 'COMFY_DATA/in/{name}'",
+                    )
             steps = int(node["inputs"].get("steps", 0)) if node["class_type"] == "EmpSteps" else 0
             for step in range(1, steps + 1):
                 await asyncio.sleep(self.node_s / steps)
@@ -713,7 +721,7 @@ class FakeComfyUI:
                         "node_id": node_id,
                         "node_type": node["class_type"],
                         "executed": executed,
-                        "exception_message": text,
+                        "exception_message": text + "\n",  # format_exception_only's
                         "exception_type": kind,
                         "traceback": ["Traceback (most recent call last):\n", f"{kind}: {text}\n"],
                         "current_inputs": {},

@@ -257,7 +257,22 @@ async def test_execution_errors_retryable_only_when_transient(comfy: Served) -> 
     fake.fail["ImageInvert"] = ("builtins.ValueError", "bad image")
     with pytest.raises(JobFailed) as bad:
         await connector.run(ctx.job, ctx)
-    assert not bad.value.retryable and "builtins.ValueError: bad image" in str(bad.value)
+    assert not bad.value.retryable and str(bad.value).endswith("builtins.ValueError: bad image")
+
+
+async def test_load_image_of_a_file_that_is_no_image_fails_not_retryable(comfy: Served) -> None:
+    """An input URL that answers no image: uploaded, then LoadImage fails in ComfyUI (PIL
+    cannot read it), an `execution_error` as the real server sends it."""
+    _, url, _ = comfy
+    graph = recorded_workflow()
+    graph["1"] = {"class_type": "LoadImage", "inputs": {"image": f"{url}/object_info/EmptyImage"}}
+    async with connector_hub(ComfyUIConnector(settings(url))) as hub:
+        job = await hub.run("comfyui", {"workflow": graph}, max_attempts=3)
+    assert job["status"] == "failed" and job["attempt"] == 1, job
+    assert job["error"] == (
+        "ComfyUI failed at node 1 (LoadImage): PIL.UnidentifiedImageError: cannot identify"
+        " image file 'COMFY_DATA/in/EmptyImage'"
+    ), job["error"]
 
 
 async def test_cancel_running_interrupts_it_in_comfyui(comfy: Served) -> None:

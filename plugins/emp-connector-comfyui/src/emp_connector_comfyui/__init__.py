@@ -535,10 +535,12 @@ def refusal(response: httpx.Response) -> str:
 
 
 def execution_error(data: dict[str, Any]) -> str:
-    """An `execution_error` as one message: node id, type and the exception."""
+    """An `execution_error` as one message: node id, type and the exception (ComfyUI's
+    `exception_message` ends with a newline: dropped)."""
+    message = str(data.get("exception_message") or "").strip()
     return (
         f"ComfyUI failed at node {data.get('node_id')} ({data.get('node_type')}):"
-        f" {data.get('exception_type')}: {data.get('exception_message')}"
+        f" {data.get('exception_type')}: {message}"
     )
 
 
