@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -24,6 +25,8 @@ from benchmarks import recovery as recovery_benchmark
 from benchmarks import worker as worker_benchmark
 from emp_hub.demos.broker import run_demo
 from emp_hub.demos.system import WORKERS, summary_table
+
+ROOT = Path(__file__).parent.parent
 
 
 async def test_demo_runs_every_scenario(redis_url: str) -> None:
@@ -80,6 +83,36 @@ def test_connectors_benchmark_prints_its_json(capsys: pytest.CaptureFixture[str]
     assert set(report["results"]) == {"comfyui", "a1111", "rest", "websocket"}
     for name, figures in report["results"].items():
         assert figures["connector"] == name and figures["jobs"] == 3, figures
+
+
+@pytest.mark.timeout(300)
+async def test_real_comfyui_check_as_documented_passes_against_the_fake() -> None:
+    """docs/connectors/comfyui.md's command, run as written but at the fake ComfyUI's URL
+    (and with 3 timed jobs, not 20): every check passes against the fake too (which
+    behaves as the real server did)."""
+    sys.path.insert(0, str(ROOT / "plugins" / "emp-connector-comfyui" / "tests"))
+    from fake_comfyui import fake_comfyui
+
+    text = (ROOT / "docs" / "connectors" / "comfyui.md").read_text()
+    section = text[text.index("### Checked against a real ComfyUI") :]
+    [command] = re.findall(r"```sh\n(.*?)```", section, re.S)
+    assert "--url http://127.0.0.1:8188" in command
+    async with fake_comfyui(node_s=0.2) as (fake, url, _):
+        check = await asyncio.create_subprocess_exec(
+            "bash",
+            "-c",
+            command.replace("http://127.0.0.1:8188", url).strip() + " --jobs 3",
+            cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(check.communicate(), 240)
+    assert check.returncode == 0, out.decode()[-3000:] + err.decode()[-3000:]
+    report = json.loads(out)
+    assert report["passed"] == len(report["checks"]) == 12 and report["failed"] == [], report
+    assert report["summary"]["jobs"] == 3, report["summary"]
+    assert all(t["overhead_s"] >= 0 for t in report["timings"]), report["timings"]
+    assert fake.running is None and fake.pending == []  # it left ComfyUI idle
 
 
 @pytest.mark.timeout(300)

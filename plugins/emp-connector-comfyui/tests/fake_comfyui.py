@@ -7,7 +7,12 @@ Test knobs: `node_s` (seconds per node), `hold` (cleared: prompts stay queued), 
 (class or node id -> (exception type, message): `execution_error`), `drop_ws_at` (node id:
 close every WebSocket when it starts), `history_lag_s` (between `execution_success` and the
 history write), `down_s` (with `drop_ws_at`: for that many seconds after the drop every
-HTTP request is answered 503, as a proxy in front of a restarting ComfyUI answers)."""
+HTTP request is answered 503, as a proxy in front of a restarting ComfyUI answers), `cpu`
+(/system_stats as a ComfyUI started with --cpu answers).
+
+Images are solid colours: EmptyImage's, inverted by ImageInvert, resized by ImageScale,
+read back by LoadImage; SaveImage writes a PNG of that size and colour per image of the
+batch, as the real nodes do with such an image."""
 
 from __future__ import annotations
 
@@ -37,15 +42,19 @@ from emp_hub.embedded import free_port
 
 METHODS = ["nearest-exact", "bilinear", "area", "bicubic", "lanczos"]
 INT = {"default": 512, "min": 0, "max": 16384, "step": 1}
+SIDE = {"default": 512, "min": 1, "max": 16384, "step": 1}  # EmptyImage's width and height
 #: node class -> (required inputs, output node?). EmpSteps is the fake's own: a node that
 #: reports `steps` progress steps, as a sampler does.
 NODES: dict[str, tuple[dict[str, Any], bool]] = {
     "EmptyImage": (
         {
-            "width": ["INT", INT],
-            "height": ["INT", INT],
+            "width": ["INT", SIDE],
+            "height": ["INT", SIDE],
             "batch_size": ["INT", {"default": 1, "min": 1, "max": 4096}],
-            "color": ["INT", {"default": 0, "min": 0, "max": 0xFFFFFF}],
+            "color": [
+                "INT",
+                {"default": 0, "min": 0, "max": 0xFFFFFF, "step": 1, "display": "color"},
+            ],
         },
         False,
     ),
@@ -71,24 +80,55 @@ NODES: dict[str, tuple[dict[str, Any], bool]] = {
     ),
     "PreviewImage": ({"images": ["IMAGE"]}, True),
 }
+PNG = b"\x89PNG\r\n\x1a\n"
 MODELS = {"checkpoints": ["sd_xl_base_1.0.safetensors"], "loras": ["detail.safetensors"], "vae": []}
 
 
 def png(seed: int = 0) -> bytes:
-    """A small PNG."""
+    """A small PNG (8x8, a gradient from `seed`)."""
+    rows = b"".join(b"\x00" + bytes((seed + x + y) & 0xFF for x in range(24)) for y in range(8))
+    return _png(struct.pack(">IIBBBBB", 8, 8, 8, 2, 0, 0, 0), zlib.compress(rows))
 
+
+def _png(header: bytes, idat: bytes) -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         body = kind + data
         return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
 
-    rows = b"".join(b"\x00" + bytes((seed + x + y) & 0xFF for x in range(24)) for y in range(8))
-    header = struct.pack(">IIBBBBB", 8, 8, 8, 2, 0, 0, 0)
     return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(rows))
-        + chunk(b"IEND", b"")
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
     )
+
+
+Image = tuple[int, int, tuple[int, int, int], int]  # width, height, RGB, batch size
+
+
+def solid_png(width: int, height: int, colour: tuple[int, int, int]) -> bytes:
+    """A PNG of one colour, as SaveImage writes a solid image (8-bit RGB)."""
+    row = b"\x00" + bytes(colour) * width
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return _png(header, zlib.compress(row * height))
+
+
+def png_facts(data: bytes) -> tuple[int, int, tuple[int, int, int]]:
+    """Width, height and first pixel's RGB of an 8-bit RGB(A) PNG; (8, 8, black) for
+    anything else (the fake's LoadImage reads no other kind)."""
+    if not data.startswith(PNG):
+        return 8, 8, (0, 0, 0)
+    pos, width, height, idat = 8, 8, 8, b""
+    while pos + 8 <= len(data):
+        length = int.from_bytes(data[pos : pos + 4], "big")
+        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
+        if kind == b"IHDR":
+            width, height = int.from_bytes(body[:4], "big"), int.from_bytes(body[4:8], "big")
+        elif kind == b"IDAT":
+            idat += body
+        pos += 12 + length
+    try:
+        raw = zlib.decompress(idat)
+    except zlib.error:
+        return width, height, (0, 0, 0)
+    return width, height, (raw[1], raw[2], raw[3]) if len(raw) > 3 else (0, 0, 0)
 
 
 def _ms() -> int:
@@ -125,6 +165,7 @@ class FakeComfyUI:
         self.drop_ws_at: str | None = None
         self.history_lag_s = 0.0
         self.down_s = 0.0
+        self.cpu = False
         self._down_until = 0.0
         self.pending: list[tuple[float, str, dict[str, Any], dict[str, Any], list[str]]] = []
         self.running: tuple[float, str, dict[str, Any], dict[str, Any], list[str]] | None = None
@@ -235,11 +276,13 @@ class FakeComfyUI:
         return None
 
     def _input_errors(self, prompt: dict[str, Any], node: dict[str, Any]) -> list[dict[str, Any]]:
+        """The real server's per-input errors (execution.validate_inputs), as it words them."""
         inputs = node.get("inputs") or {}
         errors: list[dict[str, Any]] = []
-        extra: dict[str, Any]
         for name, spec in NODES[node["class_type"]][0].items():
             value = inputs.get(name)
+            config: list[Any] = [spec[0], spec[1] if len(spec) > 1 else {}]
+            seen = {"input_name": name, "input_config": config, "received_value": value}
             if value is None:
                 extra = {"input_name": name}
                 errors.append(
@@ -255,50 +298,59 @@ class FakeComfyUI:
                             {"input_name": name},
                         )
                     )
+            elif node["class_type"] == "LoadImage" and name == "image":
+                # LoadImage.VALIDATE_INPUTS takes over from the list check: the file must exist
+                if ("input", *self._split(str(value))) not in self.files:
+                    errors.append(
+                        _error(
+                            "custom_validation_failed",
+                            "Custom validation failed for node",
+                            f"image - Invalid image file: {value}",
+                            {"input_name": "image"},
+                        )
+                    )
             elif isinstance(spec[0], list):
-                choices = (
-                    spec[0]
-                    if name != "image"
-                    else sorted(f for (kind, _, f) in self.files if kind == "input")
-                )
-                if value not in choices:
-                    details = f"{name}: '{value}' not in {choices}"
-                    config: list[Any] = [spec[0], spec[1] if len(spec) > 1 else {}]
-                    extra = {
-                        "input_name": name,
-                        "input_config": config,
-                        "received_value": value,
-                    }
-                    errors.append(_error("value_not_in_list", "Value not in list", details, extra))
+                if value not in spec[0]:
+                    details = f"{name}: '{value}' not in {spec[0]}"
+                    errors.append(_error("value_not_in_list", "Value not in list", details, seen))
             elif spec[0] == "INT":
-                if not isinstance(value, int):
+                try:
+                    number = int(value)  # the real server converts: "8" and 8.7 are 8
+                except (TypeError, ValueError) as exc:
                     errors.append(
                         _error(
                             "invalid_input_type",
                             "Failed to convert an input value to a INT value",
-                            f"{name}, {value}",
-                            {"input_name": name},
+                            f"{name}, {value}, {exc}",
+                            {**seen, "exception_message": str(exc)},
                         )
                     )
-                elif value > spec[1].get("max", value):
-                    errors.append(
-                        _error(
-                            "value_bigger_than_max",
-                            f"Value {value} bigger than max of {spec[1]['max']}",
-                            f"{name}",
-                            {"input_name": name},
-                        )
-                    )
-                elif value < spec[1].get("min", value):
+                    continue
+                if number < spec[1].get("min", number):
                     errors.append(
                         _error(
                             "value_smaller_than_min",
-                            f"Value {value} smaller than min of {spec[1]['min']}",
+                            f"Value {number} smaller than min of {spec[1]['min']}",
                             f"{name}",
-                            {"input_name": name},
+                            seen,
+                        )
+                    )
+                elif number > spec[1].get("max", number):
+                    errors.append(
+                        _error(
+                            "value_bigger_than_max",
+                            f"Value {number} bigger than max of {spec[1]['max']}",
+                            f"{name}",
+                            seen,
                         )
                     )
         return errors
+
+    @staticmethod
+    def _split(name: str) -> tuple[str, str]:
+        """An input name as (subfolder, filename): `sub/x.png` is x.png in sub."""
+        subfolder, _, filename = name.rpartition("/")
+        return subfolder, filename
 
     def _needed(self, prompt: dict[str, Any], node_id: str) -> list[str]:
         """The nodes `node_id` needs, in execution order (it last)."""
@@ -430,6 +482,17 @@ class FakeComfyUI:
             "torch_vram_total": 0,
             "torch_vram_free": 0,
         }
+        if self.cpu:  # --cpu: the device is "cpu" and its "VRAM" is the system's RAM
+            system["argv"] = ["main.py", "--cpu"]
+            device = {
+                "name": "cpu",
+                "type": "cpu",
+                "index": None,
+                "vram_total": ram,
+                "vram_free": ram // 2,
+                "torch_vram_total": ram,
+                "torch_vram_free": ram // 2,
+            }
         return JSONResponse({"system": system, "devices": [device]})
 
     def _info(self, name: str) -> dict[str, Any]:
@@ -517,6 +580,37 @@ class FakeComfyUI:
 
     # -- execution ------------------------------------------------------------------------
 
+    def _image(self, node: dict[str, Any], images: dict[str, Image]) -> Image:
+        """What the node makes of its input image, as the real nodes do to a solid image:
+        EmptyImage's size, colour and batch; ImageInvert's inverse; ImageScale's size (0:
+        keep the aspect); LoadImage's file; the rest pass their input on."""
+        inputs = node.get("inputs") or {}
+        source = next(
+            (images[str(v[0])] for v in inputs.values() if isinstance(v, list) and len(v) == 2),
+            (8, 8, (0, 0, 0), 1),
+        )
+        width, height, colour, batch = source
+        kind = node["class_type"]
+        if kind == "EmptyImage":
+            c = int(inputs["color"])
+            colour = ((c >> 16) & 0xFF, (c >> 8) & 0xFF, c & 0xFF)
+            return int(inputs["width"]), int(inputs["height"]), colour, int(inputs["batch_size"])
+        if kind == "ImageInvert":
+            return width, height, (255 - colour[0], 255 - colour[1], 255 - colour[2]), batch
+        if kind == "ImageScale":
+            new_w, new_h = int(inputs["width"]), int(inputs["height"])
+            if new_w == 0 and new_h == 0:
+                return source
+            if new_w == 0:
+                new_w = max(1, round(width * new_h / height))
+            elif new_h == 0:
+                new_h = max(1, round(height * new_w / width))
+            return new_w, new_h, colour, batch
+        if kind == "LoadImage":
+            data = self.files.get(("input", *self._split(str(inputs["image"]))), b"")
+            return (*png_facts(data), 1)
+        return source
+
     async def executor(self) -> None:
         """Runs the queued prompts one at a time, lowest number first."""
         while True:
@@ -556,6 +650,7 @@ class FakeComfyUI:
         for output in outputs:
             order += [n for n in self._needed(prompt, output) if n not in order]
         states: dict[str, dict[str, Any]] = {}
+        images: dict[str, Image] = {}  # node id -> the image (batch) it made
         executed: list[str] = []
         ui_outputs: dict[str, Any] = {}
         status = "success"
@@ -598,6 +693,13 @@ class FakeComfyUI:
                 status = "error"
                 break
             failure = self.fail.get(node_id) or self.fail.get(node["class_type"])
+            if node["class_type"] == "LoadImage" and failure is None:
+                name = str(node["inputs"]["image"])
+                if not self.files[("input", *self._split(name))].startswith(PNG):
+                    failure = (  # as PIL answers LoadImage for a file that is no image
+                        "PIL.UnidentifiedImageError",
+                        f"cannot identify image file 'COMFY_DATA/in/{name}'",
+                    )
             steps = int(node["inputs"].get("steps", 0)) if node["class_type"] == "EmpSteps" else 0
             for step in range(1, steps + 1):
                 await asyncio.sleep(self.node_s / steps)
@@ -619,7 +721,7 @@ class FakeComfyUI:
                         "node_id": node_id,
                         "node_type": node["class_type"],
                         "executed": executed,
-                        "exception_message": text,
+                        "exception_message": text + "\n",  # format_exception_only's
                         "exception_type": kind,
                         "traceback": ["Traceback (most recent call last):\n", f"{kind}: {text}\n"],
                         "current_inputs": {},
@@ -629,6 +731,7 @@ class FakeComfyUI:
                 )
                 status = "error"
                 break
+            images[node_id] = self._image(node, images)
             if node["class_type"] in {"SaveImage", "PreviewImage"}:
                 kind = "output" if node["class_type"] == "SaveImage" else "temp"
                 prefix = (
@@ -636,10 +739,14 @@ class FakeComfyUI:
                     if kind == "output"
                     else "ComfyUI_temp_fake"
                 )
-                self.counters[prefix] = self.counters.get(prefix, 0) + 1
-                filename = f"{prefix}_{self.counters[prefix]:05}_.png"
-                self.files[(kind, "", filename)] = png(self.counters[prefix])
-                ui = {"images": [{"filename": filename, "subfolder": "", "type": kind}]}
+                width, height, colour, batch = images[node_id]
+                items = []
+                for _ in range(batch):  # one file per image of the batch, as the real one
+                    self.counters[prefix] = self.counters.get(prefix, 0) + 1
+                    filename = f"{prefix}_{self.counters[prefix]:05}_.png"
+                    self.files[(kind, "", filename)] = solid_png(width, height, colour)
+                    items.append({"filename": filename, "subfolder": "", "type": kind})
+                ui = {"images": items}
                 ui_outputs[node_id] = ui
                 await event("executed", {"node": node_id, "display_node": node_id, "output": ui})
             executed.append(node_id)

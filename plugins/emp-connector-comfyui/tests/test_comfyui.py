@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import itertools
 import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -14,7 +15,7 @@ import httpx
 import pytest
 import websockets
 from emp_connector_comfyui import ComfyUIConnector, ComfyUISettings
-from fake_comfyui import FakeComfyUI, fake_comfyui, png
+from fake_comfyui import FakeComfyUI, fake_comfyui, png, png_facts
 
 from emp_hub.testing import connector_hub, running_hub  # noqa: F401
 from emp_worker.connector import JobFailed
@@ -125,6 +126,45 @@ async def test_fake_get_endpoints_have_the_recorded_shapes(comfy: Served) -> Non
                 assert set(body) == set(want), line["path"]
 
 
+@pytest.mark.parametrize("case", [0, 1])
+async def test_fake_refuses_bad_inputs_as_recorded(comfy: Served, case: int) -> None:
+    """A missing LoadImage file, an INT that is no number, one under its minimum: the
+    real server's words (recorded from it, input_errors)."""
+    fake, url, _ = comfy
+    requests = [m["msg"] for m in recorded("input_errors") if m["dir"] == "request"]
+    responses = [m["msg"] for m in recorded("input_errors") if m["dir"] == "response"]
+    async with httpx.AsyncClient(base_url=url) as http:
+        answer = await http.post("/prompt", json=requests[case]["body"])
+    want = responses[case]
+    assert (answer.status_code, answer.json()) == (want["status"], want["body"])
+    assert fake.history == {} and fake.pending == []
+
+
+async def test_fake_takes_ints_as_the_real_one_converts_them(comfy: Served) -> None:
+    """The real server runs `int(value)`: "8" and 8.7 are 8."""
+    _, url, _ = comfy
+    graph = recorded_workflow()
+    graph["1"]["inputs"].update(width="8", height=8.7)
+    graph["3"]["inputs"].update(width=0, height=4)  # 0: keep the aspect
+    ctx = fake_context("comfyui", {"workflow": graph})
+    await ComfyUIConnector(settings(url)).run(ctx.job, ctx)
+    [data] = ctx.files.values()
+    assert png_facts(data)[:2] == (4, 4)
+
+
+async def test_fake_system_stats_on_the_cpu_have_the_recorded_shape(comfy: Served) -> None:
+    fake, url, _ = comfy
+    fake.cpu = True
+    [want] = [m["msg"]["body"] for m in recorded("system_stats_cpu") if m["dir"] == "response"]
+    async with httpx.AsyncClient(base_url=url) as http:
+        body = (await http.get("/system_stats")).json()
+    assert set(body["system"]) == set(want["system"])
+    [device], [wanted] = body["devices"], want["devices"]
+    assert set(device) == set(wanted)
+    assert (device["name"], device["type"], device["index"]) == ("cpu", "cpu", None)
+    assert device["vram_total"] == body["system"]["ram_total"]
+
+
 # -- the connector on a real hub ---------------------------------------------------------------
 
 
@@ -141,6 +181,23 @@ async def test_runs_the_recorded_workflow_outputs_on_the_hub(comfy: Served) -> N
         assert data == fake.files[("output", "", "emp_fixture_00001_.png")]
         assert "base64" not in json.dumps(result) and len(json.dumps(result)) < 2000
         assert fake.prompts_run == [result["prompt_id"]]
+
+
+async def test_outputs_are_the_workflows_images(comfy: Served) -> None:
+    """What the graph makes lands on the hub: its size, its colour, one file per image of
+    the batch (as a real ComfyUI writes them)."""
+    _, url, _ = comfy
+    graph = recorded_workflow(color=0x123456)
+    graph["1"]["inputs"]["batch_size"] = 2
+    graph["3"]["inputs"].update(width=40, height=30)
+    async with connector_hub(ComfyUIConnector(settings(url))) as hub:
+        job = await hub.run("comfyui", {"workflow": graph})
+        assert job["status"] == "completed", job
+        images = job["result"]["nodes"]["4"]["images"]
+        assert [i["name"] for i in images] == ["emp_fixture_00001_.png", "emp_fixture_00002_.png"]
+        for image in images:
+            data = await hub.download(image["url"])
+            assert png_facts(data) == (40, 30, (0xED, 0xCB, 0xA9))
 
 
 async def test_original_payload_shape_and_progress_over_the_whole_workflow(comfy: Served) -> None:
@@ -200,7 +257,22 @@ async def test_execution_errors_retryable_only_when_transient(comfy: Served) -> 
     fake.fail["ImageInvert"] = ("builtins.ValueError", "bad image")
     with pytest.raises(JobFailed) as bad:
         await connector.run(ctx.job, ctx)
-    assert not bad.value.retryable and "builtins.ValueError: bad image" in str(bad.value)
+    assert not bad.value.retryable and str(bad.value).endswith("builtins.ValueError: bad image")
+
+
+async def test_load_image_of_a_file_that_is_no_image_fails_not_retryable(comfy: Served) -> None:
+    """An input URL that answers no image: uploaded, then LoadImage fails in ComfyUI (PIL
+    cannot read it), an `execution_error` as the real server sends it."""
+    _, url, _ = comfy
+    graph = recorded_workflow()
+    graph["1"] = {"class_type": "LoadImage", "inputs": {"image": f"{url}/object_info/EmptyImage"}}
+    async with connector_hub(ComfyUIConnector(settings(url))) as hub:
+        job = await hub.run("comfyui", {"workflow": graph}, max_attempts=3)
+    assert job["status"] == "failed" and job["attempt"] == 1, job
+    assert job["error"] == (
+        "ComfyUI failed at node 1 (LoadImage): PIL.UnidentifiedImageError: cannot identify"
+        " image file 'COMFY_DATA/in/EmptyImage'"
+    ), job["error"]
 
 
 async def test_cancel_running_interrupts_it_in_comfyui(comfy: Served) -> None:
@@ -313,6 +385,38 @@ async def test_health_and_capabilities(comfy: Served) -> None:
     assert caps.models == {
         "comfyui": frozenset({"sd_xl_base_1.0.safetensors", "detail.safetensors"})
     }
+
+
+async def test_health_on_a_cpu_comfyui_shows_ram_not_vram(comfy: Served) -> None:
+    """With --cpu, ComfyUI's device is "cpu" and its "VRAM" figures are the system RAM:
+    health says RAM (the machine's, and what is free)."""
+    fake, url, _ = comfy
+    fake.cpu = True
+    health = await ComfyUIConnector(settings(url)).health()
+    assert health.ok and "VRAM" not in health.detail, health.detail
+    assert "ComfyUI 0.3.64" in health.detail and "device cpu" in health.detail, health.detail
+    assert "RAM 23.5 GiB (11.8 GiB free)" in health.detail, health.detail
+
+
+async def test_health_on_a_gpu_comfyui_shows_vram_and_ram(comfy: Served) -> None:
+    _, url, _ = comfy
+    health = await ComfyUIConnector(settings(url)).health()
+    device = "device cuda:0 NVIDIA H200 : cudaMallocAsync, VRAM 139.7 GiB (130.4 GiB free)"
+    assert device in health.detail, health.detail
+    assert "RAM 23.5 GiB (11.8 GiB free)" in health.detail, health.detail
+
+
+async def test_progress_names_the_running_node_and_says_each_thing_once(comfy: Served) -> None:
+    """ComfyUI announces a node (`progress_state` running) before `executing` it: the
+    report names that node, and no report repeats the one before it."""
+    _, url, _ = comfy
+    ctx = fake_context("comfyui", {"workflow": recorded_workflow()})
+    await ComfyUIConnector(settings(url)).run(ctx.job, ctx)
+    reports = [(r.percent, r.message) for r in ctx.reports]
+    assert reports[0] == (0, "queued in ComfyUI") and reports[-1] == (100, "done"), reports
+    assert all(m.startswith("node ") for _, m in reports[1:-1]), reports
+    assert all(a != b for a, b in itertools.pairwise(reports)), reports
+    assert reports[1] == (0, "node 1 (EmptyImage)"), reports
 
 
 async def test_input_image_url_is_uploaded_and_the_workflow_rewritten(comfy: Served) -> None:

@@ -176,22 +176,27 @@ class ComfyUIConnector(Connector):
         return ConnectorCapabilities(services=frozenset({service}), models=models)
 
     async def health(self) -> Health:
-        """ComfyUI answers /system_stats: its version, device, VRAM and model count."""
+        """ComfyUI answers /system_stats: its version, devices (VRAM), RAM, model count."""
         try:
             stats = await self._get("/system_stats")
             await self.refresh()
-            version = stats.get("system", {}).get("comfyui_version", "?")
-            devices = ", ".join(
-                f"{d.get('name')} ({int(d.get('vram_total', 0)) / 2**30:.1f} GiB VRAM,"
-                f" {int(d.get('vram_free', 0)) / 2**30:.1f} free)"
+            system = stats.get("system", {})
+            version = system.get("comfyui_version", "?")
+            ram = _memory("RAM", system.get("ram_total"), system.get("ram_free"))
+            devices = [
+                # with --cpu the device is "cpu" and its vram_* figures are the RAM again
+                f"device {d.get('name')}"
+                if d.get("type") == "cpu"
+                else f"device {d.get('name')}, "
+                + _memory("VRAM", d.get("vram_total"), d.get("vram_free"))
                 for d in stats.get("devices", [])
-            )
+            ]
         except (JobFailed, AttributeError, TypeError, ValueError) as exc:
             self.up = False
             return Health(ok=False, detail=f"ComfyUI at {self.settings.url} unreachable: {exc}")
         counts = ", ".join(f"{folder} {n}" for folder, n in sorted(self.model_counts.items()))
-        detail = f"ComfyUI {version} at {self.settings.url}; {devices}; models: {counts or 'none'}"
-        return Health(ok=True, detail=detail)
+        parts = [f"ComfyUI {version} at {self.settings.url}", *devices, ram]
+        return Health(ok=True, detail="; ".join([*parts, f"models: {counts or 'none'}"]))
 
     # -- a job ----------------------------------------------------------------------------
 
@@ -456,6 +461,7 @@ class Progress:
         self.node: str | None = None
         self.fraction = 0.0
         self.sent = 0.0
+        self.last: tuple[float, str] | None = None
 
     def cached(self, nodes: list[str]) -> None:
         self.todo -= set(nodes)
@@ -472,23 +478,39 @@ class Progress:
             await self.report()
 
     async def state(self, nodes: dict[str, Any]) -> None:
+        """`progress_state`: finished nodes count as done; a node announced running
+        (ComfyUI sends this before `executing` it) becomes the running one."""
         for node_id, info in nodes.items():
-            if isinstance(info, dict) and info.get("state") == "finished":
+            if not isinstance(info, dict):
+                continue
+            if info.get("state") == "finished":
                 self.done.add(str(node_id))
+            elif info.get("state") == "running" and str(node_id) not in self.done:
+                if self.node is not None and self.node != str(node_id):
+                    self.done.add(self.node)
+                if self.node != str(node_id):
+                    self.node, self.fraction = str(node_id), 0.0
         await self.report()
 
     async def report(self) -> None:
+        """Send the percent and the running node, unless it would go back or repeat the
+        last report."""
         total = max(1, len(self.todo))
         done = len(self.done & self.todo)
         running = self.fraction if self.node not in self.done else 0.0
         percent = min(99.0, 100 * (done + running) / total)
-        if percent < self.sent:
-            return
-        self.sent = percent
         label = self.node or ""
         if self.node in self.graph:
             label = f"node {self.node} ({self.graph[self.node].get('class_type')})"
+        if percent < self.sent or (percent, label) == self.last:
+            return
+        self.sent, self.last = percent, (percent, label)
         await self.ctx.progress(percent, label, "processing")
+
+
+def _memory(kind: str, total: Any, free: Any) -> str:
+    """`RAM 23.5 GiB (11.8 GiB free)` from byte counts."""
+    return f"{kind} {int(total or 0) / 2**30:.1f} GiB ({int(free or 0) / 2**30:.1f} GiB free)"
 
 
 def refusal(response: httpx.Response) -> str:
@@ -513,10 +535,12 @@ def refusal(response: httpx.Response) -> str:
 
 
 def execution_error(data: dict[str, Any]) -> str:
-    """An `execution_error` as one message: node id, type and the exception."""
+    """An `execution_error` as one message: node id, type and the exception (ComfyUI's
+    `exception_message` ends with a newline: dropped)."""
+    message = str(data.get("exception_message") or "").strip()
     return (
         f"ComfyUI failed at node {data.get('node_id')} ({data.get('node_type')}):"
-        f" {data.get('exception_type')}: {data.get('exception_message')}"
+        f" {data.get('exception_type')}: {message}"
     )
 
 
