@@ -71,7 +71,7 @@ from emp_connector_comfyui import ComfyUIConnector, ComfyUISettings
 
 import emp_hub
 from benchmarks.hub import percentiles
-from emp_hub.client import Client
+from emp_client import Client
 from emp_hub.testing import TestHub, connector_hub
 from emp_worker.connector import Job, JobContext
 
