@@ -21,8 +21,9 @@ from fastapi import APIRouter, Header, HTTPException, Request
 from fastapi.responses import FileResponse
 
 from emp_hub.api import HubDep, Reader, role, visible_job
+from emp_hub.app import Hub
 from emp_hub.auth import Principal, Role
-from emp_hub.broker import Broker
+from emp_hub.broker import Broker, JobNotFound
 from emp_hub.settings import HubSettings
 from emp_protocol.jobs import OutputRef
 
@@ -30,6 +31,7 @@ router = APIRouter(tags=["outputs"])
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 Uploader = Annotated[Principal, role(Role.WORKER, Role.ADMIN)]
+Anyone = Annotated[Principal, role(Role.ADMIN, Role.CLIENT, Role.MONITOR, Role.WORKER)]
 
 
 def _folder(root: Path, job_id: str) -> Path:
@@ -141,10 +143,59 @@ async def list_outputs(job_id: str, hub: HubDep, principal: Reader) -> list[Outp
     ]
 
 
-@router.get("/api/jobs/{job_id}/outputs/{name}", response_class=FileResponse)
-async def download(job_id: str, name: str, hub: HubDep, principal: Reader) -> FileResponse:
-    """One output of a job (404 when the job is not visible or the output not there)."""
-    await visible_job(hub, principal, job_id)
+async def _readable_by_job(
+    hub: Hub, principal: Principal, job_id: str, name: str, reader: str, lease_token: str
+) -> None:
+    """A read on behalf of job `reader` (a worker fetching a job's input): the caller holds
+    it (its lease token), and job `job_id` is of the same customer (or both have none);
+    404 otherwise, as for a job the caller may not see."""
+    if principal.role not in (Role.WORKER, Role.ADMIN):
+        raise HTTPException(403, "reading as a job (X-Job-Id) needs a token with role worker")
+    if not await hub.broker.holds(reader, lease_token):
+        raise HTTPException(409, f"the lease token does not hold job {reader}")
+    own = await hub.broker.get(reader)
+    try:
+        source = await hub.broker.get(job_id)
+    except JobNotFound:
+        source = None
+    if source is None or source.customer != own.customer:
+        raise HTTPException(
+            404,
+            f"job {job_id} has no output {name} that job {reader} may read "
+            "(only the outputs of its own customer's jobs)",
+        )
+
+
+@router.get(
+    "/api/jobs/{job_id}/outputs/{name}",
+    response_class=FileResponse,
+    responses={409: {"description": "X-Lease-Token does not hold the job X-Job-Id"}},
+)
+async def download(
+    job_id: str,
+    name: str,
+    hub: HubDep,
+    principal: Anyone,
+    x_job_id: Annotated[
+        str | None,
+        Header(
+            description="Read as this job (a worker fetching the job's input): with "
+            "X-Lease-Token, the outputs of its own customer's jobs"
+        ),
+    ] = None,
+    x_lease_token: Annotated[str | None, Header(description="The lease token of X-Job-Id")] = None,
+) -> FileResponse:
+    """One output of a job (404 when the job is not visible or the output not there). A
+    worker reads one as the job it runs (X-Job-Id and X-Lease-Token): an input of that job,
+    which may be an output of any job of the same customer."""
+    if x_job_id is not None:
+        await _readable_by_job(hub, principal, job_id, name, x_job_id, x_lease_token or "")
+    elif principal.role is Role.WORKER:
+        raise HTTPException(
+            403, "a worker reads outputs as the job it runs (X-Job-Id, X-Lease-Token)"
+        )
+    else:
+        await visible_job(hub, principal, job_id)
     path = _place(hub.settings.outputs, job_id, name)
     meta = path.with_name(path.name + ".meta")
     if not path.is_file() or not meta.exists():

@@ -63,8 +63,10 @@ from emp_protocol.messages import (
 )
 from emp_worker import hardware
 from emp_worker.connector import (
+    HUB_OUTPUT,
     CapabilityExtras,
     Connector,
+    InputFile,
     Job,
     JobContext,
     JobFailed,
@@ -152,8 +154,35 @@ class Stats:
     cancelled: int = 0
 
 
+#: HTTP statuses of an input's fetch worth a retry: the file may be there later.
+RETRYABLE_STATUS = frozenset({408, 409, 425, 429})
+
+
+async def get_input(
+    http: httpx.AsyncClient, url: str, headers: dict[str, str] | None = None
+) -> InputFile:
+    """GET an input file; JobFailed when it fails: retryable when it may work later (no
+    answer, a 5xx, a 408/409/425/429), not retryable when it is not there (404, 403...)."""
+    try:
+        response = await http.get(url, headers=headers, follow_redirects=True)
+    except httpx.HTTPError as exc:
+        raise JobFailed(f"input {url}: {type(exc).__name__}: {exc}") from exc
+    if response.status_code >= 400:
+        detail = response.text[:500]
+        with contextlib.suppress(ValueError, AttributeError, KeyError, TypeError):
+            detail = str(response.json()["detail"])  # the hub's reason
+        raise JobFailed(
+            f"input {url}: HTTP {response.status_code} {detail}",
+            retryable=response.status_code >= 500 or response.status_code in RETRYABLE_STATUS,
+        )
+    kind = response.headers.get("content-type", "application/octet-stream")
+    name = httpx.URL(url).path.rsplit("/", 1)[-1] or "input"
+    return InputFile(name=name, content_type=kind, data=response.content)
+
+
 class HubOutputs:
-    """The default output store: upload to the hub (PUT /api/jobs/{id}/outputs/{name})."""
+    """The default output store: upload to the hub (PUT /api/jobs/{id}/outputs/{name});
+    and the default input source: the hub's outputs read as the job, other URLs fetched."""
 
     def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings
@@ -183,6 +212,26 @@ class HubOutputs:
             content_type=content_type,
             url=body.get("url", f"/api/jobs/{context.job.id}/outputs/{name}"),
         )
+
+    @hookimpl(trylast=True)
+    async def fetch_output(self, context: JobContext, url: str) -> InputFile:
+        """An output on the hub (its path, or its URL under the hub's address), read as the
+        job (the worker's token, the job's lease token: the hub lets a job read the
+        outputs of its own customer's jobs); any other http(s) URL with a plain GET."""
+        hub = self.settings.http_url
+        headers = {}
+        if HUB_OUTPUT.match(url) or (
+            url.startswith(hub + "/") and HUB_OUTPUT.match(url[len(hub) :])
+        ):
+            url = url if url.startswith(hub) else hub + url
+            headers = {"X-Job-Id": context.job.id, "X-Lease-Token": context.job.lease_token}
+            if self.settings.token is not None:
+                headers["Authorization"] = f"Bearer {self.settings.token.get_secret_value()}"
+        elif not url.startswith(("http://", "https://")):
+            raise JobFailed(f"input {url}: not a hub output or an http(s) URL", retryable=False)
+        self._tls = self._tls or httpx.create_ssl_context()
+        async with httpx.AsyncClient(timeout=120, verify=self._tls) as http:
+            return await get_input(http, url, headers)
 
 
 class Worker:
@@ -517,6 +566,7 @@ class Worker:
             job=job,
             _progress=lambda pct, msg, stage: self._progress(job.id, pct, msg, stage),
             _store=self._store_output,
+            _fetch=self._fetch_input,
             progress_interval_s=self.settings.progress_interval_s,
         )
         if connector is None:  # the hub should not do that; say so and hand it back
@@ -561,6 +611,12 @@ class Worker:
         if ref is None:
             raise JobFailed(f"no plugin stored output {name}")
         return OutputRef.model_validate(ref)
+
+    async def _fetch_input(self, context: JobContext, url: str) -> InputFile:
+        fetched = await first_answer(self.plugins.pm.hook.fetch_output, context=context, url=url)
+        if fetched is None:
+            raise JobFailed(f"input {url}: no plugin fetched it", retryable=False)
+        return InputFile.model_validate(fetched)
 
     async def _run_job(self, running: Running) -> None:
         job, ctx = running.job, running.ctx

@@ -80,6 +80,38 @@ async def test_img2img_with_the_original_payload() -> None:
         assert missing["attempt"] == 1  # not retried
 
 
+async def test_an_earlier_jobs_output_as_init_image_and_controlnet_image() -> None:
+    """A reference to job A's output (or its URL) stands for a base64 image in img2img's
+    `init_images`, `mask` and a ControlNet unit's image: A1111 gets exactly A's bytes."""
+    fake = FakeA1111()
+    async with serve(fake) as url, connector_hub(connector(url)) as hub:
+        first = await hub.run("a1111", {"prompt": "a fox", "steps": 2}, customer="acme")
+        [ref] = first["result"]["images"]
+        b64 = base64.b64encode(await hub.download(ref["url"])).decode()
+        unit = {"module": "canny", "image": {"image": ref["url"], "mask": None}}
+        payload = {
+            "init_images": [ref, "data:image/png;base64,AAAA"],
+            "mask": ref["url"],
+            "prompt": "a cat",
+            "steps": 2,
+            "alwayson_scripts": {"controlnet": {"args": [unit, {"input_image": ref}]}},
+        }
+        job = await hub.run("a1111", payload, customer="acme")
+        assert job["status"] == "completed", job
+        sent = fake.requests[-1]
+        assert sent["init_images"] == [b64, "data:image/png;base64,AAAA"]
+        assert sent["mask"] == b64
+        assert sent["alwayson_scripts"]["controlnet"]["args"] == [
+            {"module": "canny", "image": {"image": b64, "mask": None}},
+            {"input_image": b64},
+        ]
+        requests = len(fake.requests)
+        theirs = await hub.run("a1111", payload, customer="globex", max_attempts=3)
+        assert (theirs["status"], theirs["attempt"]) == ("failed", 1), theirs
+        assert "HTTP 404" in theirs["error"] and "may read" in theirs["error"]
+        assert len(fake.requests) == requests  # nothing reached A1111
+
+
 async def test_model_switch_one_at_a_time_and_visible_in_progress() -> None:
     fake = FakeA1111(load_s=0.1)
     async with serve(fake) as url:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import re
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -324,6 +325,77 @@ async def test_input_image_url_is_uploaded_and_the_workflow_rewritten(comfy: Ser
     await ComfyUIConnector(settings(url)).run(ctx.job, ctx)
     assert fake.files[("input", "", "view")] == png(7)
     assert "POST /upload/image view" in fake.requests
+
+
+def load_image(image: Any) -> dict[str, Any]:
+    """The recorded workflow starting from a LoadImage of `image` instead of EmptyImage."""
+    graph = recorded_workflow()
+    graph["1"] = {"class_type": "LoadImage", "inputs": {"image": image}}
+    return {"workflow": graph}
+
+
+async def test_an_earlier_jobs_output_is_uploaded_as_an_input(comfy: Served) -> None:
+    """Job A's output, given to job B as its reference (from A's result) or its URL, reaches
+    ComfyUI with exactly A's bytes, and B's workflow loads it."""
+    fake, url, _ = comfy
+    async with connector_hub(ComfyUIConnector(settings(url))) as hub:
+        first = await hub.run("comfyui", {"workflow": recorded_workflow(color=3)}, customer="acme")
+        assert first["status"] == "completed", first
+        [ref] = first["result"]["outputs"]
+        produced = await hub.download(ref["url"])
+        for n, given in enumerate((ref, ref["url"], hub.url + ref["url"]), 1):
+            job = await hub.run("comfyui", load_image(given), customer="acme")
+            assert job["status"] == "completed", job
+            assert fake.files[("input", "", ref["name"])] == produced
+            assert fake.requests.count(f"POST /upload/image {ref['name']}") == n
+            graph = fake.history[job["result"]["prompt_id"]]["prompt"][2]
+            assert graph["1"] == {"class_type": "LoadImage", "inputs": {"image": ref["name"]}}
+
+
+async def test_the_documented_example_jobs(comfy: Served) -> None:
+    """docs/connectors/comfyui.md's two example jobs, as written: the second loads the
+    first's image by its URL."""
+    _, url, _ = comfy
+    page = Path(__file__).parents[3] / "docs" / "connectors" / "comfyui.md"
+    bodies = re.findall(r"-d '(.*?)'\n```", page.read_text(), re.S)
+    assert len(bodies) == 2
+    async with connector_hub(ComfyUIConnector(settings(url))) as hub:
+        first_id = (await hub.http.post("/api/jobs", json=json.loads(bodies[0]))).json()["job_id"]
+        first = await hub.wait(first_id)
+        assert first["status"] == "completed", first
+        [ref] = first["result"]["outputs"]
+        second_body = bodies[1].replace("'\"$FIRST\"'", first_id)
+        assert ref["url"] in second_body
+        second_id = (await hub.http.post("/api/jobs", json=json.loads(second_body))).json()[
+            "job_id"
+        ]
+        second = await hub.wait(second_id)
+        assert second["status"] == "completed", second
+        assert await hub.download(second["result"]["outputs"][0]["url"]) != await hub.download(
+            ref["url"]
+        )
+
+
+async def test_another_customers_output_or_a_missing_one_fails_not_retryable(
+    comfy: Served,
+) -> None:
+    fake, url, _ = comfy
+    async with connector_hub(ComfyUIConnector(settings(url))) as hub:
+        first = await hub.run("comfyui", {"workflow": recorded_workflow(color=5)}, customer="acme")
+        [ref] = first["result"]["outputs"]
+        fake.requests.clear()
+        theirs = await hub.run("comfyui", load_image(ref), customer="globex", max_attempts=3)
+        missing = ref["url"].replace(ref["name"], "nope.png")
+        gone = await hub.run("comfyui", load_image(missing), customer="acme", max_attempts=3)
+        for job in (theirs, gone):
+            assert (job["status"], job["attempt"]) == ("failed", 1), job
+        assert theirs["error"] == (
+            f"input {hub.url}{ref['url']}: HTTP 404 job {first['job_id']} has no output "
+            f"{ref['name']} that job {theirs['job_id']} may read (only the outputs of its own "
+            "customer's jobs)"
+        )
+        assert "HTTP 404" in gone["error"] and "has no output nope.png" in gone["error"]
+        assert not any(r.startswith(("POST /upload", "POST /prompt")) for r in fake.requests)
 
 
 @pytest.mark.parametrize(

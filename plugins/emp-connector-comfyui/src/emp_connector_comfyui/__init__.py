@@ -23,9 +23,11 @@ from emp_worker.connector import (
     ConnectorCapabilities,
     ConnectorSettings,
     Health,
+    InputFile,
     Job,
     JobContext,
     JobFailed,
+    input_url,
 )
 
 __version__ = "0.1.0"
@@ -213,24 +215,18 @@ class ComfyUIConnector(Connector):
             raise JobFailed("payload has no API-format workflow", retryable=False)
         return {str(k): v for k, v in graph.items()}
 
-    async def upload_inputs(self, graph: dict[str, Any]) -> None:
-        """Input images given as URLs: fetch each, upload it, point the node at it."""
+    async def upload_inputs(self, graph: dict[str, Any], ctx: JobContext) -> None:
+        """Input images given as references (an earlier job's output: its reference or its
+        URL; or any http(s) URL): fetch each (`ctx.fetch`), upload it to ComfyUI, point
+        the node at it."""
         for node in graph.values():
             inputs = node.get("inputs") or {}
             for name, value in inputs.items():
-                if isinstance(value, str) and value.startswith(("http://", "https://")):
-                    inputs[name] = await self._upload(value)
+                if input_url(value) is not None:
+                    inputs[name] = await self._upload(await ctx.fetch(value))
 
-    async def _upload(self, url: str) -> str:
-        try:
-            async with httpx.AsyncClient(timeout=self.settings.timeout_s) as client:
-                fetched = await client.get(url, follow_redirects=True)
-            fetched.raise_for_status()
-        except httpx.HTTPError as exc:
-            raise JobFailed(f"input image {url}: {exc!r}", retryable=True) from exc
-        filename = urlsplit(url).path.rsplit("/", 1)[-1] or "input.png"
-        kind = fetched.headers.get("content-type", "application/octet-stream")
-        files = {"image": (filename, fetched.content, kind)}
+    async def _upload(self, image: InputFile) -> str:
+        files = {"image": (image.name, image.data, image.content_type)}
         try:
             response = await self.http.post("/upload/image", files=files, data={"type": "input"})
             response.raise_for_status()
@@ -243,7 +239,7 @@ class ComfyUIConnector(Connector):
     async def run(self, job: Job, ctx: JobContext) -> dict[str, Any]:
         """Submit the workflow, follow it to its end, store its outputs."""
         graph = self.workflow(job.payload)
-        await self.upload_inputs(graph)
+        await self.upload_inputs(graph, ctx)
         # A client id per job: ComfyUI sends a client's messages to its newest socket only.
         client_id, prompt_id = uuid.uuid4().hex, str(uuid.uuid4())
         tracker = Progress(graph, ctx)
