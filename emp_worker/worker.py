@@ -66,6 +66,7 @@ from emp_worker.connector import (
     HUB_OUTPUT,
     CapabilityExtras,
     Connector,
+    Health,
     InputFile,
     Job,
     JobContext,
@@ -83,6 +84,8 @@ StopReason = Literal["cancelled", "timed_out", "lost", "released"]
 
 #: Signals closer together than this are one (a process group stopped by supervisor).
 SAME_SIGNAL_S = 1.0
+#: A connector's health check that takes longer than this counts as down.
+HEALTH_TIMEOUT_S = 10.0
 
 
 class WorkerRefused(Exception):
@@ -263,6 +266,9 @@ class Worker:
         self.draining = False
         self.done = asyncio.Event()
         self.stats = Stats()
+        #: Each connector's last health check (by name); one that is not ok has its
+        #: services withdrawn from the capabilities until it is ok again.
+        self.health: dict[str, Health] = {}
         self._caps = self.capabilities()
         self._last_signal = float("-inf")
         self._changed = asyncio.Event()  # set when a job ended or the outbox was flushed
@@ -271,10 +277,13 @@ class Worker:
     # -- capabilities ---------------------------------------------------------------------
 
     def capabilities(self) -> WorkerCapabilities:
-        """Services and models of the connectors, the machine, and plugins' additions."""
+        """Services and models of the connectors (but those that are down), the machine,
+        and plugins' additions."""
         services: set[str] = set()
         models: dict[str, set[str]] = {}
         for connector in self.connectors:
+            if not self.healthy(connector):
+                continue
             caps = connector.capabilities()
             services |= caps.services
             for service, names in caps.models.items():
@@ -301,6 +310,42 @@ class Worker:
                 denied=frozenset(self.settings.customers_denied),
             ),
         )
+
+    def healthy(self, connector: Connector) -> bool:
+        """Whether the connector's last health check was ok (or it was not checked yet)."""
+        health = self.health.get(connector.name)
+        return health is None or health.ok
+
+    async def check_health(self) -> bool:
+        """Check every connector's health (at once; one that raises or takes longer than
+        HEALTH_TIMEOUT_S is down); True when which ones are down changed."""
+
+        async def check(connector: Connector) -> Health:
+            try:
+                return await asyncio.wait_for(connector.health(), HEALTH_TIMEOUT_S)
+            except TimeoutError:
+                return Health(ok=False, detail=f"no health answer within {HEALTH_TIMEOUT_S:g} s")
+            except Exception as exc:
+                return Health(ok=False, detail=f"health check raised {type(exc).__name__}: {exc}")
+
+        answers = await asyncio.gather(*(check(c) for c in self.connectors))
+        changed = False
+        for connector, health in zip(self.connectors, answers, strict=True):
+            was = self.healthy(connector)
+            self.health[connector.name] = health
+            if health.ok != was:
+                changed = True
+                services = ", ".join(sorted(connector.capabilities().services))
+                if health.ok:
+                    log.info("connector %s is back: offering %s again", connector.name, services)
+                else:
+                    log.warning(
+                        "connector %s is down (%s): not offering %s until it is back",
+                        connector.name,
+                        health.detail,
+                        services,
+                    )
+        return changed
 
     def _capability_extras(self) -> list[CapabilityExtras]:
         """The plugins' worker_capabilities answers (one that raises is left out, see
@@ -331,8 +376,10 @@ class Worker:
                 loop.add_signal_handler(sig, self.on_signal)
         for connector in self.connectors:
             await connector.start()
+        await self.check_health()  # a service that is down is not offered from the start
         self._caps = self.capabilities()  # what the connectors found as they started
         refresher = asyncio.create_task(self._refresh_capabilities())
+        watcher = asyncio.create_task(self._watch_health())
         failures = 0
         try:
             while not self.done.is_set():
@@ -364,6 +411,7 @@ class Worker:
                     await asyncio.wait_for(self.done.wait(), delay)
         finally:
             refresher.cancel()
+            watcher.cancel()
             for running in list(self.running.values()):
                 if running.task is not None:
                     running.task.cancel()
@@ -522,17 +570,30 @@ class Worker:
         """Detect the capabilities again now and then; tell the hub when they changed."""
         while True:
             await asyncio.sleep(self.settings.capabilities_refresh_s)
-            try:
-                caps = await asyncio.to_thread(self.capabilities)
-            except PluginError as exc:
-                log.error("%s; keeping the capabilities of before", exc)
-                continue
-            stable = {"disk_gb": 0.0, "ram_gb": 0.0}
-            if caps.model_copy(update=stable) != self._caps.model_copy(update=stable):
-                log.info("capabilities changed; registering again")
-                self._caps = caps
-                if await self.send(self._registration()):
-                    await self.request_work()  # jobs the new capabilities match
+            await self._update_capabilities()
+
+    async def _watch_health(self) -> None:
+        """Check the connectors' health now and then: when one went down or came back,
+        detect the capabilities again (without its services while it is down). Running
+        jobs are left alone."""
+        while True:
+            await asyncio.sleep(self.settings.health_interval_s)
+            if await self.check_health():
+                await self._update_capabilities()
+
+    async def _update_capabilities(self) -> None:
+        """Detect the capabilities; when they changed, register again and ask for work."""
+        try:
+            caps = await asyncio.to_thread(self.capabilities)
+        except PluginError as exc:
+            log.error("%s; keeping the capabilities of before", exc)
+            return
+        stable = {"disk_gb": 0.0, "ram_gb": 0.0}
+        if caps.model_copy(update=stable) != self._caps.model_copy(update=stable):
+            log.info("capabilities changed; registering again")
+            self._caps = caps
+            if await self.send(self._registration()):
+                await self.request_work()  # jobs the new capabilities match
 
     async def _handle(self, message: HubMessage) -> None:
         if isinstance(message, JobAssigned):

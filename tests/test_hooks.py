@@ -18,6 +18,7 @@ from emp_worker.connector import (
     CapabilityExtras,
     Connector,
     ConnectorCapabilities,
+    Health,
     Job,
     JobContext,
     JobFailed,
@@ -308,3 +309,71 @@ async def test_fake_context_records_what_a_connector_did() -> None:
     await ctx.progress(0, "started")
     await ctx.progress(50)
     assert [(r.percent, r.message) for r in ctx.reports] == [(0, "started"), (50, "")]
+
+
+# -- connector health -------------------------------------------------------------------------
+
+
+class Flaky(Connector):
+    """A connector whose service is up or down as the test says; its job waits for `go`."""
+
+    name = "flaky"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = False
+        self.raises = False
+        self.go = asyncio.Event()
+
+    async def health(self) -> Health:
+        if self.raises:
+            raise RuntimeError("the health probe broke")
+        return Health(ok=self.up, detail="up" if self.up else "service unreachable")
+
+    async def run(self, job: Job, ctx: JobContext) -> Any:
+        await self.go.wait()
+        return {"ran": True}
+
+
+async def offered(hub: TestHub) -> list[str]:
+    [worker] = (await hub.http.get("/api/workers")).json()
+    return list(worker["capabilities"]["services"])
+
+
+async def until_true(check: Any, within_s: float = 10) -> None:
+    for _ in range(int(within_s / 0.02)):
+        if await check():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("the condition did not come true")
+
+
+async def test_a_connector_that_is_down_is_not_offered_and_a_running_job_is_left_alone() -> None:
+    """Down at start: its service is not offered (the job waits, the hub says why); up:
+    offered, the job runs; down again (or its health check raising) while a job runs: the
+    service is withdrawn, the running job finishes all the same."""
+    flaky = Flaky()
+    async with connector_hub(flaky, health_interval_s=0.05) as hub:
+        assert await offered(hub) == []
+        assert hub.worker.health["flaky"] == Health(ok=False, detail="service unreachable")
+        job_id = await hub.submit("flaky")
+        pending = await hub.wait(job_id, within_s=0.3)
+        assert pending["status"] == "pending"
+        assert pending["unschedulable"].startswith("no live worker offers service 'flaky'")
+        flaky.up = True
+
+        async def running() -> bool:
+            return job_id in hub.worker.running
+
+        await until_true(running)
+        assert await offered(hub) == ["flaky"]
+        flaky.raises = True  # down while the job runs
+
+        async def withdrawn() -> bool:
+            return await offered(hub) == []
+
+        await until_true(withdrawn)
+        assert "RuntimeError: the health probe broke" in hub.worker.health["flaky"].detail
+        flaky.go.set()
+        job = await hub.wait(job_id)
+        assert job["status"] == "completed" and job["result"] == {"ran": True}

@@ -17,7 +17,9 @@ from fake_a1111 import FakeA1111, png
 
 from emp_hub.embedded import free_port
 from emp_hub.testing import connector_hub
+from emp_worker.cli import doctor
 from emp_worker.connector import JobFailed
+from emp_worker.settings import WorkerSettings
 from emp_worker.testing import fake_context
 
 SD15 = "v1-5-pruned-emaonly.safetensors [6ce0161689]"
@@ -230,15 +232,38 @@ async def test_malformed_answers_fail_clearly(kind: str) -> None:
         assert expected[kind] in job["error"]
 
 
-async def test_down_at_start() -> None:
-    url = f"http://127.0.0.1:{free_port()}"
+async def test_down_at_start_the_job_waits_until_a1111_is_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A1111 down: health and doctor say so, the worker does not offer `a1111` (the job
+    stays pending, the hub says why); once A1111 answers, the job runs."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
     a1111 = connector(url, connect_timeout_s=1)
-    async with connector_hub(a1111, broker={"retry_base_s": 0}) as hub:
-        health = await a1111.health()
-        assert not health.ok and "unreachable" in health.detail
-        job = await hub.run("a1111", {"prompt": "x"}, max_attempts=2)
-        assert job["status"] == "failed" and job["attempt"] == 2, job  # retried
-        assert "unreachable" in job["error"]
+    health = await a1111.health()
+    assert not health.ok and "unreachable" in health.detail
+    monkeypatch.setenv("EMP_A1111_URL", url)
+    report, healthy = await doctor(
+        WorkerSettings(hub_url="ws://127.0.0.1:9", connectors=["a1111"], worker_id="doc")
+    )
+    entry = report["connectors"]["a1111"]
+    assert not healthy and not entry["ok"] and "unreachable" in entry["detail"]
+    assert "its services (a1111) are not offered" in entry["detail"]
+    assert "a1111" not in report["capabilities"]["services"]
+    async with connector_hub(a1111, health_interval_s=0.1) as hub:
+        job_id = await hub.submit("a1111", {"prompt": "x", "steps": 2})
+        pending = await hub.wait(job_id, within_s=0.5)
+        assert pending["status"] == "pending", pending
+        assert "no live worker offers service 'a1111'" in pending["unschedulable"]
+        async with serve(FakeA1111(), port=port):
+            job = await hub.wait(job_id, within_s=20)
+            assert job["status"] == "completed" and job["attempt"] == 1, job
+            assert (await a1111.health()).ok
+            report, _ = await doctor(
+                WorkerSettings(hub_url="ws://127.0.0.1:9", connectors=["a1111"], worker_id="doc")
+            )
+            assert report["connectors"]["a1111"]["ok"]
+            assert "a1111" in report["capabilities"]["services"]
 
 
 async def test_dying_mid_job_fails_retryable() -> None:

@@ -18,7 +18,9 @@ from emp_connector_comfyui import ComfyUIConnector, ComfyUISettings
 from fake_comfyui import FakeComfyUI, fake_comfyui, png
 
 from emp_hub.testing import connector_hub, running_hub  # noqa: F401
+from emp_worker.cli import doctor
 from emp_worker.connector import JobFailed
+from emp_worker.settings import WorkerSettings
 from emp_worker.testing import fake_context
 
 TRANSCRIPTS = Path(__file__).parent / "transcripts"
@@ -297,7 +299,6 @@ async def test_down_at_start_health_says_so_and_no_jobs_taken() -> None:
     connector = ComfyUIConnector(settings(url))
     health = await connector.health()
     assert not health.ok and "unreachable" in health.detail
-    assert connector.capabilities().services == frozenset()
     ctx = fake_context("comfyui", {"workflow": recorded_workflow()})
     with pytest.raises(JobFailed) as failed:
         await connector.run(ctx.job, ctx)
@@ -442,22 +443,36 @@ def test_original_environment_names(monkeypatch: pytest.MonkeyPatch) -> None:
     assert connector._ws_headers()["Authorization"].startswith("Basic ")
 
 
-async def test_through_the_hub_down_at_start_then_back() -> None:
-    """Down at start: no `comfyui` service (the job waits); back: models advertised, job runs."""
+async def test_through_the_hub_down_at_start_then_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Down at start: doctor says so, no `comfyui` service (the job waits, the hub says
+    why); back: models advertised, the job runs."""
     from emp_hub.embedded import free_port
 
     port = free_port()
-    connector = ComfyUIConnector(settings(f"http://127.0.0.1:{port}", models_refresh_s=0.1))
-    async with connector_hub(connector, capabilities_refresh_s=0.1) as hub:
+    url = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("EMP_COMFYUI_URL", url)
+    doctor_settings = WorkerSettings(hub_url="ws://127.0.0.1:9", connectors=["comfyui"])
+    report, healthy = await doctor(doctor_settings)
+    entry = report["connectors"]["comfyui"]
+    assert not healthy and not entry["ok"] and "unreachable" in entry["detail"]
+    assert "its services (comfyui) are not offered" in entry["detail"]
+    assert "comfyui" not in report["capabilities"]["services"]
+    connector = ComfyUIConnector(settings(url, models_refresh_s=0.1))
+    async with connector_hub(connector, health_interval_s=0.1) as hub:
         [worker] = (await hub.http.get("/api/workers")).json()
         assert "comfyui" not in worker["capabilities"]["services"], worker
         job_id = await hub.submit("comfyui", {"workflow": recorded_workflow()})
-        assert (await hub.wait(job_id, within_s=0.5))["status"] == "pending"
+        pending = await hub.wait(job_id, within_s=0.5)
+        assert pending["status"] == "pending", pending
+        assert "no live worker offers service 'comfyui'" in pending["unschedulable"]
         async with fake_comfyui(port=port):
             job = await hub.wait(job_id, within_s=20)
-            assert job["status"] == "completed", job
+            assert job["status"] == "completed" and job["attempt"] == 1, job
             [worker] = (await hub.http.get("/api/workers")).json()
             assert "sd_xl_base_1.0.safetensors" in worker["capabilities"]["models"]["comfyui"]
+            report, _ = await doctor(doctor_settings)
+            assert report["connectors"]["comfyui"]["ok"]
+            assert "comfyui" in report["capabilities"]["services"]
 
 
 async def test_through_the_hub_comfyui_dying_mid_job_fails_retryable() -> None:

@@ -97,7 +97,6 @@ class ComfyUIConnector(Connector):
         super().__init__(settings)
         self.models: frozenset[str] = frozenset()
         self.model_counts: dict[str, int] = {}  # model folder -> files in it
-        self.up: bool | None = None  # None: not checked yet
         self.prompts: dict[str, str] = {}  # job id -> its prompt id while it runs
         self._http: httpx.AsyncClient | None = None
         self._refresher: asyncio.Task[None] | None = None
@@ -154,7 +153,8 @@ class ComfyUIConnector(Connector):
             await self.refresh()
 
     async def refresh(self) -> None:
-        """Read the models from ComfyUI's model folders; remember whether it answered."""
+        """Read the models from ComfyUI's model folders (kept as they were while it does not
+        answer)."""
         try:
             folders = await self._get("/models")
             models: set[str] = set()
@@ -165,14 +165,13 @@ class ComfyUIConnector(Connector):
                         names = [str(m) for m in await self._get(f"/models/{folder}")]
                         models.update(names)
                         counts[folder] = len(names)
-            self.models, self.model_counts, self.up = frozenset(models), counts, True
+            self.models, self.model_counts = frozenset(models), counts
         except (JobFailed, TypeError):
-            self.up = False
+            pass
 
     def capabilities(self) -> ConnectorCapabilities:
-        """Service `comfyui` with the models found, or nothing while ComfyUI is down."""
-        if self.up is False:
-            return ConnectorCapabilities(services=frozenset())
+        """Service `comfyui` with the models found. (While ComfyUI is down, its health
+        says so, and the worker withdraws the service.)"""
         service = self.settings.service
         models = {service: self.models} if self.models else {}
         return ConnectorCapabilities(services=frozenset({service}), models=models)
@@ -181,7 +180,8 @@ class ComfyUIConnector(Connector):
         """ComfyUI answers /system_stats: its version, device, VRAM and model count."""
         try:
             stats = await self._get("/system_stats")
-            await self.refresh()
+            if not self.model_counts:  # not read yet (or ComfyUI was down at start)
+                await self.refresh()
             version = stats.get("system", {}).get("comfyui_version", "?")
             devices = ", ".join(
                 f"{d.get('name')} ({int(d.get('vram_total', 0)) / 2**30:.1f} GiB VRAM,"
@@ -189,7 +189,6 @@ class ComfyUIConnector(Connector):
                 for d in stats.get("devices", [])
             )
         except (JobFailed, AttributeError, TypeError, ValueError) as exc:
-            self.up = False
             return Health(ok=False, detail=f"ComfyUI at {self.settings.url} unreachable: {exc}")
         counts = ", ".join(f"{folder} {n}" for folder, n in sorted(self.model_counts.items()))
         detail = f"ComfyUI {version} at {self.settings.url}; {devices}; models: {counts or 'none'}"
