@@ -92,7 +92,9 @@ async def upload(
     """Store an output of a job; only the worker holding the job (its lease token) may.
     The body streams to disk, within EMP_MAX_OUTPUT_BYTES and the job's
     EMP_OUTPUT_QUOTA_BYTES; an upload refused half-way leaves nothing behind."""
-    if not await hub.broker.holds(job_id, x_lease_token):
+    # One round trip: the token holds the job, and (before a byte lands) the job's
+    # retention covers its files.
+    if not await hub.broker.accept_output(job_id, x_lease_token):
         raise HTTPException(409, f"the lease token does not hold job {job_id}")
     settings = hub.settings
     path = _place(settings.outputs, job_id, name)
@@ -100,7 +102,6 @@ async def upload(
     declared = request.headers.get("content-length", "")
     if declared.isdigit():
         _check_size(settings, job_id, name, int(declared), used)
-    await hub.broker.track_outputs(job_id)  # before a byte lands: its retention covers it
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".upload-")
     own = os.path.basename(tmp)

@@ -55,7 +55,7 @@ def load_plugins(settings: WorkerSettings) -> Plugins:
         plugins.load()
     except PluginError as exc:
         raise Refused(str(exc)) from exc
-    plugins.register_builtin(HubOutputs(settings), "emp-worker:hub-outputs")
+    plugins.register_builtin(HubOutputs(settings), HubOutputs.NAME)
     return plugins
 
 
@@ -113,7 +113,10 @@ async def run_worker(settings: WorkerSettings) -> int:
         ", ".join(sorted(worker.by_service)),
         worker.capacity,
     )
-    return await worker.run()
+    try:
+        return await worker.run()
+    finally:
+        await HubOutputs.close_in(plugins)
 
 
 async def doctor(settings: WorkerSettings) -> tuple[dict[str, Any], bool]:

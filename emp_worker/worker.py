@@ -25,10 +25,9 @@ import json
 import logging
 import random
 import signal
-import ssl
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -159,6 +158,20 @@ class Stats:
 
 #: HTTP statuses of an input's fetch worth a retry: the file may be there later.
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429})
+#: How a kept-alive connection fails when the server closed it just as it was reused: the
+#: request (an output's PUT or GET: idempotent) is sent once more, on a new connection.
+STALE_CONNECTION = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+#: Idle connections to the hub are dropped after this, well before servers drop them
+#: (uvicorn after 5 s), so that a reused one is rarely found closed.
+KEEPALIVE_S = 2.0
+
+
+async def send_once_more(send: Callable[[], Awaitable[httpx.Response]]) -> httpx.Response:
+    """`send()`, and once more if its connection turned out to be closed."""
+    try:
+        return await send()
+    except STALE_CONNECTION:
+        return await send()
 
 
 async def get_input(
@@ -167,7 +180,9 @@ async def get_input(
     """GET an input file; JobFailed when it fails: retryable when it may work later (no
     answer, a 5xx, a 408/409/425/429), not retryable when it is not there (404, 403...)."""
     try:
-        response = await http.get(url, headers=headers, follow_redirects=True)
+        response = await send_once_more(
+            lambda: http.get(url, headers=headers, follow_redirects=True)
+        )
     except httpx.HTTPError as exc:
         raise JobFailed(f"input {url}: {type(exc).__name__}: {exc}") from exc
     if response.status_code >= 400:
@@ -187,9 +202,36 @@ class HubOutputs:
     """The default output store: upload to the hub (PUT /api/jobs/{id}/outputs/{name});
     and the default input source: the hub's outputs read as the job, other URLs fetched."""
 
+    #: Its name among the plugins (Plugins.register_builtin).
+    NAME = "emp-worker:hub-outputs"
+
+    @classmethod
+    async def close_in(cls, plugins: Plugins) -> None:
+        """Close the connections of the one registered in `plugins`, if any."""
+        store = plugins.pm.get_plugin(cls.NAME)
+        if isinstance(store, cls):
+            await store.aclose()
+
     def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings
-        self._tls: ssl.SSLContext | None = None  # made once: loading the CAs takes ~50 ms
+        self._http: httpx.AsyncClient | None = None
+
+    @property
+    def http(self) -> httpx.AsyncClient:
+        """One client for every upload and fetch (made on first use): its connections to
+        the hub are kept alive between requests, so an upload opens no new connection (a
+        new one cost more than the rest of an upload), and the CAs are loaded once."""
+        if self._http is None:
+            self._http = httpx.AsyncClient(
+                timeout=120, limits=httpx.Limits(keepalive_expiry=KEEPALIVE_S)
+            )
+        return self._http
+
+    async def aclose(self) -> None:
+        """Close the connections (when the worker stops)."""
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
 
     @hookimpl(trylast=True)
     async def store_output(
@@ -200,9 +242,7 @@ class HubOutputs:
         if self.settings.token is not None:
             headers["Authorization"] = f"Bearer {self.settings.token.get_secret_value()}"
         url = f"{self.settings.http_url}/api/jobs/{context.job.id}/outputs/{name}"
-        self._tls = self._tls or httpx.create_ssl_context()
-        async with httpx.AsyncClient(timeout=120, verify=self._tls) as http:
-            response = await http.put(url, content=data, headers=headers)
+        response = await send_once_more(lambda: self.http.put(url, content=data, headers=headers))
         if response.status_code >= 400:
             raise JobFailed(
                 f"uploading output {name} failed: HTTP {response.status_code} "
@@ -232,9 +272,7 @@ class HubOutputs:
                 headers["Authorization"] = f"Bearer {self.settings.token.get_secret_value()}"
         elif not url.startswith(("http://", "https://")):
             raise JobFailed(f"input {url}: not a hub output or an http(s) URL", retryable=False)
-        self._tls = self._tls or httpx.create_ssl_context()
-        async with httpx.AsyncClient(timeout=120, verify=self._tls) as http:
-            return await get_input(http, url, headers)
+        return await get_input(self.http, url, headers)
 
 
 class Worker:

@@ -377,3 +377,75 @@ async def test_a_connector_that_is_down_is_not_offered_and_a_running_job_is_left
         flaky.go.set()
         job = await hub.wait(job_id)
         assert job["status"] == "completed" and job["result"] == {"ran": True}
+
+
+# -- the built-in output store ----------------------------------------------------------------
+
+
+async def test_uploads_and_fetches_reuse_one_connection_to_the_hub(tmp_path: Path) -> None:
+    """The worker's uploads (and hub fetches) go over kept-alive connections: through a
+    proxy that counts connections, six outputs of three jobs and an input open one
+    connection (a new connection per upload cost more than the rest of the upload)."""
+    import httpx
+
+    from emp_hub.broker import BrokerSettings
+    from emp_hub.embedded import EmbeddedValkey, free_port
+    from emp_hub.settings import HubSettings
+    from emp_hub.testing import running_hub, running_worker
+
+    class Twice(Connector):
+        name = "twice"
+
+        async def run(self, job: Job, ctx: JobContext) -> Any:
+            for name in ("a.txt", "b.txt"):
+                await ctx.output(name, name.encode(), "text/plain")
+            if "input" in job.payload:
+                return {"input": (await ctx.fetch(job.payload["input"])).data.decode()}
+            return {}
+
+    opened = 0
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        finally:
+            writer.close()
+
+    async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal opened
+        opened += 1
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", hub_port)
+        await asyncio.gather(relay(reader, up_writer), relay(up_reader, writer))
+
+    with EmbeddedValkey(tmp_path / "valkey") as valkey:
+        settings = HubSettings(
+            redis_url=valkey.url,
+            output_dir=tmp_path / "outputs",
+            broker=BrokerSettings(namespace="reuse"),
+        )
+        async with running_hub(settings) as url:
+            hub_port = int(url.rsplit(":", 1)[1])
+            port = free_port()
+            server = await asyncio.start_server(proxy, "127.0.0.1", port)
+            async with (
+                server,
+                running_worker(f"http://127.0.0.1:{port}", [Twice()]),
+                httpx.AsyncClient(base_url=url) as http,
+            ):
+                before = opened  # the WebSocket, and running_worker's wait for it
+                jobs: list[dict[str, Any]] = []
+                for n in range(3):
+                    payload = {"input": jobs[0]["result"]["outputs"][0]} if n == 2 else {}
+                    body = {"job_type": "twice", "payload": payload}
+                    job_id = (await http.post("/api/jobs", json=body)).json()["job_id"]
+                    for _ in range(500):
+                        job = (await http.get(f"/api/jobs/{job_id}")).json()
+                        if job["status"] == "completed":
+                            break
+                        await asyncio.sleep(0.02)
+                    jobs.append(job)
+                assert [len(j["result"]["outputs"]) for j in jobs] == [2, 2, 2]
+                assert jobs[2]["result"]["input"] == "a.txt"
+                assert opened - before == 1
