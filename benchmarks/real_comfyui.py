@@ -3,7 +3,7 @@ and per-job timings. Prints JSON.
 
 A real hub and worker (`emp_hub.testing.connector_hub`: embedded Valkey, the hub under
 uvicorn, a Worker running `ComfyUIConnector`) in this process; jobs go in and are followed
-through the hub's HTTP API (`emp_hub.client.Client`: submit, the job's server-sent events,
+through the hub's HTTP API (`emp_client.Client`: submit, the job's server-sent events,
 downloads), as an application would. Only model-free nodes are used (EmptyImage,
 ImageInvert, ImageScale, LoadImage, SaveImage), so a ComfyUI with no model files, on the
 CPU, is enough. The checks:

@@ -89,7 +89,7 @@ async def running_worker(
         hub_url=hub_url, **{"worker_id": "test-worker", "heartbeat_s": 1, **settings}
     )
     plugins = plugins or Plugins()
-    plugins.register_builtin(HubOutputs(worker_settings), "emp-worker:hub-outputs")
+    plugins.register_builtin(HubOutputs(worker_settings), HubOutputs.NAME)
     worker = Worker(worker_settings, plugins, connectors)
     task = asyncio.create_task(worker.run())
     async with httpx.AsyncClient(base_url=worker_settings.http_url) as http:
@@ -107,6 +107,7 @@ async def running_worker(
         worker.stop(now=True)
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.wait_for(task, worker_settings.drain_timeout_s + 10)
+        await HubOutputs.close_in(plugins)
 
 
 class TestHub:

@@ -10,5 +10,5 @@ __version__ = "0.1.0"
 #: The version of the plugin contract (the hooks, `emp_worker.connector`,
 #: `emp_worker.testing`): the minor goes up when something is added, the major when
 #: something is removed or changes meaning. See docs/plugins.md, "Versions".
-PLUGIN_API = "1.0"
+PLUGIN_API = "1.1"
 __all__ = ["PLUGIN_API", "__version__", "hookimpl", "hookspec"]

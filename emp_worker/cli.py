@@ -55,7 +55,7 @@ def load_plugins(settings: WorkerSettings) -> Plugins:
         plugins.load()
     except PluginError as exc:
         raise Refused(str(exc)) from exc
-    plugins.register_builtin(HubOutputs(settings), "emp-worker:hub-outputs")
+    plugins.register_builtin(HubOutputs(settings), HubOutputs.NAME)
     return plugins
 
 
@@ -113,7 +113,10 @@ async def run_worker(settings: WorkerSettings) -> int:
         ", ".join(sorted(worker.by_service)),
         worker.capacity,
     )
-    return await worker.run()
+    try:
+        return await worker.run()
+    finally:
+        await HubOutputs.close_in(plugins)
 
 
 async def doctor(settings: WorkerSettings) -> tuple[dict[str, Any], bool]:
@@ -131,20 +134,20 @@ async def doctor(settings: WorkerSettings) -> tuple[dict[str, Any], bool]:
     report["hub_checks"] = {}
     try:
         connectors = make_connectors(settings, plugins)
+        report["connectors"] = {}
     except Refused as exc:
         report["connectors"] = {"error": str(exc)}
         connectors, healthy = [], False
-    else:
-        report["connectors"] = {}
-        for connector in connectors:
-            try:
-                health = await asyncio.wait_for(connector.health(), 10)
-                entry = {"ok": health.ok, "detail": health.detail}
-            except Exception as exc:
-                entry = {"ok": False, "detail": f"{type(exc).__name__}: {exc}"}
-            report["connectors"][connector.name] = entry
-            healthy &= bool(entry["ok"])
     worker = Worker(settings, plugins, connectors)
+    await worker.check_health()  # as `run` does: a connector that is down is not offered
+    for connector in connectors:
+        health = worker.health[connector.name]
+        detail = health.detail
+        if not health.ok:
+            services = ", ".join(sorted(connector.capabilities().services)) or "none"
+            detail += f"; its services ({services}) are not offered until it is healthy"
+        report["connectors"][connector.name] = {"ok": health.ok, "detail": detail}
+        healthy &= health.ok
     if report["hub"]["ok"]:  # the token, the protocol version, the worker id
         report["hub_checks"] = await worker.probe()
         healthy &= all(check["ok"] for check in report["hub_checks"].values())

@@ -13,8 +13,9 @@ import asyncio
 import inspect
 import logging
 import mimetypes
+import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -84,15 +85,53 @@ class Job(BaseModel):
     created_at: float = 0
 
 
+class InputFile(BaseModel):
+    """A file a job takes as input, fetched with `JobContext.fetch`."""
+
+    name: str = Field(description="The last part of its URL's path ('input' when it has none).")
+    content_type: str = "application/octet-stream"
+    data: bytes
+
+
+#: An output of a job on the hub, as its reference's `url` gives it.
+HUB_OUTPUT = re.compile(r"^/api/jobs/[^/\s]+/outputs/[^/\s]+$")
+_REF_KEYS = frozenset(OutputRef.model_fields)
+
+#: What `JobContext.fetch` takes: an output's reference (what `ctx.output` returns and a
+#: job's result lists, or the same as a dict), or a URL (a hub output's path, http(s)://).
+InputRef = OutputRef | Mapping[str, Any] | str
+
+
+def input_url(value: Any) -> str | None:
+    """The URL of `value` when it names a file to fetch as an input (`JobContext.fetch`):
+    an `OutputRef`, a dict with a `url` and no keys but an OutputRef's (`name`, `size`,
+    `content_type`, `url`), a hub output's path (`/api/jobs/<id>/outputs/<name>`) or an
+    http(s) URL; None for anything else (a prompt, a number, base64 data)."""
+    if isinstance(value, OutputRef):
+        return value.url
+    if isinstance(value, Mapping):
+        url = value.get("url")
+        if isinstance(url, str) and set(value) <= _REF_KEYS and input_url(url) is not None:
+            return url
+        return None
+    if isinstance(value, str) and (
+        HUB_OUTPUT.match(value) or value.startswith(("http://", "https://"))
+    ):
+        return value
+    return None
+
+
 #: Sends a progress report to the hub: (percent, message, stage).
 ProgressSink = Callable[[float, str, str], Awaitable[None]]
 #: Stores an output: (context, name, data, content type) -> its reference.
 OutputSink = Callable[["JobContext", str, bytes, str], Awaitable[OutputRef]]
+#: Fetches an input: (context, URL) -> the file.
+InputSource = Callable[["JobContext", str], Awaitable[InputFile]]
 
 
 @dataclass
 class JobContext:
-    """What `Connector.run` gets besides the job: progress, outputs, cancellation."""
+    """What `Connector.run` gets besides the job: progress, outputs, inputs, cancellation."""
 
     job: Job
     _progress: ProgressSink
@@ -102,6 +141,7 @@ class JobContext:
     outputs: list[OutputRef] = field(default_factory=list)
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("emp_worker.job"))
     _last_progress: float | None = None  # when the last report was sent
+    _fetch: InputSource | None = None
 
     async def progress(self, percent: float, message: str = "", stage: str = "processing") -> None:
         """Report progress (0-100). The first report and every 100% report are sent;
@@ -127,6 +167,20 @@ class JobContext:
         ref = await self._store(self, name, data, kind)
         self.outputs.append(ref)
         return ref
+
+    async def fetch(self, ref: InputRef) -> InputFile:
+        """Fetch a file the job takes as input, through the `fetch_output` hook: an
+        output's reference (an `OutputRef` or the same as a dict, e.g. from an earlier
+        job's result) or its URL (`/api/jobs/<id>/outputs/<name>` on the hub), or any
+        http(s) URL. An output on the hub is read as this job: another customer's job's
+        outputs are not found. Raises JobFailed: not retryable when the file is not there
+        (or may not be read), retryable when it could not be reached."""
+        url = input_url(ref)
+        if url is None:
+            raise JobFailed(f"input {str(ref)[:200]!r} is not an output or a URL", retryable=False)
+        if self._fetch is None:
+            raise JobFailed(f"input {url}: this context cannot fetch inputs", retryable=False)
+        return await self._fetch(self, url)
 
 
 class Connector:

@@ -2,8 +2,8 @@
 
 A plugin is a module with functions marked `@hookimpl`, registered through the entry-point
 group `emp_worker`. docs/hooks.md has a page per hook with a worked example; docs/plugins.md
-the rest of the contract. Hooks are plain functions, except `store_output`, which may also
-be `async def`.
+the rest of the contract. Hooks are plain functions, except `store_output` and
+`fetch_output`, which may also be `async def`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,13 @@ from typing import TYPE_CHECKING, Literal
 import pluggy
 
 if TYPE_CHECKING:
-    from emp_worker.connector import CapabilityExtras, Connector, JobContext, OutputRef
+    from emp_worker.connector import (
+        CapabilityExtras,
+        Connector,
+        InputFile,
+        JobContext,
+        OutputRef,
+    )
 
 hookspec = pluggy.HookspecMarker("emp_worker")
 hookimpl = pluggy.HookimplMarker("emp_worker")
@@ -55,3 +61,12 @@ def store_output(
     """Store one output file of a job and return its reference, or None to let the next
     plugin store it (plain or `async def`: each answer is awaited before the next plugin
     is asked). The first answer wins; the built-in default uploads to the hub."""
+
+
+@hookspec(firstresult=True)
+def fetch_output(context: JobContext, url: str) -> InputFile | Awaitable[InputFile | None] | None:
+    """Fetch a file a job takes as input (`ctx.fetch`), given by its URL: an output that
+    `store_output` stored (this plugin's, or the hub's `/api/jobs/<id>/outputs/<name>`), or
+    any http(s) URL. Return an InputFile, or None to let the next plugin fetch it (plain or
+    `async def`). The first answer wins; the built-in default, asked last, reads the hub's
+    outputs as the job and any other http(s) URL with a plain GET."""

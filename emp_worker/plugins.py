@@ -6,7 +6,8 @@ fails to import, requires another `emp`, or its `register_connectors` raises) is
 (a log line, `status: error` in `emp-worker plugins list`) and the worker runs without it,
 unless `EMP_STRICT_PLUGINS=1`; an unknown hook (a misspelled name) is reported the same
 way. Hooks are called through `Plugins.call` (at load, `_call`), which isolates each
-plugin's implementation; `store_output`, a first-result chain, is the worker's own
+plugin's implementation; `store_output` and `fetch_output`, first-result chains, are the
+worker's own
 (docs/plugins.md, "When a plugin fails"). `EMP_LOAD_PLUGINS`
 (comma list of distribution names; empty: none) and `EMP_DISABLE_PLUGINS` choose which
 load. Plugins installed later
@@ -231,7 +232,7 @@ class Plugins:
                 if inspect.isawaitable(answer):  # never awaited, it would never run
                     if inspect.iscoroutine(answer):
                         answer.close()
-                    raise PluginError(f"{hook} is async; only store_output may be")
+                    raise PluginError(f"{hook} is async; only store_output and fetch_output may be")
             except Exception as exc:
                 log.error("plugin %s: %s raised %s", plugin, hook, _reason(exc), exc_info=exc)
                 if info is not None:

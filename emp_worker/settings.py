@@ -76,6 +76,13 @@ class WorkerSettings(BaseSettings):
     capabilities_refresh_s: float = Field(
         default=60, gt=0, validation_alias=_env("capabilities_refresh")
     )
+    health_interval_s: float = Field(
+        default=10,
+        gt=0,
+        validation_alias=_env("health_interval"),
+        description="Seconds between checks of each connector's health; a connector that "
+        "is down has its services withdrawn until it is back.",
+    )
     reconnect_min_s: float = Field(default=0.5, gt=0, validation_alias=_env("reconnect_min"))
     reconnect_max_s: float = Field(default=30, gt=0, validation_alias=_env("reconnect_max"))
     auth_retry_s: float = Field(

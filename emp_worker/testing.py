@@ -21,7 +21,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, overload
 
-from emp_worker.connector import Job, JobContext, OutputRef
+import httpx
+
+from emp_worker.connector import InputFile, Job, JobContext, JobFailed, OutputRef
+from emp_worker.worker import get_input
 
 T = TypeVar("T")
 
@@ -43,6 +46,9 @@ class FakeContext(JobContext):
     reports: list[ProgressReport] = field(default_factory=list)
     #: The outputs' contents by name (their references are in `outputs`).
     files: dict[str, bytes] = field(default_factory=dict)
+    #: What `ctx.fetch` finds, by URL (e.g. `"/api/jobs/a/outputs/x.png"`); any other
+    #: http(s) URL is fetched with a plain GET.
+    inputs: dict[str, InputFile] = field(default_factory=dict)
 
 
 def fake_context(
@@ -51,12 +57,23 @@ def fake_context(
     *,
     job: Job | None = None,
     progress_interval_s: float = 0,
+    inputs: dict[str, bytes | InputFile] | None = None,
 ) -> FakeContext:
     """A context to call `connector.run(ctx.job, ctx)` with in a unit test, no hub needed:
     `ctx.job` is `job` (or a job of `service` with `payload`), `ctx.reports` records the
     progress reports, `ctx.files` and `ctx.outputs` the outputs, and `ctx.cancelled` is
     yours to set. `progress_interval_s` (0: every report is recorded; the worker's
-    default is 0.5) applies the worker's throttle."""
+    default is 0.5) applies the worker's throttle. `inputs`: what `ctx.fetch` finds, by
+    URL (bytes are served as application/octet-stream, named after the URL); other
+    http(s) URLs are fetched with a plain GET, other hub outputs are not found."""
+
+    async def fetch(context: JobContext, url: str) -> InputFile:
+        if url in ctx.inputs:
+            return ctx.inputs[url]
+        if url.startswith(("http://", "https://")):
+            async with httpx.AsyncClient(timeout=60) as http:
+                return await get_input(http, url)
+        raise JobFailed(f"input {url}: HTTP 404 not in fake_context(inputs=...)", retryable=False)
 
     async def progress(percent: float, message: str, stage: str) -> None:
         ctx.reports.append(ProgressReport(percent, message, stage))
@@ -70,8 +87,12 @@ def fake_context(
         job=job or Job(id="test-job", service=service, payload=payload or {}),
         _progress=progress,
         _store=store,
+        _fetch=fetch,
         progress_interval_s=progress_interval_s,
     )
+    for url, data in (inputs or {}).items():
+        name = httpx.URL(url).path.rsplit("/", 1)[-1] or "input"
+        ctx.inputs[url] = data if isinstance(data, InputFile) else InputFile(name=name, data=data)
     return ctx
 
 

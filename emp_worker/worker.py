@@ -25,10 +25,9 @@ import json
 import logging
 import random
 import signal
-import ssl
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -63,8 +62,11 @@ from emp_protocol.messages import (
 )
 from emp_worker import hardware
 from emp_worker.connector import (
+    HUB_OUTPUT,
     CapabilityExtras,
     Connector,
+    Health,
+    InputFile,
     Job,
     JobContext,
     JobFailed,
@@ -81,6 +83,8 @@ StopReason = Literal["cancelled", "timed_out", "lost", "released"]
 
 #: Signals closer together than this are one (a process group stopped by supervisor).
 SAME_SIGNAL_S = 1.0
+#: A connector's health check that takes longer than this counts as down.
+HEALTH_TIMEOUT_S = 10.0
 
 
 class WorkerRefused(Exception):
@@ -152,12 +156,82 @@ class Stats:
     cancelled: int = 0
 
 
+#: HTTP statuses of an input's fetch worth a retry: the file may be there later.
+RETRYABLE_STATUS = frozenset({408, 409, 425, 429})
+#: How a kept-alive connection fails when the server closed it just as it was reused: the
+#: request (an output's PUT or GET: idempotent) is sent once more, on a new connection.
+STALE_CONNECTION = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+#: Idle connections to the hub are dropped after this, well before servers drop them
+#: (uvicorn after 5 s), so that a reused one is rarely found closed.
+KEEPALIVE_S = 2.0
+
+
+async def send_once_more(send: Callable[[], Awaitable[httpx.Response]]) -> httpx.Response:
+    """`send()`, and once more if its connection turned out to be closed."""
+    try:
+        return await send()
+    except STALE_CONNECTION:
+        return await send()
+
+
+async def get_input(
+    http: httpx.AsyncClient, url: str, headers: dict[str, str] | None = None
+) -> InputFile:
+    """GET an input file; JobFailed when it fails: retryable when it may work later (no
+    answer, a 5xx, a 408/409/425/429), not retryable when it is not there (404, 403...)."""
+    try:
+        response = await send_once_more(
+            lambda: http.get(url, headers=headers, follow_redirects=True)
+        )
+    except httpx.HTTPError as exc:
+        raise JobFailed(f"input {url}: {type(exc).__name__}: {exc}") from exc
+    if response.status_code >= 400:
+        detail = response.text[:500]
+        with contextlib.suppress(ValueError, AttributeError, KeyError, TypeError):
+            detail = str(response.json()["detail"])  # the hub's reason
+        raise JobFailed(
+            f"input {url}: HTTP {response.status_code} {detail}",
+            retryable=response.status_code >= 500 or response.status_code in RETRYABLE_STATUS,
+        )
+    kind = response.headers.get("content-type", "application/octet-stream")
+    name = httpx.URL(url).path.rsplit("/", 1)[-1] or "input"
+    return InputFile(name=name, content_type=kind, data=response.content)
+
+
 class HubOutputs:
-    """The default output store: upload to the hub (PUT /api/jobs/{id}/outputs/{name})."""
+    """The default output store: upload to the hub (PUT /api/jobs/{id}/outputs/{name});
+    and the default input source: the hub's outputs read as the job, other URLs fetched."""
+
+    #: Its name among the plugins (Plugins.register_builtin).
+    NAME = "emp-worker:hub-outputs"
+
+    @classmethod
+    async def close_in(cls, plugins: Plugins) -> None:
+        """Close the connections of the one registered in `plugins`, if any."""
+        store = plugins.pm.get_plugin(cls.NAME)
+        if isinstance(store, cls):
+            await store.aclose()
 
     def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings
-        self._tls: ssl.SSLContext | None = None  # made once: loading the CAs takes ~50 ms
+        self._http: httpx.AsyncClient | None = None
+
+    @property
+    def http(self) -> httpx.AsyncClient:
+        """One client for every upload and fetch (made on first use): its connections to
+        the hub are kept alive between requests, so an upload opens no new connection (a
+        new one cost more than the rest of an upload), and the CAs are loaded once."""
+        if self._http is None:
+            self._http = httpx.AsyncClient(
+                timeout=120, limits=httpx.Limits(keepalive_expiry=KEEPALIVE_S)
+            )
+        return self._http
+
+    async def aclose(self) -> None:
+        """Close the connections (when the worker stops)."""
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
 
     @hookimpl(trylast=True)
     async def store_output(
@@ -168,9 +242,7 @@ class HubOutputs:
         if self.settings.token is not None:
             headers["Authorization"] = f"Bearer {self.settings.token.get_secret_value()}"
         url = f"{self.settings.http_url}/api/jobs/{context.job.id}/outputs/{name}"
-        self._tls = self._tls or httpx.create_ssl_context()
-        async with httpx.AsyncClient(timeout=120, verify=self._tls) as http:
-            response = await http.put(url, content=data, headers=headers)
+        response = await send_once_more(lambda: self.http.put(url, content=data, headers=headers))
         if response.status_code >= 400:
             raise JobFailed(
                 f"uploading output {name} failed: HTTP {response.status_code} "
@@ -183,6 +255,24 @@ class HubOutputs:
             content_type=content_type,
             url=body.get("url", f"/api/jobs/{context.job.id}/outputs/{name}"),
         )
+
+    @hookimpl(trylast=True)
+    async def fetch_output(self, context: JobContext, url: str) -> InputFile:
+        """An output on the hub (its path, or its URL under the hub's address), read as the
+        job (the worker's token, the job's lease token: the hub lets a job read the
+        outputs of its own customer's jobs); any other http(s) URL with a plain GET."""
+        hub = self.settings.http_url
+        headers = {}
+        if HUB_OUTPUT.match(url) or (
+            url.startswith(hub + "/") and HUB_OUTPUT.match(url[len(hub) :])
+        ):
+            url = url if url.startswith(hub) else hub + url
+            headers = {"X-Job-Id": context.job.id, "X-Lease-Token": context.job.lease_token}
+            if self.settings.token is not None:
+                headers["Authorization"] = f"Bearer {self.settings.token.get_secret_value()}"
+        elif not url.startswith(("http://", "https://")):
+            raise JobFailed(f"input {url}: not a hub output or an http(s) URL", retryable=False)
+        return await get_input(self.http, url, headers)
 
 
 class Worker:
@@ -214,6 +304,9 @@ class Worker:
         self.draining = False
         self.done = asyncio.Event()
         self.stats = Stats()
+        #: Each connector's last health check (by name); one that is not ok has its
+        #: services withdrawn from the capabilities until it is ok again.
+        self.health: dict[str, Health] = {}
         self._caps = self.capabilities()
         self._last_signal = float("-inf")
         self._changed = asyncio.Event()  # set when a job ended or the outbox was flushed
@@ -222,10 +315,13 @@ class Worker:
     # -- capabilities ---------------------------------------------------------------------
 
     def capabilities(self) -> WorkerCapabilities:
-        """Services and models of the connectors, the machine, and plugins' additions."""
+        """Services and models of the connectors (but those that are down), the machine,
+        and plugins' additions."""
         services: set[str] = set()
         models: dict[str, set[str]] = {}
         for connector in self.connectors:
+            if not self.healthy(connector):
+                continue
             caps = connector.capabilities()
             services |= caps.services
             for service, names in caps.models.items():
@@ -252,6 +348,42 @@ class Worker:
                 denied=frozenset(self.settings.customers_denied),
             ),
         )
+
+    def healthy(self, connector: Connector) -> bool:
+        """Whether the connector's last health check was ok (or it was not checked yet)."""
+        health = self.health.get(connector.name)
+        return health is None or health.ok
+
+    async def check_health(self) -> bool:
+        """Check every connector's health (at once; one that raises or takes longer than
+        HEALTH_TIMEOUT_S is down); True when which ones are down changed."""
+
+        async def check(connector: Connector) -> Health:
+            try:
+                return await asyncio.wait_for(connector.health(), HEALTH_TIMEOUT_S)
+            except TimeoutError:
+                return Health(ok=False, detail=f"no health answer within {HEALTH_TIMEOUT_S:g} s")
+            except Exception as exc:
+                return Health(ok=False, detail=f"health check raised {type(exc).__name__}: {exc}")
+
+        answers = await asyncio.gather(*(check(c) for c in self.connectors))
+        changed = False
+        for connector, health in zip(self.connectors, answers, strict=True):
+            was = self.healthy(connector)
+            self.health[connector.name] = health
+            if health.ok != was:
+                changed = True
+                services = ", ".join(sorted(connector.capabilities().services))
+                if health.ok:
+                    log.info("connector %s is back: offering %s again", connector.name, services)
+                else:
+                    log.warning(
+                        "connector %s is down (%s): not offering %s until it is back",
+                        connector.name,
+                        health.detail,
+                        services,
+                    )
+        return changed
 
     def _capability_extras(self) -> list[CapabilityExtras]:
         """The plugins' worker_capabilities answers (one that raises is left out, see
@@ -282,8 +414,10 @@ class Worker:
                 loop.add_signal_handler(sig, self.on_signal)
         for connector in self.connectors:
             await connector.start()
+        await self.check_health()  # a service that is down is not offered from the start
         self._caps = self.capabilities()  # what the connectors found as they started
         refresher = asyncio.create_task(self._refresh_capabilities())
+        watcher = asyncio.create_task(self._watch_health())
         failures = 0
         try:
             while not self.done.is_set():
@@ -315,6 +449,7 @@ class Worker:
                     await asyncio.wait_for(self.done.wait(), delay)
         finally:
             refresher.cancel()
+            watcher.cancel()
             for running in list(self.running.values()):
                 if running.task is not None:
                     running.task.cancel()
@@ -473,17 +608,30 @@ class Worker:
         """Detect the capabilities again now and then; tell the hub when they changed."""
         while True:
             await asyncio.sleep(self.settings.capabilities_refresh_s)
-            try:
-                caps = await asyncio.to_thread(self.capabilities)
-            except PluginError as exc:
-                log.error("%s; keeping the capabilities of before", exc)
-                continue
-            stable = {"disk_gb": 0.0, "ram_gb": 0.0}
-            if caps.model_copy(update=stable) != self._caps.model_copy(update=stable):
-                log.info("capabilities changed; registering again")
-                self._caps = caps
-                if await self.send(self._registration()):
-                    await self.request_work()  # jobs the new capabilities match
+            await self._update_capabilities()
+
+    async def _watch_health(self) -> None:
+        """Check the connectors' health now and then: when one went down or came back,
+        detect the capabilities again (without its services while it is down). Running
+        jobs are left alone."""
+        while True:
+            await asyncio.sleep(self.settings.health_interval_s)
+            if await self.check_health():
+                await self._update_capabilities()
+
+    async def _update_capabilities(self) -> None:
+        """Detect the capabilities; when they changed, register again and ask for work."""
+        try:
+            caps = await asyncio.to_thread(self.capabilities)
+        except PluginError as exc:
+            log.error("%s; keeping the capabilities of before", exc)
+            return
+        stable = {"disk_gb": 0.0, "ram_gb": 0.0}
+        if caps.model_copy(update=stable) != self._caps.model_copy(update=stable):
+            log.info("capabilities changed; registering again")
+            self._caps = caps
+            if await self.send(self._registration()):
+                await self.request_work()  # jobs the new capabilities match
 
     async def _handle(self, message: HubMessage) -> None:
         if isinstance(message, JobAssigned):
@@ -517,6 +665,7 @@ class Worker:
             job=job,
             _progress=lambda pct, msg, stage: self._progress(job.id, pct, msg, stage),
             _store=self._store_output,
+            _fetch=self._fetch_input,
             progress_interval_s=self.settings.progress_interval_s,
         )
         if connector is None:  # the hub should not do that; say so and hand it back
@@ -561,6 +710,12 @@ class Worker:
         if ref is None:
             raise JobFailed(f"no plugin stored output {name}")
         return OutputRef.model_validate(ref)
+
+    async def _fetch_input(self, context: JobContext, url: str) -> InputFile:
+        fetched = await first_answer(self.plugins.pm.hook.fetch_output, context=context, url=url)
+        if fetched is None:
+            raise JobFailed(f"input {url}: no plugin fetched it", retryable=False)
+        return InputFile.model_validate(fetched)
 
     async def _run_job(self, running: Running) -> None:
         job, ctx = running.job, running.ctx

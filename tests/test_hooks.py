@@ -18,6 +18,7 @@ from emp_worker.connector import (
     CapabilityExtras,
     Connector,
     ConnectorCapabilities,
+    Health,
     Job,
     JobContext,
     JobFailed,
@@ -301,3 +302,143 @@ async def test_fake_context_records_what_a_connector_did() -> None:
     await ctx.progress(0, "started")
     await ctx.progress(50)
     assert [(r.percent, r.message) for r in ctx.reports] == [(0, "started"), (50, "")]
+
+
+# -- connector health -------------------------------------------------------------------------
+
+
+class Flaky(Connector):
+    """A connector whose service is up or down as the test says; its job waits for `go`."""
+
+    name = "flaky"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = False
+        self.raises = False
+        self.go = asyncio.Event()
+
+    async def health(self) -> Health:
+        if self.raises:
+            raise RuntimeError("the health probe broke")
+        return Health(ok=self.up, detail="up" if self.up else "service unreachable")
+
+    async def run(self, job: Job, ctx: JobContext) -> Any:
+        await self.go.wait()
+        return {"ran": True}
+
+
+async def offered(hub: TestHub) -> list[str]:
+    [worker] = (await hub.http.get("/api/workers")).json()
+    return list(worker["capabilities"]["services"])
+
+
+async def until_true(check: Any, within_s: float = 10) -> None:
+    for _ in range(int(within_s / 0.02)):
+        if await check():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("the condition did not come true")
+
+
+async def test_a_connector_that_is_down_is_not_offered_and_a_running_job_is_left_alone() -> None:
+    """Down at start: its service is not offered (the job waits, the hub says why); up:
+    offered, the job runs; down again (or its health check raising) while a job runs: the
+    service is withdrawn, the running job finishes all the same."""
+    flaky = Flaky()
+    async with connector_hub(flaky, health_interval_s=0.05) as hub:
+        assert await offered(hub) == []
+        assert hub.worker.health["flaky"] == Health(ok=False, detail="service unreachable")
+        job_id = await hub.submit("flaky")
+        pending = await hub.wait(job_id, within_s=0.3)
+        assert pending["status"] == "pending"
+        assert pending["unschedulable"].startswith("no live worker offers service 'flaky'")
+        flaky.up = True
+
+        async def running() -> bool:
+            return job_id in hub.worker.running
+
+        await until_true(running)
+        assert await offered(hub) == ["flaky"]
+        flaky.raises = True  # down while the job runs
+
+        async def withdrawn() -> bool:
+            return await offered(hub) == []
+
+        await until_true(withdrawn)
+        assert "RuntimeError: the health probe broke" in hub.worker.health["flaky"].detail
+        flaky.go.set()
+        job = await hub.wait(job_id)
+        assert job["status"] == "completed" and job["result"] == {"ran": True}
+
+
+# -- the built-in output store ----------------------------------------------------------------
+
+
+async def test_uploads_and_fetches_reuse_one_connection_to_the_hub(tmp_path: Path) -> None:
+    """The worker's uploads (and hub fetches) go over kept-alive connections: through a
+    proxy that counts connections, six outputs of three jobs and an input open one
+    connection (a new connection per upload cost more than the rest of the upload)."""
+    import httpx
+
+    from emp_hub.broker import BrokerSettings
+    from emp_hub.embedded import EmbeddedValkey, free_port
+    from emp_hub.settings import HubSettings
+    from emp_hub.testing import running_hub, running_worker
+
+    class Twice(Connector):
+        name = "twice"
+
+        async def run(self, job: Job, ctx: JobContext) -> Any:
+            for name in ("a.txt", "b.txt"):
+                await ctx.output(name, name.encode(), "text/plain")
+            if "input" in job.payload:
+                return {"input": (await ctx.fetch(job.payload["input"])).data.decode()}
+            return {}
+
+    opened = 0
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        finally:
+            writer.close()
+
+    async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal opened
+        opened += 1
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", hub_port)
+        await asyncio.gather(relay(reader, up_writer), relay(up_reader, writer))
+
+    with EmbeddedValkey(tmp_path / "valkey") as valkey:
+        settings = HubSettings(
+            redis_url=valkey.url,
+            output_dir=tmp_path / "outputs",
+            broker=BrokerSettings(namespace="reuse"),
+        )
+        async with running_hub(settings) as url:
+            hub_port = int(url.rsplit(":", 1)[1])
+            port = free_port()
+            server = await asyncio.start_server(proxy, "127.0.0.1", port)
+            async with (
+                server,
+                running_worker(f"http://127.0.0.1:{port}", [Twice()]),
+                httpx.AsyncClient(base_url=url) as http,
+            ):
+                before = opened  # the WebSocket, and running_worker's wait for it
+                jobs: list[dict[str, Any]] = []
+                for n in range(3):
+                    payload = {"input": jobs[0]["result"]["outputs"][0]} if n == 2 else {}
+                    body = {"job_type": "twice", "payload": payload}
+                    job_id = (await http.post("/api/jobs", json=body)).json()["job_id"]
+                    for _ in range(500):
+                        job = (await http.get(f"/api/jobs/{job_id}")).json()
+                        if job["status"] == "completed":
+                            break
+                        await asyncio.sleep(0.02)
+                    jobs.append(job)
+                assert [len(j["result"]["outputs"]) for j in jobs] == [2, 2, 2]
+                assert jobs[2]["result"]["input"] == "a.txt"
+                assert opened - before == 1

@@ -466,6 +466,59 @@ async def test_outputs(
         assert missing.status_code == 404
 
 
+async def test_a_worker_reads_outputs_as_the_job_it_runs(
+    hub_settings: HubSettings,
+    redis_client: redis.asyncio.Redis,
+    namespace: str,
+    broker: Broker,
+    tmp_path: Any,
+) -> None:
+    """A worker token reads an output only as a job it holds (X-Job-Id, X-Lease-Token), and
+    only the outputs of that job's customer's jobs; other roles read as before."""
+    store = TokenStore(redis_client, namespace)
+    worker_token = await store.create(Role.WORKER)
+    admin = await store.create(Role.ADMIN)
+    acme = await store.create(Role.CLIENT, customer="acme")
+    settings = hub_settings.model_copy(update={"output_dir": tmp_path})
+    async with running_hub(settings) as url, httpx.AsyncClient(base_url=url) as http:
+
+        async def submit(customer: str | None) -> str:
+            body = {"job_type": "simulation", **({"customer": customer} if customer else {})}
+            job_id: str = (await http.post("/api/jobs", json=body, headers=bearer(admin))).json()[
+                "job_id"
+            ]
+            return job_id
+
+        async def produce(customer: str | None) -> str:
+            """A completed job of `customer` with an output out.png; its URL."""
+            job_id = await submit(customer)
+            claim = await broker.claim("w1", SIM)
+            assert claim is not None and claim.job.id == job_id
+            out = f"/api/jobs/{job_id}/outputs/out.png"
+            lease = {**bearer(worker_token), "X-Lease-Token": claim.token}
+            assert (await http.put(out, content=b"png", headers=lease)).status_code == 201
+            await broker.complete(job_id, claim.token, {})
+            return out
+
+        ours, theirs, nobodys = await produce("acme"), await produce("globex"), await produce(None)
+        reader_id = await submit("acme")
+        claim = await broker.claim("w1", SIM)
+        assert claim is not None and claim.job.id == reader_id
+        as_job = {"X-Job-Id": reader_id, "X-Lease-Token": claim.token}
+        got = await http.get(ours, headers={**bearer(worker_token), **as_job})
+        assert (got.status_code, got.content) == (200, b"png")
+        for other in (theirs, nobodys):
+            r = await http.get(other, headers={**bearer(worker_token), **as_job})
+            assert r.status_code == 404 and f"that job {reader_id} may read" in r.json()["detail"]
+        r = await http.get(ours, headers=bearer(worker_token))
+        assert r.status_code == 403 and "X-Job-Id" in r.json()["detail"]
+        stale = {**as_job, "X-Lease-Token": "stale"}
+        assert (await http.get(ours, headers={**bearer(worker_token), **stale})).status_code == 409
+        assert (await http.get(ours, headers={**bearer(acme), **as_job})).status_code == 403
+        assert (await http.get(ours, headers=bearer(acme))).content == b"png"
+        assert (await http.get(theirs, headers=bearer(acme))).status_code == 404
+
+
 def files_under(root: Path) -> list[str]:
     """Every file below `root`, as paths relative to it."""
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())

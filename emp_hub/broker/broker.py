@@ -554,10 +554,12 @@ class Broker:
             classes_collected=int(collected),
         )
 
-    async def track_outputs(self, job_id: str) -> None:
-        """Note that files of `job_id` are stored (the hub's outputs): when the job's
-        retention runs out, maintain() lists it in expired_outputs()."""
-        await self.redis.sadd(self.key("outputs"), job_id)
+    async def accept_output(self, job_id: str, token: str) -> bool:
+        """Whether `token` holds the active job `job_id` (to accept an output of it); if
+        so, note in the same round trip that the job has files stored (before a byte of the
+        output lands): when its retention runs out, maintain() lists it in
+        expired_outputs()."""
+        return bool(await self._run("output", job_id, token))
 
     async def expired_outputs(self, limit: int = 1000) -> list[str]:
         """Jobs with stored files whose retention ran out, oldest first; whoever removes

@@ -38,6 +38,7 @@ NAMES = (
     "register",
     "disconnect",
     "read_jobs",
+    "output",
 )
 
 #: The settings every script receives in ARGV[3], in this order (see lua/common.lua).

@@ -18,6 +18,8 @@ from fastapi import APIRouter, Header, HTTPException, Request
 from fastapi.responses import FileResponse
 
 from emp_hub.auth import Principal, Role
+from emp_hub.broker import JobNotFound
+from emp_hub.hub import Hub
 from emp_hub.routes.api import HubDep, Reader, role, visible_job
 from emp_hub.settings import HubSettings
 from emp_hub.storage import folder
@@ -27,6 +29,7 @@ router = APIRouter(tags=["outputs"])
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 Uploader = Annotated[Principal, role(Role.WORKER, Role.ADMIN)]
+Anyone = Annotated[Principal, role(Role.ADMIN, Role.CLIENT, Role.MONITOR, Role.WORKER)]
 
 
 def _place(root: Path, job_id: str, name: str) -> Path:
@@ -82,7 +85,9 @@ async def upload(
     """Store an output of a job; only the worker holding the job (its lease token) may.
     The body streams to disk, within EMP_MAX_OUTPUT_BYTES and the job's
     EMP_OUTPUT_QUOTA_BYTES; an upload refused half-way leaves nothing behind."""
-    if not await hub.broker.holds(job_id, x_lease_token):
+    # One round trip: the token holds the job, and (before a byte lands) the job's
+    # retention covers its files.
+    if not await hub.broker.accept_output(job_id, x_lease_token):
         raise HTTPException(409, f"the lease token does not hold job {job_id}")
     settings = hub.settings
     path = _place(settings.outputs, job_id, name)
@@ -90,7 +95,6 @@ async def upload(
     declared = request.headers.get("content-length", "")
     if declared.isdigit():
         _check_size(settings, job_id, name, int(declared), used)
-    await hub.broker.track_outputs(job_id)  # before a byte lands: its retention covers it
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".upload-")
     own = os.path.basename(tmp)
@@ -133,10 +137,59 @@ async def list_outputs(job_id: str, hub: HubDep, principal: Reader) -> list[Outp
     ]
 
 
-@router.get("/api/jobs/{job_id}/outputs/{name}", response_class=FileResponse)
-async def download(job_id: str, name: str, hub: HubDep, principal: Reader) -> FileResponse:
-    """One output of a job (404 when the job is not visible or the output not there)."""
-    await visible_job(hub, principal, job_id)
+async def _readable_by_job(
+    hub: Hub, principal: Principal, job_id: str, name: str, reader: str, lease_token: str
+) -> None:
+    """A read on behalf of job `reader` (a worker fetching a job's input): the caller holds
+    it (its lease token), and job `job_id` is of the same customer (or both have none);
+    404 otherwise, as for a job the caller may not see."""
+    if principal.role not in (Role.WORKER, Role.ADMIN):
+        raise HTTPException(403, "reading as a job (X-Job-Id) needs a token with role worker")
+    if not await hub.broker.holds(reader, lease_token):
+        raise HTTPException(409, f"the lease token does not hold job {reader}")
+    own = await hub.broker.get(reader)
+    try:
+        source = await hub.broker.get(job_id)
+    except JobNotFound:
+        source = None
+    if source is None or source.customer != own.customer:
+        raise HTTPException(
+            404,
+            f"job {job_id} has no output {name} that job {reader} may read "
+            "(only the outputs of its own customer's jobs)",
+        )
+
+
+@router.get(
+    "/api/jobs/{job_id}/outputs/{name}",
+    response_class=FileResponse,
+    responses={409: {"description": "X-Lease-Token does not hold the job X-Job-Id"}},
+)
+async def download(
+    job_id: str,
+    name: str,
+    hub: HubDep,
+    principal: Anyone,
+    x_job_id: Annotated[
+        str | None,
+        Header(
+            description="Read as this job (a worker fetching the job's input): with "
+            "X-Lease-Token, the outputs of its own customer's jobs"
+        ),
+    ] = None,
+    x_lease_token: Annotated[str | None, Header(description="The lease token of X-Job-Id")] = None,
+) -> FileResponse:
+    """One output of a job (404 when the job is not visible or the output not there). A
+    worker reads one as the job it runs (X-Job-Id and X-Lease-Token): an input of that job,
+    which may be an output of any job of the same customer."""
+    if x_job_id is not None:
+        await _readable_by_job(hub, principal, job_id, name, x_job_id, x_lease_token or "")
+    elif principal.role is Role.WORKER:
+        raise HTTPException(
+            403, "a worker reads outputs as the job it runs (X-Job-Id, X-Lease-Token)"
+        )
+    else:
+        await visible_job(hub, principal, job_id)
     path = _place(hub.settings.outputs, job_id, name)
     meta = path.with_name(path.name + ".meta")
     if not path.is_file() or not meta.exists():

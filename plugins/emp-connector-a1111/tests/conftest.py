@@ -19,9 +19,9 @@ from emp_hub.embedded import free_port
 
 
 @asynccontextmanager
-async def serve(fake: FakeA1111) -> AsyncIterator[str]:
-    """Serve `fake` until the block ends; yields its base URL."""
-    port = free_port()
+async def serve(fake: FakeA1111, port: int | None = None) -> AsyncIterator[str]:
+    """Serve `fake` (on `port`, else a free one) until the block ends; yields its base URL."""
+    port = port or free_port()
     config = uvicorn.Config(
         create_app(fake), host="127.0.0.1", port=port, log_level="warning", lifespan="off"
     )

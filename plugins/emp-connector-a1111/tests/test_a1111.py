@@ -17,7 +17,9 @@ from fake_a1111 import FakeA1111, png
 
 from emp_hub.embedded import free_port
 from emp_hub.testing import connector_hub
+from emp_worker.cli import doctor
 from emp_worker.connector import JobFailed
+from emp_worker.settings import WorkerSettings
 from emp_worker.testing import fake_context
 
 SD15 = "v1-5-pruned-emaonly.safetensors [6ce0161689]"
@@ -78,6 +80,38 @@ async def test_img2img_with_the_original_payload() -> None:
         missing = await hub.run("a1111", {"endpoint": "img2img", "prompt": "no image"})
         assert missing["status"] == "failed" and "Init image not found" in missing["error"]
         assert missing["attempt"] == 1  # not retried
+
+
+async def test_an_earlier_jobs_output_as_init_image_and_controlnet_image() -> None:
+    """A reference to job A's output (or its URL) stands for a base64 image in img2img's
+    `init_images`, `mask` and a ControlNet unit's image: A1111 gets exactly A's bytes."""
+    fake = FakeA1111()
+    async with serve(fake) as url, connector_hub(connector(url)) as hub:
+        first = await hub.run("a1111", {"prompt": "a fox", "steps": 2}, customer="acme")
+        [ref] = first["result"]["images"]
+        b64 = base64.b64encode(await hub.download(ref["url"])).decode()
+        unit = {"module": "canny", "image": {"image": ref["url"], "mask": None}}
+        payload = {
+            "init_images": [ref, "data:image/png;base64,AAAA"],
+            "mask": ref["url"],
+            "prompt": "a cat",
+            "steps": 2,
+            "alwayson_scripts": {"controlnet": {"args": [unit, {"input_image": ref}]}},
+        }
+        job = await hub.run("a1111", payload, customer="acme")
+        assert job["status"] == "completed", job
+        sent = fake.requests[-1]
+        assert sent["init_images"] == [b64, "data:image/png;base64,AAAA"]
+        assert sent["mask"] == b64
+        assert sent["alwayson_scripts"]["controlnet"]["args"] == [
+            {"module": "canny", "image": {"image": b64, "mask": None}},
+            {"input_image": b64},
+        ]
+        requests = len(fake.requests)
+        theirs = await hub.run("a1111", payload, customer="globex", max_attempts=3)
+        assert (theirs["status"], theirs["attempt"]) == ("failed", 1), theirs
+        assert "HTTP 404" in theirs["error"] and "may read" in theirs["error"]
+        assert len(fake.requests) == requests  # nothing reached A1111
 
 
 async def test_model_switch_one_at_a_time_and_visible_in_progress() -> None:
@@ -198,15 +232,38 @@ async def test_malformed_answers_fail_clearly(kind: str) -> None:
         assert expected[kind] in job["error"]
 
 
-async def test_down_at_start() -> None:
-    url = f"http://127.0.0.1:{free_port()}"
+async def test_down_at_start_the_job_waits_until_a1111_is_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A1111 down: health and doctor say so, the worker does not offer `a1111` (the job
+    stays pending, the hub says why); once A1111 answers, the job runs."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
     a1111 = connector(url, connect_timeout_s=1)
-    async with connector_hub(a1111, broker={"retry_base_s": 0}) as hub:
-        health = await a1111.health()
-        assert not health.ok and "unreachable" in health.detail
-        job = await hub.run("a1111", {"prompt": "x"}, max_attempts=2)
-        assert job["status"] == "failed" and job["attempt"] == 2, job  # retried
-        assert "unreachable" in job["error"]
+    health = await a1111.health()
+    assert not health.ok and "unreachable" in health.detail
+    monkeypatch.setenv("EMP_A1111_URL", url)
+    report, healthy = await doctor(
+        WorkerSettings(hub_url="ws://127.0.0.1:9", connectors=["a1111"], worker_id="doc")
+    )
+    entry = report["connectors"]["a1111"]
+    assert not healthy and not entry["ok"] and "unreachable" in entry["detail"]
+    assert "its services (a1111) are not offered" in entry["detail"]
+    assert "a1111" not in report["capabilities"]["services"]
+    async with connector_hub(a1111, health_interval_s=0.1) as hub:
+        job_id = await hub.submit("a1111", {"prompt": "x", "steps": 2})
+        pending = await hub.wait(job_id, within_s=0.5)
+        assert pending["status"] == "pending", pending
+        assert "no live worker offers service 'a1111'" in pending["unschedulable"]
+        async with serve(FakeA1111(), port=port):
+            job = await hub.wait(job_id, within_s=20)
+            assert job["status"] == "completed" and job["attempt"] == 1, job
+            assert (await a1111.health()).ok
+            report, _ = await doctor(
+                WorkerSettings(hub_url="ws://127.0.0.1:9", connectors=["a1111"], worker_id="doc")
+            )
+            assert report["connectors"]["a1111"]["ok"]
+            assert "a1111" in report["capabilities"]["services"]
 
 
 async def test_dying_mid_job_fails_retryable() -> None:

@@ -7,6 +7,7 @@ import asyncio
 import copy
 import itertools
 import json
+import re
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,9 @@ from emp_connector_comfyui import ComfyUIConnector, ComfyUISettings
 from fake_comfyui import FakeComfyUI, fake_comfyui, png, png_facts
 
 from emp_hub.testing import connector_hub, running_hub  # noqa: F401
+from emp_worker.cli import doctor
 from emp_worker.connector import JobFailed
+from emp_worker.settings import WorkerSettings
 from emp_worker.testing import fake_context
 
 TRANSCRIPTS = Path(__file__).parent / "transcripts"
@@ -368,7 +371,6 @@ async def test_down_at_start_health_says_so_and_no_jobs_taken() -> None:
     connector = ComfyUIConnector(settings(url))
     health = await connector.health()
     assert not health.ok and "unreachable" in health.detail
-    assert connector.capabilities().services == frozenset()
     ctx = fake_context("comfyui", {"workflow": recorded_workflow()})
     with pytest.raises(JobFailed) as failed:
         await connector.run(ctx.job, ctx)
@@ -430,6 +432,77 @@ async def test_input_image_url_is_uploaded_and_the_workflow_rewritten(comfy: Ser
     assert "POST /upload/image view" in fake.requests
 
 
+def load_image(image: Any) -> dict[str, Any]:
+    """The recorded workflow starting from a LoadImage of `image` instead of EmptyImage."""
+    graph = recorded_workflow()
+    graph["1"] = {"class_type": "LoadImage", "inputs": {"image": image}}
+    return {"workflow": graph}
+
+
+async def test_an_earlier_jobs_output_is_uploaded_as_an_input(comfy: Served) -> None:
+    """Job A's output, given to job B as its reference (from A's result) or its URL, reaches
+    ComfyUI with exactly A's bytes, and B's workflow loads it."""
+    fake, url, _ = comfy
+    async with connector_hub(ComfyUIConnector(settings(url))) as hub:
+        first = await hub.run("comfyui", {"workflow": recorded_workflow(color=3)}, customer="acme")
+        assert first["status"] == "completed", first
+        [ref] = first["result"]["outputs"]
+        produced = await hub.download(ref["url"])
+        for n, given in enumerate((ref, ref["url"], hub.url + ref["url"]), 1):
+            job = await hub.run("comfyui", load_image(given), customer="acme")
+            assert job["status"] == "completed", job
+            assert fake.files[("input", "", ref["name"])] == produced
+            assert fake.requests.count(f"POST /upload/image {ref['name']}") == n
+            graph = fake.history[job["result"]["prompt_id"]]["prompt"][2]
+            assert graph["1"] == {"class_type": "LoadImage", "inputs": {"image": ref["name"]}}
+
+
+async def test_the_documented_example_jobs(comfy: Served) -> None:
+    """docs/connectors/comfyui.md's two example jobs, as written: the second loads the
+    first's image by its URL."""
+    _, url, _ = comfy
+    page = Path(__file__).parents[3] / "docs" / "connectors" / "comfyui.md"
+    bodies = re.findall(r"-d '(.*?)'\n```", page.read_text(), re.S)
+    assert len(bodies) == 2
+    async with connector_hub(ComfyUIConnector(settings(url))) as hub:
+        first_id = (await hub.http.post("/api/jobs", json=json.loads(bodies[0]))).json()["job_id"]
+        first = await hub.wait(first_id)
+        assert first["status"] == "completed", first
+        [ref] = first["result"]["outputs"]
+        second_body = bodies[1].replace("'\"$FIRST\"'", first_id)
+        assert ref["url"] in second_body
+        second_id = (await hub.http.post("/api/jobs", json=json.loads(second_body))).json()[
+            "job_id"
+        ]
+        second = await hub.wait(second_id)
+        assert second["status"] == "completed", second
+        assert await hub.download(second["result"]["outputs"][0]["url"]) != await hub.download(
+            ref["url"]
+        )
+
+
+async def test_another_customers_output_or_a_missing_one_fails_not_retryable(
+    comfy: Served,
+) -> None:
+    fake, url, _ = comfy
+    async with connector_hub(ComfyUIConnector(settings(url))) as hub:
+        first = await hub.run("comfyui", {"workflow": recorded_workflow(color=5)}, customer="acme")
+        [ref] = first["result"]["outputs"]
+        fake.requests.clear()
+        theirs = await hub.run("comfyui", load_image(ref), customer="globex", max_attempts=3)
+        missing = ref["url"].replace(ref["name"], "nope.png")
+        gone = await hub.run("comfyui", load_image(missing), customer="acme", max_attempts=3)
+        for job in (theirs, gone):
+            assert (job["status"], job["attempt"]) == ("failed", 1), job
+        assert theirs["error"] == (
+            f"input {hub.url}{ref['url']}: HTTP 404 job {first['job_id']} has no output "
+            f"{ref['name']} that job {theirs['job_id']} may read (only the outputs of its own "
+            "customer's jobs)"
+        )
+        assert "HTTP 404" in gone["error"] and "has no output nope.png" in gone["error"]
+        assert not any(r.startswith(("POST /upload", "POST /prompt")) for r in fake.requests)
+
+
 @pytest.mark.parametrize(
     "payload", [{}, {"workflow": "not json"}, {"workflow": {"1": {"inputs": {}}}}, {"workflow": []}]
 )
@@ -474,22 +547,36 @@ def test_original_environment_names(monkeypatch: pytest.MonkeyPatch) -> None:
     assert connector._ws_headers()["Authorization"].startswith("Basic ")
 
 
-async def test_through_the_hub_down_at_start_then_back() -> None:
-    """Down at start: no `comfyui` service (the job waits); back: models advertised, job runs."""
+async def test_through_the_hub_down_at_start_then_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Down at start: doctor says so, no `comfyui` service (the job waits, the hub says
+    why); back: models advertised, the job runs."""
     from emp_hub.embedded import free_port
 
     port = free_port()
-    connector = ComfyUIConnector(settings(f"http://127.0.0.1:{port}", models_refresh_s=0.1))
-    async with connector_hub(connector, capabilities_refresh_s=0.1) as hub:
+    url = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("EMP_COMFYUI_URL", url)
+    doctor_settings = WorkerSettings(hub_url="ws://127.0.0.1:9", connectors=["comfyui"])
+    report, healthy = await doctor(doctor_settings)
+    entry = report["connectors"]["comfyui"]
+    assert not healthy and not entry["ok"] and "unreachable" in entry["detail"]
+    assert "its services (comfyui) are not offered" in entry["detail"]
+    assert "comfyui" not in report["capabilities"]["services"]
+    connector = ComfyUIConnector(settings(url, models_refresh_s=0.1))
+    async with connector_hub(connector, health_interval_s=0.1) as hub:
         [worker] = (await hub.http.get("/api/workers")).json()
         assert "comfyui" not in worker["capabilities"]["services"], worker
         job_id = await hub.submit("comfyui", {"workflow": recorded_workflow()})
-        assert (await hub.wait(job_id, within_s=0.5))["status"] == "pending"
+        pending = await hub.wait(job_id, within_s=0.5)
+        assert pending["status"] == "pending", pending
+        assert "no live worker offers service 'comfyui'" in pending["unschedulable"]
         async with fake_comfyui(port=port):
             job = await hub.wait(job_id, within_s=20)
-            assert job["status"] == "completed", job
+            assert job["status"] == "completed" and job["attempt"] == 1, job
             [worker] = (await hub.http.get("/api/workers")).json()
             assert "sd_xl_base_1.0.safetensors" in worker["capabilities"]["models"]["comfyui"]
+            report, _ = await doctor(doctor_settings)
+            assert report["connectors"]["comfyui"]["ok"]
+            assert "comfyui" in report["capabilities"]["services"]
 
 
 async def test_through_the_hub_comfyui_dying_mid_job_fails_retryable() -> None:

@@ -175,11 +175,12 @@ class FakeRest:
 
 
 @contextlib.asynccontextmanager
-async def fake_rest(**state: Any) -> AsyncIterator[FakeRest]:
-    """Serve a FakeRest on a free port until the block ends."""
+async def fake_rest(port: int = 0, **state: Any) -> AsyncIterator[FakeRest]:
+    """Serve a FakeRest on `port` (0: a free one) until the block ends."""
     fake = FakeRest(**state)
     sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
     fake.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     config = uvicorn.Config(fake.app(), log_level="warning", lifespan="off")
     fake.server = server = uvicorn.Server(config)

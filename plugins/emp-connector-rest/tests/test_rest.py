@@ -12,7 +12,9 @@ from fake_rest import PNG, fake_rest, free_url
 from pydantic import ValidationError
 
 from emp_hub.testing import connector_hub
+from emp_worker.cli import doctor
 from emp_worker.connector import Health, JobFailed
+from emp_worker.settings import WorkerSettings
 from emp_worker.testing import fake_context
 
 
@@ -220,17 +222,35 @@ async def test_cancel_calls_the_services_cancel_endpoint() -> None:
             assert fake.tasks["t1"].state == "cancelled" and rest.remote == {}
 
 
-async def test_service_down_at_start_health_says_so_and_jobs_fail_retryable() -> None:
+async def test_service_down_at_start_the_job_waits_until_it_is_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The service down: health and doctor say so, the worker does not offer `rest` (the
+    job stays pending, the hub says why); once the service answers, the job runs."""
     url = free_url()
     rest = connector(instance(base_url=url, endpoint="/echo"))
     health = await rest.health()
     assert health.ok is False and "rest: unreachable (ConnectError)" in health.detail
-    async with connector_hub(rest) as hub:
-        job = await hub.run("rest", {}, max_attempts=1)
-        assert job["status"] == "failed" and "ConnectError" in job["error"], job
-    async with fake_rest() as fake:
-        up = connector(instance(base_url=fake.url))
-        assert await up.health() == Health(ok=True, detail="rest: HTTP 200")
+    monkeypatch.setenv("EMP_REST_BASE_URL", url)
+    monkeypatch.setenv("EMP_REST_ENDPOINT", "/echo")
+    settings = WorkerSettings(hub_url="ws://127.0.0.1:9", connectors=["rest"], worker_id="d")
+    report, healthy = await doctor(settings)
+    entry = report["connectors"]["rest"]
+    assert not healthy and not entry["ok"] and "unreachable" in entry["detail"]
+    assert "its services (rest, rest_sync) are not offered" in entry["detail"]
+    assert "rest" not in report["capabilities"]["services"]
+    async with connector_hub(rest, health_interval_s=0.1) as hub:
+        job_id = await hub.submit("rest", {"prompt": "a fox"})
+        pending = await hub.wait(job_id, within_s=0.5)
+        assert pending["status"] == "pending", pending
+        assert "no live worker offers service 'rest'" in pending["unschedulable"]
+        async with fake_rest(port=int(url.rsplit(":", 1)[1])):
+            job = await hub.wait(job_id, within_s=20)
+            assert job["status"] == "completed" and job["attempt"] == 1, job
+            assert await rest.health() == Health(ok=True, detail="rest: HTTP 200")
+            report, _ = await doctor(settings)
+            assert report["connectors"]["rest"]["ok"]
+            assert "rest" in report["capabilities"]["services"]
 
 
 async def test_service_dying_mid_job_fails_retryable_without_hanging() -> None:

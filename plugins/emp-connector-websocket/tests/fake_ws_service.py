@@ -129,10 +129,10 @@ class FakeService:
 
 
 @asynccontextmanager
-async def fake_ws_service() -> AsyncIterator[FakeService]:
-    """The fake service on a free port until the block ends."""
+async def fake_ws_service(port: int = 0) -> AsyncIterator[FakeService]:
+    """The fake service on `port` (0: a free one) until the block ends."""
     fake = FakeService()
-    async with serve(fake.handle, "127.0.0.1", 0) as server:
+    async with serve(fake.handle, "127.0.0.1", port) as server:
         fake.server = server
         yield fake
         server.close()

@@ -19,7 +19,9 @@ from fake_ws_service import fake_ws_service
 from websockets.asyncio.server import ServerConnection, serve
 
 from emp_hub.testing import connector_hub
+from emp_worker.cli import doctor
 from emp_worker.connector import Job, JobFailed
+from emp_worker.settings import WorkerSettings
 from emp_worker.testing import fake_context
 
 
@@ -101,15 +103,36 @@ async def test_service_dying_mid_job_fails_retryable() -> None:
     assert failed.value.retryable is True
 
 
-async def test_service_down_at_start() -> None:
+async def test_service_down_at_start_the_job_waits_until_it_is_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The service down: health and doctor say so, the worker does not offer `websocket`
+    (the job stays pending, the hub says why); once the service answers, the job runs."""
     async with fake_ws_service() as fake:
         url = fake.url
+    port = int(url.rsplit(":", 1)[1])
     down = connector(url, connect_timeout=2)
     health = await down.health()
     assert health.ok is False and "cannot connect" in health.detail
-    async with connector_hub(down) as hub:
-        job = await hub.run("websocket", {}, max_attempts=1)
-        assert job["status"] == "failed" and "cannot connect" in job["error"], job
+    monkeypatch.setenv("EMP_WEBSOCKET_URL", url)
+    settings = WorkerSettings(hub_url="ws://127.0.0.1:9", connectors=["websocket"], worker_id="d")
+    report, healthy = await doctor(settings)
+    entry = report["connectors"]["websocket"]
+    assert not healthy and not entry["ok"] and "cannot connect" in entry["detail"]
+    assert "its services (websocket) are not offered" in entry["detail"]
+    assert "websocket" not in report["capabilities"]["services"]
+    async with connector_hub(down, health_interval_s=0.1) as hub:
+        job_id = await hub.submit("websocket", {"prompt": "a fox", "steps": 1})
+        pending = await hub.wait(job_id, within_s=0.5)
+        assert pending["status"] == "pending", pending
+        assert "no live worker offers service 'websocket'" in pending["unschedulable"]
+        async with fake_ws_service(port=port):
+            job = await hub.wait(job_id, within_s=20)
+            assert job["status"] == "completed" and job["attempt"] == 1, job
+            assert (await down.health()).ok
+            report, _ = await doctor(settings)
+            assert report["connectors"]["websocket"]["ok"]
+            assert "websocket" in report["capabilities"]["services"]
 
 
 async def test_health_when_up() -> None:

@@ -15,6 +15,7 @@ import contextlib
 import json
 import re
 import time
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 import httpx
@@ -30,6 +31,7 @@ from emp_worker.connector import (
     Job,
     JobContext,
     JobFailed,
+    input_url,
 )
 
 __version__ = "0.1.0"
@@ -39,6 +41,8 @@ CONTROL_KEYS = ("endpoint", "model")
 ENDPOINTS = ("txt2img", "img2img")
 #: What the hub accepts as a model name (emp_protocol's Name); others are not advertised.
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,199}")
+#: Fields of an `alwayson_scripts` unit (ControlNet's and alike) that hold an image.
+SCRIPT_IMAGE_FIELDS = ("image", "input_image", "mask", "mask_image")
 #: Generation maps onto 0..GENERATION_END % of the job; storing the images ends it.
 GENERATION_END = 95.0
 
@@ -289,6 +293,7 @@ class A1111Connector(Connector):
                 f"unknown endpoint {endpoint!r} (use txt2img or img2img)", retryable=False
             )
         body = {k: v for k, v in payload.items() if k not in CONTROL_KEYS}
+        await self.fetch_images(body, ctx)
         overrides = body.get("override_settings")
         wanted = payload.get("model")
         if wanted is None and isinstance(overrides, dict):
@@ -331,6 +336,31 @@ class A1111Connector(Connector):
             "parameters": parameters,
             "elapsed_s": round(time.perf_counter() - began, 6),
         }
+
+    async def fetch_images(self, body: dict[str, Any], ctx: JobContext) -> None:
+        """Images given as references (an earlier job's output: its reference or URL; or an
+        http(s) URL) where A1111 takes base64: `init_images`, `mask`, and the image fields
+        of `alwayson_scripts` units (ControlNet's `image`, `input_image`, `mask`...; also
+        inside ControlNet's `{"image": ..., "mask": ...}`): fetched (`ctx.fetch`) and put
+        in as base64. The body is changed in place (its lists and units are copies)."""
+
+        async def resolved(value: Any) -> Any:
+            if input_url(value) is None:
+                return value
+            return base64.b64encode((await ctx.fetch(value)).data).decode()
+
+        if isinstance(body.get("init_images"), list):
+            body["init_images"] = [await resolved(v) for v in body["init_images"]]
+        if "mask" in body:
+            body["mask"] = await resolved(body["mask"])
+        scripts = body.get("alwayson_scripts")
+        if not isinstance(scripts, dict):
+            return
+        body["alwayson_scripts"] = scripts = dict(scripts)
+        for name, script in scripts.items():
+            if isinstance(script, dict) and isinstance(script.get("args"), list):
+                args = [await _script_unit(unit, resolved) for unit in script["args"]]
+                scripts[name] = {**script, "args": args}
 
     async def _generate(
         self, job: Job, ctx: JobContext, endpoint: str, body: dict[str, Any]
@@ -381,6 +411,21 @@ class A1111Connector(Connector):
         """Interrupt A1111 if this job's generation is in flight."""
         if job.id in self._active:
             await self.interrupt()
+
+
+async def _script_unit(unit: Any, resolved: Callable[[Any], Awaitable[Any]]) -> Any:
+    """An `alwayson_scripts` unit (a copy) with its image fields resolved (ControlNet's
+    `{"image": ..., "mask": ...}` too)."""
+    if not isinstance(unit, dict):
+        return unit
+    unit = dict(unit)
+    for key in SCRIPT_IMAGE_FIELDS:
+        value = unit.get(key)
+        if isinstance(value, dict) and input_url(value) is None:
+            unit[key] = {k: await resolved(v) for k, v in value.items()}
+        elif value is not None:
+            unit[key] = await resolved(value)
+    return unit
 
 
 @hookimpl

@@ -23,9 +23,11 @@ from emp_worker.connector import (
     ConnectorCapabilities,
     ConnectorSettings,
     Health,
+    InputFile,
     Job,
     JobContext,
     JobFailed,
+    input_url,
 )
 
 __version__ = "0.1.0"
@@ -95,7 +97,6 @@ class ComfyUIConnector(Connector):
         super().__init__(settings)
         self.models: frozenset[str] = frozenset()
         self.model_counts: dict[str, int] = {}  # model folder -> files in it
-        self.up: bool | None = None  # None: not checked yet
         self.prompts: dict[str, str] = {}  # job id -> its prompt id while it runs
         self._http: httpx.AsyncClient | None = None
         self._refresher: asyncio.Task[None] | None = None
@@ -152,7 +153,8 @@ class ComfyUIConnector(Connector):
             await self.refresh()
 
     async def refresh(self) -> None:
-        """Read the models from ComfyUI's model folders; remember whether it answered."""
+        """Read the models from ComfyUI's model folders (kept as they were while it does not
+        answer)."""
         try:
             folders = await self._get("/models")
             models: set[str] = set()
@@ -163,14 +165,13 @@ class ComfyUIConnector(Connector):
                         names = [str(m) for m in await self._get(f"/models/{folder}")]
                         models.update(names)
                         counts[folder] = len(names)
-            self.models, self.model_counts, self.up = frozenset(models), counts, True
+            self.models, self.model_counts = frozenset(models), counts
         except (JobFailed, TypeError):
-            self.up = False
+            pass
 
     def capabilities(self) -> ConnectorCapabilities:
-        """Service `comfyui` with the models found, or nothing while ComfyUI is down."""
-        if self.up is False:
-            return ConnectorCapabilities(services=frozenset())
+        """Service `comfyui` with the models found. (While ComfyUI is down, its health
+        says so, and the worker withdraws the service.)"""
         service = self.settings.service
         models = {service: self.models} if self.models else {}
         return ConnectorCapabilities(services=frozenset({service}), models=models)
@@ -179,7 +180,8 @@ class ComfyUIConnector(Connector):
         """ComfyUI answers /system_stats: its version, devices (VRAM), RAM, model count."""
         try:
             stats = await self._get("/system_stats")
-            await self.refresh()
+            if not self.model_counts:  # not read yet (or ComfyUI was down at start)
+                await self.refresh()
             system = stats.get("system", {})
             version = system.get("comfyui_version", "?")
             ram = _memory("RAM", system.get("ram_total"), system.get("ram_free"))
@@ -192,7 +194,6 @@ class ComfyUIConnector(Connector):
                 for d in stats.get("devices", [])
             ]
         except (JobFailed, AttributeError, TypeError, ValueError) as exc:
-            self.up = False
             return Health(ok=False, detail=f"ComfyUI at {self.settings.url} unreachable: {exc}")
         counts = ", ".join(f"{folder} {n}" for folder, n in sorted(self.model_counts.items()))
         parts = [f"ComfyUI {version} at {self.settings.url}", *devices, ram]
@@ -218,24 +219,18 @@ class ComfyUIConnector(Connector):
             raise JobFailed("payload has no API-format workflow", retryable=False)
         return {str(k): v for k, v in graph.items()}
 
-    async def upload_inputs(self, graph: dict[str, Any]) -> None:
-        """Input images given as URLs: fetch each, upload it, point the node at it."""
+    async def upload_inputs(self, graph: dict[str, Any], ctx: JobContext) -> None:
+        """Input images given as references (an earlier job's output: its reference or its
+        URL; or any http(s) URL): fetch each (`ctx.fetch`), upload it to ComfyUI, point
+        the node at it."""
         for node in graph.values():
             inputs = node.get("inputs") or {}
             for name, value in inputs.items():
-                if isinstance(value, str) and value.startswith(("http://", "https://")):
-                    inputs[name] = await self._upload(value)
+                if input_url(value) is not None:
+                    inputs[name] = await self._upload(await ctx.fetch(value))
 
-    async def _upload(self, url: str) -> str:
-        try:
-            async with httpx.AsyncClient(timeout=self.settings.timeout_s) as client:
-                fetched = await client.get(url, follow_redirects=True)
-            fetched.raise_for_status()
-        except httpx.HTTPError as exc:
-            raise JobFailed(f"input image {url}: {exc!r}", retryable=True) from exc
-        filename = urlsplit(url).path.rsplit("/", 1)[-1] or "input.png"
-        kind = fetched.headers.get("content-type", "application/octet-stream")
-        files = {"image": (filename, fetched.content, kind)}
+    async def _upload(self, image: InputFile) -> str:
+        files = {"image": (image.name, image.data, image.content_type)}
         try:
             response = await self.http.post("/upload/image", files=files, data={"type": "input"})
             response.raise_for_status()
@@ -248,7 +243,7 @@ class ComfyUIConnector(Connector):
     async def run(self, job: Job, ctx: JobContext) -> dict[str, Any]:
         """Submit the workflow, follow it to its end, store its outputs."""
         graph = self.workflow(job.payload)
-        await self.upload_inputs(graph)
+        await self.upload_inputs(graph, ctx)
         # A client id per job: ComfyUI sends a client's messages to its newest socket only.
         client_id, prompt_id = uuid.uuid4().hex, str(uuid.uuid4())
         tracker = Progress(graph, ctx)
