@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -116,7 +118,20 @@ async def run_worker(settings: WorkerSettings) -> int:
         ", ".join(sorted(worker.by_service)),
         worker.capacity,
     )
-    return await worker.run()
+    status = await worker.run()
+    ignore_late_stop_signals()
+    return status
+
+
+def ignore_late_stop_signals() -> None:
+    """From here on the process only exits: a stop signal that comes now (the second copy
+    of the TERM a launcher forwards after supervisord signalled the whole process group)
+    must not kill it and turn its exit status 0 into "terminated by SIGTERM"."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.remove_signal_handler(sig)  # else closing the loop restores the default
+            signal.signal(sig, signal.SIG_IGN)
 
 
 async def doctor(settings: WorkerSettings) -> tuple[dict[str, Any], bool]:

@@ -115,19 +115,23 @@ class Supervisord:
 
 
 @contextmanager
-def supervisord(config: Path, log_dir: Path, env: dict[str, str]) -> Iterator[Supervisord]:
-    """supervisord in the foreground on `config`; stopped (its programs drained) at the end."""
+def supervisord(
+    config: Path, log_dir: Path, env: dict[str, str], output: Path | None = None
+) -> Iterator[Supervisord]:
+    """supervisord in the foreground on `config` (what it prints goes to `output`, by default
+    log_dir/supervisord.out); stopped (its programs drained) at the end."""
+    output = output or log_dir / "supervisord.out"
     popen = subprocess.Popen(
         [str(BIN / "supervisord"), "-n", "-c", str(config)],
         env=env,
-        stdout=(log_dir / "supervisord.out").open("wb"),
+        stdout=output.open("wb"),
         stderr=subprocess.STDOUT,
     )
     running = Supervisord(config, popen, log_dir)
     try:
         deadline = time.monotonic() + 30
         while running.ctl("pid").returncode != 0:
-            assert popen.poll() is None, (log_dir / "supervisord.out").read_text()
+            assert popen.poll() is None, output.read_text()
             assert time.monotonic() < deadline, running.log()
             time.sleep(0.1)
         yield running

@@ -186,6 +186,16 @@ def test_under_supervisord_stop_drains_a_crash_restarts_nothing_is_left(
         assert hub.wait_job(job_id)["status"] == "completed", sv.log()
         sv.ctl("start", program)
         sv.wait_states({"emp:gpu0": "RUNNING", "emp:gpu1": "RUNNING"})
+        # Idle workers stop at once; the launcher's late copy of the TERM arrives while the
+        # worker exits, and must not turn its exit 0 into "terminated by SIGTERM".
+        log = (log_dir / "supervisord.log").read_text()
+        assert sv.ctl("stop", "emp:*").returncode == 0
+        stops = (log_dir / "supervisord.log").read_text()[len(log) :]
+        stopped_lines = [line for line in stops.splitlines() if "stopped: " in line]
+        assert sorted(line.split("stopped: ")[1] for line in stopped_lines) == [
+            "gpu0 (exit status 0)",
+            "gpu1 (exit status 0)",
+        ]
     # supervisord stopped: every worker drained and exited, none left behind.
     assert sv.popen.returncode == 0, sv.log()
     assert processes_mentioning(str(env_file)) == []  # in the workers' environment
