@@ -302,7 +302,12 @@ def supervisor_config(args: argparse.Namespace) -> int:
     """`emp-worker supervisor-config`: the drain timeout comes from the settings (with the
     env file's, if one is given)."""
     env_file = Path(args.env_file).absolute() if args.env_file else None
-    if env_file is not None:
+    if env_file is not None and not env_file.exists():
+        print(
+            f"emp-worker: note: {env_file} does not exist (yet): the workers need it to start",
+            file=sys.stderr,
+        )
+    elif env_file is not None:
         try:
             supervisor.load_env_file(env_file)
         except (OSError, ValueError) as exc:

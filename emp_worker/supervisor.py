@@ -23,7 +23,7 @@ import socket
 import sys
 from pathlib import Path
 
-from emp_worker import __version__, hardware
+from emp_worker import hardware
 
 #: How much longer than the drain timeout supervisord waits before it kills a worker: the
 #: drain hands back what is left, waits up to 5 s to deliver it, then closes.
@@ -139,7 +139,7 @@ def render(
     stop_wait = math.ceil(drain_timeout_s) + STOP_MARGIN_S
     described = f"{len(gpus)} GPU(s)" if gpus else "no GPU: one CPU worker"
     lines = [
-        f"; Written by `emp-worker supervisor-config` (emp-worker {__version__}): {described}.",
+        f"; Written by `emp-worker supervisor-config`: {described}.",
         f"; Control: supervisorctl -c <this file> status | stop {GROUP}:* | start {GROUP}:*",
         "; A stop drains: the worker finishes its running jobs (EMP_DRAIN_TIMEOUT) and exits 0.",
         "",

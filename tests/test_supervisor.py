@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import configparser
 import os
+import re
 import signal
 import subprocess
 import time
@@ -200,3 +201,19 @@ def test_under_supervisord_stop_drains_a_crash_restarts_nothing_is_left(
     assert sv.popen.returncode == 0, sv.log()
     assert processes_mentioning(str(env_file)) == []  # in the workers' environment
     assert processes_mentioning(str(binary)) == []  # the launchers' command line
+
+
+def test_the_sample_config_is_what_its_readme_command_prints() -> None:
+    root = Path(__file__).parent.parent
+    readme = (root / "packaging" / "supervisor" / "README.md").read_text()
+    [command] = re.findall(r"```sh\n(.*?)```", readme, re.S)
+    done = subprocess.run(
+        ["sh", "-c", command],
+        capture_output=True,
+        text=True,
+        env=clean_env(PATH=f"{BIN}:{os.environ['PATH']}"),
+        cwd=root,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == (root / "packaging" / "supervisor" / "supervisord.conf").read_text()
