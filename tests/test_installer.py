@@ -328,6 +328,17 @@ def test_dry_run_changes_nothing_and_uninstall_removes_only_its_files(
     assert dry.returncode == 0, dry.stderr
     assert f"would install {prefix}/bin/emp-worker" in dry.stdout
     assert not prefix.exists()
+    other = run_installer(*common, "--prefix", str(prefix), "--version", "0.2.0", env=env)
+    assert other.returncode == 1
+    assert other.stderr == (
+        f"install.sh: no emp-worker-0.2.0-{OS}-{ARCH} in {releases.url}/v1/SHA256SUMS: "
+        f"no release for {OS} {ARCH}\n"
+    )
+    same = run_installer(
+        *common, "--prefix", str(prefix), "--version", "v0.1.0", "--dry-run", env=env
+    )
+    assert f"verified emp-worker-0.1.0-{OS}-{ARCH} (release 0.1.0" in same.stdout, same.stderr
+    assert not prefix.exists()
     assert run_installer(*common, "--prefix", str(prefix), env=env).returncode == 0
     (prefix / "mine.txt").write_text("not the installer's\n")
     before = snapshot(prefix)

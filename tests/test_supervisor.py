@@ -8,6 +8,7 @@ worker gets the TERM twice (from supervisord and from the launcher)."""
 from __future__ import annotations
 
 import configparser
+import json
 import os
 import re
 import signal
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from emp_worker import hardware
+from emp_worker.supervisor import load_env_file
 from tests.processes import Cluster, cluster
 from tests.shipping import (
     BIN,
@@ -217,3 +219,36 @@ def test_the_sample_config_is_what_its_readme_command_prints() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout == (root / "packaging" / "supervisor" / "supervisord.conf").read_text()
+
+
+def test_the_env_file_sets_what_the_environment_does_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env_file = tmp_path / "worker.env"
+    env_file.write_text(
+        "# a comment\n\nexport EMP_REGION=eu\nEMP_TAGS='a, b'\nEMP_WORKER_ID=\"from-file\"\n"
+        "EMP_TEST_LITERAL=x=$HOME #z\n"
+    )
+    monkeypatch.setenv("EMP_WORKER_ID", "from-env")
+    for key in ("EMP_REGION", "EMP_TAGS", "EMP_TEST_LITERAL"):
+        monkeypatch.delenv(key, raising=False)
+    added = load_env_file(env_file)
+    assert added == {"EMP_REGION": "eu", "EMP_TAGS": "a, b", "EMP_TEST_LITERAL": "x=$HOME #z"}
+    assert os.environ["EMP_WORKER_ID"] == "from-env"  # the environment wins
+    # And the worker sees it: doctor reads EMP_ENV_FILE before its settings.
+    done = subprocess.run(
+        [str(BIN / "emp-worker"), "doctor", "--json"],
+        capture_output=True,
+        text=True,
+        env=clean_env(
+            EMP_ENV_FILE=str(env_file),
+            EMP_WORKER_ID="from-env",
+            EMP_HUB_URL="ws://127.0.0.1:9",
+            EMP_CONNECTORS="simulation",
+        ),
+        check=False,
+    )
+    report = json.loads(done.stdout)
+    assert report["worker_id"] == "from-env"
+    caps = report["capabilities"]
+    assert (caps["region"], sorted(caps["tags"])) == ("eu", ["a", "b"])
