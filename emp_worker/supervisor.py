@@ -23,8 +23,6 @@ import socket
 import sys
 from pathlib import Path
 
-from emp_worker import hardware
-
 #: How much longer than the drain timeout supervisord waits before it kills a worker: the
 #: drain hands back what is left, waits up to 5 s to deliver it, then closes.
 STOP_MARGIN_S = 30
@@ -80,6 +78,8 @@ def default_binary() -> Path:
 def gpu_indexes(spec: str | None) -> list[int]:
     """`--gpus`: a comma list of indexes, `none` for no GPU; default: every GPU NVML sees."""
     if spec is None:
+        from emp_worker import hardware  # NVML: only when asked (`--version` stays light)
+
         return list(range(len(hardware.gpus())))
     if spec.strip().lower() in {"none", ""}:
         return []
