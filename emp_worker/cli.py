@@ -128,10 +128,17 @@ def ignore_late_stop_signals() -> None:
     of the TERM a launcher forwards after supervisord signalled the whole process group)
     must not kill it and turn its exit status 0 into "terminated by SIGTERM"."""
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.remove_signal_handler(sig)  # else closing the loop restores the default
-            signal.signal(sig, signal.SIG_IGN)
+    stops = {signal.SIGTERM, signal.SIGINT}
+    # Held back while the handler changes: between asyncio's handler and SIG_IGN the
+    # disposition is briefly the default one, which kills.
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+    try:
+        for sig in stops:
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.remove_signal_handler(sig)  # else closing the loop restores the default
+                signal.signal(sig, signal.SIG_IGN)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 async def doctor(settings: WorkerSettings) -> tuple[dict[str, Any], bool]:

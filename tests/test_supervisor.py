@@ -136,6 +136,19 @@ def hub(redis_url: str, namespace: str, tmp_path: Path) -> Iterator[Cluster]:
         yield running
 
 
+def test_stop_signals_that_keep_coming_while_it_exits_leave_the_exit_status_0(
+    hub: Cluster,
+) -> None:
+    """A launcher's copy of the TERM can arrive after the worker's drain is over, while it
+    exits: that copy must not kill it."""
+    worker = hub.start_worker("w-terms")
+    hub.wait_for_workers("w-terms")
+    while worker.popen.poll() is None:
+        worker.signal(signal.SIGTERM)
+        time.sleep(0.01)
+    assert worker.wait() == 0, worker.text()
+
+
 @pytest.mark.timeout(240)
 def test_under_supervisord_stop_drains_a_crash_restarts_nothing_is_left(
     hub: Cluster, tmp_path: Path
