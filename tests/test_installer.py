@@ -317,6 +317,23 @@ def test_a_bad_release_or_platform_is_refused_and_nothing_changes(
     assert not fresh.exists()
 
 
+def test_wget_and_shasum_do_when_curl_and_sha256sum_are_missing(
+    releases: Releases, tmp_path: Path
+) -> None:
+    releases.release("v1", "0.1.0")
+    prefix = tmp_path / "emp"
+    env = install_env(tmp_path, PATH=toolbox(tmp_path / "tools", {"curl", "sha256sum"}))
+    assert not (tmp_path / "tools" / "curl").exists()
+    done = run_installer(
+        "--base-url", f"{releases.url}/v1", "--allowed-signers", str(releases.allowed),
+        "--prefix", str(prefix), "--gpus", "none", env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert (prefix / "bin" / "emp-worker").read_bytes() == (
+        releases.root / "v1" / f"emp-worker-0.1.0-{OS}-{ARCH}"
+    ).read_bytes()
+
+
 def test_dry_run_changes_nothing_and_uninstall_removes_only_its_files(
     releases: Releases, tmp_path: Path
 ) -> None:
