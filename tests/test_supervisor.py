@@ -243,8 +243,9 @@ def test_the_env_file_sets_what_the_environment_does_not(
         "EMP_TEST_LITERAL=x=$HOME #z\n"
     )
     monkeypatch.setenv("EMP_WORKER_ID", "from-env")
-    for key in ("EMP_REGION", "EMP_TAGS", "EMP_TEST_LITERAL"):
-        monkeypatch.delenv(key, raising=False)
+    for key in ("EMP_REGION", "EMP_TAGS", "EMP_TEST_LITERAL"):  # unset, and unset afterwards
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
     added = load_env_file(env_file)
     assert added == {"EMP_REGION": "eu", "EMP_TAGS": "a, b", "EMP_TEST_LITERAL": "x=$HOME #z"}
     assert os.environ["EMP_WORKER_ID"] == "from-env"  # the environment wins
