@@ -3,17 +3,22 @@
 emp-worker run [--config FILE] [--hub URL] [--connectors a,b]
 emp-worker doctor [--json]
 emp-worker plugins list [--json] | install NAME|PATH | uninstall NAME
+emp-worker supervisor-config [--gpus 0,1|none] [--env-file FILE] [-o FILE] ...
 emp-worker --version
+
+`EMP_ENV_FILE`: a KEY=VALUE file read before anything else (the environment wins).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,7 +26,7 @@ from typing import Any
 import httpx
 from pydantic import AliasChoices, ValidationError
 
-from emp_worker import __version__
+from emp_worker import __version__, supervisor
 from emp_worker.connector import Connector
 from emp_worker.plugins import PluginError, Plugins, install, plugin_dir, uninstall, unknown_hook
 from emp_worker.settings import WorkerSettings
@@ -114,9 +119,29 @@ async def run_worker(settings: WorkerSettings) -> int:
         worker.capacity,
     )
     try:
-        return await worker.run()
+        status = await worker.run()
     finally:
         await HubOutputs.close_in(plugins)
+    ignore_late_stop_signals()
+    return status
+
+
+def ignore_late_stop_signals() -> None:
+    """From here on the process only exits: a stop signal that comes now (the second copy
+    of the TERM a launcher forwards after supervisord signalled the whole process group)
+    must not kill it and turn its exit status 0 into "terminated by SIGTERM"."""
+    loop = asyncio.get_running_loop()
+    stops = {signal.SIGTERM, signal.SIGINT}
+    # Held back while the handler changes: between asyncio's handler and SIG_IGN the
+    # disposition is briefly the default one, which kills.
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+    try:
+        for sig in stops:
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.remove_signal_handler(sig)  # else closing the loop restores the default
+                signal.signal(sig, signal.SIG_IGN)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 async def doctor(settings: WorkerSettings) -> tuple[dict[str, Any], bool]:
@@ -258,11 +283,18 @@ def parser() -> argparse.ArgumentParser:
         "spec", help="a distribution name, a wheel, or a project folder"
     )
     what.add_parser("uninstall", help="remove from the plugin directory").add_argument("name")
+    supervisor.add_parser(sub)
     return top
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of `emp-worker`."""
+    if env_file := os.environ.get("EMP_ENV_FILE"):
+        try:
+            supervisor.load_env_file(Path(env_file))
+        except (OSError, ValueError) as exc:
+            print(f"emp-worker: EMP_ENV_FILE: {exc}", file=sys.stderr)
+            sys.exit(2)
     args = parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -274,6 +306,47 @@ def main(argv: list[str] | None = None) -> None:
     except (Refused, WorkerRefused, PluginError) as exc:
         print(f"emp-worker: {exc}", file=sys.stderr)
         sys.exit(2)
+
+
+def supervisor_config(args: argparse.Namespace) -> int:
+    """`emp-worker supervisor-config`: the drain timeout comes from the settings (with the
+    env file's, if one is given)."""
+    env_file = Path(args.env_file).absolute() if args.env_file else None
+    if env_file is not None and not env_file.exists():
+        print(
+            f"emp-worker: note: {env_file} does not exist (yet): the workers need it to start",
+            file=sys.stderr,
+        )
+    elif env_file is not None:
+        try:
+            supervisor.load_env_file(env_file)
+        except (OSError, ValueError) as exc:
+            raise Refused(f"--env-file: {exc}") from exc
+    settings = load_settings(args.config)
+    log_dir, run_dir = supervisor.default_dirs()
+    log_dir = Path(args.log_dir).absolute() if args.log_dir else log_dir
+    run_dir = Path(args.run_dir).absolute() if args.run_dir else run_dir
+    try:
+        text = supervisor.render(
+            binary=Path(args.binary).absolute() if args.binary else supervisor.default_binary(),
+            gpus=supervisor.gpu_indexes(args.gpus),
+            drain_timeout_s=settings.drain_timeout_s,
+            log_dir=log_dir,
+            run_dir=run_dir,
+            env_file=env_file,
+            worker_config=Path(args.config).absolute() if args.config else None,
+            id_prefix=args.id_prefix,
+            programs_only=args.programs_only,
+        )
+    except ValueError as exc:
+        raise Refused(str(exc)) from exc
+    if args.output:  # ready to start: supervisord does not create these folders
+        for folder in (log_dir, run_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        supervisor.write_atomically(Path(args.output), text)
+    else:
+        print(text, end="")
+    return 0
 
 
 def dispatch(args: argparse.Namespace) -> int:
@@ -294,6 +367,8 @@ def dispatch(args: argparse.Namespace) -> int:
                 raise Refused(str(exc)) from exc
             print(f"removed {args.name}")
         return 0
+    if args.command == "supervisor-config":
+        return supervisor_config(args)
     if args.hub:
         os.environ["EMP_HUB_URL"] = args.hub
     if args.connectors:

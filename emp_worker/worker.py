@@ -14,7 +14,7 @@ message); while the id is kept for a process that just lost its connection, it w
 SIGTERM or SIGINT: stop asking for work, let running jobs finish within `drain_timeout_s`,
 hand back what is left, exit 0. A second signal (more than a second later) hands back at
 once; the same signal twice within a second (supervisor stopping a process group) counts
-once.
+once, and `emp-worker run` ignores one that comes once the drain is over and it exits.
 """
 
 from __future__ import annotations
