@@ -386,10 +386,10 @@ def worker_settings(args: argparse.Namespace) -> dict[str, str]:
     return {
         "EMP_SIMULATION_DURATION": str(args.job_s),
         "EMP_SIMULATION_STEPS": "4",
-        "EMP_PROGRESS_INTERVAL": "0",
-        "EMP_HEARTBEAT_INTERVAL": "1",
-        "EMP_RECONNECT_MAX": "1",
-        "EMP_DRAIN_TIMEOUT": "10",
+        "EMP_PROGRESS_INTERVAL_S": "0",
+        "EMP_HEARTBEAT_S": "1",
+        "EMP_RECONNECT_MAX_S": "1",
+        "EMP_DRAIN_TIMEOUT_S": "10",
         "EMP_LOG_LEVEL": "info",  # its log says when it is connected (and what it ran)
     }
 

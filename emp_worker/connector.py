@@ -25,6 +25,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from emp_protocol.capabilities import Name
 from emp_protocol.jobs import OutputRef as OutputRef  # plugin authors import it from here
+from emp_worker.settings import env_names as env_names  # for a connector's settings
 
 
 class ConnectorSettings(BaseSettings):

@@ -23,10 +23,15 @@ from pydantic_settings import (
 from emp_protocol.capabilities import Isolation
 
 
-def _env(name: str, *legacy: str) -> AliasChoices:
-    """Environment names of a setting: EMP_<NAME> first, then the original ones (and the
-    plain field name, for the TOML file)."""
-    return AliasChoices(f"EMP_{name.upper()}", *legacy, name)
+def env_names(name: str, *older: str, prefix: str = "EMP_") -> AliasChoices:
+    """The names a setting is read under: `<prefix><NAME>` first, then the older ones (the
+    original emp-redis names; a name before a rename, such as EMP_DRAIN_TIMEOUT for
+    EMP_DRAIN_TIMEOUT_S), then the plain field name (for a TOML file, and for settings
+    given by name in code). Connectors use it with their prefix (`EMP_COMFYUI_`)."""
+    return AliasChoices(f"{prefix}{name.upper()}", *older, name)
+
+
+_env = env_names
 
 
 CommaList = Annotated[list[str], NoDecode]
@@ -62,33 +67,55 @@ class WorkerSettings(BaseSettings):
     )
     gpu_index: int = Field(default=0, ge=0, validation_alias=_env("gpu_index"))
     heartbeat_s: float = Field(
-        default=20, gt=0, validation_alias=_env("heartbeat_interval", "WORKER_HEARTBEAT_INTERVAL")
+        default=20,
+        gt=0,
+        validation_alias=_env(
+            "heartbeat_s",
+            "EMP_HEARTBEAT_INTERVAL",
+            "WORKER_HEARTBEAT_INTERVAL",
+            "heartbeat_interval",
+        ),
     )
     drain_timeout_s: float = Field(
         default=60,
         ge=0,
-        validation_alias=_env("drain_timeout"),
+        validation_alias=_env("drain_timeout_s", "EMP_DRAIN_TIMEOUT", "drain_timeout"),
         description="On SIGTERM, how long running jobs may take before they are handed back.",
     )
     progress_interval_s: float = Field(
-        default=0.5, ge=0, validation_alias=_env("progress_interval"), description="Throttle."
+        default=0.5,
+        ge=0,
+        validation_alias=_env("progress_interval_s", "EMP_PROGRESS_INTERVAL", "progress_interval"),
+        description="Throttle.",
     )
     capabilities_refresh_s: float = Field(
-        default=60, gt=0, validation_alias=_env("capabilities_refresh")
+        default=60,
+        gt=0,
+        validation_alias=_env(
+            "capabilities_refresh_s", "EMP_CAPABILITIES_REFRESH", "capabilities_refresh"
+        ),
     )
     health_interval_s: float = Field(
         default=10,
         gt=0,
-        validation_alias=_env("health_interval"),
+        validation_alias=_env("health_interval_s", "EMP_HEALTH_INTERVAL", "health_interval"),
         description="Seconds between checks of each connector's health; a connector that "
         "is down has its services withdrawn until it is back.",
     )
-    reconnect_min_s: float = Field(default=0.5, gt=0, validation_alias=_env("reconnect_min"))
-    reconnect_max_s: float = Field(default=30, gt=0, validation_alias=_env("reconnect_max"))
+    reconnect_min_s: float = Field(
+        default=0.5,
+        gt=0,
+        validation_alias=_env("reconnect_min_s", "EMP_RECONNECT_MIN", "reconnect_min"),
+    )
+    reconnect_max_s: float = Field(
+        default=30,
+        gt=0,
+        validation_alias=_env("reconnect_max_s", "EMP_RECONNECT_MAX", "reconnect_max"),
+    )
     auth_retry_s: float = Field(
         default=60,
         gt=0,
-        validation_alias=_env("auth_retry"),
+        validation_alias=_env("auth_retry_s", "EMP_AUTH_RETRY", "auth_retry"),
         description="After the hub refused the token, how long to wait before trying again.",
     )
     region: str | None = Field(default=None, validation_alias=_env("region"))

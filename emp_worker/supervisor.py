@@ -141,7 +141,7 @@ def render(
     lines = [
         f"; Written by `emp-worker supervisor-config`: {described}.",
         f"; Control: supervisorctl -c <this file> status | stop {GROUP}:* | start {GROUP}:*",
-        "; A stop drains: the worker finishes its running jobs (EMP_DRAIN_TIMEOUT) and exits 0.",
+        "; A stop drains: the worker finishes its running jobs (EMP_DRAIN_TIMEOUT_S) and exits 0.",
         "",
     ]
     if not programs_only:

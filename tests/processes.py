@@ -112,9 +112,9 @@ class Cluster:
             "EMP_PLUGIN_DIR": str(self.tmp / "plugins"),
             "EMP_SIMULATION_DURATION": "1",
             "EMP_SIMULATION_STEPS": "4",
-            "EMP_HEARTBEAT_INTERVAL": "0.5",
-            "EMP_RECONNECT_MAX": "1",
-            "EMP_PROGRESS_INTERVAL": "0",
+            "EMP_HEARTBEAT_S": "0.5",
+            "EMP_RECONNECT_MAX_S": "1",
+            "EMP_PROGRESS_INTERVAL_S": "0",
             **env,
         }
         proc = spawn(["emp_worker.cli", "run"], full, self.tmp / f"worker-{worker_id}.log")

@@ -155,9 +155,9 @@ def worker_env_lines(hub: Cluster, tmp_path: Path) -> list[str]:
         f"EMP_PLUGIN_DIR={tmp_path / 'plugins'}",
         "EMP_SIMULATION_DURATION=4",
         "EMP_SIMULATION_STEPS=4",
-        "EMP_HEARTBEAT_INTERVAL=0.5",
-        "EMP_RECONNECT_MAX=1",
-        "EMP_DRAIN_TIMEOUT=30",
+        "EMP_HEARTBEAT_S=0.5",
+        "EMP_RECONNECT_MAX_S=1",
+        "EMP_DRAIN_TIMEOUT_S=30",
     ]
 
 

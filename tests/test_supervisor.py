@@ -95,7 +95,7 @@ def test_one_program_per_gpu_with_its_own_gpu_and_id(tmp_path: Path) -> None:
     # The environment beats the env file, as it beats the TOML file.
     later = parse(
         supervisor_config(
-            "--gpus", "3", "--env-file", str(env_file), env=clean_env(EMP_DRAIN_TIMEOUT="500")
+            "--gpus", "3", "--env-file", str(env_file), env=clean_env(EMP_DRAIN_TIMEOUT_S="500")
         )
     )  # fmt: skip
     assert int(later.get("program:gpu3", "stopwaitsecs")) > 500
@@ -160,7 +160,7 @@ def test_under_supervisord_stop_drains_a_crash_restarts_nothing_is_left(
         "EMP_CONNECTORS=simulation\n"
         f"EMP_PLUGIN_DIR={tmp_path / 'plugins'}\n"
         "EMP_SIMULATION_DURATION=3\nEMP_SIMULATION_STEPS=3\n"
-        "EMP_HEARTBEAT_INTERVAL=0.5\nEMP_RECONNECT_MAX=1\nEMP_DRAIN_TIMEOUT=30\n"
+        "EMP_HEARTBEAT_S=0.5\nEMP_RECONNECT_MAX=1\nEMP_DRAIN_TIMEOUT=30\n"
     )
     config, log_dir = tmp_path / "supervisord.conf", tmp_path / "log"
     supervisor_config(

@@ -49,6 +49,26 @@ def test_original_worker_names(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.token is not None and settings.token.get_secret_value() == "secret"
 
 
+def test_seconds_end_in_s_and_the_names_before_still_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every setting in seconds is EMP_..._S (as on the hub); the names before the rename
+    work in the environment and in the TOML file, and the new name wins."""
+    monkeypatch.setenv("EMP_DRAIN_TIMEOUT", "5")
+    monkeypatch.setenv("EMP_RECONNECT_MAX", "9")
+    monkeypatch.setenv("EMP_RECONNECT_MAX_S", "3")
+    config = tmp_path / "worker.toml"
+    config.write_text("progress_interval = 2\nhealth_interval_s = 4\n")
+    monkeypatch.setattr(WorkerSettings, "config_file", config)
+    settings = WorkerSettings()
+    assert (settings.drain_timeout_s, settings.reconnect_max_s) == (5, 3)
+    assert (settings.progress_interval_s, settings.health_interval_s) == (2, 4)
+    seconds = [name for name in WorkerSettings.model_fields if name.endswith("_s")]
+    for name in seconds:
+        alias = WorkerSettings.model_fields[name].validation_alias
+        assert alias is not None and f"EMP_{name.upper()}" in alias.choices, name  # type: ignore[union-attr]
+
+
 def test_original_host_and_port(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WORKER_REDIS_API_HOST", "10.0.0.5")
     monkeypatch.setenv("WORKER_REDIS_API_PORT", "9000")

@@ -138,7 +138,7 @@ def test_the_start_is_recorded_when_the_job_starts_and_the_end_says_completed(
         "w-start",
         EMP_SIMULATION_DURATION="1",
         EMP_SIMULATION_STEPS="2",
-        EMP_PROGRESS_INTERVAL="0.3",  # the connector's own report at its start is dropped
+        EMP_PROGRESS_INTERVAL_S="0.3",  # the connector's own report at its start is dropped
     )
     job = hub.wait_job(hub.submit())
     progress = [e for e in hub.events(job["job_id"]) if e["type"] == "progress"]
@@ -166,7 +166,7 @@ def test_sigterm_mid_job_lets_it_finish_and_exits_0(hub: Cluster) -> None:
 
 
 def test_sigterm_hands_back_what_does_not_finish_in_time(hub: Cluster) -> None:
-    worker = hub.start_worker("w-slow", EMP_SIMULATION_DURATION="60", EMP_DRAIN_TIMEOUT="0.5")
+    worker = hub.start_worker("w-slow", EMP_SIMULATION_DURATION="60", EMP_DRAIN_TIMEOUT_S="0.5")
     hub.wait_for_workers("w-slow")
     job_id = hub.submit()
     hub.wait_job(job_id, {"active"})
@@ -419,7 +419,7 @@ def test_doctor_checks_the_token_its_role_and_the_worker_id(hub: Cluster) -> Non
 def test_a_refused_token_is_explained_once_and_retried_slowly(hub: Cluster) -> None:
     client_token = _token(hub, "client")
     time.sleep(2.1)
-    worker = hub.start_worker("w-wrong", EMP_TOKEN=client_token, EMP_AUTH_RETRY="60")
+    worker = hub.start_worker("w-wrong", EMP_TOKEN=client_token, EMP_AUTH_RETRY_S="60")
     deadline = time.monotonic() + 20
     while "role client" not in worker.text() and time.monotonic() < deadline:
         time.sleep(0.1)

@@ -110,8 +110,8 @@ class System:
                 "EMP_PLUGIN_DIR": str(self.tmp / "plugins"),
                 "EMP_CONNECTORS": "simulation",
                 "EMP_SIMULATION_STEPS": "10",
-                "EMP_HEARTBEAT_INTERVAL": "5",
-                "EMP_DRAIN_TIMEOUT": "5",
+                "EMP_HEARTBEAT_S": "5",
+                "EMP_DRAIN_TIMEOUT_S": "5",
                 "EMP_LOG_LEVEL": "info",
                 **extra,
             }

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import functools
 import json
 import re
 import time
@@ -19,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 import httpx
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import Field, field_validator
 from pydantic_settings import NoDecode
 
 from emp_worker import hookimpl
@@ -31,6 +32,7 @@ from emp_worker.connector import (
     Job,
     JobContext,
     JobFailed,
+    env_names,
     input_url,
 )
 
@@ -47,8 +49,7 @@ SCRIPT_IMAGE_FIELDS = ("image", "input_image", "mask", "mask_image")
 GENERATION_END = 95.0
 
 
-def _env(name: str, *original: str) -> AliasChoices:
-    return AliasChoices(f"EMP_A1111_{name.upper()}", *original, name)
+_env = functools.partial(env_names, prefix="EMP_A1111_")
 
 
 class A1111Settings(ConnectorSettings):

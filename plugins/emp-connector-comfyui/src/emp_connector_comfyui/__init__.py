@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import json
 import mimetypes
 import time
@@ -15,7 +16,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import websockets
-from pydantic import AliasChoices, Field, model_validator
+from pydantic import Field, model_validator
 
 from emp_worker import hookimpl
 from emp_worker.connector import (
@@ -27,6 +28,7 @@ from emp_worker.connector import (
     Job,
     JobContext,
     JobFailed,
+    env_names,
     input_url,
 )
 
@@ -50,8 +52,7 @@ MODEL_FOLDERS = (
 TRANSIENT = ("out of memory", "outofmemory", "cuda error", "connection", "timed out", "timeout")
 
 
-def _env(name: str, *original: str) -> AliasChoices:
-    return AliasChoices(f"EMP_COMFYUI_{name.upper()}", *original, name)
+_env = functools.partial(env_names, prefix="EMP_COMFYUI_")
 
 
 class ComfyUISettings(ConnectorSettings):

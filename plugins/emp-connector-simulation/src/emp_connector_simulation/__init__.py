@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import struct
 import time
 import zlib
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import Field, field_validator
 from pydantic_settings import NoDecode
 
 from emp_worker import hookimpl
@@ -21,13 +22,13 @@ from emp_worker.connector import (
     Job,
     JobContext,
     JobFailed,
+    env_names,
 )
 
 __version__ = "0.1.0"
 
 
-def _env(name: str, *original: str) -> AliasChoices:
-    return AliasChoices(f"EMP_SIMULATION_{name.upper()}", *original, name)
+_env = functools.partial(env_names, prefix="EMP_SIMULATION_")
 
 
 class SimulationSettings(ConnectorSettings):

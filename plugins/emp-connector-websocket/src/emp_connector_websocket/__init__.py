@@ -13,11 +13,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import json
 import logging
 from typing import Annotated, Any
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import Field, field_validator
 from pydantic_settings import NoDecode
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidURI, WebSocketException
@@ -31,6 +32,7 @@ from emp_worker.connector import (
     Job,
     JobContext,
     JobFailed,
+    env_names,
 )
 
 __version__ = "0.1.0"
@@ -41,8 +43,7 @@ log = logging.getLogger("emp_connector_websocket")
 CONNECTION_ERRORS = (OSError, TimeoutError, WebSocketException)
 
 
-def _env(name: str, *original: str) -> AliasChoices:
-    return AliasChoices(f"EMP_WEBSOCKET_{name.upper()}", *original, name)
+_env = functools.partial(env_names, prefix="EMP_WEBSOCKET_")
 
 
 class WebSocketSettings(ConnectorSettings):
