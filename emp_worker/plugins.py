@@ -359,7 +359,9 @@ def pip(*args: str) -> None:
     if bundle_dir() is not None:
         from pip._internal.cli.main import main as pip_main
 
-        code = pip_main(["--disable-pip-version-check", *args])
+        code = pip_main(
+            ["--disable-pip-version-check", "--quiet", "--root-user-action=ignore", *args]
+        )
         if code != 0:
             raise PluginError(f"pip {' '.join(args)} failed (exit status {code})")
         return
@@ -399,17 +401,13 @@ def install(spec: str, folder: Path | None = None) -> list[str]:
         constraints.write_text("".join(f"{n}=={v}\n" for n, v in sorted(bundled.items())))
         if Path(spec).is_dir():
             spec = build_wheel(Path(spec), Path(tmp))
-        added = _install(
-            spec, target, ["--only-binary=:all:", "--constraint", str(constraints)]
-        )
+        added = _install(spec, target, ["--only-binary=:all:", "--constraint", str(constraints)])
     again = [d for d in _dists_in(target) if _normal(d) in bundled]
     for name in again:  # a requirement the worker carries (same version: the constraints)
         uninstall(name, target)
     refused = [n for n in added if n in again]
     if refused:
-        raise PluginError(
-            f"{', '.join(refused)} is bundled with this worker; nothing to install"
-        )
+        raise PluginError(f"{', '.join(refused)} is bundled with this worker; nothing to install")
     return added
 
 
@@ -428,7 +426,12 @@ def _install(spec: str, target: Path, options: list[str]) -> list[str]:
             if not _satisfied(req, target):
                 missing.append(str(req))
     if missing:
-        pip("install", *options, "--target", str(target), "--upgrade", *missing)
+        try:
+            pip("install", *options, "--target", str(target), "--upgrade", *missing)
+        except PluginError:  # the plugin cannot run without them: take it out again
+            for name in sorted(_dists_in(target) - before):
+                uninstall(name, target)
+            raise
     return added
 
 
@@ -441,13 +444,12 @@ def build_wheel(project: Path, out: Path) -> str:
             f"building {project} into a wheel needs Python 3 with pip (set EMP_BUILD_PYTHON);"
             " or build the wheel elsewhere (pip wheel --no-deps DIR) and install that"
         )
-    command = [python, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", str(out), str(project)]
+    command = [python, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", str(out)]
+    command.append(str(project.resolve()))  # a path, never read as a name on the index
     done = subprocess.run(command, check=False, capture_output=True, text=True)
     wheels = sorted(out.glob("*.whl"))
     if done.returncode != 0 or not wheels:
-        raise PluginError(
-            f"building {project} into a wheel failed:\n{done.stderr.strip()[-2000:]}"
-        )
+        raise PluginError(f"building {project} into a wheel failed:\n{done.stderr.strip()[-2000:]}")
     return str(wheels[0])
 
 
