@@ -27,7 +27,8 @@ import pytest
 
 from tests.processes import Cluster, cluster
 
-pytestmark = [pytest.mark.binary, pytest.mark.worker]
+# The first test that needs the binary builds it (minutes on two cores).
+pytestmark = [pytest.mark.binary, pytest.mark.worker, pytest.mark.timeout(1500)]
 
 ROOT = Path(__file__).parent.parent
 DOC = ROOT / "docs" / "binary.md"
