@@ -359,9 +359,8 @@ def pip(*args: str) -> None:
     if bundle_dir() is not None:
         from pip._internal.cli.main import main as pip_main
 
-        code = pip_main(
-            ["--disable-pip-version-check", "--quiet", "--root-user-action=ignore", *args]
-        )
+        os.environ.setdefault("PIP_ROOT_USER_ACTION", "ignore")  # root on a GPU box: fine
+        code = pip_main(["--disable-pip-version-check", "--quiet", *args])
         if code != 0:
             raise PluginError(f"pip {' '.join(args)} failed (exit status {code})")
         return
