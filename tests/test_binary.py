@@ -289,7 +289,7 @@ def test_a_plugin_installed_after_the_build_loads_at_the_next_start_and_runs_a_j
     assert job["result"] == {
         "sum": "4.0",
         "sql": 4.0,
-        "mean": "2.0",
+        "mean": "2",
         "half": "1/2",
         "xml": "b",
         "utc": "UTC",
