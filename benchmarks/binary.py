@@ -7,7 +7,9 @@ It builds the binary with scripts/build-worker.sh (or takes --binary PATH), then
   process may do so (`cold_cache_dropped` says whether it could); onefile unpacks itself
   into a new `_MEI...` folder under TMPDIR on every start, so "cold" differs from "warm"
   only by the operating system's cache of the binary and of the libraries;
-* `--version`, warm: the median of the next runs;
+* `--version`, warm: the median of the next runs; for both, the CPU time of the two onefile
+  processes too (user: unpacking and Python; system: mostly writing the unpacked files),
+  which, unlike the wall clock, does not grow when other programs share the cores;
 * registered: from starting `emp-worker run` (simulation connector) to the hub listing the
   worker in /api/workers, polled every 10 ms, against one `emp-hub serve` on an embedded
   Valkey; the median of several starts.
@@ -24,6 +26,7 @@ import asyncio
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -64,11 +67,24 @@ def drop_page_cache() -> bool:
     return True
 
 
-def version_seconds(binary: Path, env: dict[str, str]) -> float:
-    """One `--version` run, wall clock."""
+def version_seconds(binary: Path, env: dict[str, str]) -> tuple[float, float, float]:
+    """One `--version` run: wall clock, and the CPU seconds (user, system) of both onefile
+    processes, which do not depend on what else the machine runs."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     subprocess.run([str(binary), "--version"], env=env, capture_output=True, check=True)
-    return time.perf_counter() - started
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    """Median, min and max, in seconds."""
+    return {
+        "median": round(statistics.median(values), 3),
+        "min": round(min(values), 3),
+        "max": round(max(values), 3),
+    }
 
 
 def largest(binary: Path, count: int = 8) -> list[dict[str, Any]]:
@@ -152,23 +168,21 @@ def measure(binary: Path, redis_url: str, runs: int, fresh: bool) -> dict[str, A
             "machine": f"{platform.system()} {platform.machine()}",
             "cpus": os.cpu_count(),
             "load_average": [round(x, 2) for x in os.getloadavg()],
+            "tmpdir": tempfile.gettempdir(),
             "runs": runs,
         },
         "results": {
             "size_bytes": size,
             "size_mb": round(size / 1e6, 1),
             "largest_inside": largest(binary),
-            "version_cold_s": round(cold, 3),
-            "version_warm_s": {
-                "median": round(statistics.median(warm), 3),
-                "min": round(min(warm), 3),
-                "max": round(max(warm), 3),
+            "version_cold_s": round(cold[0], 3),
+            "version_cold_cpu_s": {"user": round(cold[1], 3), "system": round(cold[2], 3)},
+            "version_warm_s": summary([w[0] for w in warm]),
+            "version_warm_cpu_s": {
+                "user": summary([w[1] for w in warm]),
+                "system": summary([w[2] for w in warm]),
             },
-            "start_to_registered_s": {
-                "median": round(statistics.median(registered), 3),
-                "min": round(min(registered), 3),
-                "max": round(max(registered), 3),
-            },
+            "start_to_registered_s": summary(registered),
             "extraction_dirs_left": left,
         },
         "targets": {
