@@ -379,3 +379,23 @@ def test_each_connector_plugin_has_the_one_version(plugin: str) -> None:
         version = tomllib.load(f)["project"]["version"]
     with (ROOT / "plugins" / plugin / "pyproject.toml").open("rb") as f:
         assert tomllib.load(f)["project"]["version"] == version
+
+
+def test_an_installed_worker_says_its_version_and_the_commit_of_its_checkout() -> None:
+    """Outside the binary (this editable install): the commit from git, no build date; and
+    `--version` imports none of the worker's heavy modules (it answers at once)."""
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "emp_worker.cli", "--version"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    head = subprocess.run(
+        ["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    version = importlib.metadata.version("emp")
+    assert done.stdout == f"emp-worker {version} (commit {head}, built unknown)\n"
+    imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines()}
+    assert "emp_worker.version" in imported
+    assert not imported & {"pydantic", "httpx", "websockets", "emp_worker.worker"}
