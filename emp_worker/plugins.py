@@ -395,6 +395,8 @@ def install(spec: str, folder: Path | None = None) -> list[str]:
     bundled = bundled_versions()
     if not bundled:
         return _install(spec, target, [])
+    if not Path(spec).exists() and _normal(spec) in bundled:
+        raise PluginError(f"{spec} {bundled[_normal(spec)]} is bundled with this worker")
     with tempfile.TemporaryDirectory(prefix="emp-plugin-") as tmp:
         constraints = Path(tmp) / "bundled.txt"
         constraints.write_text("".join(f"{n}=={v}\n" for n, v in sorted(bundled.items())))
@@ -406,7 +408,7 @@ def install(spec: str, folder: Path | None = None) -> list[str]:
         uninstall(name, target)
     refused = [n for n in added if n in again]
     if refused:
-        raise PluginError(f"{', '.join(refused)} is bundled with this worker; nothing to install")
+        raise PluginError(f"{', '.join(refused)} is bundled with this worker")
     return added
 
 

@@ -314,6 +314,18 @@ def test_a_plugin_that_needs_another_version_of_a_bundled_library_is_refused(
     assert list(Path(env["EMP_PLUGIN_DIR"]).iterdir()) == []  # nothing left installed
 
 
+def test_a_bundled_plugin_is_not_installed_again(binary: Binary, env: dict[str, str]) -> None:
+    done = run(binary, env, "plugins", "install", "emp-connector-simulation")
+    version = importlib.metadata.version("emp")
+    assert (done.returncode, done.stderr) == (
+        2,
+        f"emp-worker: emp-connector-simulation {version} is bundled with this worker\n",
+    )
+    assert not Path(env["EMP_PLUGIN_DIR"]).exists() or not any(
+        Path(env["EMP_PLUGIN_DIR"]).iterdir()
+    )
+
+
 def test_the_commands_of_the_page_run_as_written(
     binary: Binary, env: dict[str, str], hub: Cluster, tmp_path: Path
 ) -> None:
