@@ -16,7 +16,7 @@ It builds the binary with scripts/build-worker.sh (or takes --binary PATH), then
 
 Targets (issue 12): at most 40 MB; `--version` under 1 s; registered under 2 s.
 
-Usage: python -m benchmarks.binary [--binary PATH] [--runs 5] [--url REDIS_URL]
+Usage: python -m benchmarks.binary [--binary PATH] [--runs 5] [--url REDIS_URL] [--keep-cache]
 """
 
 from __future__ import annotations
@@ -148,11 +148,13 @@ async def registered_at_a_hub(binary: Path, redis_url: str, tmp: Path, runs: int
         return await registered_seconds(binary, running[0].url, tmp, runs)
 
 
-def measure(binary: Path, redis_url: str, runs: int, fresh: bool) -> dict[str, Any]:
+def measure(
+    binary: Path, redis_url: str, runs: int, fresh: bool, drop: bool = True
+) -> dict[str, Any]:
     """Every figure, in a TMPDIR of its own."""
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "TMPDIR": tmp}
-        dropped = drop_page_cache()
+        dropped = drop and drop_page_cache()
         cold = version_seconds(binary, env)
         warm = [version_seconds(binary, env) for _ in range(runs)]
         registered = asyncio.run(registered_at_a_hub(binary, redis_url, Path(tmp), runs))
@@ -199,10 +201,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--binary", help="a built binary (default: build one now)")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--url", help="Redis URL (default: an embedded Valkey in a temp dir)")
+    parser.add_argument(
+        "--keep-cache", action="store_true", help="do not drop the page cache before cold"
+    )
     args = parser.parse_args(argv)
     binary = Path(args.binary) if args.binary else build()
     with tempfile.TemporaryDirectory() as tmp, redis_url_or_embedded(args.url, Path(tmp)) as url:
-        report = measure(binary, url, args.runs, fresh=not args.binary)
+        report = measure(binary, url, args.runs, fresh=not args.binary, drop=not args.keep_cache)
     print(json.dumps(report, indent=2))
 
 

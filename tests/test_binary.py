@@ -379,6 +379,26 @@ def test_the_commands_of_the_page_run_as_written(
     no_extraction_left(env)
 
 
+def test_the_benchmark_reports_its_figures(binary: Binary, redis_url: str) -> None:
+    """benchmarks/binary.py runs on the built binary (figures only printed, never judged)."""
+    options = ["--binary", str(binary.path), "--runs", "1", "--url", redis_url, "--keep-cache"]
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.binary", *options],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    results = report["results"]
+    assert results["size_bytes"] == binary.path.stat().st_size
+    assert report["conditions"]["cold_cache_dropped"] is False
+    assert results["version_cold_s"] > 0 and results["start_to_registered_s"]["median"] > 0
+    assert results["extraction_dirs_left"] == []
+
+
 def test_health_reports_the_version_of_the_root_pyproject(hub: Cluster) -> None:
     assert hub.get("/health/live")["version"] == importlib.metadata.version("emp")
     with (ROOT / "pyproject.toml").open("rb") as f:
