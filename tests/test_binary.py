@@ -296,6 +296,30 @@ def test_a_plugin_installed_after_the_build_loads_at_the_next_start_and_runs_a_j
     }
 
 
+def test_a_plugin_that_imports_a_left_out_stdlib_module_is_reported(
+    binary: Binary, env: dict[str, str]
+) -> None:
+    """docs/binary.md: tkinter is not bundled; a plugin importing it fails to load, and
+    `plugins list` says why (the plugin is written into the plugin directory by hand)."""
+    plugins = Path(env["EMP_PLUGIN_DIR"])
+    (plugins / "emp_tk").mkdir(parents=True)
+    (plugins / "emp_tk" / "__init__.py").write_text("import tkinter\n")
+    (plugins / "emp_tk-1.0.dist-info").mkdir()
+    (plugins / "emp_tk-1.0.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: emp-tk\nVersion: 1.0\n"
+    )
+    (plugins / "emp_tk-1.0.dist-info" / "entry_points.txt").write_text(
+        "[emp_worker]\ntk = emp_tk\n"
+    )
+    listing = json.loads(run(binary, env, "plugins", "list", "--json").stdout)
+    [tk] = [p for p in listing["plugins"] if p["name"] == "emp-tk"]
+    assert (tk["origin"], tk["status"], tk["error"]) == (
+        "installed",
+        "error",
+        "ModuleNotFoundError: No module named 'tkinter'",
+    )
+
+
 def test_a_plugin_that_needs_another_version_of_a_bundled_library_is_refused(
     binary: Binary, env: dict[str, str], tmp_path: Path
 ) -> None:
