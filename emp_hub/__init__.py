@@ -1,3 +1,7 @@
 """emp hub: the broker on Redis and the HTTP/WebSocket API over it."""
 
-__version__ = "0.1.0"
+import importlib.metadata
+
+#: The `emp` distribution's version: the root pyproject.toml's, the one version of the
+#: hub, the worker and the plugins.
+__version__ = importlib.metadata.version("emp")

@@ -5,8 +5,10 @@ Plugin authors need `hookimpl` (to mark hook functions) and the classes of
 """
 
 from emp_worker.hookspecs import hookimpl, hookspec
+from emp_worker.version import version
 
-__version__ = "0.1.0"
+#: The `emp` distribution's version: the root pyproject.toml's (emp_worker/version.py).
+__version__ = version()
 #: The version of the plugin contract (the hooks, `emp_worker.connector`,
 #: `emp_worker.testing`): the minor goes up when something is added, the major when
 #: something is removed or changes meaning. See docs/plugins.md, "Versions".

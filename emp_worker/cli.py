@@ -21,16 +21,17 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
-from pydantic import AliasChoices, ValidationError
+from emp_worker import supervisor
+from emp_worker.version import version_line
 
-from emp_worker import __version__, supervisor
-from emp_worker.connector import Connector
-from emp_worker.plugins import PluginError, Plugins, install, plugin_dir, uninstall, unknown_hook
-from emp_worker.settings import WorkerSettings
-from emp_worker.worker import HubOutputs, Worker, WorkerRefused
+# The worker's modules (pydantic, httpx, websockets) are imported when a command needs them:
+# `emp-worker --version` and `--help` answer without them.
+if TYPE_CHECKING:
+    from emp_worker.connector import Connector
+    from emp_worker.plugins import Plugins
+    from emp_worker.settings import WorkerSettings
 
 
 class Refused(Exception):
@@ -39,6 +40,10 @@ class Refused(Exception):
 
 def load_settings(config: str | None) -> WorkerSettings:
     """The worker settings (environment, then the TOML file)."""
+    from pydantic import ValidationError
+
+    from emp_worker.settings import WorkerSettings
+
     if config is not None:
         path = Path(config)
         if not path.is_file():
@@ -55,6 +60,9 @@ def load_settings(config: str | None) -> WorkerSettings:
 
 def load_plugins(settings: WorkerSettings) -> Plugins:
     """Every allowed plugin, plus the built-in output store (uploads to the hub)."""
+    from emp_worker.plugins import PluginError, Plugins
+    from emp_worker.worker import HubOutputs
+
     plugins = Plugins()
     try:
         plugins.load()
@@ -66,6 +74,8 @@ def load_plugins(settings: WorkerSettings) -> Plugins:
 
 def make_connectors(settings: WorkerSettings, plugins: Plugins) -> list[Connector]:
     """Instances of the enabled connectors (all installed ones when none are named)."""
+    from pydantic import ValidationError
+
     names = settings.connectors or sorted(plugins.connectors)
     if not names:
         raise Refused(
@@ -92,6 +102,8 @@ def setting_variable(cls: type[Connector], loc: tuple[int | str, ...]) -> str:
     """The environment variable a connector's invalid setting came from (`EMP_<NAME>_STEP`;
     for a field with aliases, the one that is set): connector settings are read from the
     environment only."""
+    from pydantic import AliasChoices
+
     if not loc:
         return "settings"
     key = str(loc[0])
@@ -110,6 +122,8 @@ def setting_variable(cls: type[Connector], loc: tuple[int | str, ...]) -> str:
 
 async def run_worker(settings: WorkerSettings) -> int:
     """`emp-worker run`."""
+    from emp_worker.worker import HubOutputs, Worker
+
     plugins = load_plugins(settings)
     worker = Worker(settings, plugins, make_connectors(settings, plugins))
     logging.getLogger("emp_worker").info(
@@ -146,6 +160,11 @@ def ignore_late_stop_signals() -> None:
 
 async def doctor(settings: WorkerSettings) -> tuple[dict[str, Any], bool]:
     """What this worker would offer, and whether the hub and its connectors answer."""
+    import httpx
+
+    from emp_worker import __version__
+    from emp_worker.worker import Worker
+
     plugins = load_plugins(settings)
     report: dict[str, Any] = {"version": __version__, "hub": {"url": settings.hub_url}}
     healthy = True
@@ -234,6 +253,8 @@ def show_doctor(report: dict[str, Any]) -> str:
 
 def plugins_list(as_json: bool) -> str:
     """`emp-worker plugins list`."""
+    from emp_worker.plugins import Plugins, plugin_dir, unknown_hook
+
     plugins = Plugins()
     plugins.load(strict=False, listing=True)
     if as_json:
@@ -245,6 +266,7 @@ def plugins_list(as_json: bool) -> str:
         [
             i.name,
             i.version,
+            i.origin,
             i.status
             + (f": {i.error}" if i.error else "")
             + "".join(f"; {unknown_hook(h)}" for h in i.unknown_hooks),
@@ -253,7 +275,7 @@ def plugins_list(as_json: bool) -> str:
         ]
         for i in plugins.infos
     ]
-    return table(rows, ["plugin", "version", "status", "connectors", "hooks"])
+    return table(rows, ["plugin", "version", "from", "status", "connectors", "hooks"])
 
 
 def parser() -> argparse.ArgumentParser:
@@ -264,7 +286,7 @@ def parser() -> argparse.ArgumentParser:
         "through connector plugins. Settings come from EMP_* variables (see "
         "docs/configuration.md) and an optional TOML file.",
     )
-    top.add_argument("--version", action="version", version=f"emp-worker {__version__}")
+    top.add_argument("--version", action="version", version=version_line())
     top.add_argument("--log-level", default=os.environ.get("EMP_LOG_LEVEL", "info"))
     sub = top.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="connect to the hub and run jobs until stopped")
@@ -301,6 +323,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     if logging.getLogger().level > logging.DEBUG:  # one line per output upload is noise
         logging.getLogger("httpx").setLevel(logging.WARNING)
+    from emp_worker.plugins import PluginError
+    from emp_worker.worker import WorkerRefused
+
     try:
         sys.exit(dispatch(args))
     except (Refused, WorkerRefused, PluginError) as exc:
@@ -351,6 +376,8 @@ def supervisor_config(args: argparse.Namespace) -> int:
 
 def dispatch(args: argparse.Namespace) -> int:
     """Run one command; returns the exit status."""
+    from emp_worker.plugins import PluginError, install, plugin_dir, uninstall
+
     if args.command == "plugins":
         if args.action == "list":
             print(plugins_list(args.json))

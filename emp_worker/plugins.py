@@ -12,7 +12,9 @@ worker's own
 (comma list of distribution names; empty: none) and `EMP_DISABLE_PLUGINS` choose which
 load. Plugins installed later
 live in the plugin directory (`EMP_PLUGIN_DIR`), appended to sys.path, never prepended,
-so they cannot shadow the worker's own packages.
+so they cannot shadow the worker's own packages. In the single-file worker (a PyInstaller
+binary: `sys.frozen`) pip runs in-process and installs binary wheels only, constrained to
+the versions of the distributions bundled with it (docs/binary.md).
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ import importlib.metadata
 import inspect
 import logging
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +56,9 @@ class PluginInfo:
     name: str
     version: str
     status: str  # "loaded", "error", "disabled"
+    #: Where it came from: "bundled" (in the single-file worker), "installed" (the plugin
+    #: directory) or "environment" (the worker's Python environment).
+    origin: str = "environment"
     hooks: list[str] = field(default_factory=list)
     connectors: list[str] = field(default_factory=list)
     error: str | None = None
@@ -71,6 +78,25 @@ def plugin_dir() -> Path:
     """`EMP_PLUGIN_DIR`, or the per-user default."""
     configured = os.environ.get("EMP_PLUGIN_DIR")
     return Path(configured).expanduser() if configured else default_plugin_dir()
+
+
+def bundle_dir() -> Path | None:
+    """Where the single-file worker unpacked itself (None outside a binary)."""
+    folder = getattr(sys, "_MEIPASS", None) if getattr(sys, "frozen", False) else None
+    return Path(folder) if folder else None
+
+
+def origin(dist: importlib.metadata.Distribution | None) -> str:
+    """Where a distribution was found: "bundled", "installed" or "environment"."""
+    if dist is None:
+        return "environment"
+    home = Path(str(dist.locate_file(""))).resolve()
+    bundle = bundle_dir()
+    if bundle is not None and home == bundle.resolve():
+        return "bundled"
+    if home == plugin_dir().expanduser().resolve():
+        return "installed"
+    return "environment"
 
 
 def use_plugin_dir(path: Path | None = None) -> Path:
@@ -147,7 +173,7 @@ class Plugins:
             if (dist, ep.value) in seen:  # the same distribution found twice on sys.path
                 continue
             seen.add((dist, ep.value))
-            info = PluginInfo(dist, version, "loaded")
+            info = PluginInfo(dist, version, "loaded", origin(ep.dist))
             self.infos.append(info)
             self._entry_points.setdefault(ep.name, info)
             if (allowed is not None and _normal(dist) not in allowed) or _normal(dist) in disabled:
@@ -328,21 +354,68 @@ async def first_answer(caller: pluggy.HookCaller, **kwargs: Any) -> Any:
 
 
 def pip(*args: str) -> None:
-    """Run pip of this Python; raises PluginError when it fails."""
+    """Run pip for this Python; raises PluginError when it fails. In the single-file worker
+    pip runs in-process (it is bundled; the binary is no Python to start pip with) and
+    writes its own messages."""
+    if bundle_dir() is not None:
+        from pip._internal.cli.main import main as pip_main
+
+        os.environ.setdefault("PIP_ROOT_USER_ACTION", "ignore")  # root on a GPU box: fine
+        code = pip_main(["--disable-pip-version-check", "--quiet", *args])
+        if code != 0:
+            raise PluginError(f"pip {' '.join(args)} failed (exit status {code})")
+        return
     command = [sys.executable, "-m", "pip", "--disable-pip-version-check", *args]
     done = subprocess.run(command, check=False, capture_output=True, text=True)
     if done.returncode != 0:
         raise PluginError(f"pip {' '.join(args)} failed:\n{done.stderr.strip()[-2000:]}")
 
 
+def bundled_versions() -> dict[str, str]:
+    """The distributions bundled with the single-file worker: name -> version."""
+    bundle = bundle_dir()
+    if bundle is None:
+        return {}
+    return {
+        _normal(d.metadata["Name"]): d.version
+        for d in importlib.metadata.distributions(path=[str(bundle)])
+    }
+
+
 def install(spec: str, folder: Path | None = None) -> list[str]:
     """Install a plugin (a name, a wheel or a project folder) into the plugin directory.
     Its requirements that the worker already satisfies are not installed again. Returns the
-    distributions it added."""
+    distributions it added.
+
+    In the single-file worker: binary wheels only, for this interpreter (pip runs in it),
+    with the bundled distributions' versions as constraints; a project folder is built into
+    a wheel first by a Python found outside (`EMP_BUILD_PYTHON`, else `python3`); a
+    bundled distribution is never installed."""
     target = folder or plugin_dir()
     target.mkdir(parents=True, exist_ok=True)
+    bundled = bundled_versions()
+    if not bundled:
+        return _install(spec, target, [])
+    if not Path(spec).exists() and _normal(spec) in bundled:
+        raise PluginError(f"{spec} {bundled[_normal(spec)]} is bundled with this worker")
+    with tempfile.TemporaryDirectory(prefix="emp-plugin-") as tmp:
+        constraints = Path(tmp) / "bundled.txt"
+        constraints.write_text("".join(f"{n}=={v}\n" for n, v in sorted(bundled.items())))
+        if Path(spec).is_dir():
+            spec = build_wheel(Path(spec), Path(tmp))
+        added = _install(spec, target, ["--only-binary=:all:", "--constraint", str(constraints)])
+    again = [d for d in _dists_in(target) if _normal(d) in bundled]
+    for name in again:  # a requirement the worker carries (same version: the constraints)
+        uninstall(name, target)
+    refused = [n for n in added if n in again]
+    if refused:
+        raise PluginError(f"{', '.join(refused)} is bundled with this worker")
+    return added
+
+
+def _install(spec: str, target: Path, options: list[str]) -> list[str]:
     before = _dists_in(target)
-    pip("install", "--upgrade", "--no-deps", "--target", str(target), spec)
+    pip("install", "--upgrade", "--no-deps", *options, "--target", str(target), spec)
     added = sorted(_dists_in(target) - before) or sorted(_dists_in(target))
     missing: list[str] = []
     for dist in importlib.metadata.distributions(path=[str(target)]):
@@ -355,8 +428,31 @@ def install(spec: str, folder: Path | None = None) -> list[str]:
             if not _satisfied(req, target):
                 missing.append(str(req))
     if missing:
-        pip("install", "--target", str(target), "--upgrade", *missing)
+        try:
+            pip("install", *options, "--target", str(target), "--upgrade", *missing)
+        except PluginError:  # the plugin cannot run without them: take it out again
+            for name in sorted(_dists_in(target) - before):
+                uninstall(name, target)
+            raise
     return added
+
+
+def build_wheel(project: Path, out: Path) -> str:
+    """Build a project folder into a wheel with a Python outside the binary (the binary
+    carries no build backends); the wheel's path."""
+    python = os.environ.get("EMP_BUILD_PYTHON") or shutil.which("python3")
+    if not python:
+        raise PluginError(
+            f"building {project} into a wheel needs Python 3 with pip (set EMP_BUILD_PYTHON);"
+            " or build the wheel elsewhere (pip wheel --no-deps DIR) and install that"
+        )
+    command = [python, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", str(out)]
+    command.append(str(project.resolve()))  # a path, never read as a name on the index
+    done = subprocess.run(command, check=False, capture_output=True, text=True)
+    wheels = sorted(out.glob("*.whl"))
+    if done.returncode != 0 or not wheels:
+        raise PluginError(f"building {project} into a wheel failed:\n{done.stderr.strip()[-2000:]}")
+    return str(wheels[0])
 
 
 def uninstall(name: str, folder: Path | None = None) -> None:

@@ -51,12 +51,12 @@ class Proc:
                 self.popen.wait()
 
 
-def spawn(args: list[str], env: dict[str, str], log: Path) -> Proc:
-    """Start `python -m ...args` with the environment, logging to `log`."""
+def spawn(args: list[str], env: dict[str, str], log: Path, program: str | None = None) -> Proc:
+    """Start `python -m ...args` (or `program ...args`) with the environment, logging to
+    `log`."""
     handle = log.open("wb")
-    popen = subprocess.Popen(
-        [sys.executable, "-m", *args], env=env, stdout=handle, stderr=subprocess.STDOUT
-    )
+    command = [program, *args] if program else [sys.executable, "-m", *args]
+    popen = subprocess.Popen(command, env=env, stdout=handle, stderr=subprocess.STDOUT)
     return Proc(popen, log)
 
 
@@ -102,8 +102,9 @@ class Cluster:
             time.sleep(0.1)
         raise AssertionError(f"the hub did not start:\n{self.hub.text()}")
 
-    def start_worker(self, worker_id: str, **env: str) -> Proc:
-        """Start `emp-worker run` with the simulation connector (1 s jobs by default)."""
+    def start_worker(self, worker_id: str, program: str | None = None, **env: str) -> Proc:
+        """Start `emp-worker run` with the simulation connector (1 s jobs by default); by
+        `program` (the single-file worker) if given, else this Python's emp_worker."""
         full = {
             **os.environ,
             "EMP_HUB_URL": f"ws://127.0.0.1:{self.port}",
@@ -117,7 +118,8 @@ class Cluster:
             "EMP_PROGRESS_INTERVAL_S": "0",
             **env,
         }
-        proc = spawn(["emp_worker.cli", "run"], full, self.tmp / f"worker-{worker_id}.log")
+        args = ["run"] if program else ["emp_worker.cli", "run"]
+        proc = spawn(args, full, self.tmp / f"worker-{worker_id}.log", program)
         self.workers[worker_id] = proc
         return proc
 

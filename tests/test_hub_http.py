@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import json
 import re
 from collections.abc import AsyncIterator
@@ -269,8 +270,9 @@ async def test_operations_endpoints(http: httpx.AsyncClient, broker: Broker) -> 
     queues = (await http.get("/api/queues")).json()
     assert queues["unschedulable_jobs"] == 1 and queues["live_workers"] == 1
     assert queues["classes"][0]["by_priority"] == {"2": 1}
-    assert (await http.get("/health/live")).json() == {"status": "ok"}
-    assert (await http.get("/health/ready")).json() == {"status": "ok"}
+    version = importlib.metadata.version("emp")  # the root pyproject.toml's
+    assert (await http.get("/health/live")).json() == {"status": "ok", "version": version}
+    assert (await http.get("/health/ready")).json() == {"status": "ok", "version": version}
     assert "/api/jobs" in (await http.get("/openapi.json")).json()["paths"]
     assert (await http.get("/docs")).status_code == 200
 

@@ -335,6 +335,8 @@ def test_an_external_plugin_wheel_installed_by_the_cli_runs_a_job(
     listed = json.loads(_worker_cli(env, "plugins", "list", "--json").stdout)
     echo = next(p for p in listed["plugins"] if p["name"] == "emp-connector-echo")
     assert (echo["status"], echo["version"], echo["connectors"]) == ("loaded", "1.2.3", ["echo"])
+    simulation = next(p for p in listed["plugins"] if p["name"] == "emp-connector-simulation")
+    assert (echo["origin"], simulation["origin"]) == ("installed", "environment")
     hub.start_worker("w-echo", EMP_CONNECTORS="echo")
     job = hub.wait_job(hub.submit(job_type="echo", payload={"say": "hi"}))
     assert (job["status"], job["result"]) == ("completed", {"echo": {"say": "hi"}})

@@ -16,6 +16,7 @@ from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+import emp_hub
 from emp_hub.auth import Principal, Role
 from emp_hub.broker import (
     PRIORITY_MAX,
@@ -643,8 +644,8 @@ async def metrics(request: Request, hub: HubDep, principal: Operator) -> Respons
 
 @router.get("/health/live", tags=["operations"])
 async def live() -> dict[str, str]:
-    """The process answers."""
-    return {"status": "ok"}
+    """The process answers; the hub's version."""
+    return {"status": "ok", "version": emp_hub.__version__}
 
 
 @router.get("/health/ready", tags=["operations"], responses={503: {}})
@@ -653,8 +654,11 @@ async def ready(hub: HubDep) -> Response:
     try:
         await asyncio.wait_for(hub.redis.ping(), timeout=2)
     except Exception as exc:
-        return JSONResponse({"status": "unavailable", "reason": str(exc)}, status_code=503)
-    return JSONResponse({"status": "ok"})
+        return JSONResponse(
+            {"status": "unavailable", "reason": str(exc), "version": emp_hub.__version__},
+            status_code=503,
+        )
+    return JSONResponse({"status": "ok", "version": emp_hub.__version__})
 
 
 # -- errors ------------------------------------------------------------------------------
