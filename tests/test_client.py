@@ -307,10 +307,12 @@ async def test_cli_failed_operations_say_what_to_do_and_exit_1(
     )  # fmt: skip
     try:
         web = f"http://127.0.0.1:{port}"
-        for _ in range(100):
-            code, _, err = await run_emp("--hub", web, "queues")
-            if "cannot reach" not in err:
-                break
+
+        async def reached() -> tuple[int, str, str] | None:
+            answer = await run_emp("--hub", web, "queues")
+            return None if "cannot reach" in answer[2] else answer
+
+        code, _, err = await eventually(reached, within_s=30, what="the web server up")
         assert code == 1
         assert one_line(err) == (
             f"emp: {web} did not answer GET /api/queues as an emp hub does "

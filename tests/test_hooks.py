@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Generator
+from functools import partial
 from pathlib import Path
 from typing import Any, get_args
 
@@ -333,14 +334,6 @@ async def offered(hub: TestHub) -> list[str]:
     return list(worker["capabilities"]["services"])
 
 
-async def until_true(check: Any, within_s: float = 10) -> None:
-    for _ in range(int(within_s / 0.02)):
-        if await check():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("the condition did not come true")
-
-
 async def test_a_connector_that_is_down_is_not_offered_and_a_running_job_is_left_alone() -> None:
     """Down at start: its service is not offered (the job waits, the hub says why); up:
     offered, the job runs; down again (or its health check raising) while a job runs: the
@@ -354,18 +347,14 @@ async def test_a_connector_that_is_down_is_not_offered_and_a_running_job_is_left
         assert pending["status"] == "pending"
         assert pending["unschedulable"].startswith("no live worker offers service 'flaky'")
         flaky.up = True
-
-        async def running() -> bool:
-            return job_id in hub.worker.running
-
-        await until_true(running)
+        await until_running(hub, job_id)
         assert await offered(hub) == ["flaky"]
         flaky.raises = True  # down while the job runs
 
         async def withdrawn() -> bool:
             return await offered(hub) == []
 
-        await until_true(withdrawn)
+        await eventually(withdrawn, what="flaky withdrawn")
         assert "RuntimeError: the health probe broke" in hub.worker.health["flaky"].detail
         flaky.go.set()
         job = await hub.wait(job_id)
@@ -428,17 +417,17 @@ async def test_uploads_and_fetches_reuse_one_connection_to_the_hub(tmp_path: Pat
                 httpx.AsyncClient(base_url=url) as http,
             ):
                 before = opened  # the WebSocket, and running_worker's wait for it
+
+                async def completed(job_id: str) -> dict[str, Any] | None:
+                    job: dict[str, Any] = (await http.get(f"/api/jobs/{job_id}")).json()
+                    return job if job["status"] == "completed" else None
+
                 jobs: list[dict[str, Any]] = []
                 for n in range(3):
                     payload = {"input": jobs[0]["result"]["outputs"][0]} if n == 2 else {}
                     body = {"job_type": "twice", "payload": payload}
                     job_id = (await http.post("/api/jobs", json=body)).json()["job_id"]
-                    for _ in range(500):
-                        job = (await http.get(f"/api/jobs/{job_id}")).json()
-                        if job["status"] == "completed":
-                            break
-                        await asyncio.sleep(0.02)
-                    jobs.append(job)
+                    jobs.append(await eventually(partial(completed, job_id), what=f"{job_id} done"))
                 assert [len(j["result"]["outputs"]) for j in jobs] == [2, 2, 2]
                 assert jobs[2]["result"]["input"] == "a.txt"
                 assert opened - before == 1

@@ -598,10 +598,9 @@ async def test_outputs_follow_the_job_retention(
         assert len(files_under(tmp_path)) == 4
         done, running = claims
         await broker.complete(done.job.id, done.token, None)
-        for _ in range(100):
-            if len(files_under(tmp_path)) == 2:
-                break
-            await asyncio.sleep(0.1)
+        await eventually(
+            lambda: len(files_under(tmp_path)) == 2, every_s=0.1, what="two output files left"
+        )
         left = files_under(tmp_path)
         assert [Path(f).name for f in left] == ["out.png", "out.png.meta"]
         r = await http.get(f"/api/jobs/{running.job.id}/outputs/out.png")
@@ -643,10 +642,11 @@ async def test_classes_and_metrics_stay_bounded(
             for c in claims:
                 await broker.complete(c.job.id, c.token, None)
         classes = broker.key("classes")
-        for _ in range(100):
-            if await redis_client.hlen(classes) == 200:  # the 200 services, still pending
-                break
-            await asyncio.sleep(0.1)
+
+        async def all_classes() -> bool:  # the 200 services, still pending
+            return await redis_client.hlen(classes) == 200
+
+        await eventually(all_classes, every_s=0.1, what="200 classes")
         assert await redis_client.hlen(classes) == 200
         queues = (await http.get("/api/queues")).json()
         assert {c["requirements"]["service"] for c in queues["classes"]} == {

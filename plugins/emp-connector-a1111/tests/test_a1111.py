@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from conftest import serve, wait_for
+from conftest import serve
 from emp_connector_a1111 import A1111Connector, A1111Settings, describe_error
 from fake_a1111 import FakeA1111, png
 
@@ -20,7 +19,7 @@ from emp_hub.testing import connector_hub
 from emp_worker.cli import doctor
 from emp_worker.connector import JobFailed
 from emp_worker.settings import WorkerSettings
-from emp_worker.testing import fake_context
+from emp_worker.testing import eventually, fake_context
 
 SD15 = "v1-5-pruned-emaonly.safetensors [6ce0161689]"
 SDXL = "sd_xl_base_1.0.safetensors [31e35c80fc]"
@@ -153,11 +152,11 @@ async def test_cancel_interrupts_a1111() -> None:
     fake = FakeA1111(step_s=0.05)
     async with serve(fake) as url, connector_hub(connector(url)) as hub:
         job_id = await hub.submit("a1111", {"prompt": "slow", "steps": 200})
-        await wait_for(lambda: fake.sampling_step > 2)
+        await eventually(lambda: fake.sampling_step > 2, what="sampling under way")
         await hub.cancel(job_id)
         job = await hub.wait(job_id, within_s=10)
         assert job["status"] == "cancelled", job
-        await wait_for(lambda: fake.job_count == 0, within_s=5)  # nothing left running
+        await eventually(lambda: fake.job_count == 0, within_s=5, what="nothing left running")
         assert fake.interrupts >= 1 and fake.sampling_step < 200
         after = await hub.run("a1111", {"prompt": "next", "steps": 3})
         assert after["status"] == "completed" and after["result"]["info"]["steps"] == 3
@@ -275,20 +274,22 @@ async def test_dying_mid_job_fails_retryable() -> None:
     try:
         url = f"http://127.0.0.1:{port}"
         async with httpx.AsyncClient() as http:
-            deadline = time.monotonic() + 20
-            while True:
+
+            async def answers() -> bool:
                 try:
                     await http.get(f"{url}/sdapi/v1/progress")
-                    break
                 except httpx.TransportError:
-                    assert time.monotonic() < deadline
-                    await asyncio.sleep(0.05)
+                    return False
+                return True
+
+            await eventually(answers, within_s=20, every_s=0.05, what="the fake A1111 up")
         async with connector_hub(connector(url), broker={"retry_base_s": 0}) as hub:
             job_id = await hub.submit("a1111", {"prompt": "x", "steps": 400}, max_attempts=2)
-            deadline = time.monotonic() + 20
-            while (await hub.job(job_id))["progress"] <= 0:
-                assert time.monotonic() < deadline
-                await asyncio.sleep(0.02)
+
+            async def progressed() -> bool:
+                return bool((await hub.job(job_id))["progress"] > 0)
+
+            await eventually(progressed, within_s=20, what="progress reported")
             process.kill()
             job = await hub.wait(job_id, within_s=20)
             assert job["status"] == "failed", job
@@ -303,7 +304,7 @@ async def test_interrupted_by_someone_else_fails_retryable() -> None:
     fake = FakeA1111(step_s=0.02)
     async with serve(fake) as url, connector_hub(connector(url)) as hub:
         job_id = await hub.submit("a1111", {"prompt": "x", "steps": 200}, max_attempts=1)
-        await wait_for(lambda: fake.sampling_step > 2)
+        await eventually(lambda: fake.sampling_step > 2, what="sampling under way")
         async with httpx.AsyncClient() as http:  # another client of the same A1111
             await http.post(f"{url}/sdapi/v1/interrupt")
         job = await hub.wait(job_id, within_s=10)
@@ -318,7 +319,7 @@ async def test_a_timed_out_job_interrupts_a1111() -> None:
             "a1111", {"prompt": "slow", "steps": 400}, job_timeout=1, max_attempts=1
         )
         assert job["status"] == "failed", job
-        await wait_for(lambda: fake.job_count == 0, within_s=5)
+        await eventually(lambda: fake.job_count == 0, within_s=5, what="no job left")
         assert fake.interrupts >= 1 and fake.sampling_step < 400
 
 

@@ -8,7 +8,7 @@ import copy
 import itertools
 import json
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from emp_hub.testing import connector_hub, running_hub  # noqa: F401
 from emp_worker.cli import doctor
 from emp_worker.connector import JobFailed
 from emp_worker.settings import WorkerSettings
-from emp_worker.testing import fake_context
+from emp_worker.testing import eventually, fake_context
 
 TRANSCRIPTS = Path(__file__).parent / "transcripts"
 
@@ -51,15 +51,6 @@ def settings(url: str, **values: Any) -> ComfyUISettings:
 
 
 Served = tuple[FakeComfyUI, str, Any]
-
-
-async def until(check: Callable[[], object], within_s: float = 10) -> None:
-    """Wait for `check()` to be true."""
-    for _ in range(int(within_s / 0.01)):
-        if check():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("the condition did not come true")
 
 
 @pytest.fixture
@@ -283,16 +274,13 @@ async def test_cancel_running_interrupts_it_in_comfyui(comfy: Served) -> None:
     fake.node_s = 0.5
     async with connector_hub(ComfyUIConnector(settings(url))) as hub:
         job_id = await hub.submit("comfyui", {"workflow": recorded_workflow()})
-        await until(lambda: fake.running is not None)
+        await eventually(lambda: fake.running is not None, what="a prompt running")
         assert fake.running is not None
         prompt_id = fake.running[1]
         await hub.cancel(job_id)
         job = await hub.wait(job_id)
         assert job["status"] == "cancelled"
-        for _ in range(100):
-            if prompt_id in fake.history:
-                break
-            await asyncio.sleep(0.05)
+        await eventually(lambda: prompt_id in fake.history, within_s=5, what="its history")
     assert fake.history[prompt_id]["status"]["status_str"] == "error"
     assert f'POST /interrupt {{"prompt_id": "{prompt_id}"}}' in fake.requests
     assert fake.running is None and fake.pending == []
@@ -303,13 +291,10 @@ async def test_cancel_queued_deletes_it_from_the_queue(comfy: Served) -> None:
     fake.hold.clear()  # nothing leaves ComfyUI's queue
     async with connector_hub(ComfyUIConnector(settings(url))) as hub:
         job_id = await hub.submit("comfyui", {"workflow": recorded_workflow()})
-        await until(lambda: fake.pending)
+        await eventually(lambda: fake.pending, what="a prompt queued")
         await hub.cancel(job_id)
         assert (await hub.wait(job_id))["status"] == "cancelled"
-        for _ in range(100):
-            if not fake.pending:
-                break
-            await asyncio.sleep(0.05)
+        await eventually(lambda: not fake.pending, within_s=5, what="the queue empty")
     assert fake.pending == [] and fake.prompts_run == []
     assert any(r.startswith('POST /queue {"delete"') for r in fake.requests)
 
@@ -356,7 +341,7 @@ async def test_comfyui_dying_mid_job_fails_retryable() -> None:
         run = asyncio.create_task(
             ComfyUIConnector(settings(url, reconnect_s=0.5)).run(ctx.job, ctx)
         )
-        await until(lambda: fake.running is not None)
+        await eventually(lambda: fake.running is not None, what="a prompt running")
         server.should_exit = True
         await fake.drop_sockets()
         with pytest.raises(JobFailed) as failed:
@@ -584,14 +569,16 @@ async def test_through_the_hub_comfyui_dying_mid_job_fails_retryable() -> None:
         connector = ComfyUIConnector(settings(url, reconnect_s=0.3))
         async with connector_hub(connector, broker={"retry_base_s": 60}) as hub:
             job_id = await hub.submit("comfyui", {"workflow": recorded_workflow()}, max_attempts=2)
-            await until(lambda: fake.running is not None)
+            await eventually(lambda: fake.running is not None, what="a prompt running")
             server.should_exit = True
             await fake.drop_sockets()
-            for _ in range(200):  # the retryable failure recorded; the retry waits 60 s
+
+            async def failed_once() -> dict[str, Any] | None:
                 job = await hub.job(job_id)
-                if job["failures"]:
-                    break
-                await asyncio.sleep(0.05)
+                return job if job["failures"] else None
+
+            # the retryable failure recorded; the retry waits 60 s
+            job = await eventually(failed_once, every_s=0.05, what="a failure recorded")
             assert (job["failures"], job["status"]) == (1, "delayed"), job
             assert "lost ComfyUI" in job["error"], job
 

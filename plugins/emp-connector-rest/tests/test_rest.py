@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -15,21 +14,12 @@ from emp_hub.testing import connector_hub
 from emp_worker.cli import doctor
 from emp_worker.connector import Health, JobFailed
 from emp_worker.settings import WorkerSettings
-from emp_worker.testing import fake_context
+from emp_worker.testing import eventually, fake_context
 
 
 def instance(name: str = "rest", **values: Any) -> Instance:
     settings = {"retries": 2, "retry_backoff_s": 0.01, "poll_interval": 0.02, **values}
     return Instance(name=name, settings=RestInstance.model_validate(settings))
-
-
-async def until(condition: Callable[[], bool]) -> None:
-    """Wait until the condition holds (at most 5 s)."""
-    for _ in range(500):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("the condition never held")
 
 
 def connector(*instances: Instance) -> RestConnector:
@@ -214,11 +204,17 @@ async def test_cancel_calls_the_services_cancel_endpoint() -> None:
         rest = connector(async_instance(fake.url))
         async with connector_hub(rest) as hub:
             job_id = await hub.submit("tasks", {"p": 1})
-            await until(lambda: job_id in hub.worker.running and "t1" in fake.tasks)
+            await eventually(
+                lambda: job_id in hub.worker.running and "t1" in fake.tasks,
+                within_s=5,
+                what="task t1 running",
+            )
             await hub.cancel(job_id)
             job = await hub.wait(job_id, within_s=10)
             assert job["status"] == "cancelled", job
-            await until(lambda: "POST /tasks/t1/cancel" in fake.calls)
+            await eventually(
+                lambda: "POST /tasks/t1/cancel" in fake.calls, within_s=5, what="the cancel call"
+            )
             assert fake.tasks["t1"].state == "cancelled" and rest.remote == {}
 
 
@@ -258,7 +254,11 @@ async def test_service_dying_mid_job_fails_retryable_without_hanging() -> None:
         rest = connector(async_instance(fake.url))
         ctx = fake_context("tasks", {})
         run = asyncio.create_task(rest.run(ctx.job, ctx))
-        await until(lambda: "t1" in fake.tasks and fake.tasks["t1"].polls >= 2)
+        await eventually(
+            lambda: "t1" in fake.tasks and fake.tasks["t1"].polls >= 2,
+            within_s=5,
+            what="two polls of t1",
+        )
         await fake.stop()
         with pytest.raises(JobFailed) as failed:
             await asyncio.wait_for(run, 10)
@@ -270,7 +270,11 @@ async def test_service_dying_mid_job_through_the_hub_is_retried_then_fails() -> 
         rest = connector(async_instance(fake.url))
         async with connector_hub(rest, broker={"retry_base_s": 0}) as hub:
             job_id = await hub.submit("tasks", {}, max_attempts=2)
-            await until(lambda: "t1" in fake.tasks and fake.tasks["t1"].polls >= 2)
+            await eventually(
+                lambda: "t1" in fake.tasks and fake.tasks["t1"].polls >= 2,
+                within_s=5,
+                what="two polls of t1",
+            )
             await fake.stop()
             job = await hub.wait(job_id, within_s=30)
             assert (job["status"], job["attempt"], job["failures"]) == ("failed", 2, 2), job
