@@ -7,13 +7,13 @@ import os
 import re
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from emp_hub.embedded import free_port
+from tests.processes import eventually_sync
 
 pytestmark = pytest.mark.worker
 
@@ -51,16 +51,16 @@ def test_the_readme_runs_as_written(tmp_path: Path) -> None:
         stderr=subprocess.STDOUT,
     )
     try:
-        deadline = time.monotonic() + 60
-        while True:
+
+        def ready() -> bool:
             assert hub.poll() is None, (tmp_path / "hub.log").read_text()
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/health/ready").status_code == 200:
-                    break
+                return httpx.get(f"http://127.0.0.1:{port}/health/ready").status_code == 200
             except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, (tmp_path / "hub.log").read_text()
-            time.sleep(0.2)
+                return False
+
+        log = (tmp_path / "hub.log").read_text
+        eventually_sync(ready, within_s=60, every_s=0.2, what="the hub ready", log=log)
         script = "\n".join(
             [
                 "set -euo pipefail",
