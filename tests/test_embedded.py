@@ -23,6 +23,8 @@ from emp_hub.logs import redact
 from emp_hub.settings import HubSettings
 from tests.processes import Cluster, eventually_sync, spawn
 
+pytestmark = pytest.mark.slow
+
 
 def mode(path: Path) -> int:
     """The permission bits of a file or directory."""

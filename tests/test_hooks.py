@@ -110,6 +110,7 @@ class MemoryStore:
         return OutputRef(name=name, size=len(data), content_type=content_type, url="mem://x")
 
 
+@pytest.mark.slow
 async def test_an_async_store_output_that_passes_lets_the_next_one_store() -> None:
     """An async implementation answering None passes to the next (here a plain one that
     passes too, then the default upload), as a plain one does."""
@@ -123,6 +124,7 @@ async def test_an_async_store_output_that_passes_lets_the_next_one_store() -> No
     assert first.seen == second.seen == ["out.txt"]
 
 
+@pytest.mark.slow
 async def test_the_first_async_answer_wins() -> None:
     memory, later = MemoryStore(), SyncPass()
     async with connector_hub(Writer(), plugins=[later, memory]) as hub:
@@ -132,6 +134,7 @@ async def test_the_first_async_answer_wins() -> None:
     assert memory.files == {"out.txt": b"written"} and later.seen == []
 
 
+@pytest.mark.slow
 async def test_a_store_output_wrapper_is_an_error_naming_the_plugin() -> None:
     class Wrapping:
         @hookimpl(wrapper=True)
@@ -230,6 +233,7 @@ class Outcomes:
         self.finished[context.job.id] = (outcome, error)
 
 
+@pytest.mark.slow
 async def test_job_finished_outcomes_are_the_documented_literal() -> None:
     recorder, writer = Outcomes(), Writer()
     async with connector_hub(writer, plugins=[recorder], drain_timeout_s=60) as hub:
@@ -278,6 +282,7 @@ def test_connector_capabilities_have_no_unread_field() -> None:
 # -- the testing helper ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_connector_hub_takes_broker_settings() -> None:
     """Quick retries for a plugin's retry test: the broker's settings reach the hub."""
     async with connector_hub(Writer(), broker={"retry_base_s": 0, "max_attempts": 4}) as hub:
@@ -285,6 +290,7 @@ async def test_connector_hub_takes_broker_settings() -> None:
         assert (job["status"], job["attempt"], job["max_attempts"]) == ("completed", 2, 4)
 
 
+@pytest.mark.slow
 async def test_connector_hub_runs_the_connectors_a_plugin_registers() -> None:
     class Plugin:
         @hookimpl
@@ -334,6 +340,7 @@ async def offered(hub: TestHub) -> list[str]:
     return list(worker["capabilities"]["services"])
 
 
+@pytest.mark.slow
 async def test_a_connector_that_is_down_is_not_offered_and_a_running_job_is_left_alone() -> None:
     """Down at start: its service is not offered (the job waits, the hub says why); up:
     offered, the job runs; down again (or its health check raising) while a job runs: the
@@ -364,6 +371,7 @@ async def test_a_connector_that_is_down_is_not_offered_and_a_running_job_is_left
 # -- the built-in output store ----------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_uploads_and_fetches_reuse_one_connection_to_the_hub(tmp_path: Path) -> None:
     """The worker's uploads (and hub fetches) go over kept-alive connections: through a
     proxy that counts connections, six outputs of three jobs and an input open one

@@ -20,7 +20,7 @@ import websockets
 from emp_hub.embedded import free_port
 from emp_worker.testing import eventually
 
-pytestmark = pytest.mark.hub
+pytestmark = [pytest.mark.slow, pytest.mark.hub]
 
 
 @asynccontextmanager

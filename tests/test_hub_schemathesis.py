@@ -18,7 +18,7 @@ from schemathesis.checks import not_a_server_error
 from emp_hub.embedded import free_port
 from tests.processes import eventually_sync
 
-pytestmark = pytest.mark.hub
+pytestmark = [pytest.mark.slow, pytest.mark.hub]
 
 
 @pytest.fixture(scope="module")

@@ -340,6 +340,7 @@ class Server:
         assert self.proc.wait(10) == 0
 
 
+@pytest.mark.slow
 def test_restoring_a_snapshot_needs_aof_off_first(tmp_path: Path) -> None:
     """What docs/deploy.md's restore procedure relies on: a server with AOF on ignores an
     RDB file (it starts empty); loaded with AOF off, then AOF turned on, the data is in the

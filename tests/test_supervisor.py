@@ -30,7 +30,7 @@ from tests.shipping import (
     supervisord,
 )
 
-pytestmark = pytest.mark.worker
+pytestmark = [pytest.mark.slow, pytest.mark.worker]
 
 
 def supervisor_config(*args: str, env: dict[str, str] | None = None) -> str:

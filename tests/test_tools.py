@@ -26,6 +26,8 @@ from emp_hub.demos.broker import run_demo
 from emp_hub.demos.system import WORKERS, summary_table
 from tests.processes import eventually_sync
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).parent.parent
 
 

@@ -217,6 +217,7 @@ async def wait_status(hub: TestHub, job_id: str, status: str) -> dict[str, Any]:
     return await eventually(job_if_there, every_s=0.05, what=f"{job_id} {status}")
 
 
+@pytest.mark.slow
 async def test_cancel_interrupts_the_connector(hub_url: str) -> None:
     sleepy = Sleepy()
     async with running_worker(hub_url, [sleepy]) as worker:
@@ -230,6 +231,7 @@ async def test_cancel_interrupts_the_connector(hub_url: str) -> None:
         await hub.http.aclose()
 
 
+@pytest.mark.slow
 async def test_timeout_interrupts_the_connector_and_fails_the_attempt(hub_url: str) -> None:
     sleepy = Sleepy()
     async with running_worker(hub_url, [sleepy]) as worker:
@@ -241,6 +243,7 @@ async def test_timeout_interrupts_the_connector_and_fails_the_attempt(hub_url: s
         await hub.http.aclose()
 
 
+@pytest.mark.slow
 async def test_a_second_signal_hands_back_at_once(
     hub_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -18,7 +18,7 @@ import pytest
 
 from tests.processes import Cluster, cluster, eventually_sync
 
-pytestmark = pytest.mark.worker
+pytestmark = [pytest.mark.slow, pytest.mark.worker]
 
 
 @pytest.fixture

@@ -32,6 +32,7 @@ def connector(url: str, **values: Any) -> A1111Connector:
     return A1111Connector(settings)
 
 
+@pytest.mark.slow
 async def test_txt2img_stores_images_and_reports_progress() -> None:
     fake = FakeA1111(step_s=0.02)
     async with serve(fake) as url, connector_hub(connector(url), progress_interval_s=0) as hub:
@@ -63,6 +64,7 @@ async def test_progress_is_monotonic_with_an_eta() -> None:
     assert any("ETA" in r.message and "step" in r.message for r in ctx.reports), ctx.reports
 
 
+@pytest.mark.slow
 async def test_img2img_with_the_original_payload() -> None:
     fake = FakeA1111()
     init = "data:image/png;base64," + base64.b64encode(png(8, 8)).decode()
@@ -81,6 +83,7 @@ async def test_img2img_with_the_original_payload() -> None:
         assert missing["attempt"] == 1  # not retried
 
 
+@pytest.mark.slow
 async def test_an_earlier_jobs_output_as_init_image_and_controlnet_image() -> None:
     """A reference to job A's output (or its URL) stands for a base64 image in img2img's
     `init_images`, `mask` and a ControlNet unit's image: A1111 gets exactly A's bytes."""
@@ -135,6 +138,7 @@ async def test_model_switch_one_at_a_time_and_visible_in_progress() -> None:
         await a1111.stop()
 
 
+@pytest.mark.slow
 async def test_models_are_capabilities_and_health() -> None:
     fake = FakeA1111()
     async with serve(fake) as url:
@@ -148,6 +152,7 @@ async def test_models_are_capabilities_and_health() -> None:
             assert "sd_xl_base_1.0" in str(worker)
 
 
+@pytest.mark.slow
 async def test_cancel_interrupts_a1111() -> None:
     fake = FakeA1111(step_s=0.05)
     async with serve(fake) as url, connector_hub(connector(url)) as hub:
@@ -189,6 +194,7 @@ def test_original_environment_names(monkeypatch: pytest.MonkeyPatch) -> None:
     assert a1111.capabilities().services == {"a1111", "sd15"}
 
 
+@pytest.mark.slow
 async def test_errors_from_a1111_bodies() -> None:
     fake = FakeA1111()
     async with serve(fake) as url, connector_hub(connector(url)) as hub:
@@ -221,6 +227,7 @@ def test_describe_error_shapes() -> None:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["json", "images", "base64"])
 async def test_malformed_answers_fail_clearly(kind: str) -> None:
     fake = FakeA1111(malformed=kind)
@@ -231,6 +238,7 @@ async def test_malformed_answers_fail_clearly(kind: str) -> None:
         assert expected[kind] in job["error"]
 
 
+@pytest.mark.slow
 async def test_down_at_start_the_job_waits_until_a1111_is_up(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -265,6 +273,7 @@ async def test_down_at_start_the_job_waits_until_a1111_is_up(
             assert "a1111" in report["capabilities"]["services"]
 
 
+@pytest.mark.slow
 async def test_dying_mid_job_fails_retryable() -> None:
     port = free_port()
     fake = Path(__file__).with_name("fake_a1111.py")
@@ -300,6 +309,7 @@ async def test_dying_mid_job_fails_retryable() -> None:
         await process.wait()
 
 
+@pytest.mark.slow
 async def test_interrupted_by_someone_else_fails_retryable() -> None:
     fake = FakeA1111(step_s=0.02)
     async with serve(fake) as url, connector_hub(connector(url)) as hub:
@@ -312,6 +322,7 @@ async def test_interrupted_by_someone_else_fails_retryable() -> None:
         assert job["result"] is None or not job["result"].get("images")
 
 
+@pytest.mark.slow
 async def test_a_timed_out_job_interrupts_a1111() -> None:
     fake = FakeA1111(step_s=0.05)
     async with serve(fake) as url, connector_hub(connector(url)) as hub:
@@ -323,6 +334,7 @@ async def test_a_timed_out_job_interrupts_a1111() -> None:
         assert fake.interrupts >= 1 and fake.sampling_step < 400
 
 
+@pytest.mark.slow
 async def test_two_jobs_wanting_different_models_each_get_theirs() -> None:
     fake = FakeA1111(step_s=0.02, load_s=0.1)
     async with serve(fake) as url, connector_hub(connector(url, concurrency=2)) as hub:

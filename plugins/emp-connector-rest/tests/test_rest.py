@@ -41,6 +41,7 @@ def async_instance(url: str, name: str = "tasks", **values: Any) -> Instance:
     return instance(name, **{**fields, **values})
 
 
+@pytest.mark.slow
 async def test_sync_json_response_is_the_result() -> None:
     async with fake_rest() as fake:
         rest = connector(instance(base_url=fake.url, endpoint="/echo", api_key="k1"))
@@ -83,6 +84,7 @@ async def test_steered_payload_method_path_query_headers_and_result_path() -> No
         assert answer["auth"] == "secret" and answer["echo"] is None
 
 
+@pytest.mark.slow
 async def test_binary_response_is_an_output_downloadable_from_the_hub() -> None:
     async with fake_rest() as fake:
         rest = connector(instance(base_url=fake.url, endpoint="/image", method="GET"))
@@ -108,6 +110,7 @@ async def test_retries_5xx_then_succeeds_or_fails_retryable() -> None:
         assert "after 3 tries" in str(failed.value)
 
 
+@pytest.mark.slow
 async def test_4xx_fails_not_retryable_with_the_service_error() -> None:
     async with fake_rest() as fake:
         rest = connector(instance(base_url=fake.url, endpoint="/echo"))
@@ -135,6 +138,7 @@ async def test_malformed_and_oversized_and_text_responses() -> None:
         assert await empty.run(ctx.job, ctx) == {"status_code": 204}
 
 
+@pytest.mark.slow
 async def test_timeout_is_a_retryable_failure() -> None:
     async with fake_rest() as fake:
         rest = connector(instance(base_url=fake.url, endpoint="/slow?s=2", timeout=0.1, retries=1))
@@ -144,6 +148,7 @@ async def test_timeout_is_a_retryable_failure() -> None:
         assert failed.value.retryable
 
 
+@pytest.mark.slow
 async def test_async_submit_poll_result_with_monotonic_progress() -> None:
     async with fake_rest(step=20) as fake:
         rest = connector(async_instance(fake.url))
@@ -199,6 +204,7 @@ async def test_async_timeout_is_retryable() -> None:
         assert failed.value.retryable
 
 
+@pytest.mark.slow
 async def test_cancel_calls_the_services_cancel_endpoint() -> None:
     async with fake_rest(step=1) as fake:
         rest = connector(async_instance(fake.url))
@@ -218,6 +224,7 @@ async def test_cancel_calls_the_services_cancel_endpoint() -> None:
             assert fake.tasks["t1"].state == "cancelled" and rest.remote == {}
 
 
+@pytest.mark.slow
 async def test_service_down_at_start_the_job_waits_until_it_is_up(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -265,6 +272,7 @@ async def test_service_dying_mid_job_fails_retryable_without_hanging() -> None:
         assert failed.value.retryable and "status:" in str(failed.value)
 
 
+@pytest.mark.slow
 async def test_service_dying_mid_job_through_the_hub_is_retried_then_fails() -> None:
     async with fake_rest(step=1) as fake:
         rest = connector(async_instance(fake.url))
@@ -281,6 +289,7 @@ async def test_service_dying_mid_job_through_the_hub_is_retried_then_fails() -> 
             assert "ConnectError" in job["error"] and hub.worker.running == {}
 
 
+@pytest.mark.slow
 async def test_two_jobs_at_once_with_concurrency_two() -> None:
     async with fake_rest() as fake:
         rest = RestConnector(
@@ -294,6 +303,7 @@ async def test_two_jobs_at_once_with_concurrency_two() -> None:
             assert fake.most_in_flight == 2
 
 
+@pytest.mark.slow
 async def test_named_instances_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     async with fake_rest(step=100) as fake:
         monkeypatch.setenv("EMP_REST_INSTANCES", "echo, tasks")
