@@ -8,17 +8,43 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import redis
 
 from emp_hub.broker import TERMINAL
 from emp_hub.embedded import free_port
+
+T = TypeVar("T")
+
+
+def eventually_sync(
+    check: Callable[[], T | None],
+    *,
+    within_s: float = 10,
+    every_s: float = 0.02,
+    what: str = "the condition",
+    log: Callable[[], str] | None = None,
+) -> T:
+    """emp_worker.testing.eventually for synchronous tests (processes): call `check` every
+    `every_s` until it returns something true, and return that; AssertionError naming `what`,
+    the last answer and what `log()` returns then (the processes' logs) when `within_s`
+    passes first. An exception from `check` (an assert that a process still runs) fails at
+    once."""
+    deadline = time.monotonic() + within_s
+    while True:
+        answer = check()
+        if answer:
+            return answer
+        if time.monotonic() >= deadline:
+            message = f"{what} did not come true within {within_s} s: {answer!r}"
+            raise AssertionError(f"{message}\n{log()}" if log else message)
+        time.sleep(every_s)
 
 
 @dataclass
@@ -90,17 +116,17 @@ class Cluster:
             "EMP_LOG_LEVEL": "warning",
             **env,
         }
-        self.hub = spawn(["emp_hub.cli", "serve"], self.hub_env, self.tmp / "hub.log")
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            assert self.hub.popen.poll() is None, self.hub.text()
+        hub = self.hub = spawn(["emp_hub.cli", "serve"], self.hub_env, self.tmp / "hub.log")
+
+        def ready() -> bool:
+            assert hub.popen.poll() is None, hub.text()
             try:
-                if httpx.get(f"{self.url}/health/ready", timeout=1).status_code == 200:
-                    return self.hub
+                return httpx.get(f"{self.url}/health/ready", timeout=1).status_code == 200
             except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"the hub did not start:\n{self.hub.text()}")
+                return False
+
+        eventually_sync(ready, within_s=30, every_s=0.1, what="the hub ready", log=hub.text)
+        return hub
 
     def start_worker(self, worker_id: str, program: str | None = None, **env: str) -> Proc:
         """Start `emp-worker run` with the simulation connector (1 s jobs by default); by
@@ -125,14 +151,15 @@ class Cluster:
 
     def wait_for_workers(self, *worker_ids: str, timeout: float = 30) -> None:
         """Until the hub lists these workers as live."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            live = {w["worker_id"] for w in self.get("/api/workers")}
-            if set(worker_ids) <= live:
-                return
-            time.sleep(0.1)
-        logs = "\n".join(self.workers[w].text() for w in worker_ids if w in self.workers)
-        raise AssertionError(f"workers {worker_ids} did not register:\n{logs}")
+
+        def registered() -> bool:
+            return set(worker_ids) <= {w["worker_id"] for w in self.get("/api/workers")}
+
+        def logs() -> str:
+            return "\n".join(self.workers[w].text() for w in worker_ids if w in self.workers)
+
+        what = f"workers {worker_ids} registered"
+        eventually_sync(registered, within_s=timeout, every_s=0.1, what=what, log=logs)
 
     def get(self, path: str) -> Any:
         """GET a hub API path; the JSON answer."""
@@ -161,15 +188,17 @@ class Cluster:
         self, job_id: str, statuses: Collection[str] = TERMINAL, timeout: float = 30
     ) -> Any:
         """Poll the job until its status is one of `statuses`; the job."""
-        deadline = time.monotonic() + timeout
-        job = None
-        while time.monotonic() < deadline:
+
+        def job_if_there() -> Any:
             job = self.get(f"/api/jobs/{job_id}")
-            if job["status"] in statuses:
-                return job
-            time.sleep(0.05)
-        logs = "\n".join(f"--- {w}\n{p.text()[-3000:]}" for w, p in self.workers.items())
-        raise AssertionError(f"job {job_id} stayed {job and job['status']}:\n{logs}")
+            return job if job["status"] in statuses else None
+
+        def logs() -> str:
+            workers = (f"--- {w}\n{p.text()[-3000:]}" for w, p in self.workers.items())
+            return "\n".join([f"it is {self.get(f'/api/jobs/{job_id}')['status']}", *workers])
+
+        what = f"job {job_id} {'/'.join(sorted(statuses))}"
+        return eventually_sync(job_if_there, within_s=timeout, every_s=0.05, what=what, log=logs)
 
     def stop(self) -> None:
         """Stop every process, then remove the namespace (nothing writes to it any more)."""

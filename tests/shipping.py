@@ -6,11 +6,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from tests.processes import eventually_sync
 
 BIN = Path(sys.executable).parent
 
@@ -94,13 +95,14 @@ class Supervisord:
 
     def wait_states(self, wanted: dict[str, str], timeout: float = 60) -> None:
         """Until the programs are in these states."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+
+        def reached() -> dict[str, str] | None:
             assert self.popen.poll() is None, self.log()
-            if self.states() == wanted:
-                return
-            time.sleep(0.2)
-        raise AssertionError(f"{self.states()} != {wanted}\n{self.log()}")
+            states = self.states()
+            return states if states == wanted else None
+
+        what = f"states {wanted}"
+        eventually_sync(reached, within_s=timeout, every_s=0.2, what=what, log=self.log)
 
     def pid(self, program: str) -> int:
         """The pid of a running program."""
@@ -129,11 +131,12 @@ def supervisord(
     )
     running = Supervisord(config, popen, log_dir)
     try:
-        deadline = time.monotonic() + 30
-        while running.ctl("pid").returncode != 0:
+
+        def answers() -> bool:
             assert popen.poll() is None, output.read_text()
-            assert time.monotonic() < deadline, running.log()
-            time.sleep(0.1)
+            return running.ctl("pid").returncode == 0
+
+        eventually_sync(answers, within_s=30, every_s=0.1, what="supervisorctl", log=running.log)
         yield running
     finally:
         if popen.poll() is None:

@@ -28,7 +28,7 @@ import pytest
 from tests.processes import Cluster, cluster
 
 # The first test that needs the binary builds it (minutes on two cores).
-pytestmark = [pytest.mark.binary, pytest.mark.worker, pytest.mark.timeout(1500)]
+pytestmark = [pytest.mark.slow, pytest.mark.binary, pytest.mark.worker, pytest.mark.timeout(1500)]
 
 ROOT = Path(__file__).parent.parent
 DOC = ROOT / "docs" / "binary.md"

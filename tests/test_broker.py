@@ -416,6 +416,7 @@ async def test_job_timeout_is_backed_by_the_lease(broker: Broker, clock: Clock) 
     assert got.error == "timed out after 3.0 s"
 
 
+@pytest.mark.slow
 async def test_retention(broker: Broker, clock: Clock, namespace: str) -> None:
     broker.settings.retention_s = 1
     broker = Broker(broker.redis, broker.settings, clock=clock)

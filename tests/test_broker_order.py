@@ -18,7 +18,7 @@ from emp_protocol.capabilities import GPU, JobRequirements, WorkerCapabilities, 
 from tests.conftest import drop_namespace
 from tests.strategies import MODELS, SERVICES, TAGS, capabilities, requirements
 
-pytestmark = pytest.mark.broker
+pytestmark = [pytest.mark.slow, pytest.mark.broker]
 
 
 @dataclass

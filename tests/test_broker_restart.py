@@ -52,6 +52,7 @@ async def test_restart_keeps_jobs_and_reloads_scripts(tmp_path: Path) -> None:
         server.stop()
 
 
+@pytest.mark.slow
 async def test_crash_keeps_what_was_synced(tmp_path: Path) -> None:
     """kill -9 of the server: AOF (fsync every second) keeps what is older than a second."""
     server = EmbeddedValkey(tmp_path / "valkey")

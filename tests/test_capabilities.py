@@ -38,12 +38,14 @@ def test_class_distinguishes_requirements(a: JobRequirements, b: JobRequirements
     assert (a.requirement_class == b.requirement_class) == (a == b)
 
 
+@pytest.mark.slow
 @given(requirements(), capabilities())
 def test_denied_customer_never_runs(req: JobRequirements, caps: WorkerCapabilities) -> None:
     if req.customer in caps.customer_access.denied:
         assert not matches(req, caps)
 
 
+@pytest.mark.slow
 @given(requirements(), capabilities())
 def test_strict_job_runs_only_on_a_dedicated_worker(
     req: JobRequirements, caps: WorkerCapabilities
@@ -54,6 +56,7 @@ def test_strict_job_runs_only_on_a_dedicated_worker(
         assert access.allowed == {req.customer}
 
 
+@pytest.mark.slow
 @given(requirements(), capabilities())
 def test_strict_worker_runs_only_allowed_customers(
     req: JobRequirements, caps: WorkerCapabilities
@@ -62,6 +65,7 @@ def test_strict_worker_runs_only_allowed_customers(
         assert req.customer in caps.customer_access.allowed
 
 
+@pytest.mark.slow
 @given(requirements(), capabilities())
 def test_loose_rules(req: JobRequirements, caps: WorkerCapabilities) -> None:
     access = caps.customer_access
@@ -74,6 +78,7 @@ def test_loose_rules(req: JobRequirements, caps: WorkerCapabilities) -> None:
         assert req.customer in access.allowed
 
 
+@pytest.mark.slow
 @given(requirements(), capabilities())
 def test_match_implies_every_hard_requirement(
     req: JobRequirements, caps: WorkerCapabilities
@@ -89,6 +94,7 @@ def test_match_implies_every_hard_requirement(
     assert req.ram_gb <= caps.ram_gb
 
 
+@pytest.mark.slow
 @given(requirements(), capabilities())
 def test_more_capable_worker_still_matches(req: JobRequirements, caps: WorkerCapabilities) -> None:
     """Adding hardware, models or tags never loses a match (isolation aside)."""
@@ -172,6 +178,7 @@ def test_why_unmatched_names_the_requirement_no_worker_meets() -> None:
     assert why_unmatched(flux, [sdxl_box, big]) is None
 
 
+@pytest.mark.slow
 @given(requirements(), st.lists(capabilities(), max_size=4))
 def test_why_unmatched_agrees_with_matches(
     req: JobRequirements, workers: list[WorkerCapabilities]

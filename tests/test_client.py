@@ -58,6 +58,7 @@ async def work_one(broker: Broker, *, fail: bool = False) -> str:
     return claim.job.id
 
 
+@pytest.mark.slow
 async def test_client_round_trip(
     base_url: str, hub_settings: HubSettings, redis_client: redis.asyncio.Redis
 ) -> None:
@@ -103,6 +104,7 @@ async def test_client_errors_are_friendly(
             await emp.submit("sim")
 
 
+@pytest.mark.slow
 async def test_cli(
     base_url: str,
     hub_settings: HubSettings,
@@ -141,6 +143,7 @@ async def test_cli(
     assert "is a JSON array, not an object" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 async def test_a_waiting_job_says_why_no_worker_can_run_it(
     base_url: str,
     hub_settings: HubSettings,
@@ -212,6 +215,7 @@ def one_line(err: str) -> str:
     return err.strip()
 
 
+@pytest.mark.slow
 async def test_cli_usage_errors_are_one_line_and_exit_2(tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text("{oops")
     (tmp_path / "list.json").write_text("[1, 2]")
@@ -262,6 +266,7 @@ async def test_cli_usage_errors_are_one_line_and_exit_2(tmp_path: Path) -> None:
         assert (code, out, one_line(err)) == (2, "", message), args
 
 
+@pytest.mark.slow
 async def test_cli_failed_operations_say_what_to_do_and_exit_1(
     hub_settings: HubSettings, redis_client: redis.asyncio.Redis, namespace: str, tmp_path: Path
 ) -> None:
@@ -307,10 +312,12 @@ async def test_cli_failed_operations_say_what_to_do_and_exit_1(
     )  # fmt: skip
     try:
         web = f"http://127.0.0.1:{port}"
-        for _ in range(100):
-            code, _, err = await run_emp("--hub", web, "queues")
-            if "cannot reach" not in err:
-                break
+
+        async def reached() -> tuple[int, str, str] | None:
+            answer = await run_emp("--hub", web, "queues")
+            return None if "cannot reach" in answer[2] else answer
+
+        code, _, err = await eventually(reached, within_s=30, what="the web server up")
         assert code == 1
         assert one_line(err) == (
             f"emp: {web} did not answer GET /api/queues as an emp hub does "
@@ -339,6 +346,7 @@ def run_in_terminal(args: list[str], columns: int) -> str:
     return ANSI.sub("", b"".join(chunks).decode())
 
 
+@pytest.mark.slow
 async def test_cli_tables_never_cut_job_ids(base_url: str) -> None:
     async with Client(base_url) as emp:
         ids = [await emp.submit("sim", priority=p) for p in (1, 2)]

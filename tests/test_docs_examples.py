@@ -15,7 +15,7 @@ import pytest
 
 from emp_worker import hookspecs
 
-pytestmark = pytest.mark.worker
+pytestmark = [pytest.mark.slow, pytest.mark.worker]
 
 DOC = Path(__file__).parent.parent / "docs" / "plugins.md"
 

@@ -21,7 +21,9 @@ from emp_hub.embedded import EmbeddedValkey
 from emp_hub.hub import open_hub
 from emp_hub.logs import redact
 from emp_hub.settings import HubSettings
-from tests.processes import Cluster, spawn
+from tests.processes import Cluster, eventually_sync, spawn
+
+pytestmark = pytest.mark.slow
 
 
 def mode(path: Path) -> int:
@@ -113,16 +115,15 @@ def test_a_killed_embedded_valkey_is_restarted(embedded_hub: Cluster, tmp_path: 
     time.sleep(1.5)  # AOF: fsync every second
     pid = server_pid(data)
     os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while True:
+
+    def back() -> httpx.Response | None:
         try:
             response = httpx.get(f"{embedded_hub.url}/api/jobs/{job_id}", timeout=10)
-            if response.status_code == 200:
-                break
         except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "the hub did not come back"
-        time.sleep(0.1)
+            return None
+        return response if response.status_code == 200 else None
+
+    response = eventually_sync(back, every_s=0.1, what="the hub back")
     assert response.json()["status"] == "pending"
     assert server_pid(data) != pid
     embedded_hub.submit()
@@ -171,10 +172,11 @@ def test_token_commands_use_the_running_hubs_server(
     token = capsys.readouterr().out.strip()
     assert main(["token", "list"]) == 0
     assert "beside" in capsys.readouterr().out
-    deadline = time.monotonic() + 10  # the hub notices its first token within 2 s
-    while httpx.get(f"{embedded_hub.url}/api/jobs").status_code != 401:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    eventually_sync(  # the hub notices its first token within 2 s
+        lambda: httpx.get(f"{embedded_hub.url}/api/jobs").status_code == 401,
+        every_s=0.1,
+        what="401 without a token",
+    )
     auth = {"Authorization": f"Bearer {token}"}
     assert httpx.get(f"{embedded_hub.url}/api/jobs", headers=auth).status_code == 200
 
@@ -213,10 +215,11 @@ def test_a_killed_hubs_orphan_server_is_stopped_by_the_next_hub(
     embedded_hub.hub.wait()
     embedded_hub.start_hub(EMP_DATA_DIR=str(tmp_path / "data"))
     assert server_pid(data) != orphan
-    deadline = time.monotonic() + 10
-    while Path(f"/proc/{orphan}").exists() and "Z" not in proc_state(orphan):
-        assert time.monotonic() < deadline, "the orphan still runs"
-        time.sleep(0.1)
+    eventually_sync(
+        lambda: not Path(f"/proc/{orphan}").exists() or "Z" in proc_state(orphan),
+        every_s=0.1,
+        what="the orphan gone",
+    )
     assert embedded_hub.get(f"/api/jobs/{job_id}")["status"] == "pending"
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Generator
+from functools import partial
 from pathlib import Path
 from typing import Any, get_args
 
@@ -109,6 +110,7 @@ class MemoryStore:
         return OutputRef(name=name, size=len(data), content_type=content_type, url="mem://x")
 
 
+@pytest.mark.slow
 async def test_an_async_store_output_that_passes_lets_the_next_one_store() -> None:
     """An async implementation answering None passes to the next (here a plain one that
     passes too, then the default upload), as a plain one does."""
@@ -122,6 +124,7 @@ async def test_an_async_store_output_that_passes_lets_the_next_one_store() -> No
     assert first.seen == second.seen == ["out.txt"]
 
 
+@pytest.mark.slow
 async def test_the_first_async_answer_wins() -> None:
     memory, later = MemoryStore(), SyncPass()
     async with connector_hub(Writer(), plugins=[later, memory]) as hub:
@@ -131,6 +134,7 @@ async def test_the_first_async_answer_wins() -> None:
     assert memory.files == {"out.txt": b"written"} and later.seen == []
 
 
+@pytest.mark.slow
 async def test_a_store_output_wrapper_is_an_error_naming_the_plugin() -> None:
     class Wrapping:
         @hookimpl(wrapper=True)
@@ -229,6 +233,7 @@ class Outcomes:
         self.finished[context.job.id] = (outcome, error)
 
 
+@pytest.mark.slow
 async def test_job_finished_outcomes_are_the_documented_literal() -> None:
     recorder, writer = Outcomes(), Writer()
     async with connector_hub(writer, plugins=[recorder], drain_timeout_s=60) as hub:
@@ -277,6 +282,7 @@ def test_connector_capabilities_have_no_unread_field() -> None:
 # -- the testing helper ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_connector_hub_takes_broker_settings() -> None:
     """Quick retries for a plugin's retry test: the broker's settings reach the hub."""
     async with connector_hub(Writer(), broker={"retry_base_s": 0, "max_attempts": 4}) as hub:
@@ -284,6 +290,7 @@ async def test_connector_hub_takes_broker_settings() -> None:
         assert (job["status"], job["attempt"], job["max_attempts"]) == ("completed", 2, 4)
 
 
+@pytest.mark.slow
 async def test_connector_hub_runs_the_connectors_a_plugin_registers() -> None:
     class Plugin:
         @hookimpl
@@ -333,14 +340,7 @@ async def offered(hub: TestHub) -> list[str]:
     return list(worker["capabilities"]["services"])
 
 
-async def until_true(check: Any, within_s: float = 10) -> None:
-    for _ in range(int(within_s / 0.02)):
-        if await check():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("the condition did not come true")
-
-
+@pytest.mark.slow
 async def test_a_connector_that_is_down_is_not_offered_and_a_running_job_is_left_alone() -> None:
     """Down at start: its service is not offered (the job waits, the hub says why); up:
     offered, the job runs; down again (or its health check raising) while a job runs: the
@@ -354,18 +354,14 @@ async def test_a_connector_that_is_down_is_not_offered_and_a_running_job_is_left
         assert pending["status"] == "pending"
         assert pending["unschedulable"].startswith("no live worker offers service 'flaky'")
         flaky.up = True
-
-        async def running() -> bool:
-            return job_id in hub.worker.running
-
-        await until_true(running)
+        await until_running(hub, job_id)
         assert await offered(hub) == ["flaky"]
         flaky.raises = True  # down while the job runs
 
         async def withdrawn() -> bool:
             return await offered(hub) == []
 
-        await until_true(withdrawn)
+        await eventually(withdrawn, what="flaky withdrawn")
         assert "RuntimeError: the health probe broke" in hub.worker.health["flaky"].detail
         flaky.go.set()
         job = await hub.wait(job_id)
@@ -375,6 +371,7 @@ async def test_a_connector_that_is_down_is_not_offered_and_a_running_job_is_left
 # -- the built-in output store ----------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_uploads_and_fetches_reuse_one_connection_to_the_hub(tmp_path: Path) -> None:
     """The worker's uploads (and hub fetches) go over kept-alive connections: through a
     proxy that counts connections, six outputs of three jobs and an input open one
@@ -428,17 +425,17 @@ async def test_uploads_and_fetches_reuse_one_connection_to_the_hub(tmp_path: Pat
                 httpx.AsyncClient(base_url=url) as http,
             ):
                 before = opened  # the WebSocket, and running_worker's wait for it
+
+                async def completed(job_id: str) -> dict[str, Any] | None:
+                    job: dict[str, Any] = (await http.get(f"/api/jobs/{job_id}")).json()
+                    return job if job["status"] == "completed" else None
+
                 jobs: list[dict[str, Any]] = []
                 for n in range(3):
                     payload = {"input": jobs[0]["result"]["outputs"][0]} if n == 2 else {}
                     body = {"job_type": "twice", "payload": payload}
                     job_id = (await http.post("/api/jobs", json=body)).json()["job_id"]
-                    for _ in range(500):
-                        job = (await http.get(f"/api/jobs/{job_id}")).json()
-                        if job["status"] == "completed":
-                            break
-                        await asyncio.sleep(0.02)
-                    jobs.append(job)
+                    jobs.append(await eventually(partial(completed, job_id), what=f"{job_id} done"))
                 assert [len(j["result"]["outputs"]) for j in jobs] == [2, 2, 2]
                 assert jobs[2]["result"]["input"] == "a.txt"
                 assert opened - before == 1

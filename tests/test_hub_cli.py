@@ -16,7 +16,7 @@ from emp_hub.cli import main
 from emp_hub.logs import redact
 from tests.processes import Cluster
 
-pytestmark = pytest.mark.hub
+pytestmark = [pytest.mark.slow, pytest.mark.hub]
 
 
 @pytest.fixture(autouse=True)

@@ -111,6 +111,7 @@ async def test_original_rest_flow(http: httpx.AsyncClient, broker: Broker) -> No
     assert r.status_code == 422 and "job_type" in r.text
 
 
+@pytest.mark.slow
 async def test_wait_times_out_with_the_pending_job(http: httpx.AsyncClient) -> None:
     r = await http.post("/api/jobs", json={"job_type": "nobody", "wait": True, "timeout": 0.5})
     assert r.status_code == 200 and r.json()["status"] == "pending"
@@ -141,6 +142,7 @@ async def test_bad_input(http: httpx.AsyncClient) -> None:
     assert r.status_code == 422
 
 
+@pytest.mark.slow
 async def test_batch_is_all_or_nothing(http: httpx.AsyncClient) -> None:
     r = await http.post(
         "/api/jobs/batch", json={"jobs": [{"job_type": "s", "priority": p} for p in (1, 2, 3)]}
@@ -184,6 +186,7 @@ async def test_list_cancel_retry(http: httpx.AsyncClient, broker: Broker) -> Non
     assert (await http.post(f"/api/jobs/{claim.job.id}/retry")).status_code == 409
 
 
+@pytest.mark.slow
 async def test_cancel_active_is_announced(
     http: httpx.AsyncClient, broker: Broker, redis_client: redis.asyncio.Redis
 ) -> None:
@@ -236,6 +239,7 @@ async def test_events_stream_and_resume(http: httpx.AsyncClient, broker: Broker)
     assert [i for i, _ in resumed] == [i for i, _ in events[4:]]
 
 
+@pytest.mark.slow
 async def test_idempotency_key(http: httpx.AsyncClient) -> None:
     body = {"job_type": "s", "idempotency_key": "order-42"}
     first = (await http.post("/api/jobs", json=body)).json()
@@ -246,6 +250,7 @@ async def test_idempotency_key(http: httpx.AsyncClient) -> None:
     assert len(jobs) == 1
 
 
+@pytest.mark.slow
 async def test_idempotency_key_after_a_hub_died_between_key_and_job(
     http: httpx.AsyncClient, broker: Broker, redis_client: redis.asyncio.Redis
 ) -> None:
@@ -262,6 +267,7 @@ async def test_idempotency_key_after_a_hub_died_between_key_and_job(
     assert (await http.get("/api/jobs/job-order-7")).json()["status"] == "pending"
 
 
+@pytest.mark.slow
 async def test_operations_endpoints(http: httpx.AsyncClient, broker: Broker) -> None:
     await broker.register_worker("w1", SIM)
     await http.post("/api/jobs", json={"job_type": "a1111", "priority": 2})
@@ -277,6 +283,7 @@ async def test_operations_endpoints(http: httpx.AsyncClient, broker: Broker) -> 
     assert (await http.get("/docs")).status_code == 200
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("page", ["/docs", "/redoc"])
 async def test_api_docs_need_nothing_but_the_hub(http: httpx.AsyncClient, page: str) -> None:
     """The docs pages load every asset from the hub: they work on a hub without internet."""
@@ -339,6 +346,7 @@ async def test_tokens_and_roles(tokens: dict[str, str], http: httpx.AsyncClient)
     assert (await http.get("/health/live")).status_code == 200  # no token needed
 
 
+@pytest.mark.slow
 async def test_customer_scoping(tokens: dict[str, str], http: httpx.AsyncClient) -> None:
     acme, globex = bearer(tokens["acme"]), bearer(tokens["globex"])
     r = await http.post("/api/jobs", json={"job_type": "s"}, headers=acme)
@@ -361,6 +369,7 @@ async def test_customer_scoping(tokens: dict[str, str], http: httpx.AsyncClient)
     assert len(admin_view) == 2
 
 
+@pytest.mark.slow
 async def test_shared_legacy_token(hub_settings: HubSettings) -> None:
     settings = hub_settings.model_copy(update={"auth_token": SecretStr("legacy-test-token")})
     async with running_hub(settings) as url, httpx.AsyncClient(base_url=url) as http:
@@ -371,6 +380,7 @@ async def test_shared_legacy_token(hub_settings: HubSettings) -> None:
         assert (await http.get("/api/jobs", headers=bearer("legacy-test-token"))).status_code == 200
 
 
+@pytest.mark.slow
 async def test_rate_limit(hub_settings: HubSettings) -> None:
     settings = hub_settings.model_copy(update={"submit_rate": 0.5, "submit_burst": 3})
     async with running_hub(settings) as url, httpx.AsyncClient(base_url=url) as http:
@@ -385,6 +395,7 @@ async def test_rate_limit(hub_settings: HubSettings) -> None:
         assert (await http.get("/api/jobs")).status_code == 200  # reads are not limited
 
 
+@pytest.mark.slow
 async def test_event_stream_outlives_quiet_periods(
     hub_settings: HubSettings, broker: Broker
 ) -> None:
@@ -468,6 +479,7 @@ async def test_outputs(
         assert missing.status_code == 404
 
 
+@pytest.mark.slow
 async def test_a_worker_reads_outputs_as_the_job_it_runs(
     hub_settings: HubSettings,
     redis_client: redis.asyncio.Redis,
@@ -526,6 +538,7 @@ def files_under(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
 
 
+@pytest.mark.slow
 async def test_output_size_caps(
     hub_settings: HubSettings, redis_client: redis.asyncio.Redis, broker: Broker, tmp_path: Path
 ) -> None:
@@ -572,6 +585,7 @@ async def test_output_size_caps(
         ]
 
 
+@pytest.mark.slow
 async def test_outputs_follow_the_job_retention(
     hub_settings: HubSettings, redis_client: redis.asyncio.Redis, tmp_path: Path
 ) -> None:
@@ -598,10 +612,9 @@ async def test_outputs_follow_the_job_retention(
         assert len(files_under(tmp_path)) == 4
         done, running = claims
         await broker.complete(done.job.id, done.token, None)
-        for _ in range(100):
-            if len(files_under(tmp_path)) == 2:
-                break
-            await asyncio.sleep(0.1)
+        await eventually(
+            lambda: len(files_under(tmp_path)) == 2, every_s=0.1, what="two output files left"
+        )
         left = files_under(tmp_path)
         assert [Path(f).name for f in left] == ["out.png", "out.png.meta"]
         r = await http.get(f"/api/jobs/{running.job.id}/outputs/out.png")
@@ -610,6 +623,7 @@ async def test_outputs_follow_the_job_retention(
         assert await redis_client.zcard(broker.key("outputs_expired")) == 0
 
 
+@pytest.mark.slow
 async def test_classes_and_metrics_stay_bounded(
     hub_settings: HubSettings, redis_client: redis.asyncio.Redis, broker: Broker
 ) -> None:
@@ -643,10 +657,11 @@ async def test_classes_and_metrics_stay_bounded(
             for c in claims:
                 await broker.complete(c.job.id, c.token, None)
         classes = broker.key("classes")
-        for _ in range(100):
-            if await redis_client.hlen(classes) == 200:  # the 200 services, still pending
-                break
-            await asyncio.sleep(0.1)
+
+        async def all_classes() -> bool:  # the 200 services, still pending
+            return await redis_client.hlen(classes) == 200
+
+        await eventually(all_classes, every_s=0.1, what="200 classes")
         assert await redis_client.hlen(classes) == 200
         queues = (await http.get("/api/queues")).json()
         assert {c["requirements"]["service"] for c in queues["classes"]} == {
@@ -665,6 +680,7 @@ def is_json(response: httpx.Response) -> bool:
     return True
 
 
+@pytest.mark.slow
 async def test_non_finite_numbers_are_refused_naming_the_field(http: httpx.AsyncClient) -> None:
     """NaN, Infinity and numbers too large for a double (1e400) are not JSON: 422 with the
     field's place, never a 500; nothing is submitted."""
@@ -703,6 +719,7 @@ def chunked(size: int) -> Any:
     return body()
 
 
+@pytest.mark.slow
 async def test_chunked_body_over_the_limit_is_413(
     hub_settings: HubSettings, broker: Broker, tmp_path: Any
 ) -> None:
@@ -732,6 +749,7 @@ async def test_chunked_body_over_the_limit_is_413(
         assert (await http.get("/api/jobs")).json()["jobs"][0]["job_id"] == job_id
 
 
+@pytest.mark.slow
 async def test_garbage_last_event_id_is_422(http: httpx.AsyncClient) -> None:
     job_id = (await http.post("/api/jobs", json={"job_type": "s"})).json()["job_id"]
     for bad in ("garbage", "1-2-3", "-", "0-x", "99999999999999999999-0"):
@@ -751,6 +769,7 @@ ORIGINAL_IDS = [
 ]
 
 
+@pytest.mark.slow
 async def test_job_ids_are_reachable(http: httpx.AsyncClient, base_url: str) -> None:
     """Ids that cannot be used in a URL path ('/', '.', '..', '?', '#', '%') are refused at
     submit, on every way in, with the allowed characters named; the original's ids pass."""
@@ -777,6 +796,7 @@ async def test_job_ids_are_reachable(http: httpx.AsyncClient, base_url: str) -> 
     assert ids == {*ORIGINAL_IDS, "ws-ok-1"}
 
 
+@pytest.mark.slow
 async def test_largest_documented_batch_fits_the_default_burst(
     hub_settings: HubSettings,
 ) -> None:
@@ -797,6 +817,7 @@ async def test_largest_documented_batch_fits_the_default_burst(
         assert r.status_code == 422  # over the documented maximum
 
 
+@pytest.mark.slow
 async def test_batch_larger_than_the_burst_says_so(hub_settings: HubSettings) -> None:
     """A batch that can never pass the rate limit is refused at once, plainly (not 429)."""
     settings = hub_settings.model_copy(update={"submit_rate": 1000, "submit_burst": 3})
@@ -813,6 +834,7 @@ async def test_batch_larger_than_the_burst_says_so(hub_settings: HubSettings) ->
 # -- list memory ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_lists_are_summaries(hub_settings: HubSettings, broker: Broker) -> None:
     """A list leaves out payload and result unless asked (`include`); then each is capped
     (EMP_LIST_FIELD_MAX_BYTES), a cut one replaced by a marker. GET of the job has all."""

@@ -24,6 +24,8 @@ from emp_hub.broker import connect
 from emp_hub.embedded import EmbeddedValkey
 from tests.processes import cluster
 
+pytestmark = pytest.mark.slow
+
 UNAVAILABLE = {"detail": "the hub's Redis is unavailable; retry later"}
 
 

@@ -18,8 +18,9 @@ import redis.asyncio
 import websockets
 
 from emp_hub.embedded import free_port
+from emp_worker.testing import eventually
 
-pytestmark = pytest.mark.hub
+pytestmark = [pytest.mark.slow, pytest.mark.hub]
 
 
 @asynccontextmanager
@@ -36,12 +37,14 @@ async def hub_process(redis_url: str, namespace: str, port: int) -> AsyncIterato
     )
     try:
         async with httpx.AsyncClient() as http:
-            for _ in range(300):
+
+            async def ready() -> bool:
                 try:
-                    if (await http.get(f"http://127.0.0.1:{port}/health/ready")).is_success:
-                        break
+                    return (await http.get(f"http://127.0.0.1:{port}/health/ready")).is_success
                 except httpx.TransportError:
-                    await asyncio.sleep(0.05)
+                    return False
+
+            await eventually(ready, within_s=15, every_s=0.05, what="the hub ready")
         yield proc
     finally:
         if proc.returncode is None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,8 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 
 from emp_hub.embedded import free_port
+from tests.processes import eventually_sync
 
-pytestmark = pytest.mark.hub
+pytestmark = [pytest.mark.slow, pytest.mark.hub]
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +37,14 @@ def hub_url(redis_url: str) -> Iterator[str]:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(200):
+
+        def ready() -> bool:
             try:
-                if httpx.get(f"{url}/health/ready").status_code == 200:
-                    break
+                return httpx.get(f"{url}/health/ready").status_code == 200
             except httpx.TransportError:
-                time.sleep(0.05)
+                return False
+
+        eventually_sync(ready, every_s=0.05, what="the hub ready")
         yield url
     finally:
         proc.terminate()

@@ -98,6 +98,7 @@ async def job(base_url: str, job_id: str) -> dict[str, Any]:
         return body
 
 
+@pytest.mark.slow
 async def test_parked_request_is_woken_by_a_submit(base_url: str) -> None:
     async with worker(base_url, "w1") as w:
         await w.send("request_job", slots=1)
@@ -123,6 +124,7 @@ async def test_parked_request_is_woken_by_a_submit(base_url: str) -> None:
 SAFETY_WAKE_LIMIT = 2.0
 
 
+@pytest.mark.slow
 async def test_slots_take_jobs_in_priority_order(base_url: str) -> None:
     ids = {p: await submit(base_url, priority=p) for p in (1, 5, 3)}
     async with worker(base_url, "w1") as w:
@@ -133,6 +135,7 @@ async def test_slots_take_jobs_in_priority_order(base_url: str) -> None:
         assert (await w.expect("job_assigned"))["job_id"] == ids[1]
 
 
+@pytest.mark.slow
 async def test_jobs_go_only_to_matching_workers(base_url: str) -> None:
     flux = {"services": ["comfyui"], "models": {"comfyui": ["flux"]}}
     async with worker(base_url, "plain") as plain, worker(base_url, "gpu", flux) as gpu:
@@ -217,6 +220,7 @@ async def test_heartbeat_and_reconnect_keep_the_job(base_url: str) -> None:
         await w.expect("job_completed_ack")
 
 
+@pytest.mark.slow
 async def test_original_worker_registration_shape(base_url: str) -> None:
     """Capabilities in the original shape mark an original worker: it gets offers."""
     legacy = {"version": "1.0.0", "supported_job_types": ["simulation"], "cpu": True}
@@ -265,6 +269,7 @@ class TypedPeer(Peer):
         return raw
 
 
+@pytest.mark.slow
 async def test_every_message_to_a_worker_is_a_hub_message(base_url: str) -> None:
     """Every message type the hub sends a worker, each as a model describes it exactly."""
     url = base_url.replace("http", "ws") + "/ws/worker/"
@@ -309,6 +314,7 @@ async def test_every_message_to_a_worker_is_a_hub_message(base_url: str) -> None
     assert w.seen | other.seen | old.seen == kinds
 
 
+@pytest.mark.slow
 async def test_two_hubs_share_one_redis(hub_settings: HubSettings) -> None:
     """A job submitted on one replica runs on a worker of the other; a cancel on the first
     reaches the worker on the second."""
@@ -326,6 +332,7 @@ async def test_two_hubs_share_one_redis(hub_settings: HubSettings) -> None:
         assert (await w.expect("cancel_job", wait=3))["job_id"] == job_id
 
 
+@pytest.mark.slow
 async def test_progress_reaches_followers_on_another_replica(
     hub_settings: HubSettings, redis_client: redis.asyncio.Redis, namespace: str
 ) -> None:
@@ -373,6 +380,7 @@ async def test_progress_reaches_followers_on_another_replica(
         assert (await redis_client.pubsub_numsub(channel))[0][1] == 0
 
 
+@pytest.mark.slow
 async def test_metrics(base_url: str) -> None:
     async with worker(base_url, "w1") as w:
         await w.send("request_job", slots=1)
@@ -390,6 +398,7 @@ async def test_metrics(base_url: str) -> None:
     assert 'priority="4",requirement_class=' in text
 
 
+@pytest.mark.slow
 async def test_one_job_wakes_one_parked_worker(base_url: str) -> None:
     """No thundering herd: a single new job wakes a single idle worker, not all of them."""
     async with (
@@ -414,6 +423,7 @@ async def test_one_job_wakes_one_parked_worker(base_url: str) -> None:
         assert claims((await http.get("/metrics")).text) - before == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("route", ["worker/w1", "client/c1", "monitor/m1"])
 async def test_every_socket_refuses_a_bad_token(
     hub_settings: HubSettings, redis_client: redis.asyncio.Redis, namespace: str, route: str
@@ -522,6 +532,7 @@ async def still_there(conn: ClientConnection, route: str, **padding: str) -> Non
     assert (await next_reply(conn))["type"] == answer
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("route", ROUTES)
 async def test_a_binary_frame_is_an_error_and_the_socket_stays(
     base_url: str, hub_errors: HubErrors, route: str
@@ -538,6 +549,7 @@ async def test_a_binary_frame_is_an_error_and_the_socket_stays(
     assert not hub_errors.records, str(hub_errors)
 
 
+@pytest.mark.slow
 async def test_invalid_capabilities_are_an_error_and_other_jobs_go_on(
     base_url: str, hub_errors: HubErrors
 ) -> None:
@@ -566,6 +578,7 @@ async def test_invalid_capabilities_are_an_error_and_other_jobs_go_on(
     assert not hub_errors.records, str(hub_errors)
 
 
+@pytest.mark.slow
 async def test_a_client_submit_with_an_infinite_priority_is_an_error(
     base_url: str, hub_errors: HubErrors
 ) -> None:
@@ -591,6 +604,7 @@ async def test_a_client_submit_with_an_infinite_priority_is_an_error(
     assert not hub_errors.records, str(hub_errors)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("route", ROUTES)
 async def test_a_frame_over_the_cap_closes_with_1009(hub_settings: HubSettings, route: str) -> None:
     """EMP_MAX_WS_MESSAGE_SIZE_MB applies to the hub the tests run (as to `emp-hub
@@ -606,6 +620,7 @@ async def test_a_frame_over_the_cap_closes_with_1009(hub_settings: HubSettings, 
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
 
 
+@pytest.mark.slow
 def test_serve_caps_frames_at_16_mib_by_default(
     redis_url: str, namespace: str, tmp_path: Path
 ) -> None:
@@ -623,6 +638,7 @@ def test_serve_caps_frames_at_16_mib_by_default(
         asyncio.run(send_big(hub.url.replace("http", "ws")))
 
 
+@pytest.mark.slow
 async def test_every_submit_path_spends_one_allowance(
     hub_settings: HubSettings, redis_client: redis.asyncio.Redis, namespace: str
 ) -> None:
@@ -657,6 +673,7 @@ async def test_every_submit_path_spends_one_allowance(
         assert r.status_code == 429, r.text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("route", ROUTES)
 async def test_sockets_of_a_revoked_token_close(
     hub_settings: HubSettings, redis_client: redis.asyncio.Redis, namespace: str, route: str
@@ -691,6 +708,7 @@ async def submit_on(conn: ClientConnection) -> None:
         await asyncio.sleep(0.005)
 
 
+@pytest.mark.slow
 async def test_a_client_keeps_submitting_until_its_token_is_revoked(
     hub_settings: HubSettings, redis_client: redis.asyncio.Redis, namespace: str
 ) -> None:
@@ -714,6 +732,7 @@ async def test_a_client_keeps_submitting_until_its_token_is_revoked(
         assert not handler.records, str(handler)
 
 
+@pytest.mark.slow
 async def test_a_monitor_gets_stats_at_once_with_the_original_capabilities(
     base_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -735,6 +754,7 @@ async def test_a_monitor_gets_stats_at_once_with_the_original_capabilities(
         assert entry["capabilities"]["services"] == ["simulation"], entry
 
 
+@pytest.mark.slow
 async def test_sockets_without_a_token_close_once_the_hub_has_tokens(
     hub_settings: HubSettings, redis_client: redis.asyncio.Redis, namespace: str
 ) -> None:
@@ -751,6 +771,7 @@ async def test_sockets_without_a_token_close_once_the_hub_has_tokens(
             await conn.close()
 
 
+@pytest.mark.slow
 async def test_a_worker_of_another_protocol_version_is_refused(base_url: str) -> None:
     """A worker that says another protocol version gets an error naming both and is
     closed; one of this version, and an original worker (which says none), register."""

@@ -24,7 +24,7 @@ from tests.processes import Cluster, cluster
 from tests.shipping import BIN, processes_mentioning
 from tests.test_installer import ROOT, make_release, signing_key
 
-pytestmark = pytest.mark.worker
+pytestmark = [pytest.mark.slow, pytest.mark.worker]
 
 DOC = ROOT / "docs" / "install.md"
 OFFLINE = "<!-- not runnable offline: needs GitHub -->"

@@ -22,7 +22,7 @@ import pytest
 from tests.processes import Cluster, cluster
 from tests.shipping import BIN, fake_worker_binary, processes_mentioning, supervisord
 
-pytestmark = pytest.mark.worker
+pytestmark = [pytest.mark.slow, pytest.mark.worker]
 
 ROOT = Path(__file__).parent.parent
 INSTALLER = ROOT / "installer" / "install.sh"

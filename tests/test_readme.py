@@ -7,15 +7,15 @@ import os
 import re
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from emp_hub.embedded import free_port
+from tests.processes import eventually_sync
 
-pytestmark = pytest.mark.worker
+pytestmark = [pytest.mark.slow, pytest.mark.worker]
 
 ROOT = Path(__file__).parent.parent
 README = ROOT / "README.md"
@@ -51,16 +51,16 @@ def test_the_readme_runs_as_written(tmp_path: Path) -> None:
         stderr=subprocess.STDOUT,
     )
     try:
-        deadline = time.monotonic() + 60
-        while True:
+
+        def ready() -> bool:
             assert hub.poll() is None, (tmp_path / "hub.log").read_text()
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/health/ready").status_code == 200:
-                    break
+                return httpx.get(f"http://127.0.0.1:{port}/health/ready").status_code == 200
             except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, (tmp_path / "hub.log").read_text()
-            time.sleep(0.2)
+                return False
+
+        log = (tmp_path / "hub.log").read_text
+        eventually_sync(ready, within_s=60, every_s=0.2, what="the hub ready", log=log)
         script = "\n".join(
             [
                 "set -euo pipefail",
@@ -91,3 +91,36 @@ def test_the_readme_runs_as_written(tmp_path: Path) -> None:
     finally:
         hub.send_signal(signal.SIGTERM)
         hub.wait(30)
+
+
+PACKAGES = {  # a test file of each package, which the fast tests must still cover
+    "broker": "tests/test_broker.py",
+    "hub": "tests/test_hub_http.py",
+    "worker": "tests/test_worker.py",
+    "client": "tests/test_client.py",
+    **{p.name: f"plugins/{p.name}/tests" for p in (ROOT / "plugins").glob("emp-connector-*")},
+}
+
+
+@pytest.mark.timeout(600)
+def test_the_fast_tests_run_as_written_and_cover_every_package() -> None:
+    """The README's `scripts/test.sh -m "not slow"`: it passes, leaves the slow tests out
+    (this one among them) and still runs tests of every package."""
+    [block, *_] = blocks_after("## Try it")
+    [fast] = [line for line in block.splitlines() if line.startswith("scripts/test.sh -m")]
+    command = fast.split("#")[0].strip()
+    done = subprocess.run(
+        ["bash", "-c", command], cwd=ROOT, capture_output=True, text=True, timeout=540, check=False
+    )
+    assert done.returncode == 0, done.stdout[-5000:] + done.stderr
+    summary = done.stdout.strip().splitlines()[-1]
+    assert " passed" in summary and " deselected" in summary and "failed" not in summary, summary
+    collected = subprocess.run(
+        [".venv/bin/python", "-m", "pytest", "-q", "--collect-only", "-m", "not slow"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    missing = [name for name, path in PACKAGES.items() if f"\n{path}" not in "\n" + collected]
+    assert missing == [], collected

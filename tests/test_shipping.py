@@ -13,13 +13,14 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 import yaml
+
+from tests.processes import eventually_sync
 
 ROOT = Path(__file__).parent.parent
 WORKFLOWS = ROOT / ".github" / "workflows"
@@ -323,14 +324,15 @@ class Server:
         args += ["--appendonly", "yes" if appendonly else "no", "--save", ""]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL)
         self.client = redis.Redis(port=self.port, decode_responses=True)
-        deadline = time.monotonic() + 10
-        while True:
+
+        def answers() -> bool:
             try:
-                self.client.ping()
-                break
+                return bool(self.client.ping())
             except redis.ConnectionError:
-                assert time.monotonic() < deadline and self.proc.poll() is None
-                time.sleep(0.05)
+                assert self.proc.poll() is None
+                return False
+
+        eventually_sync(answers, every_s=0.05, what="the server answering")
 
     def stop(self) -> None:
         """SIGTERM (the server flushes its AOF and saves, as on SHUTDOWN), then wait."""
@@ -338,6 +340,7 @@ class Server:
         assert self.proc.wait(10) == 0
 
 
+@pytest.mark.slow
 def test_restoring_a_snapshot_needs_aof_off_first(tmp_path: Path) -> None:
     """What docs/deploy.md's restore procedure relies on: a server with AOF on ignores an
     RDB file (it starts empty); loaded with AOF off, then AOF turned on, the data is in the
@@ -360,13 +363,12 @@ def test_restoring_a_snapshot_needs_aof_off_first(tmp_path: Path) -> None:
     loading = Server(restored, appendonly=False)
     assert loading.client.get("job") == "kept"
     loading.client.config_set("appendonly", "yes")
-    deadline = time.monotonic() + 10
-    while True:  # until the AOF is written from memory
+
+    def aof_written() -> Any:
         info = loading.client.info("persistence")
-        if info["aof_enabled"] and not info["aof_rewrite_in_progress"]:
-            break
-        assert time.monotonic() < deadline, info
-        time.sleep(0.05)
+        return info if info["aof_enabled"] and not info["aof_rewrite_in_progress"] else None
+
+    eventually_sync(aof_written, every_s=0.05, what="the AOF written from memory")
     loading.stop()
     (restored / "dump.rdb").unlink()  # only the AOF is left to load from
 

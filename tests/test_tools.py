@@ -10,7 +10,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -25,6 +24,9 @@ from benchmarks import recovery as recovery_benchmark
 from benchmarks import worker as worker_benchmark
 from emp_hub.demos.broker import run_demo
 from emp_hub.demos.system import WORKERS, summary_table
+from tests.processes import eventually_sync
+
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).parent.parent
 
@@ -272,12 +274,15 @@ def test_system_demo_stopped_by_a_signal_leaves_nothing_behind(
         lines = _read_until(demo, "workers starting")
         match = re.search(r"http://127\.0\.0\.1:\d+", "".join(lines))
         assert match, lines
-        deadline = time.monotonic() + 60
-        while (
-            httpx.get(f"{match[0]}/api/jobs/cancel-me", timeout=5).json().get("status") != "active"
-        ):
-            assert time.monotonic() < deadline and demo.poll() is None, lines
-            time.sleep(0.1)
+
+        def active() -> bool:
+            assert demo.poll() is None, lines
+            job = httpx.get(f"{match[0]}/api/jobs/cancel-me", timeout=5).json()
+            return bool(job.get("status") == "active")
+
+        eventually_sync(
+            active, within_s=60, every_s=0.1, what="cancel-me active", log=lambda: "".join(lines)
+        )
         procs = _descendants(demo.pid)
         assert len(procs) >= 5, procs  # the hub, its Valkey, three workers
         demo.send_signal(sig)

@@ -23,7 +23,7 @@ from emp_worker import worker as worker_module
 from emp_worker.connector import Connector, Job, JobContext
 from emp_worker.plugins import PluginError, Plugins
 from emp_worker.settings import WorkerSettings
-from emp_worker.testing import fake_context
+from emp_worker.testing import eventually, fake_context
 from emp_worker.worker import WorkerRefused
 
 pytestmark = pytest.mark.worker
@@ -208,14 +208,16 @@ async def hub_url(
 
 
 async def wait_status(hub: TestHub, job_id: str, status: str) -> dict[str, Any]:
-    for _ in range(200):
+    """Until the job has this status; the job."""
+
+    async def job_if_there() -> dict[str, Any] | None:
         job: dict[str, Any] = (await hub.http.get(f"/api/jobs/{job_id}")).json()
-        if job["status"] == status:
-            return job
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{job_id} never became {status}: {job}")
+        return job if job["status"] == status else None
+
+    return await eventually(job_if_there, every_s=0.05, what=f"{job_id} {status}")
 
 
+@pytest.mark.slow
 async def test_cancel_interrupts_the_connector(hub_url: str) -> None:
     sleepy = Sleepy()
     async with running_worker(hub_url, [sleepy]) as worker:
@@ -223,15 +225,13 @@ async def test_cancel_interrupts_the_connector(hub_url: str) -> None:
         job_id = await hub.submit("sleepy", {"seconds": 30})
         await wait_status(hub, job_id, "active")
         await hub.http.post(f"/api/jobs/{job_id}/cancel", json={"reason": "stop"})
-        for _ in range(100):
-            if sleepy.saw_cancel_event:
-                break
-            await asyncio.sleep(0.05)
+        await eventually(lambda: sleepy.saw_cancel_event, within_s=5, what="the cancel event")
         assert sleepy.cancelled == [job_id] and sleepy.saw_cancel_event == [job_id]
         assert worker.stats.cancelled == 1 and not worker.running
         await hub.http.aclose()
 
 
+@pytest.mark.slow
 async def test_timeout_interrupts_the_connector_and_fails_the_attempt(hub_url: str) -> None:
     sleepy = Sleepy()
     async with running_worker(hub_url, [sleepy]) as worker:
@@ -243,6 +243,7 @@ async def test_timeout_interrupts_the_connector_and_fails_the_attempt(hub_url: s
         await hub.http.aclose()
 
 
+@pytest.mark.slow
 async def test_a_second_signal_hands_back_at_once(
     hub_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -259,11 +260,11 @@ async def test_a_second_signal_hands_back_at_once(
         job = await wait_status(hub, job_id, "pending")
         assert (job["failures"], job["orphans"]) == (0, 0)
         await asyncio.wait_for(worker.done.wait(), 10)
-        for _ in range(100):  # it said goodbye holding nothing: no longer a live worker
-            if not (await hub.http.get("/api/workers")).json():
-                break
-            await asyncio.sleep(0.05)
-        assert (await hub.http.get("/api/workers")).json() == []
+
+        async def no_workers() -> bool:  # it said goodbye holding nothing: no longer live
+            return bool((await hub.http.get("/api/workers")).json() == [])
+
+        await eventually(no_workers, within_s=5, what="no live worker")
         await hub.http.aclose()
 
 
@@ -287,11 +288,11 @@ async def test_capability_changes_reach_the_hub(hub_url: str) -> None:
 
         assert await hub_tags() == ["blue"]
         tags[0] = "green"
-        for _ in range(100):
-            if await hub_tags() == ["green"]:
-                break
-            await asyncio.sleep(0.05)
-        assert await hub_tags() == ["green"]
+
+        async def green() -> bool:
+            return await hub_tags() == ["green"]
+
+        await eventually(green, within_s=5, what="the tag green")
         assert worker.worker_id == "test-worker"
 
 

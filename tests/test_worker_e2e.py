@@ -16,9 +16,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.processes import Cluster, cluster
+from tests.processes import Cluster, cluster, eventually_sync
 
-pytestmark = pytest.mark.worker
+pytestmark = [pytest.mark.slow, pytest.mark.worker]
 
 
 @pytest.fixture
@@ -183,10 +183,12 @@ def test_cancel_mid_job_reaches_the_connector(hub: Cluster) -> None:
     hub.wait_job(job_id, {"active"})
     hub.post(f"/api/jobs/{job_id}/cancel", {"reason": "changed my mind"})
     assert hub.wait_job(job_id)["status"] == "cancelled"
-    deadline = time.monotonic() + 10
-    while f"job {job_id}: cancelled" not in worker.text() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert f"job {job_id}: cancelled" in worker.text()
+    eventually_sync(
+        lambda: f"job {job_id}: cancelled" in worker.text(),
+        every_s=0.1,
+        what="the cancel in the worker's log",
+        log=worker.text,
+    )
     follow_up = hub.submit(payload={"duration": 0.1})  # its slot is free again
     assert hub.wait_job(follow_up)["worker_id"] == "w-cancel"
 
@@ -411,9 +413,9 @@ def test_doctor_checks_the_token_its_role_and_the_worker_id(hub: Cluster) -> Non
     assert code == 0, out
     assert "token ok" in out and "protocol ok" in out and "worker id ok w-doc: free" in out
     running = hub.start_worker("w-doc", EMP_TOKEN=worker_token)
-    deadline = time.monotonic() + 30
-    while "connected to" not in running.text() and time.monotonic() < deadline:
-        time.sleep(0.1)
+    eventually_sync(
+        lambda: "connected to" in running.text(), within_s=30, every_s=0.1, what="connected"
+    )
     code, out = doctor(EMP_TOKEN=worker_token)
     assert code == 1 and "worker id FAILED w-doc: worker id w-doc is already connected" in out
 
@@ -422,9 +424,9 @@ def test_a_refused_token_is_explained_once_and_retried_slowly(hub: Cluster) -> N
     client_token = _token(hub, "client")
     time.sleep(2.1)
     worker = hub.start_worker("w-wrong", EMP_TOKEN=client_token, EMP_AUTH_RETRY_S="60")
-    deadline = time.monotonic() + 20
-    while "role client" not in worker.text() and time.monotonic() < deadline:
-        time.sleep(0.1)
+    eventually_sync(
+        lambda: "role client" in worker.text(), within_s=20, every_s=0.1, what="the refusal"
+    )
     time.sleep(1.5)  # long enough for a few quick reconnects, were there any
     log = worker.text()
     assert log.count("role client") == 1, log

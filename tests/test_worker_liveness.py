@@ -24,7 +24,7 @@ from emp_hub.settings import HubSettings
 from tests.hub_server import running_hub
 from tests.test_hub_ws import SIM_CAPS, Peer, job, submit
 
-pytestmark = pytest.mark.hub
+pytestmark = [pytest.mark.slow, pytest.mark.hub]
 
 GRACE_S = 1.0
 

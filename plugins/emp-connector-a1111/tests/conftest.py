@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import sys
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -37,11 +35,3 @@ async def serve(fake: FakeA1111, port: int | None = None) -> AsyncIterator[str]:
         server.should_exit = True
         server.force_exit = True
         await task
-
-
-async def wait_for(check: Any, within_s: float = 10) -> None:
-    """Wait until `check()` is true; fail after `within_s`."""
-    deadline = time.monotonic() + within_s
-    while not check():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.01)

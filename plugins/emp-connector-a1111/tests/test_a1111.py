@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from conftest import serve, wait_for
+from conftest import serve
 from emp_connector_a1111 import A1111Connector, A1111Settings, describe_error
 from fake_a1111 import FakeA1111, png
 
@@ -20,7 +19,7 @@ from emp_hub.testing import connector_hub
 from emp_worker.cli import doctor
 from emp_worker.connector import JobFailed
 from emp_worker.settings import WorkerSettings
-from emp_worker.testing import fake_context
+from emp_worker.testing import eventually, fake_context
 
 SD15 = "v1-5-pruned-emaonly.safetensors [6ce0161689]"
 SDXL = "sd_xl_base_1.0.safetensors [31e35c80fc]"
@@ -33,6 +32,7 @@ def connector(url: str, **values: Any) -> A1111Connector:
     return A1111Connector(settings)
 
 
+@pytest.mark.slow
 async def test_txt2img_stores_images_and_reports_progress() -> None:
     fake = FakeA1111(step_s=0.02)
     async with serve(fake) as url, connector_hub(connector(url), progress_interval_s=0) as hub:
@@ -64,6 +64,7 @@ async def test_progress_is_monotonic_with_an_eta() -> None:
     assert any("ETA" in r.message and "step" in r.message for r in ctx.reports), ctx.reports
 
 
+@pytest.mark.slow
 async def test_img2img_with_the_original_payload() -> None:
     fake = FakeA1111()
     init = "data:image/png;base64," + base64.b64encode(png(8, 8)).decode()
@@ -82,6 +83,7 @@ async def test_img2img_with_the_original_payload() -> None:
         assert missing["attempt"] == 1  # not retried
 
 
+@pytest.mark.slow
 async def test_an_earlier_jobs_output_as_init_image_and_controlnet_image() -> None:
     """A reference to job A's output (or its URL) stands for a base64 image in img2img's
     `init_images`, `mask` and a ControlNet unit's image: A1111 gets exactly A's bytes."""
@@ -136,6 +138,7 @@ async def test_model_switch_one_at_a_time_and_visible_in_progress() -> None:
         await a1111.stop()
 
 
+@pytest.mark.slow
 async def test_models_are_capabilities_and_health() -> None:
     fake = FakeA1111()
     async with serve(fake) as url:
@@ -149,15 +152,16 @@ async def test_models_are_capabilities_and_health() -> None:
             assert "sd_xl_base_1.0" in str(worker)
 
 
+@pytest.mark.slow
 async def test_cancel_interrupts_a1111() -> None:
     fake = FakeA1111(step_s=0.05)
     async with serve(fake) as url, connector_hub(connector(url)) as hub:
         job_id = await hub.submit("a1111", {"prompt": "slow", "steps": 200})
-        await wait_for(lambda: fake.sampling_step > 2)
+        await eventually(lambda: fake.sampling_step > 2, what="sampling under way")
         await hub.cancel(job_id)
         job = await hub.wait(job_id, within_s=10)
         assert job["status"] == "cancelled", job
-        await wait_for(lambda: fake.job_count == 0, within_s=5)  # nothing left running
+        await eventually(lambda: fake.job_count == 0, within_s=5, what="nothing left running")
         assert fake.interrupts >= 1 and fake.sampling_step < 200
         after = await hub.run("a1111", {"prompt": "next", "steps": 3})
         assert after["status"] == "completed" and after["result"]["info"]["steps"] == 3
@@ -190,6 +194,7 @@ def test_original_environment_names(monkeypatch: pytest.MonkeyPatch) -> None:
     assert a1111.capabilities().services == {"a1111", "sd15"}
 
 
+@pytest.mark.slow
 async def test_errors_from_a1111_bodies() -> None:
     fake = FakeA1111()
     async with serve(fake) as url, connector_hub(connector(url)) as hub:
@@ -222,6 +227,7 @@ def test_describe_error_shapes() -> None:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["json", "images", "base64"])
 async def test_malformed_answers_fail_clearly(kind: str) -> None:
     fake = FakeA1111(malformed=kind)
@@ -232,6 +238,7 @@ async def test_malformed_answers_fail_clearly(kind: str) -> None:
         assert expected[kind] in job["error"]
 
 
+@pytest.mark.slow
 async def test_down_at_start_the_job_waits_until_a1111_is_up(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -266,6 +273,7 @@ async def test_down_at_start_the_job_waits_until_a1111_is_up(
             assert "a1111" in report["capabilities"]["services"]
 
 
+@pytest.mark.slow
 async def test_dying_mid_job_fails_retryable() -> None:
     port = free_port()
     fake = Path(__file__).with_name("fake_a1111.py")
@@ -275,20 +283,22 @@ async def test_dying_mid_job_fails_retryable() -> None:
     try:
         url = f"http://127.0.0.1:{port}"
         async with httpx.AsyncClient() as http:
-            deadline = time.monotonic() + 20
-            while True:
+
+            async def answers() -> bool:
                 try:
                     await http.get(f"{url}/sdapi/v1/progress")
-                    break
                 except httpx.TransportError:
-                    assert time.monotonic() < deadline
-                    await asyncio.sleep(0.05)
+                    return False
+                return True
+
+            await eventually(answers, within_s=20, every_s=0.05, what="the fake A1111 up")
         async with connector_hub(connector(url), broker={"retry_base_s": 0}) as hub:
             job_id = await hub.submit("a1111", {"prompt": "x", "steps": 400}, max_attempts=2)
-            deadline = time.monotonic() + 20
-            while (await hub.job(job_id))["progress"] <= 0:
-                assert time.monotonic() < deadline
-                await asyncio.sleep(0.02)
+
+            async def progressed() -> bool:
+                return bool((await hub.job(job_id))["progress"] > 0)
+
+            await eventually(progressed, within_s=20, what="progress reported")
             process.kill()
             job = await hub.wait(job_id, within_s=20)
             assert job["status"] == "failed", job
@@ -299,11 +309,12 @@ async def test_dying_mid_job_fails_retryable() -> None:
         await process.wait()
 
 
+@pytest.mark.slow
 async def test_interrupted_by_someone_else_fails_retryable() -> None:
     fake = FakeA1111(step_s=0.02)
     async with serve(fake) as url, connector_hub(connector(url)) as hub:
         job_id = await hub.submit("a1111", {"prompt": "x", "steps": 200}, max_attempts=1)
-        await wait_for(lambda: fake.sampling_step > 2)
+        await eventually(lambda: fake.sampling_step > 2, what="sampling under way")
         async with httpx.AsyncClient() as http:  # another client of the same A1111
             await http.post(f"{url}/sdapi/v1/interrupt")
         job = await hub.wait(job_id, within_s=10)
@@ -311,6 +322,7 @@ async def test_interrupted_by_someone_else_fails_retryable() -> None:
         assert job["result"] is None or not job["result"].get("images")
 
 
+@pytest.mark.slow
 async def test_a_timed_out_job_interrupts_a1111() -> None:
     fake = FakeA1111(step_s=0.05)
     async with serve(fake) as url, connector_hub(connector(url)) as hub:
@@ -318,10 +330,11 @@ async def test_a_timed_out_job_interrupts_a1111() -> None:
             "a1111", {"prompt": "slow", "steps": 400}, job_timeout=1, max_attempts=1
         )
         assert job["status"] == "failed", job
-        await wait_for(lambda: fake.job_count == 0, within_s=5)
+        await eventually(lambda: fake.job_count == 0, within_s=5, what="no job left")
         assert fake.interrupts >= 1 and fake.sampling_step < 400
 
 
+@pytest.mark.slow
 async def test_two_jobs_wanting_different_models_each_get_theirs() -> None:
     fake = FakeA1111(step_s=0.02, load_s=0.1)
     async with serve(fake) as url, connector_hub(connector(url, concurrency=2)) as hub:

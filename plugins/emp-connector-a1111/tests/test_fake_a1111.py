@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 
 import httpx
-from conftest import serve, wait_for
+from conftest import serve
 from fake_a1111 import FakeA1111
+
+from emp_worker.testing import eventually
 
 
 async def test_idle_progress_options_models_and_errors() -> None:
@@ -51,7 +53,7 @@ async def test_api_auth_and_interrupt_with_partial_images() -> None:
         running = asyncio.create_task(
             http.post("/sdapi/v1/txt2img", json={"steps": 100}, auth=("u", "p"))
         )
-        await wait_for(lambda: fake.sampling_step >= 3)
+        await eventually(lambda: fake.sampling_step >= 3, what="step 3")
         await http.post("/sdapi/v1/interrupt", auth=("u", "p"))
         answer = await running
         assert answer.status_code == 200 and len(answer.json()["images"]) == 1

@@ -8,7 +8,7 @@ import copy
 import itertools
 import json
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from emp_hub.testing import connector_hub, running_hub  # noqa: F401
 from emp_worker.cli import doctor
 from emp_worker.connector import JobFailed
 from emp_worker.settings import WorkerSettings
-from emp_worker.testing import fake_context
+from emp_worker.testing import eventually, fake_context
 
 TRANSCRIPTS = Path(__file__).parent / "transcripts"
 
@@ -51,15 +51,6 @@ def settings(url: str, **values: Any) -> ComfyUISettings:
 
 
 Served = tuple[FakeComfyUI, str, Any]
-
-
-async def until(check: Callable[[], object], within_s: float = 10) -> None:
-    """Wait for `check()` to be true."""
-    for _ in range(int(within_s / 0.01)):
-        if check():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("the condition did not come true")
 
 
 @pytest.fixture
@@ -171,6 +162,7 @@ async def test_fake_system_stats_on_the_cpu_have_the_recorded_shape(comfy: Serve
 # -- the connector on a real hub ---------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_runs_the_recorded_workflow_outputs_on_the_hub(comfy: Served) -> None:
     fake, url, _ = comfy
     async with connector_hub(ComfyUIConnector(settings(url)), progress_interval_s=0) as hub:
@@ -186,6 +178,7 @@ async def test_runs_the_recorded_workflow_outputs_on_the_hub(comfy: Served) -> N
         assert fake.prompts_run == [result["prompt_id"]]
 
 
+@pytest.mark.slow
 async def test_outputs_are_the_workflows_images(comfy: Served) -> None:
     """What the graph makes lands on the hub: its size, its colour, one file per image of
     the batch (as a real ComfyUI writes them)."""
@@ -218,6 +211,7 @@ async def test_original_payload_shape_and_progress_over_the_whole_workflow(comfy
     assert list(result["nodes"]) == ["4"] and list(ctx.files) == ["emp_fixture_00001_.png"]
 
 
+@pytest.mark.slow
 async def test_only_our_prompt_completes_the_job(comfy: Served) -> None:
     """Another client's prompt on the same server does not end ours."""
     fake, url, _ = comfy
@@ -231,6 +225,7 @@ async def test_only_our_prompt_completes_the_job(comfy: Served) -> None:
     assert list(ctx.files) == ["emp_fixture_00002_.png"]
 
 
+@pytest.mark.slow
 async def test_refused_workflow_fails_not_retryable_with_every_node_error(comfy: Served) -> None:
     fake, url, _ = comfy
     graph = recorded_workflow()
@@ -263,6 +258,7 @@ async def test_execution_errors_retryable_only_when_transient(comfy: Served) -> 
     assert not bad.value.retryable and str(bad.value).endswith("builtins.ValueError: bad image")
 
 
+@pytest.mark.slow
 async def test_load_image_of_a_file_that_is_no_image_fails_not_retryable(comfy: Served) -> None:
     """An input URL that answers no image: uploaded, then LoadImage fails in ComfyUI (PIL
     cannot read it), an `execution_error` as the real server sends it."""
@@ -278,38 +274,34 @@ async def test_load_image_of_a_file_that_is_no_image_fails_not_retryable(comfy: 
     ), job["error"]
 
 
+@pytest.mark.slow
 async def test_cancel_running_interrupts_it_in_comfyui(comfy: Served) -> None:
     fake, url, _ = comfy
     fake.node_s = 0.5
     async with connector_hub(ComfyUIConnector(settings(url))) as hub:
         job_id = await hub.submit("comfyui", {"workflow": recorded_workflow()})
-        await until(lambda: fake.running is not None)
+        await eventually(lambda: fake.running is not None, what="a prompt running")
         assert fake.running is not None
         prompt_id = fake.running[1]
         await hub.cancel(job_id)
         job = await hub.wait(job_id)
         assert job["status"] == "cancelled"
-        for _ in range(100):
-            if prompt_id in fake.history:
-                break
-            await asyncio.sleep(0.05)
+        await eventually(lambda: prompt_id in fake.history, within_s=5, what="its history")
     assert fake.history[prompt_id]["status"]["status_str"] == "error"
     assert f'POST /interrupt {{"prompt_id": "{prompt_id}"}}' in fake.requests
     assert fake.running is None and fake.pending == []
 
 
+@pytest.mark.slow
 async def test_cancel_queued_deletes_it_from_the_queue(comfy: Served) -> None:
     fake, url, _ = comfy
     fake.hold.clear()  # nothing leaves ComfyUI's queue
     async with connector_hub(ComfyUIConnector(settings(url))) as hub:
         job_id = await hub.submit("comfyui", {"workflow": recorded_workflow()})
-        await until(lambda: fake.pending)
+        await eventually(lambda: fake.pending, what="a prompt queued")
         await hub.cancel(job_id)
         assert (await hub.wait(job_id))["status"] == "cancelled"
-        for _ in range(100):
-            if not fake.pending:
-                break
-            await asyncio.sleep(0.05)
+        await eventually(lambda: not fake.pending, within_s=5, what="the queue empty")
     assert fake.pending == [] and fake.prompts_run == []
     assert any(r.startswith('POST /queue {"delete"') for r in fake.requests)
 
@@ -323,6 +315,7 @@ async def test_websocket_dropped_mid_job_recovers_from_history(comfy: Served) ->
     assert ctx.reports[-1].percent == 100
 
 
+@pytest.mark.slow
 async def test_websocket_back_but_http_not_yet_is_waited_for(comfy: Served) -> None:
     """ComfyUI restarting behind a proxy: the WebSocket reconnects before /history
     answers; the connector keeps asking within `reconnect_s`."""
@@ -333,6 +326,7 @@ async def test_websocket_back_but_http_not_yet_is_waited_for(comfy: Served) -> N
     assert list(result["nodes"]) == ["4"] and len(fake.prompts_run) == 1
 
 
+@pytest.mark.slow
 async def test_http_away_past_reconnect_s_is_lost_comfyui(comfy: Served) -> None:
     fake, url, _ = comfy
     fake.drop_ws_at, fake.down_s = "2", 3
@@ -342,6 +336,7 @@ async def test_http_away_past_reconnect_s_is_lost_comfyui(comfy: Served) -> None
     assert failed.value.retryable and "lost ComfyUI" in str(failed.value), failed.value
 
 
+@pytest.mark.slow
 async def test_history_lag_after_success_is_waited_for(comfy: Served) -> None:
     fake, url, _ = comfy
     fake.history_lag_s = 0.3
@@ -350,13 +345,14 @@ async def test_history_lag_after_success_is_waited_for(comfy: Served) -> None:
     assert result["nodes"]["4"]["images"][0]["name"] == "emp_fixture_00001_.png"
 
 
+@pytest.mark.slow
 async def test_comfyui_dying_mid_job_fails_retryable() -> None:
     async with fake_comfyui(node_s=0.3) as (fake, url, server):
         ctx = fake_context("comfyui", {"workflow": recorded_workflow()})
         run = asyncio.create_task(
             ComfyUIConnector(settings(url, reconnect_s=0.5)).run(ctx.job, ctx)
         )
-        await until(lambda: fake.running is not None)
+        await eventually(lambda: fake.running is not None, what="a prompt running")
         server.should_exit = True
         await fake.drop_sockets()
         with pytest.raises(JobFailed) as failed:
@@ -439,6 +435,7 @@ def load_image(image: Any) -> dict[str, Any]:
     return {"workflow": graph}
 
 
+@pytest.mark.slow
 async def test_an_earlier_jobs_output_is_uploaded_as_an_input(comfy: Served) -> None:
     """Job A's output, given to job B as its reference (from A's result) or its URL, reaches
     ComfyUI with exactly A's bytes, and B's workflow loads it."""
@@ -457,6 +454,7 @@ async def test_an_earlier_jobs_output_is_uploaded_as_an_input(comfy: Served) -> 
             assert graph["1"] == {"class_type": "LoadImage", "inputs": {"image": ref["name"]}}
 
 
+@pytest.mark.slow
 async def test_the_documented_example_jobs(comfy: Served) -> None:
     """docs/connectors/comfyui.md's two example jobs, as written: the second loads the
     first's image by its URL."""
@@ -481,6 +479,7 @@ async def test_the_documented_example_jobs(comfy: Served) -> None:
         )
 
 
+@pytest.mark.slow
 async def test_another_customers_output_or_a_missing_one_fails_not_retryable(
     comfy: Served,
 ) -> None:
@@ -547,6 +546,7 @@ def test_original_environment_names(monkeypatch: pytest.MonkeyPatch) -> None:
     assert connector._ws_headers()["Authorization"].startswith("Basic ")
 
 
+@pytest.mark.slow
 async def test_through_the_hub_down_at_start_then_back(monkeypatch: pytest.MonkeyPatch) -> None:
     """Down at start: doctor says so, no `comfyui` service (the job waits, the hub says
     why); back: models advertised, the job runs."""
@@ -579,23 +579,27 @@ async def test_through_the_hub_down_at_start_then_back(monkeypatch: pytest.Monke
             assert "comfyui" in report["capabilities"]["services"]
 
 
+@pytest.mark.slow
 async def test_through_the_hub_comfyui_dying_mid_job_fails_retryable() -> None:
     async with fake_comfyui(node_s=0.3) as (fake, url, server):
         connector = ComfyUIConnector(settings(url, reconnect_s=0.3))
         async with connector_hub(connector, broker={"retry_base_s": 60}) as hub:
             job_id = await hub.submit("comfyui", {"workflow": recorded_workflow()}, max_attempts=2)
-            await until(lambda: fake.running is not None)
+            await eventually(lambda: fake.running is not None, what="a prompt running")
             server.should_exit = True
             await fake.drop_sockets()
-            for _ in range(200):  # the retryable failure recorded; the retry waits 60 s
+
+            async def failed_once() -> dict[str, Any] | None:
                 job = await hub.job(job_id)
-                if job["failures"]:
-                    break
-                await asyncio.sleep(0.05)
+                return job if job["failures"] else None
+
+            # the retryable failure recorded; the retry waits 60 s
+            job = await eventually(failed_once, every_s=0.05, what="a failure recorded")
             assert (job["failures"], job["status"]) == (1, "delayed"), job
             assert "lost ComfyUI" in job["error"], job
 
 
+@pytest.mark.slow
 async def test_two_jobs_at_once(comfy: Served) -> None:
     fake, url, _ = comfy
     connector = ComfyUIConnector(settings(url, concurrency=2))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -15,21 +14,12 @@ from emp_hub.testing import connector_hub
 from emp_worker.cli import doctor
 from emp_worker.connector import Health, JobFailed
 from emp_worker.settings import WorkerSettings
-from emp_worker.testing import fake_context
+from emp_worker.testing import eventually, fake_context
 
 
 def instance(name: str = "rest", **values: Any) -> Instance:
     settings = {"retries": 2, "retry_backoff_s": 0.01, "poll_interval": 0.02, **values}
     return Instance(name=name, settings=RestInstance.model_validate(settings))
-
-
-async def until(condition: Callable[[], bool]) -> None:
-    """Wait until the condition holds (at most 5 s)."""
-    for _ in range(500):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("the condition never held")
 
 
 def connector(*instances: Instance) -> RestConnector:
@@ -51,6 +41,7 @@ def async_instance(url: str, name: str = "tasks", **values: Any) -> Instance:
     return instance(name, **{**fields, **values})
 
 
+@pytest.mark.slow
 async def test_sync_json_response_is_the_result() -> None:
     async with fake_rest() as fake:
         rest = connector(instance(base_url=fake.url, endpoint="/echo", api_key="k1"))
@@ -93,6 +84,7 @@ async def test_steered_payload_method_path_query_headers_and_result_path() -> No
         assert answer["auth"] == "secret" and answer["echo"] is None
 
 
+@pytest.mark.slow
 async def test_binary_response_is_an_output_downloadable_from_the_hub() -> None:
     async with fake_rest() as fake:
         rest = connector(instance(base_url=fake.url, endpoint="/image", method="GET"))
@@ -118,6 +110,7 @@ async def test_retries_5xx_then_succeeds_or_fails_retryable() -> None:
         assert "after 3 tries" in str(failed.value)
 
 
+@pytest.mark.slow
 async def test_4xx_fails_not_retryable_with_the_service_error() -> None:
     async with fake_rest() as fake:
         rest = connector(instance(base_url=fake.url, endpoint="/echo"))
@@ -145,6 +138,7 @@ async def test_malformed_and_oversized_and_text_responses() -> None:
         assert await empty.run(ctx.job, ctx) == {"status_code": 204}
 
 
+@pytest.mark.slow
 async def test_timeout_is_a_retryable_failure() -> None:
     async with fake_rest() as fake:
         rest = connector(instance(base_url=fake.url, endpoint="/slow?s=2", timeout=0.1, retries=1))
@@ -154,6 +148,7 @@ async def test_timeout_is_a_retryable_failure() -> None:
         assert failed.value.retryable
 
 
+@pytest.mark.slow
 async def test_async_submit_poll_result_with_monotonic_progress() -> None:
     async with fake_rest(step=20) as fake:
         rest = connector(async_instance(fake.url))
@@ -209,19 +204,27 @@ async def test_async_timeout_is_retryable() -> None:
         assert failed.value.retryable
 
 
+@pytest.mark.slow
 async def test_cancel_calls_the_services_cancel_endpoint() -> None:
     async with fake_rest(step=1) as fake:
         rest = connector(async_instance(fake.url))
         async with connector_hub(rest) as hub:
             job_id = await hub.submit("tasks", {"p": 1})
-            await until(lambda: job_id in hub.worker.running and "t1" in fake.tasks)
+            await eventually(
+                lambda: job_id in hub.worker.running and "t1" in fake.tasks,
+                within_s=5,
+                what="task t1 running",
+            )
             await hub.cancel(job_id)
             job = await hub.wait(job_id, within_s=10)
             assert job["status"] == "cancelled", job
-            await until(lambda: "POST /tasks/t1/cancel" in fake.calls)
+            await eventually(
+                lambda: "POST /tasks/t1/cancel" in fake.calls, within_s=5, what="the cancel call"
+            )
             assert fake.tasks["t1"].state == "cancelled" and rest.remote == {}
 
 
+@pytest.mark.slow
 async def test_service_down_at_start_the_job_waits_until_it_is_up(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -258,25 +261,35 @@ async def test_service_dying_mid_job_fails_retryable_without_hanging() -> None:
         rest = connector(async_instance(fake.url))
         ctx = fake_context("tasks", {})
         run = asyncio.create_task(rest.run(ctx.job, ctx))
-        await until(lambda: "t1" in fake.tasks and fake.tasks["t1"].polls >= 2)
+        await eventually(
+            lambda: "t1" in fake.tasks and fake.tasks["t1"].polls >= 2,
+            within_s=5,
+            what="two polls of t1",
+        )
         await fake.stop()
         with pytest.raises(JobFailed) as failed:
             await asyncio.wait_for(run, 10)
         assert failed.value.retryable and "status:" in str(failed.value)
 
 
+@pytest.mark.slow
 async def test_service_dying_mid_job_through_the_hub_is_retried_then_fails() -> None:
     async with fake_rest(step=1) as fake:
         rest = connector(async_instance(fake.url))
         async with connector_hub(rest, broker={"retry_base_s": 0}) as hub:
             job_id = await hub.submit("tasks", {}, max_attempts=2)
-            await until(lambda: "t1" in fake.tasks and fake.tasks["t1"].polls >= 2)
+            await eventually(
+                lambda: "t1" in fake.tasks and fake.tasks["t1"].polls >= 2,
+                within_s=5,
+                what="two polls of t1",
+            )
             await fake.stop()
             job = await hub.wait(job_id, within_s=30)
             assert (job["status"], job["attempt"], job["failures"]) == ("failed", 2, 2), job
             assert "ConnectError" in job["error"] and hub.worker.running == {}
 
 
+@pytest.mark.slow
 async def test_two_jobs_at_once_with_concurrency_two() -> None:
     async with fake_rest() as fake:
         rest = RestConnector(
@@ -290,6 +303,7 @@ async def test_two_jobs_at_once_with_concurrency_two() -> None:
             assert fake.most_in_flight == 2
 
 
+@pytest.mark.slow
 async def test_named_instances_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     async with fake_rest(step=100) as fake:
         monkeypatch.setenv("EMP_REST_INSTANCES", "echo, tasks")

@@ -14,6 +14,7 @@ def settings(**values: object) -> SimulationSettings:
     return SimulationSettings.model_validate({"duration": 0.05, "steps": 2, **values})
 
 
+@pytest.mark.slow
 async def test_runs_a_job_with_progress_and_an_image() -> None:
     connector = SimulationConnector(settings(output_image=True, models=["sdxl"]))
     async with connector_hub(connector) as hub:
@@ -25,6 +26,7 @@ async def test_runs_a_job_with_progress_and_an_image() -> None:
         assert job["progress"] == 100
 
 
+@pytest.mark.slow
 async def test_failures_are_retryable_or_fatal() -> None:
     # No backoff before the retry: the test does not wait out the real one.
     async with connector_hub(SimulationConnector(settings()), broker={"retry_base_s": 0}) as hub:

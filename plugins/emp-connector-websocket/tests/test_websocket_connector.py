@@ -42,6 +42,7 @@ async def progress_of(hub: Any, job_id: str) -> list[float]:
         await asyncio.sleep(0.005)
 
 
+@pytest.mark.slow
 async def test_runs_a_job_with_monotonic_progress_to_100() -> None:
     async with (
         fake_ws_service() as fake,
@@ -61,6 +62,7 @@ async def test_runs_a_job_with_monotonic_progress_to_100() -> None:
         assert fake.submissions[job_id] == 1
 
 
+@pytest.mark.slow
 async def test_service_error_fails_the_job_retryable_or_not() -> None:
     async with (
         fake_ws_service() as fake,
@@ -76,6 +78,7 @@ async def test_service_error_fails_the_job_retryable_or_not() -> None:
     assert failed.value.retryable is True and "gpu busy" in str(failed.value)
 
 
+@pytest.mark.slow
 async def test_a_drop_mid_job_reconnects_and_resends_the_job() -> None:
     async with fake_ws_service() as fake, connector_hub(connector(fake.url)) as hub:
         job = await hub.run("websocket", {"drop": 1})
@@ -83,6 +86,7 @@ async def test_a_drop_mid_job_reconnects_and_resends_the_job() -> None:
         assert fake.submissions[job["job_id"]] == 2
 
 
+@pytest.mark.slow
 async def test_service_dying_mid_job_fails_retryable() -> None:
     async with (
         fake_ws_service() as fake,
@@ -103,6 +107,7 @@ async def test_service_dying_mid_job_fails_retryable() -> None:
     assert failed.value.retryable is True
 
 
+@pytest.mark.slow
 async def test_service_down_at_start_the_job_waits_until_it_is_up(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -140,6 +145,7 @@ async def test_health_when_up() -> None:
         assert (await connector(fake.url).health()).ok is True
 
 
+@pytest.mark.slow
 async def test_cancel_sends_the_cancel_frame() -> None:
     cancel = {"type": "cancel", "job_id": "{job_id}"}
     async with (
@@ -237,6 +243,7 @@ async def test_scaled_progress_on_its_own() -> None:
     assert percents == [50, 99, 99, 100]
 
 
+@pytest.mark.slow
 async def test_a_timed_out_job_sends_the_cancel_frame() -> None:
     cancel = {"type": "cancel", "job_id": "{job_id}"}
     async with (
@@ -249,6 +256,7 @@ async def test_a_timed_out_job_sends_the_cancel_frame() -> None:
         assert fake.cancelled == [job["job_id"]]
 
 
+@pytest.mark.slow
 async def test_two_jobs_at_once() -> None:
     async with (
         fake_ws_service() as fake,
@@ -279,6 +287,7 @@ async def tts_service(conn: ServerConnection) -> None:
         await conn.send(json.dumps(done))
 
 
+@pytest.mark.slow
 async def test_the_documented_example() -> None:
     example = {
         "services": "tts",
@@ -309,6 +318,7 @@ async def test_the_documented_example() -> None:
         assert [r.percent for r in ctx.reports] == [25, 50, 75, 100]
 
 
+@pytest.mark.slow
 async def test_loaded_as_a_plugin_with_settings_from_the_environment(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
