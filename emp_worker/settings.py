@@ -20,7 +20,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from emp_protocol.capabilities import Isolation
+from emp_protocol.capabilities import Isolation, Name
 
 
 def env_names(name: str, *older: str, prefix: str = "EMP_") -> AliasChoices:
@@ -35,6 +35,9 @@ _env = env_names
 
 
 CommaList = Annotated[list[str], NoDecode]
+#: Names the hub takes as names (customers, tags, the region): checked here, so a bad one
+#: names its variable at start.
+NameList = Annotated[list[Name], NoDecode]
 
 
 class WorkerSettings(BaseSettings):
@@ -118,15 +121,15 @@ class WorkerSettings(BaseSettings):
         validation_alias=_env("auth_retry_s", "EMP_AUTH_RETRY", "auth_retry"),
         description="After the hub refused the token, how long to wait before trying again.",
     )
-    region: str | None = Field(default=None, validation_alias=_env("region"))
-    tags: CommaList = Field(default_factory=list, validation_alias=_env("tags"))
+    region: Name | None = Field(default=None, validation_alias=_env("region"))
+    tags: NameList = Field(default_factory=list, validation_alias=_env("tags"))
     customer_isolation: Isolation = Field(
         default=Isolation.NONE, validation_alias=_env("customer_isolation")
     )
-    customers_allowed: CommaList = Field(
+    customers_allowed: NameList = Field(
         default_factory=list, validation_alias=_env("customers_allowed")
     )
-    customers_denied: CommaList = Field(
+    customers_denied: NameList = Field(
         default_factory=list, validation_alias=_env("customers_denied")
     )
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -95,6 +98,35 @@ def test_default_worker_id_from_host_and_gpu_index() -> None:
 def test_bad_settings_are_refused() -> None:
     with pytest.raises(ValueError, match="hub_url"):
         WorkerSettings(hub_url="ftp://nowhere")
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("EMP_CUSTOMERS_ALLOWED", "acme, bad name!"),
+        ("EMP_CUSTOMERS_DENIED", "-x"),
+        ("EMP_TAGS", "gpu,a b"),
+        ("EMP_REGION", "eu west"),
+    ],
+)
+def test_names_the_hub_would_refuse_are_refused_naming_the_variable(
+    variable: str, value: str, tmp_path: Path
+) -> None:
+    """Customer names, tags and the region are names to the hub (letters, digits, `._:/@+-`):
+    a worker with another one says which variable at once, instead of a traceback later
+    (`emp-worker doctor` printed one)."""
+    env = {**os.environ, variable: value, "EMP_PLUGIN_DIR": str(tmp_path)}
+    run = subprocess.run(
+        [sys.executable, "-m", "emp_worker.cli", "doctor", "--connectors", "simulation"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert run.returncode == 2, run.stderr
+    assert "Traceback" not in run.stderr, run.stderr
+    assert f"invalid worker settings: {variable}" in run.stderr, run.stderr
 
 
 # -- plugins --------------------------------------------------------------------------------
