@@ -17,6 +17,7 @@ import logging
 import random
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,10 +86,18 @@ class WorkerSession:
 class Dispatcher:
     """This replica's connected workers, woken by the broker's announcements."""
 
-    def __init__(self, broker: Broker, bus: EventBus, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        bus: EventBus,
+        metrics: Metrics,
+        on_lost: Callable[[str, str, list[str]], Awaitable[None]] | None = None,
+    ) -> None:
         self.broker = broker
         self.bus = bus
         self.metrics = metrics
+        #: Told (worker id, connection, job ids) when a worker is lost holding jobs.
+        self.on_lost = on_lost
         self.sessions: dict[str, WorkerSession] = {}
         self._turn = 0
         self._stopping = asyncio.Event()
@@ -180,6 +189,11 @@ class Dispatcher:
             session.worker_id, session.connection, session.held.items()
         ):
             return  # a newer connection holds the id
+        if self.on_lost is not None and session.held:
+            try:
+                await self.on_lost(session.worker_id, session.connection, list(session.held))
+            except redis.exceptions.RedisError:
+                log.warning("could not record that worker %s was lost", session.worker_id)
 
         async def after_grace() -> None:
             with contextlib.suppress(TimeoutError):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import redis.asyncio
 
+from emp_hub.alerts import AlertEngine
 from emp_hub.auth import TokenStore
 from emp_hub.broker import (
     REDIS_DOWN,
@@ -52,6 +53,7 @@ class Hub:
     metrics: Metrics
     bus: EventBus
     dispatcher: Dispatcher
+    alerts: AlertEngine
     sockets: OpenSockets = field(default_factory=OpenSockets)  # this replica's WebSockets
 
     async def submit(self, specs: Sequence[JobSpec]) -> list[Submitted]:
@@ -124,6 +126,7 @@ async def _hub(settings: HubSettings, url: str) -> AsyncIterator[Hub]:
     broker = Broker(client, settings.broker)
     metrics = Metrics(settings.metrics_max_queue_series, settings.metrics_max_services)
     bus = EventBus(client, broker.keys)
+    alerts = AlertEngine(broker, bus, settings.alerts)
     hub = Hub(
         settings=settings,
         redis=client,
@@ -132,7 +135,8 @@ async def _hub(settings: HubSettings, url: str) -> AsyncIterator[Hub]:
         limiter=RateLimiter(client, namespace, settings.submit_rate, settings.submit_burst),
         metrics=metrics,
         bus=bus,
-        dispatcher=Dispatcher(broker, bus, metrics),
+        dispatcher=Dispatcher(broker, bus, metrics, alerts.worker_lost),
+        alerts=alerts,
     )
     if await hub.tokens.is_open():
         log.warning("no auth token configured and none created: the hub is open to anyone")
@@ -143,11 +147,13 @@ async def _hub(settings: HubSettings, url: str) -> AsyncIterator[Hub]:
     )
     token_checks = asyncio.create_task(hub.sockets.check_tokens_until(stop, hub.tokens))
     listener = asyncio.create_task(bus.listen(stop))
+    alerting = asyncio.create_task(alerts.run_until(stop))
     try:
         yield hub
     finally:
         stop.set()
         await listener
+        await alerting
         await hub.dispatcher.close()
         await maintenance
         await token_checks

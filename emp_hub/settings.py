@@ -11,6 +11,7 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from emp_hub.alerts import AlertSettings
 from emp_hub.broker import BrokerSettings
 
 #: The most jobs one batch may hold (POST /api/jobs/batch); the default burst lets it pass.
@@ -149,6 +150,7 @@ class HubSettings(BaseSettings):
     )
     log_level: str = Field(default="info", validation_alias=_env("log_level", "LOG_LEVEL"))
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
+    alerts: AlertSettings = Field(default_factory=AlertSettings)
 
     @property
     def ws_max_bytes(self) -> int:

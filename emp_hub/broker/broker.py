@@ -673,6 +673,19 @@ class Broker:
         rank = await self.redis.zrank(self.key("queue", requirement_class), job_id)
         return cast(int | None, rank)
 
+    async def oldest_pending(self, classes: Sequence[str]) -> dict[str, tuple[str, float]]:
+        """The oldest pending job of each class (its id and when it was submitted); a
+        class without pending jobs is left out. A few reads per class, whatever the
+        backlog."""
+        heads: list[list[str]] = []
+        for i in range(0, len(classes), 500):
+            heads += await self._run("oldest", *classes[i : i + 500])
+        return {
+            c: (head[0], float(head[1] or 0))
+            for c, head in zip(classes, heads, strict=True)
+            if head
+        }
+
     async def stats(self) -> QueueStats:
         """Depth per class and priority, set sizes, and unschedulable classes."""
         async with self.redis.pipeline(transaction=False) as pipe:

@@ -45,6 +45,11 @@ KeyName = Literal[
     "cancel_channel",
     "monitor_channel",
     "workers_channel",
+    "alerts_firing",
+    "alerts_recent",
+    "alerts_outbox",
+    "alerts_lock",
+    "alerts_lost",
 ]
 
 #: Each key's pattern after the prefix; "{}" stands for one argument.
@@ -81,6 +86,11 @@ LAYOUT: dict[KeyName, str] = {
     "cancel_channel": "cancel",  # channel: tell the worker's replica to cancel a job
     "monitor_channel": "monitor",  # channel: messages for every replica's monitors
     "workers_channel": "workers",  # channel: the live workers changed
+    "alerts_firing": "alerts:firing",  # hash: "rule TAB subject" -> firing alert (JSON)
+    "alerts_recent": "alerts:recent",  # list: cleared alerts (JSON), newest first, capped
+    "alerts_outbox": "alerts:outbox",  # list: webhook deliveries (JSON bodies), in order
+    "alerts_lock": "alerts:lock",  # string: the replica that evaluates alerts, expires
+    "alerts_lost": "alerts:lost",  # hash: worker lost mid-job -> when, which jobs (JSON)
 }
 
 assert set(LAYOUT) == set(get_args(KeyName)), "LAYOUT and KeyName must name the same keys"

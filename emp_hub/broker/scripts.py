@@ -34,6 +34,7 @@ NAMES = (
     "janitor",
     "collect",
     "depth",
+    "oldest",
     "import",
     "register",
     "disconnect",

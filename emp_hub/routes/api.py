@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 import emp_hub
+from emp_hub.alerts import AlertList
 from emp_hub.auth import Principal, Role
 from emp_hub.broker import (
     PRIORITY_MAX,
@@ -626,6 +627,12 @@ async def list_workers(hub: HubDep, principal: Operator) -> list[WorkerView]:
 async def queues(hub: HubDep, principal: Operator) -> QueueStats:
     """Pending jobs per requirement class and priority, and the unschedulable ones."""
     return await hub.broker.stats()
+
+
+@router.get("/api/alerts", response_model=AlertList, tags=["operations"])
+async def alerts(hub: HubDep, principal: Operator) -> AlertList:
+    """The alerts firing now, and the recently cleared ones (newest first)."""
+    return await hub.alerts.snapshot()
 
 
 @router.get(
