@@ -20,8 +20,9 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import Callable
-from typing import Any, Literal, cast
+from asyncio import FIRST_COMPLETED
+from collections.abc import Callable, Coroutine
+from typing import Any, Literal, TypeVar, cast
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
@@ -31,6 +32,8 @@ from emp_hub.broker import REDIS_DOWN, Broker, QueueStats
 from emp_hub.events import EventBus
 
 log = logging.getLogger("emp_hub.alerts")
+
+T = TypeVar("T")
 
 Rule = Literal[
     "unschedulable", "dead_letter_growth", "no_worker_for_service", "oldest_pending", "worker_lost"
@@ -273,6 +276,7 @@ class AlertEngine:
                 if self.holder:
                     await self.evaluate()
             except REDIS_DOWN as exc:
+                self.holder = False
                 log.warning("alert pass skipped: %s", exc)
             except Exception:  # nothing must end the loop
                 log.exception("alert pass failed")
@@ -522,26 +526,37 @@ class AlertEngine:
         s = self.settings
         failures = 0
         while not stop.is_set():
-            body: str | None = None
-            if self.holder and s.webhook_url:
-                try:
-                    body = cast(str | None, await self.redis.lindex(self._outbox_key, 0))
-                except REDIS_DOWN as exc:
-                    log.warning("alert outbox unreadable: %s", exc)
-            if body is None:
-                self._outbox_ready.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._outbox_ready.wait(), s.interval_s)
-                continue
-            if await self._post(http, s.webhook_url or "", body):
-                failures = 0
-                with contextlib.suppress(*REDIS_DOWN):
+            try:
+                body = await self._next_delivery()
+                if body is None:
+                    await self._outbox_waits(stop)
+                    continue
+                done = await _unless_stopped(stop, self._post(http, s.webhook_url or "", body))
+                if done is None:
+                    return  # stopping mid-POST: it stays first in the outbox
+                if done:
+                    failures = 0
                     await self._ack_script(keys=[self._outbox_key], args=[body])
-                continue
+                    continue
+            except REDIS_DOWN as exc:
+                log.warning("alert outbox unreachable: %s", exc)
+            except Exception:  # nothing must end the loop
+                log.exception("alert delivery failed")
             failures += 1
             await _wait(
                 stop, min(s.webhook_max_backoff_s, s.webhook_backoff_s * 2 ** (failures - 1))
             )
+
+    async def _next_delivery(self) -> str | None:
+        """The outbox's head, when this replica sends."""
+        if not (self.holder and self.settings.webhook_url):
+            return None
+        return cast(str | None, await self.redis.lindex(self._outbox_key, 0))
+
+    async def _outbox_waits(self, stop: asyncio.Event) -> None:
+        """Until this replica fires or clears something, or the next pass (or `stop`)."""
+        self._outbox_ready.clear()
+        await _unless_stopped(stop, self._outbox_ready.wait(), self.settings.interval_s)
 
     async def _post(self, http: httpx.AsyncClient, url: str, body: str) -> bool:
         """POST one delivery; True when it is done with (taken, or refused for good)."""
@@ -585,6 +600,24 @@ def _lost(worker: str, record: dict[str, Any], since: float) -> Condition:
             "held": n,
         },
     )
+
+
+async def _unless_stopped(
+    stop: asyncio.Event, work: Coroutine[Any, Any, T], within_s: float | None = None
+) -> T | None:
+    """Run `work` until it ends (its result), `stop` is set or `within_s` passes (None:
+    it is cancelled)."""
+    task = asyncio.ensure_future(work)
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopping}, timeout=within_s, return_when=FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    return task.result() if not task.cancelled() else None
 
 
 async def _wait(stop: asyncio.Event, seconds: float) -> None:

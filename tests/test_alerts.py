@@ -6,12 +6,12 @@ one webhook per event."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import json
-from collections.abc import AsyncIterator
+import re
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -156,10 +156,24 @@ async def next_alert(conn: websockets.ClientConnection) -> dict[str, Any]:
             return message
 
 
+def documented_verify() -> Callable[[str, bytes, str], bool]:
+    """The receiver's check of docs/alerts.md, as written there."""
+    text = (Path(__file__).parents[1] / "docs" / "alerts.md").read_text()
+    match = re.search(r"### Verifying the signature.*?```python\n(.*?)```", text, re.S)
+    assert match is not None
+    scope: dict[str, Any] = {}
+    exec(match.group(1), scope)
+    check: Callable[[str, bytes, str], bool] = scope["verify"]
+    return check
+
+
 def verify(attempt: Attempt) -> bool:
-    """What a receiver does with the signature (docs/alerts.md)."""
-    expected = "sha256=" + hmac.new(SECRET.encode(), attempt.body, hashlib.sha256).hexdigest()
-    return hmac.compare_digest(expected, attempt.headers["x-emp-signature"])
+    """The signature verifies as docs/alerts.md says, and not for another body."""
+    check = documented_verify()
+    header = attempt.headers["x-emp-signature"]
+    assert not check(SECRET, attempt.body + b" ", header)
+    assert not check("another secret", attempt.body, header)
+    return check(SECRET, attempt.body, header)
 
 
 @pytest.mark.slow
