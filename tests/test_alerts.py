@@ -391,3 +391,39 @@ async def test_the_oldest_pending_job_is_found_across_priorities(broker: Broker)
         first.requirement_class: (first.id, first.created_at),
         other.requirement_class: (other.id, other.created_at),
     }
+
+
+@pytest.mark.slow
+async def test_a_worker_back_within_the_grace_raises_nothing(
+    redis_url: str, namespace: str, redis_client: redis.asyncio.Redis, receiver: Receiver
+) -> None:
+    settings = hub_settings(redis_url, namespace, worker_lost_s=60, **webhook(receiver))
+    settings.broker.reconnect_grace_s = 2
+    async with running_hub(settings) as base_url:
+        for worker_id in ("blip", "gone"):
+            await submit(base_url)
+            async with worker(base_url, worker_id) as w:
+                await w.send("request_job", slots=1)
+                await w.expect("job_assigned")
+        async with worker(base_url, "blip"):  # back within the grace
+            [(event, rule, _)] = await delivered(receiver, 1)
+            assert (event, rule) == ("firing", "worker_lost")
+            assert receiver.delivered[0]["alert"]["subject"] == "gone"
+            await eventually(
+                lambda: redis_client.hkeys(f"{{{namespace}}}:alerts:lost"),
+                what="the record of the lost worker",
+            )
+            assert await redis_client.hkeys(f"{{{namespace}}}:alerts:lost") == ["gone"]
+
+
+def test_alert_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EMP_ALERTS__WEBHOOK_URL", "http://127.0.0.1:9/hook")
+    monkeypatch.setenv("EMP_ALERTS__WEBHOOK_SECRET", SECRET)
+    monkeypatch.setenv("EMP_ALERTS__UNSCHEDULABLE_S", "0")
+    alerts = HubSettings().alerts
+    assert alerts.webhook_url == "http://127.0.0.1:9/hook" and alerts.unschedulable_s == 0
+    assert alerts.webhook_secret is not None and alerts.webhook_secret.get_secret_value() == SECRET
+    assert alerts.oldest_pending_s == 3600  # the others keep their defaults
+    documented = (Path(__file__).parents[1] / "docs" / "configuration.md").read_text()
+    for name in AlertSettings.model_fields:
+        assert f"`EMP_ALERTS__{name.upper()}`" in documented, name
