@@ -482,8 +482,8 @@ class AlertEngine:
             Condition(
                 rule="dead_letter_growth",
                 subject="",
-                message=f"{n} jobs were dead-lettered in the last {window:.0f} s "
-                f"(the limit is {s.dead_letter_count})",
+                message=f"{'1 job was' if n == 1 else f'{n} jobs were'} dead-lettered in "
+                f"the last {window:.0f} s (the limit is {s.dead_letter_count})",
                 details={"count": n, "window_s": window, "limit": s.dead_letter_count},
             )
         ]

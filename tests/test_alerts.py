@@ -277,7 +277,7 @@ async def test_dead_letter_growth_without_a_webhook(
 
         [alert] = await eventually(firing, what="the dead-letter alert")
         assert (alert["rule"], alert["subject"]) == ("dead_letter_growth", "")
-        assert alert["message"].startswith("1 jobs were dead-lettered in the last 60 s")
+        assert alert["message"].startswith("1 job was dead-lettered in the last 60 s")
         async with httpx.AsyncClient(base_url=base_url) as http:
             assert (await http.post(f"/api/jobs/{job_id}/retry")).status_code == 200
 
