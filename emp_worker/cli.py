@@ -137,6 +137,7 @@ async def run_worker(settings: WorkerSettings) -> int:
         worker.worker_id,
         ", ".join(sorted(worker.by_service)),
         worker.capacity,
+        extra={"worker_id": worker.worker_id},
     )
     try:
         status = await worker.run()
