@@ -36,6 +36,11 @@ _SECRETS = [
 
 def redact(text: str) -> str:
     """The text with every secret it holds replaced by ***."""
+    # Each pattern's match holds one of these; most text holds none and is passed over
+    # (the patterns cost ten times more).
+    lower = text.lower()
+    if not ("token=" in lower or "bearer" in lower or "authorization" in lower or "://" in lower):
+        return text
     for pattern in _SECRETS:
         text = pattern.sub(r"\1***", text)
     return text

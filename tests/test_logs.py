@@ -27,6 +27,7 @@ from emp_protocol.logs import (
     JsonFormatter,
     RedactingFormatter,
     configure,
+    redact,
 )
 from emp_worker.cli import main as worker_main
 
@@ -113,6 +114,20 @@ def test_secrets_are_redacted_everywhere_in_a_json_line() -> None:
     assert line["url"] == "redis://:***@host:6379/0"
     assert line["headers"] == {"authorization": "Bearer ***"}
     assert line["hub"] == ["ws://hub?token=***"]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("GET /x?TOKEN=abc&y=1", "GET /x?TOKEN=***&y=1"),
+        ("BEARER abc", "BEARER ***"),
+        ("AUTHORIZATION: Basic dXNlcjpwYXNz", "AUTHORIZATION: ***"),
+        ("redis://:pw@10.0.0.5:6379/0", "redis://:***@10.0.0.5:6379/0"),
+        ("job job-1 assigned to w-1", "job job-1 assigned to w-1"),  # nothing to redact
+    ],
+)
+def test_redact_in_any_case(text: str, expected: str) -> None:
+    assert redact(text) == expected
 
 
 def test_the_text_format_is_redacted_traceback_included() -> None:
