@@ -15,7 +15,7 @@ import httpx
 import pytest
 from starlette.types import Receive, Scope, Send
 
-from emp_hub.app import RequestId
+from emp_hub.app import HubApp, RequestId
 from emp_hub.broker import Broker, JobSpec
 from emp_hub.cli import main as hub_main
 from emp_hub.logs import HubJsonFormatter, configure_hub_logging
@@ -235,6 +235,21 @@ async def test_a_request_gets_an_id_and_it_comes_back(given: str | None, kept: b
     else:
         assert re.fullmatch(r"[0-9a-f]{16}", returned), returned
     assert REQUEST_ID.get() is None  # reset after the request
+
+
+async def test_an_error_answer_carries_the_request_id_too() -> None:
+    """RequestId is outside all of the app's middleware: the 500 that Starlette's
+    outermost one makes of an exception carries the id as well."""
+    app = HubApp()
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise RuntimeError("boom")
+
+    transport = httpx.ASGITransport(app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://hub") as http:
+        response = await http.get("/boom", headers={"X-Request-ID": "r-500"})
+    assert (response.status_code, response.headers["x-request-id"]) == (500, "r-500")
 
 
 # -- job state changes ------------------------------------------------------------------
