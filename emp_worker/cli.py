@@ -337,7 +337,8 @@ def main(argv: list[str] | None = None) -> None:
             file=sys.stderr,
         )
         sys.exit(2)
-    # Secrets (the token in a ?token= of EMP_HUB_URL, Authorization headers) are redacted.
+    # Secrets are redacted: Authorization headers (in websockets' debug lines), a token=
+    # or a password in a URL.
     logs.configure(args.log_level.upper(), args.log_format, TEXT_FORMAT)
     if logging.getLogger().level > logging.DEBUG:  # one line per output upload is noise
         logging.getLogger("httpx").setLevel(logging.WARNING)
