@@ -1,10 +1,12 @@
-"""The hub's ASGI app: FastAPI, its routes (emp_hub/routes/) and middleware: a 503 with
-Retry-After when Redis is unreachable, and a cap on request bodies. The replica's state is
+"""The hub's ASGI app: FastAPI, its routes (emp_hub/routes/) and middleware: a request id
+(`X-Request-ID`) in every request's log lines, a 503 with Retry-After when Redis is
+unreachable, and a cap on request bodies. The replica's state is
 `Hub` (emp_hub/hub.py), opened for the app's lifetime."""
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,6 +21,7 @@ from emp_hub.hub import open_hub
 from emp_hub.logs import redact_secrets_in_logs
 from emp_hub.routes import api, docs_ui, legacy_client, legacy_monitor, outputs, worker
 from emp_hub.settings import HubSettings
+from emp_protocol.logs import REQUEST_ID
 
 log = logging.getLogger("emp_hub")
 
@@ -39,7 +42,7 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
             app.state.hub = hub
             yield
 
-    app = FastAPI(
+    app = HubApp(
         title="emp hub",
         version=emp_hub.__version__,
         description="A pull-based job broker for GPU AI workloads.",
@@ -57,6 +60,48 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RedisUnavailable)
     return app
+
+
+class HubApp(FastAPI):
+    """FastAPI with `RequestId` outside all of its middleware: the lines logged for a
+    request (its 500 and uvicorn's access line included) carry the request's id."""
+
+    def build_middleware_stack(self) -> ASGIApp:
+        """Starlette's stack, inside `RequestId`."""
+        return RequestId(super().build_middleware_stack())
+
+
+#: A request id taken from a request's X-Request-ID: at most 128 safe characters.
+SANE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:@/+=-]{1,128}")
+
+
+class RequestId:
+    """Every HTTP request and WebSocket gets an id: its `X-Request-ID` when that is sane,
+    else a new one; it is in the context (`REQUEST_ID`) for the request's log lines, and
+    an HTTP answer carries it back in `X-Request-ID`."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in {"http", "websocket"}:
+            await self.app(scope, receive, send)
+            return
+        given = next((v for k, v in scope["headers"] if k == b"x-request-id"), None)
+        raw = given if given is not None and SANE_REQUEST_ID.fullmatch(given) else None
+        raw = raw or os.urandom(8).hex().encode()
+        header = (b"x-request-id", raw)
+
+        async def with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), header]
+            await send(message)
+
+        token = REQUEST_ID.set(raw.decode())
+        # Not reset when the app raises: the server logs the error after this returns, in
+        # this context (its own, one request's), and that line carries the id too.
+        await self.app(scope, receive, with_id if scope["type"] == "http" else send)
+        REQUEST_ID.reset(token)
 
 
 #: Output uploads stream to disk under caps of their own (emp_hub/outputs.py).

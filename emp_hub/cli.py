@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable
@@ -27,6 +26,7 @@ import emp_hub
 from emp_hub.auth import Role, TokenStore
 from emp_hub.broker import connect
 from emp_hub.embedded import DataDirLocked, check_free, redis_url_or_embedded
+from emp_hub.logs import configure_hub_logging
 from emp_hub.settings import HubSettings
 
 
@@ -34,12 +34,10 @@ def serve(settings: HubSettings, workers: int) -> None:
     """Run the hub under uvicorn until interrupted."""
     import uvicorn
 
-    # The hub's own lines (where its data lives, warnings) beside uvicorn's, at its level.
-    level = logging.getLevelName(settings.log_level.upper())
-    logging.basicConfig(
-        level=level if isinstance(level, int) else logging.DEBUG,
-        format="%(levelname)-9s %(name)s: %(message)s",
-    )
+    # The hub's own lines (where its data lives, warnings) beside uvicorn's, at its level,
+    # in its format (uvicorn's too).
+    log_config = configure_hub_logging(settings.log_level, settings.log_format)
+    logs: dict[str, Any] = {} if log_config is None else {"log_config": log_config}
 
     from emp_hub.app import create_app
 
@@ -56,6 +54,7 @@ def serve(settings: HubSettings, workers: int) -> None:
             workers=workers,
             log_level=settings.log_level,
             ws_max_size=settings.ws_max_bytes,
+            **logs,
         )
         return
     uvicorn.run(
@@ -64,6 +63,7 @@ def serve(settings: HubSettings, workers: int) -> None:
         port=settings.port,
         log_level=settings.log_level,
         ws_max_size=settings.ws_max_bytes,
+        **logs,
     )
 
 

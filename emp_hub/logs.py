@@ -1,59 +1,30 @@
-"""Secrets never reach the hub's logs: tokens in `?token=`, `Authorization` headers and
-passwords in URLs are replaced by *** in what uvicorn (access log, WebSocket handshakes,
-ASGI traces, the websockets library's header dumps) and the hub log."""
+"""The hub's logs: in the format `EMP_LOG_FORMAT` names (text, or one JSON object a line:
+emp_protocol/logs.py), uvicorn's own lines (its access log too) alike, and secrets never in
+them: tokens in `?token=`, `Authorization` headers and passwords in URLs are replaced by
+*** in what uvicorn (access log, WebSocket handshakes, ASGI traces, the websockets
+library's header dumps) and the hub log."""
 
 from __future__ import annotations
 
 import logging
-import re
-from collections.abc import Mapping
 from typing import Any
+
+from emp_protocol.logs import JsonFormatter, LogFormat, RedactSecrets, configure, redact
+
+__all__ = [
+    "LOGGERS",
+    "HubJsonFormatter",
+    "RedactSecrets",
+    "configure_hub_logging",
+    "redact",
+    "redact_secrets_in_logs",
+]
 
 #: The loggers the hub's records go through (a filter on a logger sees only the records
 #: logged on it by name, so each is named).
 LOGGERS = ("uvicorn.access", "uvicorn.error", "uvicorn.asgi", "emp_hub")
-
-_SECRETS = [
-    re.compile(r"(?i)(\btoken=)[^&\s'\"]+"),  # ?token=... in a path or a query string
-    re.compile(r"(?i)(\bbearer\s+)[^\s'\",]+"),  # Authorization: Bearer ...
-    re.compile(r"(\b(?i:authorization)['\"]?\s*[:,]\s*(?:b?['\"])?)[^'\"\n]+"),  # any scheme
-    re.compile(r"(://[^:/@\s]*:)[^@/\s]+(?=@)"),  # redis://user:password@host
-]
-
-
-def redact(text: str) -> str:
-    """The text with every secret it holds replaced by ***."""
-    for pattern in _SECRETS:
-        text = pattern.sub(r"\1***", text)
-    return text
-
-
-def _redact_arg(arg: Any, after: Any = None) -> Any:
-    if isinstance(after, str) and after.lower() == "authorization":
-        return "***"  # a header dump: ("< %s: %s", "authorization", value)
-    if isinstance(arg, int | float) or arg is None:
-        return arg
-    text = str(arg)
-    cleaned = redact(text)
-    return arg if cleaned == text else cleaned
-
-
-class RedactSecrets(logging.Filter):
-    """Rewrites a record's message and arguments without their secrets (the arguments
-    keep their places: uvicorn's access formatter reads them one by one)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        """Redact the record; always keep it."""
-        if isinstance(record.msg, str):
-            record.msg = redact(record.msg)
-        if isinstance(record.args, tuple):
-            args = record.args
-            record.args = tuple(
-                _redact_arg(arg, args[i - 1] if i else None) for i, arg in enumerate(args)
-            )
-        elif isinstance(record.args, Mapping):
-            record.args = {key: _redact_arg(value) for key, value in record.args.items()}
-        return True
+#: The hub's text lines (uvicorn's keep their own format).
+TEXT_FORMAT = "%(levelname)-9s %(name)s: %(message)s"
 
 
 def redact_secrets_in_logs() -> None:
@@ -62,3 +33,51 @@ def redact_secrets_in_logs() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, RedactSecrets) for f in logger.filters):
             logger.addFilter(RedactSecrets())
+
+
+class HubJsonFormatter(JsonFormatter):
+    """JSON lines; uvicorn's access lines also have their parts as fields: client,
+    method, path (redacted), http_version, status."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The record as one line of JSON."""
+        args = record.args
+        if record.name == "uvicorn.access" and isinstance(args, tuple) and len(args) == 5:
+            record.__dict__.update(zip(ACCESS_FIELDS, args, strict=True))
+        return super().format(record)
+
+
+#: The arguments of uvicorn's access line, in order.
+ACCESS_FIELDS = ("client", "method", "path", "http_version", "status")
+
+
+def level_number(name: str) -> int:
+    """A level's number from its name (uvicorn's `trace` included; unknown: DEBUG)."""
+    level = logging.getLevelName(name.upper())
+    return level if isinstance(level, int) else logging.DEBUG
+
+
+def configure_hub_logging(log_level: str, log_format: LogFormat) -> dict[str, Any] | None:
+    """Set up this process's logs; returns uvicorn's `log_config` (None: uvicorn's own)."""
+    level = level_number(log_level)
+    configure(level, log_format, TEXT_FORMAT)
+    if log_format == "text":
+        return None
+    # uvicorn applies this in every process it runs (--workers too): its loggers, the
+    # access log included, write JSON to stderr; everything else reaches the root's.
+    json_handler = {
+        "class": "logging.StreamHandler",
+        "formatter": "json",
+        "stream": "ext://sys.stderr",
+    }
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": "emp_hub.logs.HubJsonFormatter"}},
+        "handlers": {"default": json_handler},
+        "loggers": {
+            "uvicorn": {"handlers": ["default"], "level": level, "propagate": False},
+            "uvicorn.access": {"handlers": ["default"], "level": level, "propagate": False},
+        },
+        "root": {"handlers": ["default"], "level": level},
+    }

@@ -13,6 +13,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from emp_hub.alerts import AlertSettings
 from emp_hub.broker import BrokerSettings
+from emp_protocol.logs import LogFormat
 
 #: The most jobs one batch may hold (POST /api/jobs/batch); the default burst lets it pass.
 MAX_BATCH_JOBS = 10_000
@@ -149,6 +150,11 @@ class HubSettings(BaseSettings):
         description="Most services named in the per-service counters; later ones: _other.",
     )
     log_level: str = Field(default="info", validation_alias=_env("log_level", "LOG_LEVEL"))
+    log_format: LogFormat = Field(
+        default="text",
+        validation_alias=_env("log_format"),
+        description="text, or json: one JSON object a line (uvicorn's lines too).",
+    )
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
     alerts: AlertSettings = Field(default_factory=AlertSettings)
 

@@ -23,6 +23,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from emp_protocol import logs
+from emp_protocol.logs import LOG_FORMATS
 from emp_worker import supervisor
 from emp_worker.version import version_line
 
@@ -32,6 +34,10 @@ if TYPE_CHECKING:
     from emp_worker.connector import Connector
     from emp_worker.plugins import Plugins
     from emp_worker.settings import WorkerSettings
+
+
+#: The worker's text log lines.
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 class Refused(Exception):
@@ -131,6 +137,7 @@ async def run_worker(settings: WorkerSettings) -> int:
         worker.worker_id,
         ", ".join(sorted(worker.by_service)),
         worker.capacity,
+        extra={"worker_id": worker.worker_id},
     )
     try:
         status = await worker.run()
@@ -288,6 +295,12 @@ def parser() -> argparse.ArgumentParser:
     )
     top.add_argument("--version", action="version", version=version_line())
     top.add_argument("--log-level", default=os.environ.get("EMP_LOG_LEVEL", "info"))
+    top.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=os.environ.get("EMP_LOG_FORMAT", "text"),
+        help="text (the default), or json: one JSON object a line (EMP_LOG_FORMAT)",
+    )
     sub = top.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="connect to the hub and run jobs until stopped")
     for p in (run, sub.add_parser("doctor", help="show capabilities, check hub and connectors")):
@@ -318,9 +331,15 @@ def main(argv: list[str] | None = None) -> None:
             print(f"emp-worker: EMP_ENV_FILE: {exc}", file=sys.stderr)
             sys.exit(2)
     args = parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    if args.log_format not in LOG_FORMATS:  # from EMP_LOG_FORMAT: argparse checks only flags
+        print(
+            f"emp-worker: EMP_LOG_FORMAT must be text or json, not {args.log_format!r}",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    # Secrets are redacted: Authorization headers (in websockets' debug lines), a token=
+    # or a password in a URL.
+    logs.configure(args.log_level.upper(), args.log_format, TEXT_FORMAT)
     if logging.getLogger().level > logging.DEBUG:  # one line per output upload is noise
         logging.getLogger("httpx").setLevel(logging.WARNING)
     from emp_worker.plugins import PluginError

@@ -48,6 +48,7 @@ from emp_protocol.hub_messages import (
     WorkerRegistered,
     hub_message,
 )
+from emp_protocol.logs import JOB_ID, WORKER_ID
 from emp_protocol.messages import (
     PROTOCOL_VERSION,
     CompleteJob,
@@ -408,6 +409,13 @@ class Worker:
 
     async def run(self) -> int:
         """Run until stopped by a signal (or `stop()`); returns the exit status."""
+        context = WORKER_ID.set(self.worker_id)  # every line it logs names this worker
+        try:
+            return await self._run()
+        finally:
+            WORKER_ID.reset(context)
+
+    async def _run(self) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -719,6 +727,7 @@ class Worker:
 
     async def _run_job(self, running: Running) -> None:
         job, ctx = running.job, running.ctx
+        JOB_ID.set(job.id)  # this task's lines (the connector's too) name the job
         outcome: Outcome = "completed"
         error: str | None = None
         final: CompleteJob | FailJob | ReleaseJob | None = None
@@ -726,6 +735,13 @@ class Worker:
         timer = None
         try:
             async with self.slots[running.connector.name]:
+                log.info(
+                    "job %s: started (%s, attempt %d)",
+                    job.id,
+                    job.service,
+                    job.attempt,
+                    extra={"event": "started", "service": job.service, "attempt": job.attempt},
+                )
                 # The hub records the start (started_at) at the first progress: say it now,
                 # not at the connector's first report.
                 await self._progress(job.id, 0, "started", "started")
@@ -777,6 +793,7 @@ class Worker:
             outcome,
             seconds,
             f" ({error})" if error else "",
+            extra={"event": outcome, "seconds": round(seconds, 3)},
         )
         self.plugins.call("job_finished", context=running.ctx, outcome=outcome, error=error)
 

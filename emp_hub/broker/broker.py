@@ -44,6 +44,28 @@ from emp_protocol.capabilities import JobRequirements, WorkerCapabilities, match
 from emp_protocol.jobs import JobStatus
 
 log = logging.getLogger("emp_hub.broker")
+#: One INFO line per job state change (job_id, worker_id where one is involved, state and
+#: old_state); EMP_LOG_LEVEL=warning leaves them out.
+jobs_log = logging.getLogger("emp_hub.jobs")
+
+
+def _changed(job_id: str, event: str, state: str, old: str | None, **fields: Any) -> None:
+    """Log one job state change (callers check jobs_log.isEnabledFor(INFO) first)."""
+    jobs_log.info(
+        "job %s %s",
+        job_id,
+        event,
+        extra={"job_id": job_id, "event": event, "state": state, "old_state": old, **fields},
+    )
+
+
+#: What the reaper did to a job whose lease ran out (its worker was lost, or it timed out):
+#: the line's event and the job's new state.
+REAPED = {
+    "requeued": ("requeued: its worker was lost", "pending"),
+    "delayed": ("failed: timed out, retry scheduled", "delayed"),
+    "failed": ("failed: dead-lettered (timed out, or its worker lost too often)", "failed"),
+}
 
 
 @dataclass(frozen=True)
@@ -181,6 +203,9 @@ class Broker:
         first_seq, _new_classes, rank = await self._run(
             "submit", json.dumps(rows, separators=(",", ":")), self.origin
         )
+        if jobs_log.isEnabledFor(logging.INFO):
+            for job_id, spec, _, _ in accepted:
+                _changed(job_id, "submitted", "pending", None, service=spec.service)
         return [
             Submitted(
                 id=job_id,
@@ -452,6 +477,16 @@ class Broker:
                     job = Job.from_hash(dict(zip(fields[::2], fields[1::2], strict=True)))
                     token = f"{prefix}:{i}"
                     claims.append(Claim(job=job, token=token, lease_expires=job.lease_expires or 0))
+                if jobs_log.isEnabledFor(logging.INFO):
+                    for claim in claims:
+                        _changed(
+                            claim.job.id,
+                            "assigned",
+                            "active",
+                            "pending",
+                            worker_id=worker_id,
+                            attempt=claim.job.attempt,
+                        )
                 return claims
             await self.refresh_classes()  # a new class appeared: recompute the candidates
         return []
@@ -500,15 +535,26 @@ class Broker:
                 f"{self.settings.max_result_bytes} bytes; upload large outputs instead"
             )
         await self._run("complete", job_id, token, data)
+        if jobs_log.isEnabledFor(logging.INFO):
+            _changed(job_id, "completed", "completed", "active")
 
     async def fail(
         self, job_id: str, token: str, error: str, *, retryable: bool = True
     ) -> JobStatus:
         """Fail the current attempt: DELAYED (a retry follows) or FAILED (dead-lettered)."""
-        status = await self._run(
-            "fail", job_id, token, error, "1" if retryable else "0", random.random()
+        status = JobStatus(
+            await self._run(
+                "fail", job_id, token, error, "1" if retryable else "0", random.random()
+            )
         )
-        return JobStatus(status)
+        if jobs_log.isEnabledFor(logging.INFO):
+            event = (
+                "failed: retry scheduled"
+                if status is JobStatus.DELAYED
+                else "failed: dead-lettered"
+            )
+            _changed(job_id, event, status.value, "active")
+        return status
 
     async def holds(self, job_id: str, token: str) -> bool:
         """Whether `token` holds the active job `job_id` (e.g. to accept its outputs)."""
@@ -518,17 +564,24 @@ class Broker:
     async def release(self, job_id: str, token: str) -> None:
         """Hand a held job back without penalty; it keeps its place in line."""
         await self._run("release", job_id, token)
+        if jobs_log.isEnabledFor(logging.INFO):
+            _changed(job_id, "released", "pending", "active")
 
     async def cancel(self, job_id: str, reason: str = "cancelled") -> CancelResult:
         """Cancel a job. A pending job is removed; for an active one, tell `worker`."""
         status, worker = await self._run("cancel", job_id, reason)
-        return CancelResult(previous_status=JobStatus(status), worker=worker or None)
+        result = CancelResult(previous_status=JobStatus(status), worker=worker or None)
+        if jobs_log.isEnabledFor(logging.INFO):
+            _changed(job_id, "cancelled", "cancelled", status, worker_id=result.worker)
+        return result
 
     async def retry(self, job_id: str) -> None:
         """Re-queue a dead-lettered job with fresh attempts, at its original place; a job
         waiting for its next attempt is queued now, and the workers that failed it may take
         it again."""
         await self._run("retry", job_id)
+        if jobs_log.isEnabledFor(logging.INFO):
+            _changed(job_id, "retried by hand", "pending", None)
 
     # -- maintenance -------------------------------------------------------------------
 
@@ -538,6 +591,11 @@ class Broker:
         class_idle_s. Every hub replica runs it periodically."""
         reaped = await self._run("reap", limit, random.random())
         outcomes = dict(zip(reaped[::2], reaped[1::2], strict=True))
+        if outcomes and jobs_log.isEnabledFor(logging.INFO):
+            for job_id, outcome in outcomes.items():
+                if outcome in REAPED:
+                    event, state = REAPED[outcome]
+                    _changed(job_id, event, state, "active", worker_id=None)
         promoted = await self._run("promote", limit)
         purged = await self._run("janitor", limit)
         collected = await self._run("collect", limit, self.settings.class_idle_s)

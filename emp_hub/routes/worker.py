@@ -31,6 +31,7 @@ from emp_protocol.hub_messages import (
     WorkerIdAvailable,
     WorkerRegistered,
 )
+from emp_protocol.logs import WORKER_ID
 from emp_protocol.messages import (
     PROTOCOL_VERSION,
     ClaimJob,
@@ -66,6 +67,8 @@ async def worker_socket(websocket: WebSocket, worker_id: str) -> None:
     if await authenticate_ws(websocket, hub.tokens, hub.sockets, {Role.WORKER, Role.ADMIN}) is None:
         return
     await websocket.accept()
+    # The connection's log lines (its feeder's and its jobs' too) name the worker.
+    context = WORKER_ID.set(worker_id)
     session = WorkerSession(worker_id, websocket)
     await session.send(
         ConnectionEstablished(
@@ -93,6 +96,7 @@ async def worker_socket(websocket: WebSocket, worker_id: str) -> None:
             del dispatcher.sessions[worker_id]
         if session.caps is not None and not session.superseded:
             await _disconnected(session, hub, code)
+        WORKER_ID.reset(context)
 
 
 async def _disconnected(session: WorkerSession, hub: Hub, code: int) -> None:
