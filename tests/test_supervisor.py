@@ -87,7 +87,9 @@ def test_one_program_per_gpu_with_its_own_gpu_and_id(tmp_path: Path) -> None:
         assert (program["stopsignal"], program["stopasgroup"], program["killasgroup"]) == (
             "TERM", "true", "true",
         )  # fmt: skip
-        assert (program["autorestart"], int(program["startretries"])) == ("true", 10)
+        # A crash is restarted; exit 0 (a shutdown asked through the hub) is not.
+        assert (program["autorestart"], program["exitcodes"]) == ("unexpected", "0")
+        assert int(program["startretries"]) == 10
         assert program["stdout_logfile"] == str(tmp_path / "log" / f"gpu{index}.log")
         assert program["stdout_logfile_maxbytes"] == "50MB"
         assert int(program["stdout_logfile_backups"]) == 5

@@ -35,6 +35,7 @@ KeyName = Literal[
     "workers",
     "worker",
     "owner",
+    "worker_state",
     "replica",
     "outputs",
     "outputs_expired",
@@ -45,6 +46,7 @@ KeyName = Literal[
     "cancel_channel",
     "monitor_channel",
     "workers_channel",
+    "control_channel",
 ]
 
 #: Each key's pattern after the prefix; "{}" stands for one argument.
@@ -71,6 +73,7 @@ LAYOUT: dict[KeyName, str] = {
     "workers": "workers",  # zset: worker id -> last heard from
     "worker": "worker:{}",  # string: a worker's capabilities (JSON), expires
     "owner": "owner:{}",  # string: which process and connection hold a worker id
+    "worker_state": "wstate:{}",  # string: drain or shutdown, asked by an admin; expires
     "replica": "replica:{}",  # string: a live hub replica, expires unless renewed
     "outputs": "outputs",  # set: jobs with files stored by the hub
     "outputs_expired": "outputs:expired",  # zset: such jobs past retention -> when
@@ -81,6 +84,7 @@ LAYOUT: dict[KeyName, str] = {
     "cancel_channel": "cancel",  # channel: tell the worker's replica to cancel a job
     "monitor_channel": "monitor",  # channel: messages for every replica's monitors
     "workers_channel": "workers",  # channel: the live workers changed
+    "control_channel": "wctl",  # channel: drain/resume/shutdown for the worker's replica
 }
 
 assert set(LAYOUT) == set(get_args(KeyName)), "LAYOUT and KeyName must name the same keys"
