@@ -20,9 +20,10 @@ import websockets
 from emp_client import Client, WorkerNotFound
 from emp_client.cli import main
 from emp_hub.auth import Role, TokenStore
-from emp_hub.broker import BrokerSettings
+from emp_hub.broker import Broker, BrokerSettings
 from emp_hub.settings import HubSettings
 from emp_hub.testing import running_worker
+from emp_protocol.capabilities import WorkerCapabilities
 from emp_worker.testing import eventually
 from tests.hub_server import running_hub
 from tests.processes import Cluster, cluster, eventually_sync
@@ -353,3 +354,30 @@ async def test_a_real_worker_obeys_drain_and_resume(base_url: str) -> None:
 
         await eventually(done, within_s=5, what="the job ran")
         assert not real.paused
+
+
+async def test_the_state_is_kept_while_the_worker_is_heard_from_and_expires_after(
+    redis_client: redis.asyncio.Redis, namespace: str
+) -> None:
+    """Each heartbeat renews the state for worker_state_ttl_s; a worker that stays gone
+    loses it then. A clean goodbye ends a shutdown, not a drain."""
+    broker = Broker(redis_client, BrokerSettings(namespace=namespace, worker_state_ttl_s=100))
+    key = broker.key("worker_state", "w1")
+    caps = WorkerCapabilities(services={"simulation"})
+    await broker.register_worker("w1", caps, instance="i", connection="c1")
+    await broker.set_worker_state("w1", "drain")
+    assert await redis_client.ttl(key) == 100
+    await redis_client.expire(key, 5)  # as if it had not been heard from for a while
+    await broker.touch_worker("w1")
+    assert await redis_client.ttl(key) == 100
+    assert (await broker.worker_details(["w1"]))["w1"].action == "drain"
+    assert await broker.unregister_worker("w1", "c1")  # a clean goodbye: still drained
+    assert await broker.worker_state("w1") == "drain"
+
+    await broker.register_worker("w1", caps, instance="i", connection="c2")
+    await broker.set_worker_state("w1", "shutdown")
+    assert await broker.unregister_worker("w1", "c2")
+    assert await broker.worker_state("w1") is None  # the next start is active
+    await broker.set_worker_state("w1", "drain")
+    await broker.set_worker_state("w1", None)  # resume
+    assert await redis_client.exists(key) == 0
