@@ -16,6 +16,7 @@ import json
 from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -38,6 +39,10 @@ class AuthError(EmpError):
 
 class JobNotFound(EmpError):
     """No such job (or not visible to this token)."""
+
+
+class WorkerNotFound(EmpError):
+    """No live worker has this id."""
 
 
 class Rejected(EmpError):
@@ -195,9 +200,32 @@ class Client:
         return page
 
     async def workers(self) -> list[dict[str, Any]]:
-        """Live workers."""
+        """Live workers: capabilities, state (active, draining, drained, stopping), the
+        jobs they hold, last heartbeat (epoch seconds)."""
         workers: list[dict[str, Any]] = await self._call("GET", "/api/workers")
         return workers
+
+    async def _worker_action(self, worker_id: str, action: str) -> dict[str, Any]:
+        try:
+            worker: dict[str, Any] = await self._call(
+                "POST", f"/api/workers/{quote(worker_id, safe='')}/{action}"
+            )
+        except JobNotFound as exc:
+            raise WorkerNotFound(str(exc)) from None
+        return worker
+
+    async def drain_worker(self, worker_id: str) -> dict[str, Any]:
+        """Give a worker no more jobs (its running jobs finish); it stays drained until
+        resumed. Its view after (admin token)."""
+        return await self._worker_action(worker_id, "drain")
+
+    async def resume_worker(self, worker_id: str) -> dict[str, Any]:
+        """A drained worker takes jobs again (admin token)."""
+        return await self._worker_action(worker_id, "resume")
+
+    async def shutdown_worker(self, worker_id: str) -> dict[str, Any]:
+        """Drain a worker, then have it exit 0 (admin token)."""
+        return await self._worker_action(worker_id, "shutdown")
 
     async def queues(self) -> dict[str, Any]:
         """Queue depths per class and priority, unschedulable jobs."""

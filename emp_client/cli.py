@@ -3,6 +3,7 @@
     emp submit comfyui --payload @workflow.json --priority 5 --wait
     emp status JOB_ID        emp cancel JOB_ID       emp retry JOB_ID
     emp jobs --status failed emp workers             emp queues
+    emp workers drain WORKER_ID   emp workers resume WORKER_ID   emp workers shutdown WORKER_ID
 
 The hub is EMP_HUB_URL (default http://127.0.0.1:8001) and the token EMP_TOKEN, or
 --hub and --token. Errors are one line on stderr; the exit status is 2 for a command line
@@ -17,6 +18,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -29,7 +31,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from emp_client import AuthError, Client, EmpError, HubUnreachable, JobNotFound
+from emp_client import AuthError, Client, EmpError, HubUnreachable, JobNotFound, WorkerNotFound
 
 console = Console()
 
@@ -215,13 +217,10 @@ async def run(args: argparse.Namespace) -> int:
                     for job in page["jobs"]
                 ],
             )
+        elif args.command == "workers" and args.action:
+            print(await control_worker(emp, args.action, args.worker_id))
         elif args.command == "workers":
-            rows = []
-            for w in await emp.workers():
-                caps = w["capabilities"]
-                gpus = ", ".join(f"{g['name']} {g['memory_gb']:g}GB" for g in caps["gpus"])
-                rows.append((w["worker_id"], ", ".join(sorted(caps["services"])), gpus or "-"))
-            show_table(("worker", "services", "gpus"), rows)
+            show_workers(await emp.workers())
         else:
             q = await emp.queues()
             show_table(
@@ -242,6 +241,59 @@ async def run(args: argparse.Namespace) -> int:
                 f"{q['delayed']}, dead {q['dead']}, live workers {q['live_workers']}"
             )
     return 0
+
+
+def age(then: float | None, now: float) -> str:
+    """How long ago, for a person: 3s ago, 5m ago, 2h ago."""
+    if then is None:
+        return "-"
+    seconds = max(0.0, now - then)
+    for unit, size in (("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit} ago"
+    return f"{seconds:.0f}s ago"
+
+
+def show_workers(workers: list[dict[str, Any]]) -> None:
+    """The live workers: state, services, GPUs, the jobs they hold, last heartbeat."""
+    colour = {"active": "green", "draining": "yellow", "drained": "yellow", "stopping": "red"}
+    now = time.time()
+    rows = []
+    for w in workers:
+        caps = w["capabilities"]
+        gpus = ", ".join(f"{g['name']} {g['memory_gb']:g}GB" for g in caps["gpus"])
+        state = w.get("state", "active")
+        rows.append(
+            (
+                w["worker_id"],
+                Text(state, colour.get(state, "")),
+                ", ".join(sorted(caps["services"])),
+                gpus or "-",
+                ",".join(w.get("jobs", [])) or "-",
+                age(w.get("last_heartbeat"), now),
+            )
+        )
+    show_table(("worker", "state", "services", "gpus", "jobs", "heartbeat"), rows)
+
+
+async def control_worker(emp: Client, action: str, worker_id: str) -> str:
+    """Drain, resume or shut down a worker; one line saying what happened."""
+    if action == "drain":
+        worker = await emp.drain_worker(worker_id)
+    elif action == "resume":
+        worker = await emp.resume_worker(worker_id)
+    else:
+        worker = await emp.shutdown_worker(worker_id)
+    running = len(worker["jobs"])
+    jobs = f"{running} job{'' if running == 1 else 's'} running"
+    state = worker["state"]
+    if state == "draining":
+        return f"worker {worker_id} draining: {jobs} will finish; it takes no new jobs"
+    if state == "drained":
+        return f"worker {worker_id} drained: no job running; it takes no new jobs"
+    if state == "stopping":
+        return f"worker {worker_id} stopping: {jobs}; it exits once they are done"
+    return f"worker {worker_id} active: it takes jobs again ({jobs})"
 
 
 class Parser(argparse.ArgumentParser):
@@ -281,7 +333,23 @@ def parser() -> argparse.ArgumentParser:
     j.add_argument("--service")
     j.add_argument("--customer")
     j.add_argument("--limit", type=int, default=20)
-    sub.add_parser("workers", help="list live workers")
+    w = sub.add_parser(
+        "workers",
+        help="list live workers; drain, resume or shut one down",
+        description="List the live workers (state, services, GPUs, jobs, last heartbeat), "
+        "or act on one (an admin token): drain (no new jobs; running ones finish; it stays "
+        "drained until resumed, across restarts), resume, shutdown (drain, then the worker "
+        "exits 0).",
+    )
+    actions = w.add_subparsers(dest="action")
+    for name, text in (
+        ("drain", "give the worker no new jobs; its running jobs finish"),
+        ("resume", "a drained worker takes jobs again"),
+        ("shutdown", "drain the worker, then it exits 0"),
+    ):
+        actions.add_parser(name, help=text, description=text).add_argument(
+            "worker_id", help="the worker's id (as `emp workers` lists it)"
+        )
     sub.add_parser("queues", help="queue depths and unschedulable jobs")
     return p
 
@@ -296,6 +364,8 @@ def hint(exc: EmpError) -> str:
         return "set EMP_TOKEN or --token to a token with that role"
     if isinstance(exc, JobNotFound):
         return "`emp jobs` lists the jobs this token can see"
+    if isinstance(exc, WorkerNotFound):
+        return "`emp workers` lists the live workers"
     return ""
 
 

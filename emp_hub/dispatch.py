@@ -19,17 +19,32 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import redis.exceptions
 from fastapi import WebSocket, WebSocketDisconnect
 from starlette.websockets import WebSocketDisconnected
 
-from emp_hub.broker import REDIS_DOWN, Broker, BrokerError, Claim, Job, Registration
+from emp_hub.broker import (
+    REDIS_DOWN,
+    Broker,
+    BrokerError,
+    Claim,
+    Job,
+    Registration,
+    WorkerAction,
+)
 from emp_hub.events import EventBus
 from emp_hub.metrics import Metrics
 from emp_protocol.capabilities import WorkerCapabilities
-from emp_protocol.hub_messages import CancelJob, Error, HubMessage, JobAssigned, JobAvailable
+from emp_protocol.hub_messages import (
+    CancelJob,
+    Error,
+    HubMessage,
+    JobAssigned,
+    JobAvailable,
+    WorkerControl,
+)
 
 log = logging.getLogger("emp_hub.dispatch")
 
@@ -44,6 +59,30 @@ OFFER_GRACE_S = 5.0
 FEED_WAIT_S = 0.01
 #: The close code of a socket superseded by a newer connection of the same worker process.
 CLOSE_SUPERSEDED = 4000
+
+#: A worker's state as /api/workers, the dashboard and `emp workers` show it.
+WorkerState = Literal["active", "draining", "drained", "stopping"]
+#: What an admin may ask of a worker (POST /api/workers/{id}/{action}).
+ControlAction = Literal["drain", "resume", "shutdown"]
+
+
+def state_name(action: WorkerAction | None, holding: bool) -> WorkerState:
+    """The state of a worker with this stored action, holding jobs or not."""
+    if action == "shutdown":
+        return "stopping"
+    if action == "drain":
+        return "draining" if holding else "drained"
+    return "active"
+
+
+def worker_state_message(worker_id: str, state: WorkerState) -> dict[str, Any]:
+    """The monitors' message that a worker's state changed."""
+    return {
+        "type": "worker_state",
+        "timestamp": time.time(),
+        "worker_id": worker_id,
+        "state": state,
+    }
 
 
 @dataclass(eq=False)
@@ -61,6 +100,7 @@ class WorkerSession:
     original: bool = False  # an original emp-redis worker: offers, then claim_job
     offered: dict[str, str] = field(default_factory=dict)  # job id -> token, reserved
     status: str = ""  # the last status it reported (idle/busy), as monitors last heard it
+    action: WorkerAction | None = None  # drain/shutdown, as an admin asked: nothing assigned
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     fed: asyncio.Event = field(default_factory=asyncio.Event)  # set after each feeding
     closed: bool = False
@@ -109,6 +149,7 @@ class Dispatcher:
         bus.on("work_channel", self._on_work)
         bus.on("cancel_channel", self._on_cancel)
         bus.on("workers_channel", self._on_worker_notice)
+        bus.on("control_channel", self._on_control)
         bus.on_reconnect(self.wake_all)  # announcements may have been missed meanwhile
 
     async def close(self) -> None:
@@ -129,6 +170,35 @@ class Dispatcher:
 
     async def _on_worker_notice(self, data: str) -> None:
         await self.on_worker_notice(json.loads(data))
+
+    async def _on_control(self, data: str) -> None:
+        notice = json.loads(data)
+        await self.control(notice["worker"], notice["action"])
+
+    async def publish_control(self, worker_id: str, action: ControlAction) -> None:
+        """Have the replica holding the worker's socket (this one too) obey an admin's
+        action (the stored state already keeps claims from it; this tells the worker)."""
+        notice = {"worker": worker_id, "action": action}
+        await self.bus.redis.publish(self.broker.key("control_channel"), json.dumps(notice))
+
+    async def control(self, worker_id: str, action: ControlAction) -> None:
+        """An admin's action for a worker, if it is connected here: no more claims for it
+        (drain, shutdown) or claims again (resume), and the worker is told."""
+        session = self.sessions.get(worker_id)
+        if session is None or session.closed:
+            return
+        session.action = None if action == "resume" else action
+        await session.send(WorkerControl(worker_id=worker_id, action=action))
+        if action == "resume":
+            if session.original and not session.held and not session.offered:
+                session.wanted = max(session.wanted, 1)
+            session.wake.set()
+
+    async def job_left(self, session: WorkerSession) -> None:
+        """A job left the session: a draining worker holding nothing more is drained
+        (the monitors are told)."""
+        if session.action == "drain" and not session.held and not session.offered:
+            await self.bus.tell_monitors(worker_state_message(session.worker_id, "drained"))
 
     def _spawn(self, work: Any) -> None:
         """Run a coroutine in the background (kept until it ends; awaited at shutdown)."""
@@ -228,7 +298,12 @@ class Dispatcher:
         sessions = list(self.sessions.values())
         self._turn = (self._turn + 1) % max(1, len(sessions))
         for session in sessions[self._turn :] + sessions[: self._turn]:
-            if not session.wanted or session.caps is None or session.wake.is_set():
+            if (
+                not session.wanted
+                or session.caps is None
+                or session.action is not None
+                or session.wake.is_set()
+            ):
                 continue
             for c in broker.matching_classes(session.caps):
                 if left.get(c, 0) > 0:
@@ -264,6 +339,7 @@ class Dispatcher:
         job_id = notice["job_id"]
         if session is not None and session.held.pop(job_id, None) is not None:
             await session.send(CancelJob(job_id=job_id, reason=notice.get("reason", "cancelled")))
+            await self.job_left(session)
 
     async def feed(self, session: WorkerSession) -> None:
         """Claim jobs for the session's free slots whenever it is woken."""
@@ -273,7 +349,12 @@ class Dispatcher:
                     await session.wake.wait()
             session.wake.clear()
             try:
-                if not session.closed and session.wanted and session.caps is not None:
+                if (
+                    not session.closed
+                    and session.wanted
+                    and session.caps is not None
+                    and session.action is None
+                ):
                     await self._claim_for(session)
             except REDIS_DOWN as exc:  # claimed again when woken once Redis is back
                 log.warning("no claim for %s: %s", session.worker_id, exc)

@@ -3,9 +3,10 @@
 The hub builds every message it sends a worker from these models, and `emp-worker` reads
 them with `hub_message` (a discriminated union on `type`). The original emp-redis types
 and fields are kept (`job_available` is for original workers, which claim what they are
-offered); the pull model adds `job_assigned` with its lease token, `cancel_job` and the
-`lost` jobs of `worker_heartbeat_ack`. The messages a worker sends are in
-`emp_protocol.messages`; docs/protocol.md lists both directions with examples.
+offered); the pull model adds `job_assigned` with its lease token, `cancel_job`, the
+`lost` jobs of `worker_heartbeat_ack` and `worker_control` (drain, resume, shutdown).
+The messages a worker sends are in `emp_protocol.messages`; docs/protocol.md lists both
+directions with examples.
 """
 
 from __future__ import annotations
@@ -122,6 +123,17 @@ class CancelJob(Message):
     reason: str
 
 
+class WorkerControl(Message):
+    """An admin's order to the worker (`emp workers drain|resume|shutdown`): `drain`: ask
+    for no more jobs, let the running ones finish; `resume`: ask for jobs again;
+    `shutdown`: drain, then exit 0. Also sent right after worker_registered when the worker
+    is drained or stopping already (the state is kept by the hub)."""
+
+    type: Literal["worker_control"] = "worker_control"
+    worker_id: str
+    action: Literal["drain", "resume", "shutdown"]
+
+
 class Error(Message):
     """Something the worker sent was refused, or its token was. `code` says which refusal
     it is: `auth_failed` (then `cause` and `needs`, and the socket closes with 1008) or
@@ -155,6 +167,7 @@ HubMessage = Annotated[
     | JobFailedAck
     | JobReleased
     | CancelJob
+    | WorkerControl
     | Error,
     Field(discriminator="type"),
 ]

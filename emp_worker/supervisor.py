@@ -11,6 +11,10 @@ in the worker needs no shell between supervisord and the worker.
 Stopping: `stopsignal=TERM` with `stopwaitsecs` above the drain timeout, so a stop waits
 for the running jobs; `stopasgroup`/`killasgroup` because the single-file binary runs as
 two processes (a launcher and the worker).
+
+Restarts: `autorestart=unexpected` with `exitcodes=0`: a worker that crashes or is killed
+is started again; one that exits 0 (a shutdown asked through the hub, `emp workers
+shutdown ID`) stays stopped until `supervisorctl start`.
 """
 
 from __future__ import annotations
@@ -171,7 +175,8 @@ def render(
             f"command={_value(shlex.join([str(binary), 'run']))}",
             f"environment={_environment(env)}",
             "autostart=true",
-            "autorestart=true",
+            "autorestart=unexpected",
+            "exitcodes=0",
             f"startsecs={START_SECS}",
             f"startretries={START_RETRIES}",
             "stopsignal=TERM",

@@ -15,6 +15,10 @@ SIGTERM or SIGINT: stop asking for work, let running jobs finish within `drain_t
 hand back what is left, exit 0. A second signal (more than a second later) hands back at
 once; the same signal twice within a second (supervisor stopping a process group) counts
 once, and `emp-worker run` ignores one that comes once the drain is over and it exits.
+
+An admin (`emp workers drain|resume|shutdown ID`, through the hub's `worker_control`) may
+drain the worker (it asks for no work, running jobs finish), resume it, or shut it down
+(the same drain as SIGTERM, then exit 0).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from emp_protocol.hub_messages import (
     Error,
     HubMessage,
     JobAssigned,
+    WorkerControl,
     WorkerHeartbeatAck,
     WorkerIdAvailable,
     WorkerRegistered,
@@ -303,6 +308,8 @@ class Worker:
         self.conn: ClientConnection | None = None
         self.send_lock = asyncio.Lock()
         self.draining = False
+        #: Drained by an admin (worker_control drain): asks for no work until resumed.
+        self.paused = False
         self.done = asyncio.Event()
         self.stats = Stats()
         #: Each connector's last health check (by name); one that is not ok has its
@@ -597,8 +604,8 @@ class Worker:
         return True
 
     async def request_work(self) -> None:
-        """Tell the hub how many slots are free (0 while draining)."""
-        free = 0 if self.draining else max(0, self.capacity - len(self.running))
+        """Tell the hub how many slots are free (0 while draining or drained)."""
+        free = 0 if self.draining or self.paused else max(0, self.capacity - len(self.running))
         await self.send(RequestJob(slots=free))
 
     async def _heartbeats(self) -> None:
@@ -650,8 +657,27 @@ class Worker:
             for job_id in message.lost:
                 log.warning("job %s: lease lost; stopping it", job_id)
                 self._stop_job(job_id, "lost")
+        elif isinstance(message, WorkerControl):
+            await self._obey(message)
         elif isinstance(message, Error):
             log.warning("hub: %s", message.error)
+
+    async def _obey(self, message: WorkerControl) -> None:
+        """An admin's worker_control: drain (ask for nothing more), resume (ask again), or
+        shutdown (drain as SIGTERM does, then `run` returns 0)."""
+        if message.action == "shutdown":
+            log.info("the hub asks this worker to shut down")
+            self.stop()
+            return
+        paused = message.action == "drain"
+        if paused != self.paused:
+            log.info(
+                "the hub %s this worker: %d jobs running",
+                "drained" if paused else "resumed",
+                len(self.running),
+            )
+        self.paused = paused
+        await self.request_work()
 
     # -- jobs -----------------------------------------------------------------------------
 

@@ -303,6 +303,9 @@ async def test_every_message_to_a_worker_is_a_hub_message(base_url: str) -> None
         async with httpx.AsyncClient(base_url=base_url) as http:
             await http.post(f"/api/jobs/{ids[3]}/cancel", json={"reason": "user gave up"})
         await w.expect("cancel_job")
+        async with httpx.AsyncClient(base_url=base_url) as http:
+            await http.post("/api/workers/w1/drain")
+        assert (await w.expect("worker_control"))["action"] == "drain"
         legacy = {"supported_job_types": ["simulation"]}
         await old.send("register_worker", worker_id="old", capabilities=legacy, dry_run=True)
         await old.expect("worker_id_available")

@@ -87,7 +87,9 @@ def test_one_program_per_gpu_with_its_own_gpu_and_id(tmp_path: Path) -> None:
         assert (program["stopsignal"], program["stopasgroup"], program["killasgroup"]) == (
             "TERM", "true", "true",
         )  # fmt: skip
-        assert (program["autorestart"], int(program["startretries"])) == ("true", 10)
+        # A crash is restarted; exit 0 (a shutdown asked through the hub) is not.
+        assert (program["autorestart"], program["exitcodes"]) == ("unexpected", "0")
+        assert int(program["startretries"]) == 10
         assert program["stdout_logfile"] == str(tmp_path / "log" / f"gpu{index}.log")
         assert program["stdout_logfile_maxbytes"] == "50MB"
         assert int(program["stdout_logfile_backups"]) == 5
@@ -203,8 +205,19 @@ def test_under_supervisord_stop_drains_a_crash_restarts_nothing_is_left(
         assert "not expected" in (log_dir / "supervisord.log").read_text()
         job_id = hub.submit()
         assert hub.wait_job(job_id)["status"] == "completed", sv.log()
+        # A shutdown through the hub (emp workers shutdown): the worker exits 0, and
+        # supervisord leaves it stopped; started again, it is active.
+        other_name = other.split(":")[1]
+        hub.wait_for_workers(f"sv-{other_name}")
+        assert hub.post(f"/api/workers/sv-{other_name}/shutdown")["state"] == "stopping"
+        sv.wait_states({program: "STOPPED", other: "EXITED"})
+        exited = f"exited: {other_name} (exit status 0; expected)"
+        assert exited in (log_dir / "supervisord.log").read_text()
         sv.ctl("start", program)
+        sv.ctl("start", other)
         sv.wait_states({"emp:gpu0": "RUNNING", "emp:gpu1": "RUNNING"})
+        hub.wait_for_workers("sv-gpu0", "sv-gpu1")
+        assert {w["state"] for w in hub.get("/api/workers")} == {"active"}
         # Idle workers stop at once; the launcher's late copy of the TERM arrives while the
         # worker exits, and must not turn its exit 0 into "terminated by SIGTERM".
         log = (log_dir / "supervisord.log").read_text()

@@ -3,7 +3,13 @@
 Start at `Broker` (broker.py); the data model is described there and in docs/broker.md.
 """
 
-from emp_hub.broker.broker import Broker, MaintenanceReport, Registration
+from emp_hub.broker.broker import (
+    Broker,
+    MaintenanceReport,
+    Registration,
+    WorkerAction,
+    WorkerDetails,
+)
 from emp_hub.broker.connection import REDIS_DOWN, connect
 from emp_hub.broker.models import (
     PRIORITY_MAX,
@@ -56,5 +62,7 @@ __all__ = [
     "StaleLease",
     "Submitted",
     "TooLarge",
+    "WorkerAction",
+    "WorkerDetails",
     "connect",
 ]

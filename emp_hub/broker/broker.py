@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 from redis.asyncio import Redis
 
@@ -82,6 +82,22 @@ class Registration:
     #: A holder connected through another hub replica: seconds until that replica, if it
     #: was killed, no longer counts and the id is free (0: nothing to wait for).
     recheck_after: float = 0.0
+
+
+#: What an admin asked of a worker (stored in its `worker_state` key); none: active.
+WorkerAction = Literal["drain", "shutdown"]
+
+
+@dataclass(frozen=True)
+class WorkerDetails:
+    """What the hub knows of one worker beyond its capabilities."""
+
+    #: drain or shutdown, as an admin asked; None: active.
+    action: WorkerAction | None
+    #: The jobs it holds now (active, leased to it).
+    jobs: list[str]
+    #: When it was last heard from (epoch seconds); None once it left the live set.
+    last_heard: float | None
 
 
 @dataclass
@@ -314,7 +330,52 @@ class Broker:
             pipe.zadd(self.key("workers"), {worker_id: self.clock()}, xx=True)
             pipe.expire(self.key("worker", worker_id), ttl)
             pipe.expire(self.key("owner", worker_id), ttl)
+            pipe.expire(self.key("worker_state", worker_id), self._state_ttl())
             await pipe.execute()
+
+    def _state_ttl(self) -> int:
+        return max(1, int(self.settings.worker_state_ttl_s))
+
+    async def set_worker_state(self, worker_id: str, action: WorkerAction | None) -> None:
+        """Keep what an admin asked of a worker: `drain` or `shutdown` (claims then give it
+        nothing, see claim.lua), or None (resume: active again). The state outlives the
+        worker's connection and the hub; it expires worker_state_ttl_s after the worker
+        was last heard from, and a clean goodbye ends a shutdown (disconnect.lua)."""
+        key = self.key("worker_state", worker_id)
+        if action is None:
+            await self.redis.delete(key)
+        else:
+            await self.redis.set(key, action, ex=self._state_ttl())
+
+    async def worker_state(self, worker_id: str) -> WorkerAction | None:
+        """What an admin asked of the worker (drain, shutdown), or None: active."""
+        stored = await self.redis.get(self.key("worker_state", worker_id))
+        return _action(cast(str | None, stored))
+
+    async def worker_details(self, worker_ids: Sequence[str]) -> dict[str, WorkerDetails]:
+        """Each worker's state, held jobs and last heartbeat (for /api/workers). Reads
+        every active job's worker: O(active jobs)."""
+        if not worker_ids:
+            return {}
+        leased = cast(list[str], await self.redis.zrange(self.key("leases"), 0, -1))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.mget([self.key("worker_state", w) for w in worker_ids])
+            pipe.zmscore(self.key("workers"), list(worker_ids))
+            for job_id in leased:
+                pipe.hget(self.key("job", job_id), "worker")
+            states, heard, *holders = await pipe.execute()
+        jobs: dict[str, list[str]] = {w: [] for w in worker_ids}
+        for job_id, holder in zip(leased, holders, strict=True):
+            if holder in jobs:
+                jobs[holder].append(job_id)
+        return {
+            w: WorkerDetails(
+                action=_action(state),
+                jobs=sorted(jobs[w]),
+                last_heard=float(score) if score is not None else None,
+            )
+            for w, state, score in zip(worker_ids, states, heard, strict=True)
+        }
 
     async def unregister_worker(self, worker_id: str, connection: str = "-") -> bool:
         """Forget a worker that stopped cleanly on `connection`, holding nothing. False when
@@ -788,6 +849,15 @@ class Broker:
             unschedulable_jobs=sum(c.pending for c in classes if c.unschedulable),
             live_workers=len(live),
         )
+
+
+def _action(stored: str | None) -> WorkerAction | None:
+    """A stored worker state as an action (anything else reads as active)."""
+    if stored == "drain":
+        return "drain"
+    if stored == "shutdown":
+        return "shutdown"
+    return None
 
 
 def _pairs(flat: list[Any]) -> dict[str, Any]:

@@ -35,6 +35,7 @@ KeyName = Literal[
     "workers",
     "worker",
     "owner",
+    "worker_state",
     "replica",
     "outputs",
     "outputs_expired",
@@ -50,6 +51,7 @@ KeyName = Literal[
     "alerts_outbox",
     "alerts_lock",
     "alerts_lost",
+    "control_channel",
 ]
 
 #: Each key's pattern after the prefix; "{}" stands for one argument.
@@ -76,6 +78,7 @@ LAYOUT: dict[KeyName, str] = {
     "workers": "workers",  # zset: worker id -> last heard from
     "worker": "worker:{}",  # string: a worker's capabilities (JSON), expires
     "owner": "owner:{}",  # string: which process and connection hold a worker id
+    "worker_state": "wstate:{}",  # string: drain or shutdown, asked by an admin; expires
     "replica": "replica:{}",  # string: a live hub replica, expires unless renewed
     "outputs": "outputs",  # set: jobs with files stored by the hub
     "outputs_expired": "outputs:expired",  # zset: such jobs past retention -> when
@@ -91,6 +94,7 @@ LAYOUT: dict[KeyName, str] = {
     "alerts_outbox": "alerts:outbox",  # list: webhook deliveries (JSON bodies), in order
     "alerts_lock": "alerts:lock",  # string: the replica that evaluates alerts, expires
     "alerts_lost": "alerts:lost",  # hash: worker lost mid-job -> when, which jobs (JSON)
+    "control_channel": "wctl",  # channel: drain/resume/shutdown for the worker's replica
 }
 
 assert set(LAYOUT) == set(get_args(KeyName)), "LAYOUT and KeyName must name the same keys"

@@ -43,6 +43,12 @@ class BrokerSettings(BaseModel):
         description="A worker whose connection ended counts as live this long, waiting for it "
         "to reconnect; then it is gone and the jobs it held go back to pending.",
     )
+    worker_state_ttl_s: float = Field(
+        default=86_400,
+        gt=0,
+        description="A drained or stopping worker's state is forgotten this long after the "
+        "worker was last heard from.",
+    )
     live_cache_s: float = Field(
         default=1.0, ge=0, description="How long the list of live workers is cached."
     )

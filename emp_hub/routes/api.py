@@ -37,6 +37,7 @@ from emp_hub.broker import (
     TooLarge,
 )
 from emp_hub.broker.models import LARGE_FIELDS, Event, JobId
+from emp_hub.dispatch import ControlAction, WorkerState, state_name, worker_state_message
 from emp_hub.hub import Hub
 from emp_hub.ratelimit import RateLimited
 from emp_hub.settings import MAX_BATCH_JOBS
@@ -160,6 +161,7 @@ def role(*allowed: Role) -> Any:
 Submitter = Annotated[Principal, role(Role.ADMIN, Role.CLIENT)]
 Reader = Annotated[Principal, role(Role.ADMIN, Role.CLIENT, Role.MONITOR)]
 Operator = Annotated[Principal, role(Role.ADMIN, Role.MONITOR)]
+Admin = Annotated[Principal, role(Role.ADMIN)]
 
 
 async def visible_job(hub: Hub, principal: Principal, job_id: str) -> Job:
@@ -375,6 +377,15 @@ class WorkerView(BaseModel):
 
     worker_id: str
     capabilities: WorkerCapabilities
+    state: WorkerState = Field(
+        default="active",
+        description="active; draining (drain asked, jobs still running); drained (drain "
+        "asked, no job running); stopping (shutdown asked: finishing its jobs, then exits).",
+    )
+    jobs: list[str] = Field(default_factory=list, description="Ids of the jobs it holds now.")
+    last_heartbeat: float | None = Field(
+        default=None, description="When it was last heard from (epoch seconds)."
+    )
 
 
 # -- routes ------------------------------------------------------------------------------
@@ -616,11 +627,86 @@ def _sse(event: Event) -> str:
     return f"id: {event.id}\nevent: {event.type}\ndata: {data}\n\n"
 
 
+async def worker_views(hub: Hub, live: dict[str, WorkerCapabilities]) -> list[WorkerView]:
+    """The views of these live workers: capabilities, state, jobs, last heartbeat."""
+    details = await hub.broker.worker_details(sorted(live))
+    return [
+        WorkerView(
+            worker_id=w,
+            capabilities=live[w],
+            state=state_name(d.action, bool(d.jobs)),
+            jobs=d.jobs,
+            last_heartbeat=d.last_heard,
+        )
+        for w, d in details.items()
+    ]
+
+
 @router.get("/api/workers", response_model=list[WorkerView], tags=["operations"])
 async def list_workers(hub: HubDep, principal: Operator) -> list[WorkerView]:
-    """Live workers and their capabilities."""
+    """Live workers: capabilities (GPUs, models), state, the jobs they hold, last heartbeat."""
+    return await worker_views(hub, await hub.broker.live_workers(fresh=True))
+
+
+async def control_worker(hub: Hub, worker_id: str, action: ControlAction) -> WorkerView:
+    """Store an admin's action for a live worker, have its replica tell it, tell the
+    monitors when its state changed; the worker's view after it."""
     live = await hub.broker.live_workers(fresh=True)
-    return [WorkerView(worker_id=w, capabilities=c) for w, c in sorted(live.items())]
+    if worker_id not in live:
+        raise HTTPException(
+            404, f"worker {worker_id} is not connected (GET /api/workers lists the live ones)"
+        )
+    [before] = await worker_views(hub, {worker_id: live[worker_id]})
+    if before.state == "stopping" and action != "shutdown":
+        raise HTTPException(
+            409, f"worker {worker_id} is shutting down: it exits once its jobs are done"
+        )
+    await hub.broker.set_worker_state(worker_id, None if action == "resume" else action)
+    await hub.dispatcher.publish_control(worker_id, action)
+    [after] = await worker_views(hub, {worker_id: live[worker_id]})
+    if after.state != before.state:
+        await hub.bus.tell_monitors(worker_state_message(worker_id, after.state))
+    return after
+
+
+WORKER_ERRORS: dict[int | str, dict[str, Any]] = {
+    404: {"description": "The worker is not connected."},
+    409: {"description": "The worker is shutting down (drain and resume)."},
+}
+
+
+@router.post(
+    "/api/workers/{worker_id}/drain",
+    response_model=WorkerView,
+    tags=["operations"],
+    responses=WORKER_ERRORS,
+)
+async def drain_worker(worker_id: str, hub: HubDep, principal: Admin) -> WorkerView:
+    """Give the worker no more jobs; its running jobs finish. It stays drained (across
+    reconnects and hub restarts) until resumed."""
+    return await control_worker(hub, worker_id, "drain")
+
+
+@router.post(
+    "/api/workers/{worker_id}/resume",
+    response_model=WorkerView,
+    tags=["operations"],
+    responses=WORKER_ERRORS,
+)
+async def resume_worker(worker_id: str, hub: HubDep, principal: Admin) -> WorkerView:
+    """A drained worker takes jobs again."""
+    return await control_worker(hub, worker_id, "resume")
+
+
+@router.post(
+    "/api/workers/{worker_id}/shutdown",
+    response_model=WorkerView,
+    tags=["operations"],
+    responses=WORKER_ERRORS,
+)
+async def shutdown_worker(worker_id: str, hub: HubDep, principal: Admin) -> WorkerView:
+    """Drain the worker, then have it exit (status 0: a supervisor does not restart it)."""
+    return await control_worker(hub, worker_id, "shutdown")
 
 
 @router.get("/api/queues", response_model=QueueStats, tags=["operations"])

@@ -27,6 +27,7 @@ from emp_protocol.hub_messages import (
     JobFailedAck,
     JobNotificationsSubscribed,
     JobReleased,
+    WorkerControl,
     WorkerHeartbeatAck,
     WorkerIdAvailable,
     WorkerRegistered,
@@ -170,8 +171,11 @@ async def handle(session: WorkerSession, hub: Hub, raw: Any) -> None:
     if session.caps is None and not isinstance(message, RegisterWorker):
         await session.error("register_worker first")
         return
+    holding = bool(session.held)
     try:
         await HANDLERS[type(message)](session, hub, message)
+        if holding and not session.held:
+            await hub.dispatcher.job_left(session)
         if session.original and not session.held and not session.offered and not session.wanted:
             session.wanted = 1  # idle again: offer the next job
             session.wake.set()
@@ -208,6 +212,7 @@ async def register(session: WorkerSession, hub: Hub, message: RegisterWorker) ->
         return
     session.caps = caps
     session.original = message.original
+    session.action = await broker.worker_state(worker_id)  # drained before: stays drained
     await hub.dispatcher.registered(session, registration)
     tokens = {h.job_id: h.lease_token for h in message.jobs}
     kept = await broker.extend(tokens.items())
@@ -219,6 +224,8 @@ async def register(session: WorkerSession, hub: Hub, message: RegisterWorker) ->
     )
     if message.subscribe_to_jobs:
         await session.send(JobNotificationsSubscribed(worker_id=worker_id))
+    if session.action is not None:  # so that it does not ask for work
+        await session.send(WorkerControl(worker_id=worker_id, action=session.action))
 
 
 async def request_job(session: WorkerSession, hub: Hub, message: RequestJob) -> None:

@@ -4,11 +4,13 @@
 -- ARGV[9] number of queues, then per queue: class, allow_avoided ("1" when no other live
 -- worker can run that class).
 -- Returns {0, classes_version} when the candidates are out of date (a new class appeared),
--- else {1, classes_version, HGETALL of each claimed job...} (none when nothing matched).
+-- else {1, classes_version, HGETALL of each claimed job...} (none when nothing matched, or
+-- when an admin drained or stopped the worker: its `worker_state` key is set).
 local worker, prefix, lease = ARGV[4], ARGV[5], tonumber(ARGV[6])
 local count = tonumber(ARGV[7])
 local ver = redis.call('GET', K.classes_ver) or '0'
 if ver ~= ARGV[8] then return {0, ver} end
+if redis.call('EXISTS', K.worker_state(worker)) == 1 then return {1, ver} end
 local nq = tonumber(ARGV[9])
 local classes, allow, offs, heads = {}, {}, {}, {}
 

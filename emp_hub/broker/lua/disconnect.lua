@@ -6,6 +6,8 @@
 -- Lost: it stays live for the grace (its score is set so that it ages out of the live
 -- window then), the owner key expires with the grace, and the leases of its jobs end with
 -- the grace, so the reaper requeues them then unless it comes back and renews them.
+-- A clean goodbye also ends a shutdown an admin asked for (its `worker_state`), so that
+-- the worker's next start is active; a drain stays (a cordon) until it is resumed.
 -- Returns 1 when it owned the id, else 0.
 local worker, conn, mode = ARGV[4], ARGV[5], ARGV[6]
 local grace, ttl = tonumber(ARGV[7]), tonumber(ARGV[8])
@@ -17,6 +19,9 @@ if held_by ~= conn or state ~= 'up' then return 0 end
 if mode == 'bye' then
   redis.call('DEL', okey, K.worker(worker))
   redis.call('ZREM', K.workers, worker)
+  if redis.call('GET', K.worker_state(worker)) == 'shutdown' then
+    redis.call('DEL', K.worker_state(worker))
+  end
   return 1
 end
 redis.call('SET', okey, 'gone ' .. instance .. ' ' .. conn .. ' ' .. replica,
