@@ -673,6 +673,31 @@ class Broker:
         rank = await self.redis.zrank(self.key("queue", requirement_class), job_id)
         return cast(int | None, rank)
 
+    async def oldest_pending(
+        self, classes: dict[str, Collection[int]]
+    ) -> dict[str, dict[int, float]]:
+        """When the oldest pending job of each class and priority was submitted: the head
+        of each priority's score band in the class's queue (two round trips, whatever the
+        queues' lengths)."""
+        pairs = [(c, p) for c, priorities in classes.items() for p in priorities]
+        if not pairs:
+            return {}
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for c, p in pairs:
+                band = PRIORITY_MAX - p
+                low, high = band * PRIORITY_SCALE, (band + 1) * PRIORITY_SCALE
+                pipe.zrangebyscore(self.key("queue", c), low, f"({high}", start=0, num=1)
+            heads: list[list[str]] = await pipe.execute()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for head in heads:
+                pipe.hget(self.key("job", head[0] if head else "-"), "created_at")
+            created: list[str | None] = await pipe.execute()
+        found: dict[str, dict[int, float]] = {}
+        for (c, p), at in zip(pairs, created, strict=True):
+            if at is not None:
+                found.setdefault(c, {})[p] = float(at)
+        return found
+
     async def stats(self) -> QueueStats:
         """Depth per class and priority, set sizes, and unschedulable classes."""
         async with self.redis.pipeline(transaction=False) as pipe:
