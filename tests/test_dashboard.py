@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +96,7 @@ def simulation(**settings: Any) -> SimulationConnector:
     return SimulationConnector(SimulationSettings(**{"duration": 0.2, "steps": 2, **settings}))
 
 
-def worker(hub: str, worker_id: str, **settings: Any) -> Any:
+def worker(hub: str, worker_id: str, **settings: Any) -> AbstractAsyncContextManager[Worker]:
     """A real worker running the simulation connector, on the shared token."""
     return running_worker(hub, [simulation(**settings)], worker_id=worker_id, token=SHARED)
 
