@@ -164,6 +164,27 @@ async def test_the_overview_updates_when_a_job_is_submitted(
     assert counts["messages"] >= 1 and counts["flushes"] <= counts["messages"]
 
 
+async def test_a_burst_of_job_events_makes_few_repaints(
+    browser: Browser, hub: str, tokens: dict[str, str], http: httpx.AsyncClient
+) -> None:
+    """Live messages are coalesced: at most one repaint per 500 ms, however many come."""
+    counts = "() => ({...window.empDashboard.counts(), t: performance.now()})"
+    async with worker(hub, "w-fast", duration=0, steps=1, concurrency=16):
+        page = await open_as(browser, hub, tokens["monitor"], "#/overview")
+        before = await page.evaluate(counts)
+        jobs = [{"job_type": "simulation"}] * 300
+        assert (await http.post("/api/jobs/batch", json={"jobs": jobs})).status_code == 200
+        await page.wait_for_function(
+            "() => document.querySelector(\"[data-stat='completed'] b\").textContent === '300'",
+            timeout=60_000,
+        )
+        after = await page.evaluate(counts)
+    messages = after["messages"] - before["messages"]
+    flushes = after["flushes"] - before["flushes"]
+    assert messages >= 900, (messages, flushes)  # each job: processing, progress, complete
+    assert flushes <= (after["t"] - before["t"]) / 500 + 2, (messages, flushes)
+
+
 async def test_cancel_on_a_job_page_reaches_the_worker(
     browser: Browser, hub: str, tokens: dict[str, str], http: httpx.AsyncClient
 ) -> None:

@@ -135,6 +135,12 @@ export function chart(ts, series, { unit = "", height = 160 } = {}) {
       d += `${d && line.values[i - 1] != null ? "L" : "M"}${x(i).toFixed(1)},${y(v).toFixed(1)}`;
     });
     if (d) svg.append(s("path", { d, stroke: line.color, class: "series" }));
+    line.values.forEach((v, i) => {
+      const alone = line.values[i - 1] == null && line.values[i + 1] == null;
+      if (v !== null && v !== undefined && alone) {
+        svg.append(s("circle", { cx: x(i), cy: y(v), r: 2.5, fill: line.color }));
+      }
+    });
   }
   const legend = h(
     "div",

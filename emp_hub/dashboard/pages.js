@@ -107,15 +107,16 @@ export function overview(ctx) {
 
 // -- queues ------------------------------------------------------------------------------
 
+/** A job's requirements beyond its service, leaving out the unset ones. */
 function requirementsText(req) {
   const parts = [];
   for (const [key, value] of Object.entries(req || {})) {
-    if (key === "service" || value === null || value === undefined) continue;
+    if (key === "service" || value === null || value === 0 || value === "none") continue;
     if (Array.isArray(value) && !value.length) continue;
     if (typeof value === "object" && !Array.isArray(value) && !Object.keys(value).length) continue;
-    parts.push(`${key}=${typeof value === "object" ? JSON.stringify(value) : value}`);
+    parts.push(`${key}=${Array.isArray(value) ? value.join(",") : typeof value === "object" ? JSON.stringify(value) : value}`);
   }
-  return parts.join(" ");
+  return parts.join(" ") || "none";
 }
 
 export function queues(ctx) {
@@ -186,37 +187,16 @@ export function workers(ctx) {
   let start = 0;
   const filter = h("input", { type: "search", placeholder: "Filter: id, service, model, state", class: "filter" });
   const body = h("div");
-  const paint = () => {
-    const words = filter.value.toLowerCase().split(/\s+/).filter(Boolean);
-    const shown = all.filter((w) => words.every((word) => w.text.includes(word)));
-    start = Math.min(start, Math.max(0, shown.length - 1));
-    start -= start % WORKER_SLICE;
-    const slice = shown.slice(start, start + WORKER_SLICE);
-    const pager = h(
-      "div",
-      { class: "pager" },
-      h("button", { type: "button", disabled: start === 0, onclick: () => ((start -= WORKER_SLICE), paint()) }, "Previous"),
-      ` ${shown.length ? start + 1 : 0}-${start + slice.length} of ${shown.length} (${all.length} live) `,
-      h(
-        "button",
-        { type: "button", disabled: start + WORKER_SLICE >= shown.length, onclick: () => ((start += WORKER_SLICE), paint()) },
-        "Next",
-      ),
-    );
-    const columns = [
-      { title: "Worker", cell: (w) => h("code", {}, w.worker_id) },
-      { title: "State", cell: (w) => (w.state ? status(w.state) : "") },
-      { title: "Services", cell: (w) => (w.capabilities.services || []).join(", ") },
-      { title: "Models", cell: (w) => models(w.capabilities) },
-      { title: "GPUs", cell: (w) => gpus(w.capabilities) },
-      { title: "Jobs", cell: (w) => (w.jobs || []).map((j) => [jobLink(j), " "]) },
-      { title: "Last heartbeat", cell: (w) => ago(w.last_heartbeat) },
-    ];
-    if (ctx.canActWorkers) columns.push({ title: "", cell: (w) => workerActions(ctx, w, () => this_.refresh()) });
-    body.replaceChildren(pager, table(columns, slice, { empty: "No live worker.", rowAttrs: (w) => ({ dataset: { worker: w.worker_id } }) }));
-  };
-  filter.addEventListener("input", () => ((start = 0), paint()));
-  const this_ = {
+  const columns = [
+    { title: "Worker", cell: (w) => h("code", {}, w.worker_id) },
+    { title: "State", cell: (w) => (w.state ? status(w.state) : "") },
+    { title: "Services", cell: (w) => (w.capabilities.services || []).join(", ") },
+    { title: "Models", cell: (w) => models(w.capabilities) },
+    { title: "GPUs", cell: (w) => gpus(w.capabilities) },
+    { title: "Jobs", cell: (w) => (w.jobs || []).map((j) => [jobLink(j), " "]) },
+    { title: "Last heartbeat", cell: (w) => ago(w.last_heartbeat) },
+  ];
+  const page = {
     minMs: 3000,
     wants: (c) => c.workers || c.stats !== null,
     async mount(main) {
@@ -235,7 +215,33 @@ export function workers(ctx) {
       ctx.ready();
     },
   };
-  return this_;
+  if (ctx.canActWorkers) columns.push({ title: "", cell: (w) => workerActions(ctx, w, () => page.refresh()) });
+  // Only a slice of the (filtered) workers is in the DOM: 5,000 workers stay fast.
+  const paint = () => {
+    const words = filter.value.toLowerCase().split(/\s+/).filter(Boolean);
+    const shown = all.filter((w) => words.every((word) => w.text.includes(word)));
+    start = Math.max(0, Math.min(start, shown.length - 1));
+    start -= start % WORKER_SLICE;
+    const slice = shown.slice(start, start + WORKER_SLICE);
+    const move = (by) => () => {
+      start += by;
+      paint();
+    };
+    const pager = h(
+      "div",
+      { class: "pager" },
+      h("button", { type: "button", disabled: start === 0, onclick: move(-WORKER_SLICE) }, "Previous"),
+      ` ${shown.length ? start + 1 : 0}-${start + slice.length} of ${shown.length} (${all.length} live) `,
+      h("button", { type: "button", disabled: start + WORKER_SLICE >= shown.length, onclick: move(WORKER_SLICE) }, "Next"),
+    );
+    const rows = table(columns, slice, { empty: "No live worker matches.", rowAttrs: (w) => ({ dataset: { worker: w.worker_id } }) });
+    body.replaceChildren(pager, rows);
+  };
+  filter.addEventListener("input", () => {
+    start = 0;
+    paint();
+  });
+  return page;
 }
 
 function workerActions(ctx, w, after) {
@@ -482,7 +488,7 @@ export function job(ctx) {
         ["Queue position", j.display_position ?? ""],
         ["Waiting because", j.unschedulable || ""],
         ["Error", j.error || ""],
-        ["Requirements", h("code", {}, JSON.stringify(j.requirements))],
+        ["Requirements", requirementsText(j.requirements)],
       ].flatMap(([k, v]) => (v === "" ? [] : [h("dt", {}, k), h("dd", {}, v)])),
     );
   const page = {
