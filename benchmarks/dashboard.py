@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from playwright.async_api import Browser, async_playwright
+from playwright.async_api import Browser, Page, async_playwright
 
 import emp_hub
 from benchmarks.hub import hubs, start_workers
@@ -159,6 +159,25 @@ async def load(url: str, pid: int, rate: int, window: float) -> dict[str, Any]:
     }
 
 
+async def trailing(page: Page) -> dict[str, Any]:
+    """The dashboard's live messages and repaints during the load, and how long messages
+    kept coming after it (the monitor socket running behind), up to 120 s."""
+    counts = "() => window.empDashboard.counts()"
+    during = await page.evaluate(counts)
+    ended, last, seen = time.perf_counter(), time.perf_counter(), during["messages"]
+    while time.perf_counter() - last < 2 and time.perf_counter() - ended < 120:
+        await asyncio.sleep(0.25)
+        now = (await page.evaluate(counts))["messages"]
+        if now > seen + 2:  # more than the stats every 2 s
+            seen, last = now, time.perf_counter()
+    return {
+        "live_messages": during["messages"],
+        "repaints": during["flushes"],
+        "messages_after_load": seen - during["messages"],
+        "messages_kept_coming_s": round(last - ended, 1),
+    }
+
+
 async def run(redis_url: str, args: argparse.Namespace) -> dict[str, Any]:
     namespace = f"bench-dashboard-{os.getpid()}"
     stop = asyncio.Event()
@@ -187,9 +206,7 @@ async def run(redis_url: str, args: argparse.Namespace) -> dict[str, Any]:
                     cpu[f"dashboard_on_{name}"] = await load(
                         hub.url, hub.pid, args.rate, args.window
                     )
-                    counts = await page.evaluate("() => window.empDashboard.counts()")
-                    cpu[f"dashboard_on_{name}"]["live_messages"] = counts["messages"]
-                    cpu[f"dashboard_on_{name}"]["repaints"] = counts["flushes"]
+                    cpu[f"dashboard_on_{name}"].update(await trailing(page))
                     await page.close()
                 for task in tasks:
                     task.cancel()

@@ -257,6 +257,8 @@ async def test_a_customer_token_sees_only_its_customer(
     assert set(shown) == mine
     routes = await page.eval_on_selector_all("#nav a", "links => links.map(a => a.dataset.route)")
     assert routes == ["jobs", "dead"]
+    newer = await submit(http, "nobody", customer="acme")  # the page polls: it comes
+    await page.wait_for_selector(f"[data-job='{newer}']")
     await page.evaluate("(id) => { location.hash = `#/jobs/${id}` }", theirs)
     await page.wait_for_selector("#message.error >> text=404")
     await go(page, "#/jobs?customer=globex")

@@ -140,7 +140,7 @@ function onChanges(changes) {
   if (state.busy || wait > 0) {
     // Once the refresh under way (or the page's minimum interval) is over.
     clearTimeout(state.again);
-    state.again = setTimeout(() => onChanges({ ...changes, any: true, jobs: new Set(["*"]), workers: true, alerts: false }), Math.max(wait, 100));
+    state.again = setTimeout(() => onChanges({ ...changes, any: true, jobs: new Set(["*"]), workers: true, poll: true, alerts: false }), Math.max(wait, 100));
     return;
   }
   refresh(page);

@@ -7,7 +7,7 @@ import { ROOT, token } from "./api.js";
 export const REPAINT_MS = 500;
 
 function fresh() {
-  return { jobs: new Set(), workers: false, stats: null, alerts: false, any: false };
+  return { jobs: new Set(), workers: false, stats: null, alerts: false, poll: false, any: false };
 }
 
 /** Collects what changed; calls onFlush(changes) at most once per REPAINT_MS. */
@@ -31,6 +31,7 @@ export class Coalescer {
     if (type === "stats_broadcast") c.stats = message;
     if (type === "worker_status" || type === "worker_state") c.workers = true;
     if (type === "alert") c.alerts = true;
+    if (type === "poll") c.poll = true;
     this.schedule();
   }
 

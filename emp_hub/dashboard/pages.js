@@ -335,7 +335,7 @@ export function jobs(ctx) {
   const list = pagedJobs(ctx, query, { columns: jobColumns(), empty: "No job matches." });
   return {
     minMs: 2000,
-    wants: (c) => c.jobs.size > 0 || c.stats !== null,
+    wants: (c) => c.jobs.size > 0 || c.stats !== null || c.poll,
     async mount(main) {
       main.append(h("h1", {}, "Jobs"), form, list.body);
       await list.load();
@@ -379,7 +379,7 @@ export function dead(ctx) {
   };
   return {
     minMs: 2000,
-    wants: (c) => c.jobs.size > 0,
+    wants: (c) => c.jobs.size > 0 || c.poll,
     async mount(main) {
       main.append(
         h("h1", {}, "Dead letter"),
