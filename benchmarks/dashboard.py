@@ -13,7 +13,9 @@ a few hundred are failed through the broker (the dead-letter page). We measure
   --rate jobs/s, in batches every 100 ms, of a service that 20 protocol workers in this
   process complete at once, so each job sends monitor messages), first with no dashboard
   open, then with one open on the overview (the monitor WebSocket), then on the workers
-  page; with the rate the load reached.
+  page; with the rate the load reached. Per second of load, and per job from the load's
+  start until every job is done and the dashboard's live messages have stopped coming
+  (the monitor socket can run behind the load: how many came after it, and for how long).
 
 Usage: python -m benchmarks.dashboard [--quick] [--workers N] [--jobs N] [--rate N]
        [--window S] [--url REDIS_URL]
@@ -38,7 +40,7 @@ import httpx
 from playwright.async_api import Browser, Page, async_playwright
 
 import emp_hub
-from benchmarks.hub import hubs, start_workers
+from benchmarks.hub import Workers, hubs, start_workers
 from emp_hub.broker import Broker, BrokerSettings, JobSpec, connect
 from emp_hub.embedded import redis_url_or_embedded
 from emp_protocol.capabilities import GPU, WorkerCapabilities
@@ -137,34 +139,36 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def load(url: str, pid: int, rate: int, window: float) -> dict[str, Any]:
-    """Submit `rate` jobs/s of "noop" for `window` seconds; the hub's CPU meanwhile."""
+async def load(url: str, rate: int, window: float) -> tuple[int, float]:
+    """Submit `rate` jobs/s of "noop" for `window` seconds: the jobs and the seconds."""
     per_tick = max(1, rate // 10)
     batch = {"jobs": [{"job_type": "noop"} for _ in range(per_tick)]}
     submitted = 0
     async with httpx.AsyncClient(timeout=60) as http:
-        cpu0, start = cpu_seconds(pid), time.perf_counter()
+        start = time.perf_counter()
         tick = start
         while time.perf_counter() - start < window:
             (await http.post(f"{url}/api/jobs/batch", json=batch)).raise_for_status()
             submitted += per_tick
             tick += 0.1
             await asyncio.sleep(max(0.0, tick - time.perf_counter()))
-        elapsed = time.perf_counter() - start
-        cpu = cpu_seconds(pid) - cpu0
-    return {
-        "seconds": round(elapsed, 2),
-        "jobs_per_s": round(submitted / elapsed),
-        "hub_cpu_s_per_s": round(cpu / elapsed, 3),
-    }
+    return submitted, time.perf_counter() - start
 
 
-async def trailing(page: Page) -> dict[str, Any]:
-    """The dashboard's live messages and repaints during the load, and how long messages
-    kept coming after it (the monitor socket running behind), up to 120 s."""
+async def settled(pool: Workers, done: int, page: Page | None) -> dict[str, Any]:
+    """Wait until the workers have completed `done` jobs (their `expected`) and, with a
+    dashboard open, its live messages have stopped coming (the monitor socket running
+    behind), up to 120 s. The dashboard's messages and repaints during the load, and
+    after it."""
+    ended = time.perf_counter()
+    if pool.done < done:
+        pool.all_done.clear()  # set again by the job that makes `expected`
+        await asyncio.wait_for(pool.all_done.wait(), 120)
+    if page is None:
+        return {}
     counts = "() => window.empDashboard.counts()"
     during = await page.evaluate(counts)
-    ended, last, seen = time.perf_counter(), time.perf_counter(), during["messages"]
+    last, seen = time.perf_counter(), during["messages"]
     while time.perf_counter() - last < 2 and time.perf_counter() - ended < 120:
         await asyncio.sleep(0.25)
         now = (await page.evaluate(counts))["messages"]
@@ -175,6 +179,25 @@ async def trailing(page: Page) -> dict[str, Any]:
         "repaints": during["flushes"],
         "messages_after_load": seen - during["messages"],
         "messages_kept_coming_s": round(last - ended, 1),
+    }
+
+
+async def phase(
+    url: str, pid: int, args: argparse.Namespace, pool: Workers, page: Page | None
+) -> dict[str, Any]:
+    """One load phase: the hub's CPU per second of load, and per job until all is done."""
+    cpu0 = cpu_seconds(pid)
+    submitted, seconds = await load(url, args.rate, args.window)
+    cpu_load = cpu_seconds(pid) - cpu0
+    pool.expected += submitted
+    figures = await settled(pool, pool.expected, page)
+    cpu_all = cpu_seconds(pid) - cpu0
+    return {
+        "seconds": round(seconds, 2),
+        "jobs_per_s": round(submitted / seconds),
+        "hub_cpu_s_per_s": round(cpu_load / seconds, 3),
+        "hub_cpu_ms_per_job_until_settled": round(1000 * cpu_all / submitted, 3),
+        **figures,
     }
 
 
@@ -197,16 +220,14 @@ async def run(redis_url: str, args: argparse.Namespace) -> dict[str, Any]:
                     route = route or f"#/jobs/{dead[0]}"
                     renders[name] = await first_render(browser, hub.url, route, name, args.renders)
                 print("renders done", file=sys.stderr)
-                _, tasks = await start_workers([hub.url], 20)
-                cpu = {"no_dashboard": await load(hub.url, hub.pid, args.rate, args.window)}
+                pool, tasks = await start_workers([hub.url], 20)
+                pool.expected = 0
+                cpu = {"no_dashboard": await phase(hub.url, hub.pid, args, pool, None)}
                 for name in ("overview", "workers"):
                     page = await browser.new_page()
                     await page.goto(f"{hub.url}/dashboard/{PAGES[name]}")
                     await page.wait_for_selector(f"main[data-ready='{name}']", timeout=120_000)
-                    cpu[f"dashboard_on_{name}"] = await load(
-                        hub.url, hub.pid, args.rate, args.window
-                    )
-                    cpu[f"dashboard_on_{name}"].update(await trailing(page))
+                    cpu[f"dashboard_on_{name}"] = await phase(hub.url, hub.pid, args, pool, page)
                     await page.close()
                 for task in tasks:
                     task.cancel()

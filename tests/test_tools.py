@@ -93,6 +93,7 @@ def test_dashboard_benchmark_prints_its_json(
     assert set(cpu) == {"no_dashboard", "dashboard_on_overview", "dashboard_on_workers"}
     for phase in cpu.values():
         assert phase["jobs_per_s"] > 0 and phase["hub_cpu_s_per_s"] > 0, phase
+        assert phase["hub_cpu_ms_per_job_until_settled"] > 0, phase
     assert cpu["dashboard_on_overview"]["live_messages"] > 0
 
 
