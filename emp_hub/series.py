@@ -131,7 +131,7 @@ async def flush_until(
     stop: asyncio.Event, series: Series, client: redis.asyncio.Redis, keys: Keys
 ) -> None:
     """Flush every FLUSH_S seconds until `stop`, and once more then."""
-    while not stop.is_set():
+    while True:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), FLUSH_S)
         try:
@@ -140,3 +140,5 @@ async def flush_until(
             log.warning("series flush skipped: %s", exc)
         except Exception:  # nothing must end the loop
             log.exception("series flush failed")
+        if stop.is_set():
+            return

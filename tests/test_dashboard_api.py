@@ -11,12 +11,15 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 import redis.asyncio
+from emp_connector_simulation import SimulationConnector, SimulationSettings
 
 from emp_hub.auth import Role, TokenStore
 from emp_hub.broker import Broker, BrokerSettings, JobSpec
 from emp_hub.series import BUCKET_S, WINDOW_BUCKETS, Series
 from emp_hub.settings import HubSettings
+from emp_hub.testing import running_worker
 from emp_protocol.capabilities import WorkerCapabilities
+from emp_protocol.jobs import TERMINAL
 from emp_worker.testing import eventually
 from tests.hub_server import running_hub
 
@@ -223,3 +226,28 @@ async def test_the_dashboard_is_served_by_the_hub_alone(http: httpx.AsyncClient)
         assert hosts <= {"http://www.w3.org"}, name  # the SVG namespace, never fetched
         todo += re.findall(r"""from ["']\./([^"']+)["']""", r.text)
     assert {"app.js", "api.js", "dom.js", "live.js", "pages.js", "style.css"} <= seen
+
+
+@pytest.mark.slow
+async def test_the_hub_counts_its_jobs_into_the_series(
+    hub_settings: HubSettings, redis_client: redis.asyncio.Redis, broker: Broker
+) -> None:
+    """A real worker's jobs: completed, failed for good and started, with their
+    submit-to-start time; a replica that stops adds what it counted last."""
+    connector = SimulationConnector(SimulationSettings(duration=0, steps=1))
+    async with (
+        running_hub(hub_settings) as url,
+        running_worker(url, [connector], worker_id="w-series"),
+        httpx.AsyncClient(base_url=url, timeout=30) as http,
+    ):
+        for payload in ({}, {}, {"fail": "fatal"}):
+            body = {"job_type": "simulation", "payload": payload, "wait": True, "timeout": 20}
+            assert (await http.post("/api/jobs", json=body)).json()["status"] in TERMINAL
+    view = await Series().read(redis_client, broker.keys)
+    totals = {
+        name: sum(getattr(b, name) for b in view.buckets)
+        for name in ("completed", "failed", "started")
+    }
+    assert totals == {"completed": 2, "failed": 1, "started": 3}
+    means = [b.start_mean_s for b in view.buckets if b.start_mean_s is not None]
+    assert means and all(0 <= m < 5 for m in means)
