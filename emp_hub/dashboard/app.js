@@ -219,10 +219,13 @@ async function show() {
   const page = route[0](ctx);
   state.page = page;
   state.lastRefresh = performance.now();
+  state.busy = true; // live changes wait for the first load
   try {
     await page.mount(main);
   } catch (error) {
     if (state.page === page) showError(error);
+  } finally {
+    if (state.page === page) state.busy = false;
   }
 }
 
