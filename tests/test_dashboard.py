@@ -232,6 +232,29 @@ async def test_a_monitor_sees_no_actions_and_its_action_calls_are_refused(
     assert (await job(http, pending))["status"] == "pending"
 
 
+async def test_the_workers_page_shows_a_slice_and_filters(
+    browser: Browser,
+    hub: str,
+    tokens: dict[str, str],
+    redis_client: redis.asyncio.Redis,
+    hub_settings: HubSettings,
+) -> None:
+    """Many workers: a page of 100 in the DOM, and the filter box narrows them."""
+    broker = Broker(redis_client, hub_settings.broker)
+    for i in range(250):
+        caps = WorkerCapabilities(services={"sdxl" if i % 2 else "flux"})
+        await broker.register_worker(f"w-{i:03}", caps)
+    page = await open_as(browser, hub, tokens["monitor"], "#/workers")
+    assert len(await page.query_selector_all("[data-worker]")) == 100
+    assert "1-100 of 250" in await page.inner_text(".pager")
+    await page.fill("input.filter", "w-24 flux")
+    await page.wait_for_function("() => document.querySelectorAll('[data-worker]').length < 100")
+    shown = await page.eval_on_selector_all(
+        "[data-worker]", "rows => rows.map(r => r.dataset.worker)"
+    )
+    assert shown == ["w-240", "w-242", "w-244", "w-246", "w-248"]
+
+
 async def test_an_image_output_previews_on_the_job_page(
     browser: Browser, hub: str, tokens: dict[str, str], http: httpx.AsyncClient
 ) -> None:
