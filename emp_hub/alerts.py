@@ -370,7 +370,10 @@ class AlertEngine:
         stats = await self.broker.stats()
         wanted = s.unschedulable_s or s.oldest_pending_s or s.no_worker_s
         classes = [c.requirement_class for c in stats.classes]
-        oldest = await self.broker.oldest_pending(classes) if wanted and classes else {}
+        heads = await self.broker.oldest_pending(classes) if wanted and classes else {}
+        oldest = {
+            c: min(by_priority.values(), key=lambda h: h[1]) for c, by_priority in heads.items()
+        }
         found: list[Condition] = []
         found += await self._unschedulable(stats, oldest, now)
         found += await self._no_worker(stats, oldest, now)

@@ -383,7 +383,9 @@ class Dispatcher:
 
     async def assign(self, session: WorkerSession, job: Job, token: str) -> None:
         """The worker holds the job now: remember its token, tell the worker."""
-        self.metrics.submit_to_start.observe((job.claimed_at or 0) - job.created_at)
+        latency = (job.claimed_at or 0) - job.created_at
+        self.metrics.submit_to_start.observe(latency)
+        self.metrics.series.started(latency)
         session.held[job.id] = token
         session.services[job.id] = job.service
         delivered = await session.send(

@@ -34,6 +34,7 @@ from emp_hub.events import EventBus
 from emp_hub.logs import redact
 from emp_hub.metrics import Metrics
 from emp_hub.ratelimit import RateLimiter
+from emp_hub.series import flush_until
 from emp_hub.settings import HubSettings
 from emp_hub.sockets import OpenSockets
 from emp_hub.storage import remove_expired
@@ -148,6 +149,7 @@ async def _hub(settings: HubSettings, url: str) -> AsyncIterator[Hub]:
     token_checks = asyncio.create_task(hub.sockets.check_tokens_until(stop, hub.tokens))
     listener = asyncio.create_task(bus.listen(stop))
     alerting = asyncio.create_task(alerts.run_until(stop))
+    series = asyncio.create_task(flush_until(stop, metrics.series, client, broker.keys))
     try:
         yield hub
     finally:
@@ -157,6 +159,7 @@ async def _hub(settings: HubSettings, url: str) -> AsyncIterator[Hub]:
         await hub.dispatcher.close()
         await maintenance
         await token_checks
+        await series
         with contextlib.suppress(*REDIS_DOWN):  # its workers reconnect to another replica
             await hub.broker.replica_gone()
         await client.aclose()

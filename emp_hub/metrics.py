@@ -12,6 +12,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from emp_hub.broker import QueueStats
+from emp_hub.series import Series
 
 LATENCY_BUCKETS = (
     0.0005,
@@ -104,6 +105,8 @@ class Metrics:
             "emp_unschedulable_jobs", "Pending jobs no live worker can run", registry=r
         )
         self.jobs = Gauge("emp_jobs", "Jobs in a set", ["state"], registry=r)
+        #: The dashboard's per-minute counts (emp_hub/series.py), flushed to Redis.
+        self.series = Series()
 
     def render(self, stats: QueueStats, connected: int) -> bytes:
         """The text exposition, with the gauges set from `stats`."""

@@ -84,7 +84,8 @@ async def running_worker(
 ) -> AsyncIterator[Worker]:
     """A Worker with these connector instances (and `plugins`, none by default), connected
     to the hub, until the block ends; then it stops, handing back at once the jobs it still
-    runs. `settings` are WorkerSettings fields."""
+    runs. `settings` are WorkerSettings fields; with a `token`, it must be one that may list
+    the workers (the hub's shared token or an admin's)."""
     worker_settings = WorkerSettings(
         hub_url=hub_url, **{"worker_id": "test-worker", "heartbeat_s": 1, **settings}
     )
@@ -92,7 +93,9 @@ async def running_worker(
     plugins.register_builtin(HubOutputs(worker_settings), HubOutputs.NAME)
     worker = Worker(worker_settings, plugins, connectors)
     task = asyncio.create_task(worker.run())
-    async with httpx.AsyncClient(base_url=worker_settings.http_url) as http:
+    given = worker_settings.token
+    auth = {"Authorization": f"Bearer {given.get_secret_value()}"} if given else {}
+    async with httpx.AsyncClient(base_url=worker_settings.http_url, headers=auth) as http:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             workers = (await http.get("/api/workers")).json()

@@ -288,10 +288,18 @@ def check_embedded(hub: Image, work: Path) -> None:
     with started(hub.entry_point({"EMP_PORT": str(port)}), log_path) as proc:
         wait_ready(port, proc, log_path)
         assert healthcheck(hub, {"EMP_PORT": str(port)}) == 0, "HEALTHCHECK failed"
+        check_dashboard(port)
         stop(proc, "the hub (embedded Valkey)", log_path, hub=True)
     aof = hub.root / "data/valkey/appendonlydir"
     assert aof.is_dir() and aof.stat().st_uid == hub.uid, log_path.read_text()
     assert (hub.root / "data/valkey").stat().st_mode & 0o077 == 0
+
+
+def check_dashboard(port: int) -> None:
+    """The image ships the dashboard's files (package data): the page and its modules."""
+    for name in ("", "app.js", "pages.js", "style.css"):
+        answer = httpx.get(f"http://127.0.0.1:{port}/dashboard/{name}")
+        assert answer.status_code == 200 and len(answer.content) > 100, (name, answer.text)
 
 
 def check_with_redis(hub: Image, worker: Image, redis_url: str, work: Path) -> None:

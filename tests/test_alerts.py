@@ -381,15 +381,15 @@ async def test_a_restarted_hub_does_not_fire_again(
 
 async def test_the_oldest_pending_job_is_found_across_priorities(broker: Broker) -> None:
     first = await broker.submit(JobSpec(service="sim", priority=0))
-    await broker.submit(JobSpec(service="sim", priority=5))
+    fifth = await broker.submit(JobSpec(service="sim", priority=5))
     await broker.submit(JobSpec(service="sim", priority=0))
     other = await broker.submit(JobSpec(service="other"))
     oldest = await broker.oldest_pending(
         [first.requirement_class, other.requirement_class, "no-such-class"]
     )
     assert oldest == {
-        first.requirement_class: (first.id, first.created_at),
-        other.requirement_class: (other.id, other.created_at),
+        first.requirement_class: {0: (first.id, first.created_at), 5: (fifth.id, fifth.created_at)},
+        other.requirement_class: {0: (other.id, other.created_at)},
     }
 
 

@@ -7,9 +7,11 @@ whose ImportError is caught on the way shows too)."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -116,3 +118,29 @@ def test_a_worker_runs_a_job_without_the_hub_installed(
         worker.stop()
         assert "FORBIDDEN" not in worker.text(), worker.text()
         assert worker.wait() == 0, worker.text()
+
+
+def test_the_wheel_ships_the_dashboard(tmp_path: Path) -> None:
+    """The dashboard's files are package data: the hub serves them from any install."""
+    source = tmp_path / "src"  # a copy, as the hub image's build has: no stale build/
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    for package in ("emp_protocol", "emp_worker", "emp_hub", "emp_client"):
+        shutil.copytree(
+            ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__")
+        )
+    pip = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation"]
+    built = subprocess.run(
+        [*pip, "-w", str(tmp_path), str(source)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert built.returncode == 0, built.stderr
+    [wheel] = tmp_path.glob("emp-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    shipped = {p.name for p in (ROOT / "emp_hub" / "dashboard").iterdir()}
+    assert {"index.html", "app.js", "style.css"} <= shipped
+    assert {f"emp_hub/dashboard/{name}" for name in shipped} <= names

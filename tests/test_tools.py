@@ -18,6 +18,7 @@ from rich.console import Console
 
 from benchmarks import claim as claim_benchmark
 from benchmarks import connectors as connectors_benchmark
+from benchmarks import dashboard as dashboard_benchmark
 from benchmarks import faults as faults_benchmark
 from benchmarks import hub as hub_benchmark
 from benchmarks import recovery as recovery_benchmark
@@ -65,6 +66,35 @@ def test_hub_benchmark_prints_its_json(redis_url: str, capsys: pytest.CaptureFix
     for row in report["results"]:
         assert row["throughput"]["jobs"] == 200 and row["throughput"]["jobs_per_s"] > 0
         assert row["submit_to_assigned"]["from_submission"]["p99_ms"] > 0
+
+
+@pytest.mark.timeout(300)
+def test_dashboard_benchmark_prints_its_json(
+    redis_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--quick, as documented; it needs chromium as tests/test_dashboard.py does."""
+    from tests.test_dashboard import chromium_path
+
+    chromium_path()  # a clear failure when there is none
+    dashboard_benchmark.main(["--quick", "--url", redis_url])
+    report = json.loads(capsys.readouterr().out)
+    assert report["conditions"]["registered_workers"] == 200
+    assert set(report["first_render_ms"]) == {
+        "overview",
+        "queues",
+        "workers",
+        "jobs",
+        "job",
+        "dead",
+        "alerts",
+    }
+    assert all(ms > 0 for ms in report["first_render_ms"].values())
+    cpu = report["hub_cpu"]
+    assert set(cpu) == {"no_dashboard", "dashboard_on_overview", "dashboard_on_workers"}
+    for phase in cpu.values():
+        assert phase["jobs_per_s"] > 0 and phase["hub_cpu_s_per_s"] > 0, phase
+        assert phase["hub_cpu_ms_per_job_until_settled"] > 0, phase
+    assert cpu["dashboard_on_overview"]["live_messages"] > 0
 
 
 @pytest.mark.timeout(300)

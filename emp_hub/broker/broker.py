@@ -792,18 +792,20 @@ class Broker:
         rank = await self.redis.zrank(self.key("queue", requirement_class), job_id)
         return cast(int | None, rank)
 
-    async def oldest_pending(self, classes: Sequence[str]) -> dict[str, tuple[str, float]]:
-        """The oldest pending job of each class (its id and when it was submitted); a
-        class without pending jobs is left out. A few reads per class, whatever the
-        backlog."""
-        heads: list[list[str]] = []
+    async def oldest_pending(
+        self, classes: Sequence[str]
+    ) -> dict[str, dict[int, tuple[str, float]]]:
+        """The oldest pending job of each priority of each class: its id and when it was
+        submitted (the head of each priority's band of the class's queue). A class without
+        pending jobs is left out. A few reads per class and priority, whatever the backlog."""
+        rows: list[list[Any]] = []
         for i in range(0, len(classes), 500):
-            heads += await self._run("oldest", *classes[i : i + 500])
-        return {
-            c: (head[0], float(head[1] or 0))
-            for c, head in zip(classes, heads, strict=True)
-            if head
-        }
+            rows += await self._run("oldest", *classes[i : i + 500])
+        found: dict[str, dict[int, tuple[str, float]]] = {}
+        for c, row in zip(classes, rows, strict=True):
+            for j in range(0, len(row), 3):
+                found.setdefault(c, {})[int(row[j])] = (row[j + 1], float(row[j + 2] or 0))
+        return found
 
     async def stats(self) -> QueueStats:
         """Depth per class and priority, set sizes, and unschedulable classes."""

@@ -42,6 +42,7 @@ KeyName = Literal[
     "idempotency",
     "tokens",
     "rate",
+    "series",
     "work_channel",
     "cancel_channel",
     "monitor_channel",
@@ -85,6 +86,7 @@ LAYOUT: dict[KeyName, str] = {
     "idempotency": "idem:{}:{}",  # string: (token id, idempotency key) -> job id
     "tokens": "tokens",  # hash: SHA-256(token) -> token record
     "rate": "rate:{}",  # string: a token's submit allowance (GCRA)
+    "series": "series:{}",  # hash: one minute's job counts (the dashboard), expires
     "work_channel": "work",  # channel: jobs became pending ("origin class:n ...")
     "cancel_channel": "cancel",  # channel: tell the worker's replica to cancel a job
     "monitor_channel": "monitor",  # channel: messages for every replica's monitors

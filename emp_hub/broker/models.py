@@ -223,6 +223,12 @@ class ClassStats(BaseModel):
     by_priority: dict[int, int]
     matching_workers: int
     unschedulable: bool = Field(description="Pending jobs and no live worker can run them.")
+    oldest_age_s: float | None = Field(
+        default=None, description="Seconds the oldest pending job has waited (GET /api/queues)."
+    )
+    oldest_age_s_by_priority: dict[int, float] | None = Field(
+        default=None, description="The same per priority (GET /api/queues)."
+    )
 
 
 class QueueStats(BaseModel):

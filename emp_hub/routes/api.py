@@ -591,11 +591,22 @@ async def job_events(
     principal: Reader,
     last_event_id: Annotated[str | None, Header(pattern=EVENT_ID_PATTERN)] = None,
     after: Annotated[str | None, Query(pattern=EVENT_ID_PATTERN)] = None,
+    follow: Annotated[
+        bool, Query(description="false: the events stored so far, then the stream ends.")
+    ] = True,
 ) -> StreamingResponse:
-    """The job's status and progress as server-sent events, until it ends. Resumes after
-    the `Last-Event-ID` header (or `after`), so a reconnect misses nothing."""
+    """The job's status and progress as server-sent events, until it ends (or, with
+    `follow=false`, those stored so far). Resumes after the `Last-Event-ID` header (or
+    `after`), so a reconnect misses nothing."""
     await visible_job(hub, principal, job_id)
     start = last_event_id or after
+
+    async def stored() -> AsyncIterator[str]:
+        cursor = start
+        while events := await hub.broker.events(job_id, after=cursor):
+            for event in events:
+                cursor = event.id
+                yield _sse(event)
 
     async def stream() -> AsyncIterator[str]:
         cursor = start
@@ -618,7 +629,9 @@ async def job_events(
                     return
 
     return StreamingResponse(
-        stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        stream() if follow else stored(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache"},
     )
 
 
@@ -711,8 +724,17 @@ async def shutdown_worker(worker_id: str, hub: HubDep, principal: Admin) -> Work
 
 @router.get("/api/queues", response_model=QueueStats, tags=["operations"])
 async def queues(hub: HubDep, principal: Operator) -> QueueStats:
-    """Pending jobs per requirement class and priority, and the unschedulable ones."""
-    return await hub.broker.stats()
+    """Pending jobs per requirement class and priority, the age of the oldest of each,
+    and the unschedulable ones."""
+    stats = await hub.broker.stats()
+    oldest = await hub.broker.oldest_pending([c.requirement_class for c in stats.classes])
+    now = time.time()
+    for c in stats.classes:
+        heads = oldest.get(c.requirement_class, {})
+        ages = {p: max(0.0, now - at) for p, (_, at) in heads.items()}
+        c.oldest_age_s_by_priority = ages
+        c.oldest_age_s = max(ages.values(), default=None)
+    return stats
 
 
 @router.get("/api/alerts", response_model=AlertList, tags=["operations"])

@@ -306,6 +306,7 @@ async def job_message(
         await broker.complete(message.job_id, token, message.result)
         del session.held[message.job_id]
         hub.metrics.finished.labels(service, "completed").inc()
+        hub.metrics.series.count("completed")
         await session.send(JobCompletedAck(job_id=message.job_id, worker_id=worker_id))
     elif isinstance(message, FailJob):
         status = await broker.fail(
@@ -314,6 +315,8 @@ async def job_message(
         del session.held[message.job_id]
         outcome = "retrying" if status is JobStatus.DELAYED else "failed"
         hub.metrics.finished.labels(service, outcome).inc()
+        if outcome == "failed":
+            hub.metrics.series.count("failed")
         await session.send(
             JobFailedAck(
                 job_id=message.job_id, worker_id=worker_id, error=message.error, status=status
