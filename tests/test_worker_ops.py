@@ -132,6 +132,29 @@ async def test_drain_lets_the_running_job_finish_and_assigns_nothing_until_resum
         assert states == ["draining", "drained", "active"]
 
 
+async def test_a_job_only_drained_workers_could_run_is_unschedulable_and_says_why(
+    base_url: str,
+) -> None:
+    async with worker(base_url, "w1") as w:
+        assert (await act(base_url, "w1", "drain")).json()["state"] == "drained"
+        await w.expect("worker_control")
+        job_id = await submit(base_url)
+        async with httpx.AsyncClient(base_url=base_url) as http:
+            job = (await http.get(f"/api/jobs/{job_id}")).json()
+            queues = (await http.get("/api/queues")).json()
+        assert job["unschedulable"] == (
+            "the only live worker(s) that can run it are drained or stopping: w1 "
+            "(`emp workers resume ID` takes one back)"
+        )
+        [cls] = queues["classes"]
+        assert (cls["unschedulable"], cls["matching_workers"]) == (True, 0)
+        assert queues["unschedulable_jobs"] == 1
+
+        assert (await act(base_url, "w1", "resume")).json()["state"] == "active"
+        async with httpx.AsyncClient(base_url=base_url) as http:
+            assert (await http.get(f"/api/jobs/{job_id}")).json().get("unschedulable") is None
+
+
 async def test_an_original_worker_drained_gets_no_offers(base_url: str) -> None:
     async with worker(base_url, "legacy-1", LEGACY_CAPS) as w:
         assert (await act(base_url, "legacy-1", "drain")).json()["state"] == "drained"

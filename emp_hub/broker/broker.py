@@ -159,6 +159,7 @@ class Broker:
         self._live: dict[str, WorkerCapabilities] = {}
         self._live_at = float("-inf")
         self._live_gen = 0  # bumped at every change of _live
+        self._resting: frozenset[str] = frozenset()  # live workers drained or stopping
         self._live_refresh: asyncio.Future[dict[str, WorkerCapabilities]] | None = None
         self._parsed_caps: dict[str, WorkerCapabilities] = {}  # stored JSON -> parsed
         self._counts: tuple[tuple[int, str], dict[str, int]] = ((-1, ""), {})
@@ -427,10 +428,10 @@ class Broker:
                 self.key("workers"), now - self.settings.worker_ttl_s, "+inf"
             ),
         )
-        raw = cast(
-            list[str | None],
-            await self.redis.mget([self.key("worker", i) for i in ids]) if ids else [],
-        )
+        keys = [self.key("worker", i) for i in ids] + [self.key("worker_state", i) for i in ids]
+        stored_all = cast(list[str | None], await self.redis.mget(keys) if ids else [])
+        raw, states = stored_all[: len(ids)], stored_all[len(ids) :]
+        self._resting = frozenset(i for i, state in zip(ids, states, strict=True) if state)
         if len(self._parsed_caps) > 4 * len(ids) + 1000:
             self._parsed_caps.clear()
         live = {}
@@ -453,7 +454,18 @@ class Broker:
         known = req.requirement_class in self._classes  # then counted once per snapshot
         if known and self._live_counts(live).get(req.requirement_class, 0):
             return None
-        return why_unmatched(req, live.values())
+        active = [caps for w, caps in live.items() if w not in self._resting]
+        why = why_unmatched(req, active)
+        resting = sorted(w for w in self._resting if w in live and matches(req, live[w]))
+        if why is None or not resting:
+            return why
+        shown = ", ".join(resting[:5]) + (
+            f" and {len(resting) - 5} more" if len(resting) > 5 else ""
+        )
+        return (
+            f"the only live worker(s) that can run it are drained or stopping: {shown} "
+            "(`emp workers resume ID` takes one back)"
+        )
 
     async def refresh_classes(self) -> None:
         """Re-read the requirement classes (a new one appeared)."""
@@ -487,17 +499,21 @@ class Broker:
         counts = self._live_counts(await self.live_workers())
         plan: list[str] = []
         for c in classes:
-            others = counts.get(c, 0) - (1 if worker_id in self._live else 0)
+            counted = worker_id in self._live and worker_id not in self._resting
+            others = counts.get(c, 0) - (1 if counted else 0)
             plan += [c, "1" if others <= 0 else "0"]
         return plan
 
     def _live_counts(self, live: dict[str, WorkerCapabilities]) -> dict[str, int]:
-        """How many live workers satisfy each class (computed once per live snapshot)."""
+        """How many live workers that take jobs (not drained or stopping) satisfy each class
+        (computed once per live snapshot)."""
         snapshot = (self._live_gen, self._classes_ver)
         if self._counts[0] == snapshot and live is self._live:
             return self._counts[1]
         counts: dict[str, int] = {}
-        for caps in live.values():
+        for worker_id, caps in live.items():
+            if worker_id in self._resting:  # drained or stopping: takes no job
+                continue
             for c in self.matching_classes(caps):
                 counts[c] = counts.get(c, 0) + 1
         self._counts = (snapshot, counts)
