@@ -155,6 +155,10 @@ async def test_a_waiting_job_says_why_no_worker_can_run_it(
     await broker.register_worker("w-simulation", WorkerCapabilities(services={"simulation"}))
     why = "no live worker offers service 'sim' (the 1 live worker(s) offer: simulation)"
     async with httpx.AsyncClient(base_url=base_url) as http:
+        # Registered as if through another replica: this one's view of the live workers
+        # may lag by live_cache_s (the alerts read it at start); GET /api/workers reads it.
+        listed = (await http.get("/api/workers")).json()
+        assert [w["worker_id"] for w in listed] == ["w-simulation"]
         submitted = (await http.post("/api/jobs", json={"job_type": "sim"})).json()
         assert submitted["unschedulable"] == why
         job = (await http.get(f"/api/jobs/{submitted['job_id']}")).json()
