@@ -9,7 +9,7 @@ import json
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import httpx
@@ -178,7 +178,7 @@ async def test_a_monitor_gets_every_jobs_messages_in_order_with_client_and_resul
 
 async def feed_events(
     http: httpx.AsyncClient, headers: dict[str, str]
-) -> AsyncIterator[tuple[float, str, str]]:
+) -> AsyncGenerator[tuple[float, str, str]]:
     """The feed's events and comments as they come: (time, event name or "", data)."""
     async with http.stream("GET", "/api/dashboard/feed", headers=headers) as response:
         assert response.status_code == 200, await response.aread()

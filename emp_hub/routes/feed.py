@@ -45,6 +45,7 @@ class FeedWatcher:
         self.jobs = 0
         self.statuses: dict[str, int] = {}
         self.job_ids: dict[str, None] = {}  # in order of first event, at most MAX_NAMED
+        self.more_job_ids = False  # jobs changed that job_ids does not name
         self.workers = False
         self.alerts: list[str] = []
         self.worker_states: list[dict[str, Any]] = []
@@ -58,8 +59,11 @@ class FeedWatcher:
             status = event.get("status")
             if status:
                 self.statuses[status] = self.statuses.get(status, 0) + 1
+            job_id = event["job"]
             if len(self.job_ids) < MAX_NAMED:
-                self.job_ids[event["job"]] = None
+                self.job_ids[job_id] = None
+            elif job_id not in self.job_ids:
+                self.more_job_ids = True
         self.changed.set()
 
     def _note(self, message: dict[str, Any]) -> None:
@@ -79,6 +83,7 @@ class FeedWatcher:
             "jobs": self.jobs,
             "statuses": self.statuses,
             "job_ids": list(self.job_ids),
+            "more_job_ids": self.more_job_ids,
             "workers": self.workers,
             "alerts": self.alerts,
             "worker_states": self.worker_states,
