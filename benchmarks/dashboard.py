@@ -199,7 +199,8 @@ async def settled(
 ) -> dict[str, Any]:
     """Wait until the workers have completed `done` jobs (their `expected`) and the live
     channel has gone quiet (2 s with nothing new), up to 120 s. What it said during the
-    load (since `before`) and after it, and when the last of it came."""
+    load (since `before`) and after it, when the last of it came, and when the workers
+    had done the last job (the jobs, not only their news, can run behind the load)."""
     ended = time.perf_counter()
     if live is None:
         if pool.done < done:
@@ -208,10 +209,13 @@ async def settled(
         return {}
     during = await live_count(live)
     last, seen = ended, during["live"]
-    while (
-        pool.done < done or time.perf_counter() - last < 2
-    ) and time.perf_counter() - ended < 120:
+    jobs_done = ended if pool.done >= done else None
+    while (jobs_done is None or time.perf_counter() - last < 2) and (
+        time.perf_counter() - ended < 120
+    ):
         await asyncio.sleep(0.1)
+        if jobs_done is None and pool.done >= done:
+            jobs_done = time.perf_counter()
         now = (await live_count(live))["live"]
         if now > seen:
             seen, last = now, time.perf_counter()
@@ -220,6 +224,8 @@ async def settled(
         "live_during_load": during["live"] - before["live"],
         "live_after_load": seen - during["live"],
         "last_live_after_load_s": round(last - ended, 1),
+        # The workers' last job done: the live channel has news until then.
+        "jobs_done_after_load_s": round((jobs_done or last) - ended, 1),
     }
     if "events" in during:
         figures["job_events_during_load"] = during["events"] - before["events"]

@@ -49,7 +49,11 @@ class MonitorSession(ClientSession):
     def wanted(self, events: list[dict[str, Any]]) -> tuple[set[str], set[str]]:
         """Also the submitting clients of the jobs not met yet."""
         job_ids, names = super().wanted(events)
-        unknown = {e["job"] for e in events if "job" in e and e["job"] not in self.clients}
+        unknown = {
+            e["job"]
+            for e in events
+            if "job" in e and e["job"] not in self.clients and e.get("status") != "pending"
+        }  # a pending job's event has no message: its client is read with the next one
         if unknown:
             return job_ids | unknown, names | {"client"}
         return job_ids, names
