@@ -11,11 +11,13 @@ a few hundred are failed through the broker (the dead-letter page). We measure
   tab each time, the median of --renders runs;
 * the hub process's CPU seconds per wall second during a submit load (a target of
   --rate jobs/s, in batches every 100 ms, of a service that 20 protocol workers in this
-  process complete at once, so each job sends monitor messages), first with no dashboard
-  open, then with one open on the overview (the monitor WebSocket), then on the workers
-  page; with the rate the load reached. Per second of load, and per job from the load's
-  start until every job is done and the dashboard's live messages have stopped coming
-  (the monitor socket can run behind the load: how many came after it, and for how long).
+  process complete at once, so each job has events), first with no dashboard open, then
+  with one open on the overview (its live feed, GET /api/dashboard/feed), then on the
+  workers page, then with a plain monitor WebSocket client (the original protocol) in this
+  process instead; with the rate the load reached. Per second of load, and per job from
+  the load's start until every job is done and the live channel has gone quiet: how many
+  `changes` events (or monitor messages) came during the load, how many after it, and how
+  long after the load's end the last one came.
 
 Usage: python -m benchmarks.dashboard [--quick] [--workers N] [--jobs N] [--rate N]
        [--window S] [--url REDIS_URL]
@@ -37,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import websockets
 from playwright.async_api import Browser, Page, async_playwright
 
 import emp_hub
@@ -155,42 +158,96 @@ async def load(url: str, rate: int, window: float) -> tuple[int, float]:
     return submitted, time.perf_counter() - start
 
 
-async def settled(pool: Workers, done: int, page: Page | None) -> dict[str, Any]:
-    """Wait until the workers have completed `done` jobs (their `expected`) and, with a
-    dashboard open, its live messages have stopped coming (the monitor socket running
-    behind), up to 120 s. The dashboard's messages and repaints during the load, and
-    after it."""
+class MonitorClient:
+    """A plain monitor WebSocket client (the original protocol): counts the job and worker
+    messages it gets (not the stats every 2 s)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.replace("http", "ws", 1) + "/ws/monitor/bench-monitor"
+        self.messages = 0
+        self.task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> MonitorClient:
+        self.conn = await websockets.connect(self.url, max_size=None)
+        json.loads(await self.conn.recv())  # connection_established
+        self.task = asyncio.create_task(self._read())
+        return self
+
+    async def _read(self) -> None:
+        async for raw in self.conn:
+            if json.loads(raw).get("type") != "stats_broadcast":
+                self.messages += 1
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.conn.close()
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+
+
+async def live_count(live: Page | MonitorClient) -> dict[str, int]:
+    """The live channel's counts now: `live` (changes events, or monitor messages), and
+    for a dashboard the job `events` they counted and its `repaints`."""
+    if isinstance(live, MonitorClient):
+        return {"live": live.messages}
+    counts = await live.evaluate("() => window.empDashboard.counts()")
+    return {"live": counts["changes"], "events": counts["events"], "repaints": counts["flushes"]}
+
+
+async def settled(
+    pool: Workers, done: int, live: Page | MonitorClient | None, before: dict[str, int]
+) -> dict[str, Any]:
+    """Wait until the workers have completed `done` jobs (their `expected`) and the live
+    channel has gone quiet (2 s with nothing new), up to 120 s. What it said during the
+    load (since `before`) and after it, when the last of it came, and when the workers
+    had done the last job (the jobs, not only their news, can run behind the load)."""
     ended = time.perf_counter()
-    if pool.done < done:
-        pool.all_done.clear()  # set again by the job that makes `expected`
-        await asyncio.wait_for(pool.all_done.wait(), 120)
-    if page is None:
+    if live is None:
+        if pool.done < done:
+            pool.all_done.clear()  # set again by the job that makes `expected`
+            await asyncio.wait_for(pool.all_done.wait(), 120)
         return {}
-    counts = "() => window.empDashboard.counts()"
-    during = await page.evaluate(counts)
-    last, seen = time.perf_counter(), during["messages"]
-    while time.perf_counter() - last < 2 and time.perf_counter() - ended < 120:
-        await asyncio.sleep(0.25)
-        now = (await page.evaluate(counts))["messages"]
-        if now > seen + 2:  # more than the stats every 2 s
+    during = await live_count(live)
+    last, seen = ended, during["live"]
+    jobs_done = ended if pool.done >= done else None
+    while (jobs_done is None or time.perf_counter() - last < 2) and (
+        time.perf_counter() - ended < 120
+    ):
+        await asyncio.sleep(0.1)
+        if jobs_done is None and pool.done >= done:
+            jobs_done = time.perf_counter()
+        now = (await live_count(live))["live"]
+        if now > seen:
             seen, last = now, time.perf_counter()
-    return {
-        "live_messages": during["messages"],
-        "repaints": during["flushes"],
-        "messages_after_load": seen - during["messages"],
-        "messages_kept_coming_s": round(last - ended, 1),
+    after = await live_count(live)
+    figures = {
+        "live_during_load": during["live"] - before["live"],
+        "live_after_load": seen - during["live"],
+        "last_live_after_load_s": round(last - ended, 1),
+        # The workers' last job done: the live channel has news until then.
+        "jobs_done_after_load_s": round((jobs_done or last) - ended, 1),
     }
+    if "events" in during:
+        figures["job_events_during_load"] = during["events"] - before["events"]
+        figures["job_events_after_load"] = after["events"] - during["events"]
+        figures["repaints"] = after["repaints"] - before["repaints"]
+    return figures
 
 
 async def phase(
-    url: str, pid: int, args: argparse.Namespace, pool: Workers, page: Page | None
+    url: str,
+    pid: int,
+    args: argparse.Namespace,
+    pool: Workers,
+    live: Page | MonitorClient | None,
 ) -> dict[str, Any]:
     """One load phase: the hub's CPU per second of load, and per job until all is done."""
+    before = await live_count(live) if live is not None else {}
     cpu0 = cpu_seconds(pid)
     submitted, seconds = await load(url, args.rate, args.window)
     cpu_load = cpu_seconds(pid) - cpu0
     pool.expected += submitted
-    figures = await settled(pool, pool.expected, page)
+    figures = await settled(pool, pool.expected, live, before)
     cpu_all = cpu_seconds(pid) - cpu0
     return {
         "seconds": round(seconds, 2),
@@ -227,8 +284,11 @@ async def run(redis_url: str, args: argparse.Namespace) -> dict[str, Any]:
                     page = await browser.new_page()
                     await page.goto(f"{hub.url}/dashboard/{PAGES[name]}")
                     await page.wait_for_selector(f"main[data-ready='{name}']", timeout=120_000)
+                    await page.wait_for_selector("#live-state[data-state='live']")
                     cpu[f"dashboard_on_{name}"] = await phase(hub.url, hub.pid, args, pool, page)
                     await page.close()
+                async with MonitorClient(hub.url) as monitor:
+                    cpu["monitor_client"] = await phase(hub.url, hub.pid, args, pool, monitor)
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)

@@ -19,7 +19,16 @@ import emp_hub
 from emp_hub.broker import REDIS_DOWN, BrokerError
 from emp_hub.hub import open_hub
 from emp_hub.logs import redact_secrets_in_logs
-from emp_hub.routes import api, dashboard, docs_ui, legacy_client, legacy_monitor, outputs, worker
+from emp_hub.routes import (
+    api,
+    dashboard,
+    docs_ui,
+    feed,
+    legacy_client,
+    legacy_monitor,
+    outputs,
+    worker,
+)
 from emp_hub.settings import HubSettings
 from emp_protocol.logs import REQUEST_ID
 
@@ -56,6 +65,7 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
     app.include_router(worker.router)
     app.include_router(legacy_client.router)
     app.include_router(legacy_monitor.router)
+    app.include_router(feed.router)
     dashboard.add_dashboard(app)
     app.add_exception_handler(BrokerError, api.broker_error)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)

@@ -6,6 +6,11 @@ registered for it (`on`). Job events fan out to the sockets following them: a re
 subscribes to a job's channel only while one of its sockets follows the job (`watch`),
 and to every job's channel only while a monitor is connected (`add_monitor`), so a replica
 nobody watches through decodes no job events at all.
+
+The listener never waits on a watcher: `forward` only queues the event in the watcher's
+`Outbox` (bounded; the oldest are dropped when a peer falls far behind), whose own task
+sends them. So a monitor that reads slowly, or not at all, delays nothing else this
+replica hears (work announcements, cancels, other sockets' events).
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
@@ -28,12 +35,97 @@ log = logging.getLogger("emp_hub")
 #: A handler of one hub-wide channel: gets the message's data (a string).
 Handler = Callable[[str], Awaitable[None]]
 
+#: The most events a watcher's outbox holds; past that, the oldest are dropped.
+OUTBOX_LIMIT = 10_000
+#: The most events an outbox's sender takes at once.
+OUTBOX_BATCH = 500
+#: Seconds between two warnings that one watcher's events were dropped.
+DROP_WARNING_S = 10.0
+#: Seconds a closing outbox's sender gets to finish the batch in hand.
+OUTBOX_CLOSE_S = 5.0
+
 
 class Watcher(Protocol):
     """A connection that follows jobs (a client or a monitor socket)."""
 
-    async def forward(self, event: dict[str, Any]) -> None:
-        """Send the peer what this event means to it."""
+    def forward(self, event: dict[str, Any]) -> None:
+        """Take an event for the peer; never waits (the listener calls it)."""
+
+
+class Outbox:
+    """A watcher's events waiting to be sent, and the task that sends them, in order and
+    in batches (`send` gets a list). `put` never waits: past `limit` events the oldest
+    are dropped, and a warning (at most one per DROP_WARNING_S) names the watcher and
+    how many."""
+
+    def __init__(
+        self,
+        name: str,
+        send: Callable[[list[dict[str, Any]]], Awaitable[None]],
+        limit: int | None = None,
+    ) -> None:
+        self.name = name
+        self.limit = limit or OUTBOX_LIMIT
+        self.dropped = 0
+        self._send = send
+        self._events: deque[dict[str, Any]] = deque()
+        self._ready = asyncio.Event()
+        self._closing = False
+        self._unreported = 0
+        self._warned_at = float("-inf")
+        self._task = asyncio.create_task(self._run(), name=f"outbox of {name}")
+
+    def __len__(self) -> int:
+        return len(self._events)
+
+    def put(self, event: dict[str, Any]) -> None:
+        """Queue an event (O(1))."""
+        if len(self._events) >= self.limit:
+            self._events.popleft()
+            self.dropped += 1
+            self._unreported += 1
+            self._report()
+        self._events.append(event)
+        self._ready.set()
+
+    def _report(self, *, final: bool = False) -> None:
+        """Warn of the events dropped since the last warning, at most once per interval."""
+        now = time.monotonic()
+        if self._unreported and (final or now - self._warned_at >= DROP_WARNING_S):
+            log.warning(
+                "%s is too far behind: dropped its %d oldest events (%d queued, limit %d)",
+                self.name,
+                self._unreported,
+                len(self._events),
+                self.limit,
+            )
+            self._warned_at = now
+            self._unreported = 0
+
+    async def _run(self) -> None:
+        while not self._closing:
+            await self._ready.wait()
+            self._ready.clear()
+            while self._events and not self._closing:
+                size = min(len(self._events), OUTBOX_BATCH)
+                batch = [self._events.popleft() for _ in range(size)]
+                try:
+                    await self._send(batch)
+                except Exception:  # the peer went away: its socket's handler closes us
+                    log.debug("could not send %s its events", self.name, exc_info=True)
+            self._report()
+
+    async def close(self) -> None:
+        """Stop sending (the peer is gone): the batch in hand is finished, the rest dropped."""
+        self._closing = True
+        self._ready.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), OUTBOX_CLOSE_S)
+        except TimeoutError:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._report(final=True)
 
 
 class EventBus:
@@ -99,7 +191,7 @@ class EventBus:
         await self.redis.publish(self.keys("monitor_channel"), json.dumps(event))
 
     async def _for_monitors(self, data: str) -> None:
-        await forward(json.loads(data), self.monitors)
+        forward(json.loads(data), self.monitors)
 
     async def _subscribe(self, channel: str, *, pattern: bool = False) -> None:
         """Subscribe, and return once Redis confirmed it (events published after this
@@ -158,20 +250,20 @@ class EventBus:
             if confirmed is not None and not confirmed.done():
                 confirmed.set_result(None)
         elif kind == "pmessage":  # every job's events: for the monitors
-            await forward(json.loads(message["data"]), self.monitors)
+            forward(json.loads(message["data"]), self.monitors)
         elif kind == "message":
             handler = self._handlers.get(channel)
             if handler is not None:
                 await handler(message["data"])
             else:  # a watched job's events
                 event = json.loads(message["data"])
-                await forward(event, self.watchers.get(event["job"], ()))
+                forward(event, self.watchers.get(event["job"], ()))
 
 
-async def forward(event: dict[str, Any], watchers: Iterable[Watcher]) -> None:
-    """Pass an event to the connections that follow it."""
+def forward(event: dict[str, Any], watchers: Iterable[Watcher]) -> None:
+    """Pass an event to the connections that follow it (each queues it: no waiting)."""
     for watcher in list(watchers):
         try:
-            await watcher.forward(event)
-        except Exception:  # a peer that just went away must not stop the others
-            log.debug("could not forward an event", exc_info=True)
+            watcher.forward(event)
+        except Exception:  # one watcher's bug must not stop the others
+            log.exception("could not forward an event")

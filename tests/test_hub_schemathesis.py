@@ -65,6 +65,8 @@ def test_no_server_errors(api_schema: schemathesis.BaseSchema) -> None:
     operations = [result.ok() for result in api_schema.get_all_operations()]  # type: ignore[union-attr]
     assert len(operations) >= 10
     for operation in operations:
+        if operation.path == "/api/dashboard/feed":
+            continue  # a stream that ends only when its caller leaves: tests/test_live_feed.py
 
         @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
         @given(case=operation.as_strategy())

@@ -715,6 +715,24 @@ class Broker:
             raise JobNotFound(f"no such job: {job_id}")
         return Job.from_hash(h)
 
+    async def job_fields(
+        self, job_ids: Collection[str], names: Sequence[str]
+    ) -> dict[str, dict[str, str | None] | None]:
+        """Some fields of many jobs in one round trip (their hashes' names, e.g. "client",
+        "worker", "result"): job id -> {name: value or None}, or None for a job that does not
+        exist."""
+        if not job_ids:
+            return {}
+        fields = ["id", *names]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hmget(self.key("job", job_id), fields)
+            rows = cast(list[list[str | None]], await pipe.execute())
+        return {
+            job_id: dict(zip(names, values, strict=True)) if exists is not None else None
+            for job_id, (exists, *values) in zip(job_ids, rows, strict=True)
+        }
+
     async def list_jobs(
         self,
         *,

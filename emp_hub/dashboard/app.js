@@ -2,7 +2,7 @@
 
 import { ApiError, api, optional, setToken, token } from "./api.js";
 import { h } from "./dom.js";
-import { Coalescer, MonitorSocket, Poller } from "./live.js";
+import { Coalescer, Feed, Poller } from "./live.js";
 import * as pages from "./pages.js";
 
 const OPS = ["admin", "monitor"];
@@ -122,7 +122,7 @@ function liveState(text) {
 function startFeed() {
   stopFeed();
   state.coalescer = new Coalescer(onChanges);
-  state.feed = OPS.includes(state.me.role) ? new MonitorSocket(state.coalescer, liveState) : new Poller(state.coalescer, liveState);
+  state.feed = OPS.includes(state.me.role) ? new Feed(state.coalescer, liveState) : new Poller(state.coalescer, liveState);
   if (OPS.includes(state.me.role)) refreshAlerts();
 }
 

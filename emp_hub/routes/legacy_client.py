@@ -29,6 +29,7 @@ from emp_hub.broker import (
     JobSpec,
     JobStatus,
 )
+from emp_hub.events import Outbox
 from emp_hub.hub import Hub
 from emp_hub.ratelimit import RateLimited
 from emp_hub.sockets import authenticate_ws, error_details, error_summary, ws_message
@@ -51,6 +52,11 @@ def job_status(job_id: str, status: str, **fields: Any) -> dict[str, Any]:
     return ws_message("response_job_status", job_id=job_id, status=status, **body)
 
 
+#: A batch's jobs, read in one round trip: job id -> the fields asked for, or None for a
+#: job that is gone (see Broker.job_fields).
+JobFields = dict[str, dict[str, str | None] | None]
+
+
 @dataclass(eq=False)
 class ClientSession:
     """One connected client on this replica."""
@@ -64,14 +70,27 @@ class ClientSession:
     quiet_cancel: set[str] = field(default_factory=set)  # cancels this client already heard
     # Events of jobs being submitted, held until their job_accepted is sent.
     held: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    #: The events the bus gave this connection, waiting for its sender task.
+    outbox: Outbox = field(init=False)
+
+    #: How the outbox's warnings name this connection.
+    kind = "client"
+
+    def __post_init__(self) -> None:
+        self.outbox = Outbox(f"{self.kind} {self.client_id}", self.send_events)
+
+    async def close(self) -> None:
+        """The connection ended: stop its sender, and follow nothing."""
+        await self.outbox.close()
+        await self.unfollow_all()
 
     async def send(self, message: dict[str, Any]) -> None:
         """Send one message."""
         await self.websocket.send_text(json.dumps(message))
 
-    async def send_job_message(self, message: dict[str, Any]) -> None:
-        """Send a message about a followed job (monitors add who submitted it)."""
-        await self.send(message)
+    def job_message(self, message: dict[str, Any], jobs: JobFields) -> dict[str, Any]:
+        """A message about a followed job, as sent (monitors add who submitted it)."""
+        return message
 
     async def error(self, error: str, details: Any = None) -> None:
         """An `error` message; the connection stays open."""
@@ -84,11 +103,15 @@ class ClientSession:
         self.following.add(job_id)
         await self.hub.bus.watch(job_id, self)
 
-    async def unfollow(self, job_id: str) -> None:
-        """Stop following a job (it ended, or the connection did)."""
+    def forget(self, job_id: str) -> None:
+        """Stop following a job, on this side (`unfollow` tells the bus too)."""
         self.following.discard(job_id)
         self.workers.pop(job_id, None)
         self.quiet_cancel.discard(job_id)
+
+    async def unfollow(self, job_id: str) -> None:
+        """Stop following a job (it ended, or the connection did)."""
+        self.forget(job_id)
         await self.hub.bus.unwatch(job_id, self)
 
     async def unfollow_all(self) -> None:
@@ -96,71 +119,101 @@ class ClientSession:
         for job_id in list(self.following):
             await self.unfollow(job_id)
 
-    async def forward(self, event: dict[str, Any]) -> None:
-        """Translate a broker event of a followed job into the original messages."""
+    def forward(self, event: dict[str, Any]) -> None:
+        """Take a broker event of a followed job (from the bus's listener: it only queues
+        it; the sender task translates it)."""
         job_id = event.get("job")
-        if job_id is None:  # not a job's event (a worker's status report)
-            return
-        if job_id in self.held:
+        if job_id is not None and job_id in self.held:
             self.held[job_id].append(event)
-            return
-        await self.tell(job_id, event)
-        if event.get("status") in TERMINAL:
-            await self.unfollow(job_id)
+        else:
+            self.outbox.put(event)
 
-    async def tell(self, job_id: str, event: dict[str, Any]) -> None:
-        """Send what one event of a followed job means in the original protocol."""
+    def follows(self, job_id: str) -> bool:
+        """Whether this connection still wants this job's events (a client stops at the
+        job's end; a monitor never does)."""
+        return job_id in self.following
+
+    def wanted(self, events: list[dict[str, Any]]) -> tuple[set[str], set[str]]:
+        """The jobs a batch needs read from Redis, and their fields: who ran completed
+        jobs and their results."""
+        done = {e["job"] for e in events if e.get("status") == "completed"}
+        return done, {"worker", "result"} if done else set()
+
+    async def send_events(self, events: list[dict[str, Any]]) -> None:
+        """Translate a batch of events into the original messages and send them: the
+        batch's Redis reads first, in one round trip, then the sends; the jobs that ended
+        are unfollowed after."""
+        job_ids, names = self.wanted(events)
+        jobs = await self.hub.broker.job_fields(job_ids, sorted(names))
+        messages: list[dict[str, Any]] = []
+        ended: list[str] = []
+        for event in events:
+            messages.extend(self.translate(event, jobs))
+            job_id = event.get("job")
+            if job_id is not None and event.get("status") in TERMINAL:
+                self.forget(job_id)
+                ended.append(job_id)
+        for message in messages:
+            await self.send(message)
+        for job_id in ended:
+            if job_id not in self.following:  # not followed again meanwhile
+                await self.hub.bus.unwatch(job_id, self)
+
+    def translate(self, event: dict[str, Any], jobs: JobFields) -> list[dict[str, Any]]:
+        """What one event means in the original protocol (no message, or one)."""
+        job_id = event.get("job")
+        if job_id is None or not self.follows(job_id):
+            return []
+        message = self.job_event_message(job_id, event, jobs)
+        return [] if message is None else [self.job_message(message, jobs)]
+
+    def job_event_message(
+        self, job_id: str, event: dict[str, Any], jobs: JobFields
+    ) -> dict[str, Any] | None:
+        """The original message for one event of a followed job, if it has one."""
         if event["type"] == "progress":
-            await self.send_job_message(
-                ws_message(
-                    "update_job_progress",
-                    job_id=job_id,
-                    worker_id=self.workers.get(job_id),
-                    progress=float(event["progress"]),
-                    status=event.get("stage") or "processing",
-                    message=event.get("message") or None,
-                    connector_details=json.loads(event["details"])
-                    if event.get("details")
-                    else None,
-                )
+            return ws_message(
+                "update_job_progress",
+                job_id=job_id,
+                worker_id=self.workers.get(job_id),
+                progress=float(event["progress"]),
+                status=event.get("stage") or "processing",
+                message=event.get("message") or None,
+                connector_details=json.loads(event["details"]) if event.get("details") else None,
             )
-            return
         status = event.get("status")
         if status == "active":
             self.workers[job_id] = event.get("worker", "")
-            await self.send_job_message(
-                job_status(job_id, "processing", worker_id=event.get("worker"))
+            return job_status(job_id, "processing", worker_id=event.get("worker"))
+        if status == "completed":
+            job = jobs.get(job_id)
+            if job is None:  # gone already: the original said nothing either
+                return None
+            stored = job.get("result")
+            result = json.loads(stored) if stored else None
+            return ws_message(
+                "complete_job", job_id=job_id, worker_id=job.get("worker") or None, result=result
             )
-        elif status == "completed":
-            job = await self.hub.broker.get(job_id)
-            await self.send_job_message(
-                ws_message("complete_job", job_id=job_id, worker_id=job.worker, result=job.result)
+        if status == "failed":
+            return ws_message(
+                "fail_job",
+                job_id=job_id,
+                worker_id=self.workers.get(job_id),
+                error=event.get("error"),
             )
-        elif status == "failed":
-            await self.send_job_message(
-                ws_message(
-                    "fail_job",
-                    job_id=job_id,
-                    worker_id=self.workers.get(job_id),
-                    error=event.get("error"),
-                )
+        if status == "delayed":
+            return ws_message(
+                "update_job_progress",
+                job_id=job_id,
+                worker_id=self.workers.get(job_id),
+                progress=0,
+                status="retrying",
+                message=event.get("error"),
+                connector_details=None,
             )
-        elif status == "delayed":
-            await self.send_job_message(
-                ws_message(
-                    "update_job_progress",
-                    job_id=job_id,
-                    worker_id=self.workers.get(job_id),
-                    progress=0,
-                    status="retrying",
-                    message=event.get("error"),
-                    connector_details=None,
-                )
-            )
-        elif status == "cancelled" and job_id not in self.quiet_cancel:
-            await self.send_job_message(
-                job_status(job_id, "cancelled", message=f"Job cancelled: {event.get('reason')}")
-            )
+        if status == "cancelled" and job_id not in self.quiet_cancel:
+            return job_status(job_id, "cancelled", message=f"Job cancelled: {event.get('reason')}")
+        return None
 
 
 @router.websocket("/ws/client/{client_id}")
@@ -183,7 +236,7 @@ async def client_socket(websocket: WebSocket, client_id: str) -> None:
     except WebSocketDisconnect:
         pass
     finally:
-        await session.unfollow_all()
+        await session.close()
 
 
 async def handle(session: ClientSession, hub: Hub, message: Any) -> None:
@@ -345,7 +398,7 @@ async def submit(session: ClientSession, hub: Hub, message: dict[str, Any]) -> N
         )
     )
     for event in session.held.pop(job_id, []):
-        await session.forward(event)
+        session.forward(event)
 
 
 async def cancel(session: ClientSession, hub: Hub, job_id: str, reason: str) -> None:

@@ -19,9 +19,8 @@ from typing import Any
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from emp_hub.auth import Role
-from emp_hub.broker import JobNotFound
 from emp_hub.hub import Hub
-from emp_hub.routes.legacy_client import ClientSession
+from emp_hub.routes.legacy_client import ClientSession, JobFields
 from emp_hub.sockets import authenticate_ws, ws_message
 
 router = APIRouter()
@@ -41,26 +40,41 @@ class MonitorSession(ClientSession):
 
     clients: dict[str, str | None] = field(default_factory=dict)  # job id -> its client
 
-    async def send_job_message(self, message: dict[str, Any]) -> None:
+    kind = "monitor"
+
+    def follows(self, job_id: str) -> bool:
+        """Every job."""
+        return True
+
+    def wanted(self, events: list[dict[str, Any]]) -> tuple[set[str], set[str]]:
+        """Also the submitting clients of the jobs not met yet."""
+        job_ids, names = super().wanted(events)
+        unknown = {
+            e["job"]
+            for e in events
+            if "job" in e and e["job"] not in self.clients and e.get("status") != "pending"
+        }  # a pending job's event has no message: its client is read with the next one
+        if unknown:
+            return job_ids | unknown, names | {"client"}
+        return job_ids, names
+
+    def job_message(self, message: dict[str, Any], jobs: JobFields) -> dict[str, Any]:
         """Job messages as clients get them, plus the submitting client's id."""
         job_id = message["job_id"]
         if job_id not in self.clients:
             if len(self.clients) >= CLIENT_CACHE:
                 self.clients.clear()
-            try:
-                job = await self.hub.broker.get(job_id)
-                self.clients[job_id] = job.client_id
-            except JobNotFound:
-                self.clients[job_id] = None
-        await self.send({**message, "client_id": self.clients[job_id]})
+            job = jobs.get(job_id)
+            self.clients[job_id] = (job.get("client") or None) if job is not None else None
+        return {**message, "client_id": self.clients[job_id]}
 
-    async def forward(self, event: dict[str, Any]) -> None:
+    def translate(self, event: dict[str, Any], jobs: JobFields) -> list[dict[str, Any]]:
         """A job event, or a message for monitors only (`worker_status`,
-        `connector_ws_status`, `service_request`: see EventBus.tell_monitors)."""
+        `connector_ws_status`, `service_request`, `worker_state`, `alert`: see
+        EventBus.tell_monitors)."""
         if event["type"] == "monitor":
-            await self.send(event["message"])
-        else:
-            await super().forward(event)
+            return [event["message"]]
+        return super().translate(event, jobs)
 
 
 async def stats_broadcast(hub: Hub) -> dict[str, Any]:
@@ -84,7 +98,7 @@ async def stats_broadcast(hub: Hub) -> dict[str, Any]:
             "supported_job_types": sorted(caps.services),
         }
     busy_workers = [w for w, info in workers.items() if info["status"] == "busy"]
-    monitors = [getattr(m, "client_id", "") for m in hub.bus.monitors]
+    monitors = [m.client_id for m in hub.bus.monitors if isinstance(m, MonitorSession)]
     clients = sorted(
         {getattr(w, "client_id", "") for ws in hub.bus.watchers.values() for w in ws}
         - set(monitors)
@@ -170,4 +184,5 @@ async def monitor_socket(websocket: WebSocket, monitor_id: str) -> None:
     finally:
         closed.set()
         await hub.bus.remove_monitor(session)
+        await session.close()
         await ticker  # ends by itself: a Redis read is never cut in half
