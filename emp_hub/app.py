@@ -5,11 +5,16 @@ unreachable, and a cap on request bodies. The replica's state is
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
-from collections.abc import AsyncIterator
+import signal
+import threading
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from types import FrameType
+from typing import Any
 
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import JSONResponse
@@ -49,6 +54,7 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with open_hub(settings) as hub:
             app.state.hub = hub
+            stop_streams_on_signals(hub.stopping)
             yield
 
     app = HubApp(
@@ -71,6 +77,28 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RedisUnavailable)
     return app
+
+
+def stop_streams_on_signals(stopping: asyncio.Event) -> None:
+    """Set `stopping` on SIGTERM and SIGINT, then let the server's own handler (uvicorn's,
+    installed before the app starts) stop it as before. uvicorn's graceful shutdown waits
+    for open responses before the app hears of it; the event streams watch `stopping`
+    and end at once (Hub.until_stopping). Only in the main thread, where signals go."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(sig)
+        if not callable(previous):
+            continue  # no server handler to chain to: leave the default alone
+
+        def handler(
+            signum: int, frame: FrameType | None, previous: Callable[..., Any] = previous
+        ) -> None:
+            loop.call_soon_threadsafe(stopping.set)
+            previous(signum, frame)
+
+        signal.signal(sig, handler)
 
 
 class HubApp(FastAPI):

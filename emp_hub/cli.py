@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import sys
 from collections.abc import Awaitable, Callable
@@ -54,6 +55,7 @@ def serve(settings: HubSettings, workers: int) -> None:
             workers=workers,
             log_level=settings.log_level,
             ws_max_size=settings.ws_max_bytes,
+            timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s),
             **logs,
         )
         return
@@ -63,6 +65,7 @@ def serve(settings: HubSettings, workers: int) -> None:
         port=settings.port,
         log_level=settings.log_level,
         ws_max_size=settings.ws_max_bytes,
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s),
         **logs,
     )
 

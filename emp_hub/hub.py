@@ -56,6 +56,9 @@ class Hub:
     dispatcher: Dispatcher
     alerts: AlertEngine
     sockets: OpenSockets = field(default_factory=OpenSockets)  # this replica's WebSockets
+    #: Set when the process was told to stop (SIGTERM, SIGINT): event streams end at once
+    #: instead of holding the server's graceful shutdown (see stop_streams_on_signals).
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def submit(self, specs: Sequence[JobSpec]) -> list[Submitted]:
         """Store jobs (atomically: all or none), then wake this replica's parked workers
@@ -66,6 +69,29 @@ class Hub:
         except Exception:  # waking local workers is a shortcut; the jobs are stored
             log.exception("could not wake local workers after a submit")
         return submitted
+
+    async def until_stopping(self, stream: AsyncIterator[str]) -> AsyncIterator[str]:
+        """The items of an endless stream (server-sent events) until the process is told to
+        stop: then it ends, and the server's graceful shutdown need not wait for it."""
+        stopped = asyncio.ensure_future(self.stopping.wait())
+        try:
+            while True:
+                item = asyncio.ensure_future(anext(stream))
+                await asyncio.wait({item, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                if not item.done():
+                    item.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                        await item
+                    return
+                try:
+                    yield item.result()
+                except GeneratorExit:
+                    raise
+        except StopAsyncIteration:
+            return
+        finally:
+            stopped.cancel()
+            await aclose(stream)
 
     async def cancel(self, job: Job, reason: str) -> CancelResult:
         """Cancel a job and, when it was running, tell its worker on whichever replica
@@ -98,6 +124,14 @@ async def maintain_until(
             log.exception("maintenance pass failed")
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), interval)
+
+
+async def aclose(stream: AsyncIterator[str]) -> None:
+    """Close an async generator (its `finally` runs); other iterators have nothing to close."""
+    close = getattr(stream, "aclose", None)
+    if close is not None:
+        with contextlib.suppress(Exception):
+            await close()
 
 
 @asynccontextmanager

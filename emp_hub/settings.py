@@ -135,7 +135,8 @@ class HubSettings(BaseSettings):
         default=10,
         gt=0,
         validation_alias=_env("shutdown_timeout_s"),
-        description="On stop, how long open requests (waits, event streams) may finish.",
+        description="On stop, how long open requests (a submit that waits) may run before "
+        "they are cut; event streams end at once.",
     )
     metrics_max_queue_series: int = Field(
         default=100,

@@ -103,8 +103,9 @@ class Cluster:
         """The hub's HTTP base URL."""
         return f"http://127.0.0.1:{self.port}"
 
-    def start_hub(self, **env: str) -> Proc:
-        """Start (or restart) the hub and wait until it answers."""
+    def start_hub(self, *args: str, **env: str) -> Proc:
+        """Start (or restart) the hub (`emp-hub serve` with `args`) and wait until it
+        answers."""
         self.hub_env = {
             **os.environ,
             "EMP_REDIS_URL": self.redis_url,
@@ -116,7 +117,7 @@ class Cluster:
             "EMP_LOG_LEVEL": "warning",
             **env,
         }
-        hub = self.hub = spawn(["emp_hub.cli", "serve"], self.hub_env, self.tmp / "hub.log")
+        hub = self.hub = spawn(["emp_hub.cli", "serve", *args], self.hub_env, self.tmp / "hub.log")
 
         def ready() -> bool:
             assert hub.popen.poll() is None, hub.text()

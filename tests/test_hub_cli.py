@@ -3,7 +3,10 @@ logs (a real process)."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
+import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +17,7 @@ from websockets.sync.client import connect
 
 from emp_hub.cli import main
 from emp_hub.logs import redact
-from tests.processes import Cluster
+from tests.processes import Cluster, eventually_sync
 
 pytestmark = [pytest.mark.slow, pytest.mark.hub]
 
@@ -99,3 +102,62 @@ def test_serve_never_logs_a_token(redis_url: str, namespace: str, tmp_path: Path
 )
 def test_redact(text: str, expected: str) -> None:
     assert redact(text) == expected
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_serve_ends_its_event_streams_when_told_to_stop(
+    redis_url: str, namespace: str, tmp_path: Path, workers: str
+) -> None:
+    """An open event stream (a dashboard's feed, a job's events) ends as soon as the hub is
+    told to stop: the hub exits at once, well within EMP_SHUTDOWN_TIMEOUT_S (10 s), and
+    logs no error."""
+    hub = Cluster(redis_url, namespace, tmp_path)
+    proc = hub.start_hub("--workers", workers, EMP_LOG_LEVEL="info")
+    try:
+        with httpx.Client(base_url=hub.url, timeout=10) as http:
+            job_id = http.post("/api/jobs", json={"job_type": "simulation"}).json()["job_id"]
+            with (
+                http.stream("GET", "/api/dashboard/feed") as feed,
+                http.stream("GET", f"/api/jobs/{job_id}/events") as events,
+            ):
+                feed_lines, event_lines = feed.iter_lines(), events.iter_lines()
+                assert next(feed_lines) == ": open"
+                assert next(event_lines).startswith("id: ")
+                started = time.monotonic()
+                proc.signal(signal.SIGTERM)
+                for lines in (feed_lines, event_lines):  # both end (else: 10 s, ReadTimeout)
+                    list(lines)
+                assert time.monotonic() - started < 3
+            # uvicorn ends by the signal it got (-15); its supervisor, with 2, by 0
+            assert proc.wait(timeout=15) in (0, -signal.SIGTERM), proc.text()
+            assert time.monotonic() - started < 6
+    finally:
+        hub.stop()
+    assert "ERROR" not in proc.text() and "Shutting down" in proc.text()
+
+
+def test_serve_cuts_other_open_requests_after_the_shutdown_timeout(
+    redis_url: str, namespace: str, tmp_path: Path
+) -> None:
+    """A request that would go on (a submit that waits for its job) holds a stopping hub up
+    for EMP_SHUTDOWN_TIMEOUT_S at most."""
+    hub = Cluster(redis_url, namespace, tmp_path)
+    proc = hub.start_hub(EMP_SHUTDOWN_TIMEOUT_S="1")
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            body = {"job_type": "simulation", "wait": True, "timeout": 60}
+            waiting = pool.submit(httpx.post, f"{hub.url}/api/jobs", json=body, timeout=30)
+            eventually_sync(lambda: _busy(hub.url), what="a pending job, its submit waiting")
+            started = time.monotonic()
+            proc.signal(signal.SIGTERM)
+            assert proc.wait(timeout=15) in (0, -signal.SIGTERM), proc.text()
+            assert time.monotonic() - started < 6
+            waiting.cancel()
+    finally:
+        hub.stop()
+
+
+def _busy(url: str) -> bool:
+    """Whether a submit is waiting at the hub (its job is pending)."""
+    jobs = httpx.get(f"{url}/api/jobs", params={"status": "pending"}).json()["jobs"]
+    return bool(jobs)

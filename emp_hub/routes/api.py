@@ -629,7 +629,7 @@ async def job_events(
                     return
 
     return StreamingResponse(
-        stream() if follow else stored(),
+        hub.until_stopping(stream()) if follow else stored(),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache"},
     )

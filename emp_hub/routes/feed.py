@@ -129,7 +129,7 @@ async def dashboard_feed(hub: HubDep, principal: Operator) -> StreamingResponse:
     """What changes, live (server-sent events): at most one `changes` event per 500 ms
     while anything does, and a keep-alive comment every 15 s of quiet."""
     return StreamingResponse(
-        feed_stream(hub),
+        hub.until_stopping(feed_stream(hub)),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
     )
