@@ -163,3 +163,17 @@ local function fail_attempt(id, err, retryable, jitter)
   end
   return dead_letter(id, err)
 end
+
+-- Priority policy, deadlines and aging (emp_hub/scheduling.py): keep a job's effective
+-- priority, urgency, deadline and promotion steps ("when priority ..."), and schedule the
+-- first step in `promotions` (schedule.lua applies due steps). Nothing for a plain job.
+local function schedule_promotions(id, effective, urgency, deadline, steps, next_at)
+  if effective == nil then return end
+  redis.call('HSET', K.job(id), 'effective_priority', effective)
+  if urgency ~= '' then redis.call('HSET', K.job(id), 'urgency', urgency) end
+  if deadline ~= '' then redis.call('HSET', K.job(id), 'deadline_at', deadline) end
+  if steps ~= '' then
+    redis.call('HSET', K.job(id), 'steps', steps)
+    redis.call('ZADD', K.promotions, tonumber(next_at), id)
+  end
+end
