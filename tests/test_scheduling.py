@@ -11,11 +11,13 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 import redis.asyncio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from emp_client import cli as emp_cli
 from emp_hub import cli
 from emp_hub.broker import PRIORITY_MAX, Broker, BrokerSettings, JobSpec
 from emp_hub.broker.connection import connect
@@ -29,9 +31,11 @@ from emp_hub.scheduling import (
     WeightedPolicy,
     clamp,
 )
+from emp_hub.settings import HubSettings
 from emp_protocol.capabilities import WorkerCapabilities
 from emp_protocol.jobs import JobStatus
 from tests.conftest import Clock, drop_namespace
+from tests.hub_server import running_hub
 
 pytestmark = [pytest.mark.broker]
 
@@ -424,8 +428,6 @@ def test_an_unknown_policy_fails_at_start(
 
 
 def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    from emp_hub.settings import HubSettings
-
     monkeypatch.setenv("EMP_SCHEDULING__POLICY", "weighted")
     monkeypatch.setenv("EMP_SCHEDULING__TIERS", '{"acme": "premium"}')
     monkeypatch.setenv("EMP_SCHEDULING__MAX_WAIT_S", "600")
@@ -442,3 +444,37 @@ async def test_no_scheduling_leaves_the_job_record_as_today(
     stored = await redis_client.hgetall(broker.key("job", job.id))
     assert "steps" not in stored and await redis_client.zcard(broker.key("promotions")) == 0
     assert (await broker.get(job.id)).effective_priority == 3
+
+
+# -- through the hub -------------------------------------------------------------------
+
+
+@pytest.mark.hub
+async def test_the_cli_and_the_http_api_carry_urgency_and_deadline(
+    redis_url: str,
+    namespace: str,
+    redis_client: redis.asyncio.Redis,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    hub = HubSettings(
+        redis_url=redis_url,
+        broker=BrokerSettings(namespace=namespace),
+        scheduling=SchedulingSettings(policy="weighted", tiers={"acme": "premium"}),
+    )
+    async with running_hub(hub) as url:
+        args = ["--hub", url, "submit", "sim", "--customer", "acme", "--priority", "10"]
+        args += ["--urgency", "high", "--deadline-in", "1800"]
+        assert await asyncio.to_thread(emp_cli.main, args) == 0
+        job_id = capsys.readouterr().out.strip()
+        async with httpx.AsyncClient(base_url=url) as http:
+            job = (await http.get(f"/api/jobs/{job_id}")).json()
+            listed = (await http.get("/api/jobs")).json()["jobs"][0]
+            bad = await http.post(
+                "/api/jobs", json={"job_type": "sim", "deadline": 1.0e9, "deadline_in_s": 5}
+            )
+        assert (job["priority"], job["effective_priority"], job["urgency"]) == (10, 260, "high")
+        assert job["deadline"] > 0
+        assert (listed["job_id"], listed["effective_priority"]) == (job_id, 260)
+        assert bad.status_code == 422
+        assert await asyncio.to_thread(emp_cli.main, ["--hub", url, "status", job_id]) == 0
+        assert "priority=10 effective=260" in " ".join(capsys.readouterr().out.split())
