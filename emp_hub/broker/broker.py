@@ -695,15 +695,7 @@ class Broker:
                     event, state = REAPED[outcome]
                     _changed(job_id, event, state, "active", worker_id=None)
         promoted = await self._run("promote", limit)
-        steps, *expired = await self._run(
-            "schedule",
-            self.scheduler.settings.promote_limit,
-            EXPIRE,
-            1 if self.scheduler.settings.deadline_action == "expire" else 0,
-        )
-        if expired and jobs_log.isEnabledFor(logging.INFO):
-            for job_id in expired:
-                _changed(job_id, "failed: its deadline passed", "failed", None)
+        steps, expired = await self.apply_promotions()
         purged = await self._run("janitor", limit)
         collected = await self._run("collect", limit, self.settings.class_idle_s)
         pruned = await self.redis.zremrangebyscore(
@@ -717,9 +709,24 @@ class Broker:
             purged=int(purged),
             workers_pruned=int(pruned),
             classes_collected=int(collected),
-            promotion_steps=int(steps),
-            deadline_expired=list(expired),
+            promotion_steps=steps,
+            deadline_expired=expired,
         )
+
+    async def apply_promotions(self) -> tuple[int, list[str]]:
+        """Apply due promotion steps (deadline boosts, aging, deadlines), at most
+        scheduling.promote_limit of them (see docs/scheduling.md); returns how many were
+        applied and the jobs expired at their deadline. maintain() calls it."""
+        steps, *expired = await self._run(
+            "schedule",
+            self.scheduler.settings.promote_limit,
+            EXPIRE,
+            1 if self.scheduler.settings.deadline_action == "expire" else 0,
+        )
+        if expired and jobs_log.isEnabledFor(logging.INFO):
+            for job_id in expired:
+                _changed(job_id, "failed: its deadline passed", "failed", None)
+        return int(steps), list(expired)
 
     async def accept_output(self, job_id: str, token: str) -> bool:
         """Whether `token` holds the active job `job_id` (to accept an output of it); if
