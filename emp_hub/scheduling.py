@@ -211,12 +211,16 @@ class Scheduler:
         urgency: Urgency | None,
         deadline: float | None,
         now: float,
+        tier: str | None = None,
     ) -> Plan:
-        """The effective priority and the promotion steps of a job submitted now."""
+        """The effective priority and the promotion steps of a job submitted now. `tier`:
+        its token's; without one, the customer's from the settings."""
+        if tier is None and customer:
+            tier = self.settings.tiers.get(customer)
         request = PriorityRequest(
             priority=priority,
             customer=customer,
-            tier=self.settings.tiers.get(customer) if customer else None,
+            tier=tier,
             urgency=urgency or "normal",
             deadline=deadline,
             now=now,

@@ -6,6 +6,7 @@ survive a retry, and the policy plugin point."""
 from __future__ import annotations
 
 import asyncio
+import json
 import textwrap
 import uuid
 from dataclasses import dataclass
@@ -14,11 +15,14 @@ from pathlib import Path
 import httpx
 import pytest
 import redis.asyncio
+import websockets
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import emp_client
 from emp_client import cli as emp_cli
 from emp_hub import cli
+from emp_hub.auth import Role, TokenStore
 from emp_hub.broker import PRIORITY_MAX, Broker, BrokerSettings, JobSpec
 from emp_hub.broker.connection import connect
 from emp_hub.broker.models import Urgency
@@ -478,3 +482,48 @@ async def test_the_cli_and_the_http_api_carry_urgency_and_deadline(
         assert bad.status_code == 422
         assert await asyncio.to_thread(emp_cli.main, ["--hub", url, "status", job_id]) == 0
         assert "priority=10 effective=260" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.hub
+async def test_a_token_tier_wins_over_the_customer_tier(
+    redis_url: str, namespace: str, redis_client: redis.asyncio.Redis
+) -> None:
+    store = TokenStore(redis_client, namespace)
+    gold = await store.create(Role.CLIENT, customer="acme", tier="enterprise")
+    plain = await store.create(Role.CLIENT, customer="acme")
+    hub = HubSettings(
+        redis_url=redis_url,
+        broker=BrokerSettings(namespace=namespace),
+        scheduling=SchedulingSettings(policy="weighted", tiers={"acme": "free"}),
+    )
+    assert {r.tier for r in await store.list()} == {"enterprise", None}
+    async with running_hub(hub) as url:
+        effective = []
+        for token in (gold, plain):
+            async with emp_client.Client(url, token) as emp:
+                job_id = await emp.submit("sim", priority=10)
+                effective.append((await emp.get(job_id))["effective_priority"])
+    assert effective == [10 + 200, 10 - 100]  # the token's tier, else the customer's
+
+
+@pytest.mark.hub
+async def test_the_original_client_socket_carries_urgency_and_deadline(
+    redis_url: str, namespace: str, redis_client: redis.asyncio.Redis
+) -> None:
+    hub = HubSettings(
+        redis_url=redis_url,
+        broker=BrokerSettings(namespace=namespace),
+        scheduling=SchedulingSettings(policy="weighted"),
+    )
+    async with running_hub(hub) as url:
+        async with websockets.connect(url.replace("http", "ws") + "/ws/client/c1") as conn:
+            assert json.loads(await conn.recv())["type"] == "connection_established"
+            submit = {"type": "submit_job", "message_id": "ws-1", "job_type": "sim"}
+            await conn.send(json.dumps({**submit, "urgency": "critical", "deadline_in_s": 30}))
+            assert json.loads(await conn.recv())["type"] == "job_accepted"
+            await conn.send(json.dumps({**submit, "message_id": "ws-2", "urgency": "soon"}))
+            error = json.loads(await conn.recv())
+            assert error["type"] == "error" and "urgency" in error["error"], error
+        async with httpx.AsyncClient(base_url=url) as http:
+            job = (await http.get("/api/jobs/ws-1")).json()
+    assert (job["priority"], job["effective_priority"]) == (0, 150 + 500)

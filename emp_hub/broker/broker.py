@@ -217,6 +217,7 @@ class Broker:
                 urgency=spec.urgency,
                 deadline=deadline,
                 now=now,
+                tier=spec.tier,
             )
             rows.append(
                 [

@@ -87,6 +87,11 @@ class JobSpec(BaseModel):
     deadline_in_s: float | None = Field(
         default=None, ge=0, description="The deadline as seconds from now (not with deadline)."
     )
+    tier: Name | None = Field(
+        default=None,
+        description="The tier of the token that submitted it (the hub sets it, not the "
+        "client); else the customer's tier counts (docs/scheduling.md).",
+    )
 
     @model_validator(mode="after")
     def _requirements_hold_together(self) -> JobSpec:

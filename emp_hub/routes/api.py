@@ -230,6 +230,7 @@ class SubmitRequest(BaseModel):
                 urgency=self.urgency,
                 deadline=self.deadline,
                 deadline_in_s=self.deadline_in_s,
+                tier=principal.tier,
             )
         except ValidationError as exc:
             detail = [{"loc": ["body", *e["loc"]], "msg": e["msg"]} for e in exc.errors()]
