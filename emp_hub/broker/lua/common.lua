@@ -166,14 +166,16 @@ end
 
 -- Priority policy, deadlines and aging (emp_hub/scheduling.py): keep a job's effective
 -- priority, urgency, deadline and promotion steps ("when priority ..."), and schedule the
--- first step in `promotions` (schedule.lua applies due steps). Nothing for a plain job.
+-- first step in `promotions` (schedule.lua applies due steps). One HSET; nothing else for
+-- a plain job.
 local function schedule_promotions(id, effective, urgency, deadline, steps, next_at)
-  if effective == nil then return end
-  redis.call('HSET', K.job(id), 'effective_priority', effective)
-  if urgency ~= '' then redis.call('HSET', K.job(id), 'urgency', urgency) end
-  if deadline ~= '' then redis.call('HSET', K.job(id), 'deadline_at', deadline) end
+  local fields = {'effective_priority', effective}
+  if urgency ~= '' then fields[#fields + 1] = 'urgency'; fields[#fields + 1] = urgency end
+  if deadline ~= '' then fields[#fields + 1] = 'deadline_at'; fields[#fields + 1] = deadline end
   if steps ~= '' then
-    redis.call('HSET', K.job(id), 'steps', steps)
+    fields[#fields + 1] = 'steps'
+    fields[#fields + 1] = steps
     redis.call('ZADD', K.promotions, tonumber(next_at), id)
   end
+  redis.call('HSET', K.job(id), unpack(fields))
 end
