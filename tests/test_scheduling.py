@@ -527,3 +527,14 @@ async def test_the_original_client_socket_carries_urgency_and_deadline(
         async with httpx.AsyncClient(base_url=url) as http:
             job = (await http.get("/api/jobs/ws-1")).json()
     assert (job["priority"], job["effective_priority"]) == (0, 150 + 500)
+
+
+async def test_a_finished_job_leaves_the_promotion_schedule(broker: Broker, clock: Clock) -> None:
+    b = weighted(clock, broker, max_wait_s=86_400)
+    done = await b.submit(JobSpec(service="a", deadline_in_s=7 * 86_400))
+    cancelled = await b.submit(JobSpec(service="a"))
+    claim = await b.claim("w", UNIVERSAL_A)
+    assert claim is not None and claim.job.id == done.id
+    await b.complete(done.id, claim.token, None)
+    await b.cancel(cancelled.id)
+    assert await b.redis.zcard(b.key("promotions")) == 0

@@ -132,6 +132,7 @@ local function finish(id, old, new, ttl)
   redis.call('ZADD', K.expiring, NOW + ttl, member)
   redis.call('EXPIRE', k, ttl)
   redis.call('EXPIRE', K.events(id), ttl)
+  redis.call('ZREM', K.promotions, id)  -- its promotion steps, if any (scheduling.md)
 end
 
 -- Move an active job to the dead-letter set: failed for good, kept for dead_retention.

@@ -5,7 +5,8 @@
 -- other keeps the new score in its hash for when it comes back (retry, orphan). A job
 -- still waiting (pending or delayed) at its deadline step (priority ARGV[5]) is failed with
 -- error `deadline` and dead-lettered when ARGV[6] is 1 (deadline_action=expire); an active
--- one runs on. Finished or gone jobs are dropped.
+-- one runs on. A finished job's entry went when it finished (common.lua finish); a gone
+-- one's is dropped.
 -- Returns {steps applied, expired job ids...}.
 local limit, marker = tonumber(ARGV[4]), tonumber(ARGV[5])
 local expire = ARGV[6] == '1'
@@ -50,7 +51,7 @@ end
 
 for _, id in ipairs(due) do
   redis.call('ZREM', K.promotions, id)
-  local j = hget(id, {'status', 'class', 'score', 'effective_priority', 'steps', 'seq'})
+  local j = hget(id, {'status', 'class', 'score', 'effective_priority', 'steps'})
   if j.status == 'pending' or j.status == 'delayed' or j.status == 'active' then
     promote(id, j)
   end
