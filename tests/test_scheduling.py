@@ -206,7 +206,6 @@ async def run_scenario(url: str, s: SchedulingSettings, steps: list[object]) -> 
         await client.aclose()
 
 
-@pytest.mark.slow
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(steps=scenario([None]))
 def test_aging_no_younger_job_passes_a_job_that_waited_max_wait(
@@ -217,7 +216,6 @@ def test_aging_no_younger_job_passes_a_job_that_waited_max_wait(
     asyncio.run(run_scenario(redis_url, SchedulingSettings(max_wait_s=10), steps))
 
 
-@pytest.mark.slow
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     steps=scenario([None, None, 30.0, 300.0, 1200.0, 4000.0]),
@@ -235,7 +233,6 @@ def test_weighted_policy_deadline_boosts_expiry_and_aging_follow_the_model(
     asyncio.run(run_scenario(redis_url, s, steps))
 
 
-@pytest.mark.slow
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(steps=scenario([None]))
 def test_fifo_without_deadlines_is_todays_order(redis_url: str, steps: list[object]) -> None:
