@@ -10,8 +10,15 @@ worst case for a broker that scans its pending set. In the same run we measure
   the worker matches;
 * batch submit throughput (jobs/s), and claim+complete throughput of one client.
 
+`--policy` names the scheduling policies to measure ours with (docs/scheduling.md), each
+on its own backlog: `fifo` (today's order, the default) and `priority`: the `weighted`
+priority policy with customer tiers, urgencies, a deadline on 1 job in 10 (`keep` at the
+deadline) and aging on; for it the report adds `promotion_step`: the time of one
+maintenance promotion pass (PROMOTE_LIMIT due steps) with the whole backlog pending.
+
 Each claimed job is handed back (release / re-add, not timed) so the backlog stays the same
-for every sample. Usage: python benchmarks/claim.py [--quick] [--url redis://...]
+for every sample. Usage:
+python benchmarks/claim.py [--quick] [--url redis://...] [--policy fifo priority]
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ import redis.asyncio
 import emp_hub
 from emp_hub.broker import Broker, BrokerSettings, JobSpec, RequirementsSpec, connect
 from emp_hub.embedded import redis_url_or_embedded
+from emp_hub.scheduling import Scheduler, SchedulingSettings
 from emp_protocol.capabilities import JobRequirements, WorkerCapabilities, matches
 
 CLASSES = 100
@@ -44,6 +52,49 @@ WORKER = WorkerCapabilities(services={"sim"}, tags={TARGET_TAG})
 SUBMIT_BATCH = 1000
 SUBMIT_INFLIGHT = 2  # batches in flight: one is prepared while the server runs the other
 CLAIM_SAMPLES = 1000
+#: The policies --policy measures, and what each turns on.
+POLICIES = ("fifo", "priority")
+PROMOTE_LIMIT = 1000  # steps per promotion pass (the default)
+PROMOTE_SAMPLES = 20  # passes timed, at most (each takes PROMOTE_LIMIT due steps)
+CUSTOMERS = {"c0": "free", "c1": "standard", "c2": "premium", "c3": "enterprise"}
+
+
+class BenchClock:
+    """The broker's clock: the real time, plus a shift the benchmark sets."""
+
+    def __init__(self) -> None:
+        self.shift = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.shift
+
+
+def scheduler(policy: str) -> Scheduler:
+    """The scheduler a --policy value turns on."""
+    if policy == "fifo":
+        return Scheduler()
+    settings = SchedulingSettings(
+        policy="weighted",
+        tiers=CUSTOMERS,
+        max_wait_s=3600,
+        deadline_action="keep",
+        promote_limit=PROMOTE_LIMIT,
+    )
+    return Scheduler.from_settings(settings)
+
+
+def spec_of(i: int, cls: int, priority: int, policy: str) -> JobSpec:
+    """A backlog job; under `priority` with a customer, an urgency and 1 in 10 a deadline."""
+    if policy == "fifo":
+        return JobSpec(service="sim", priority=priority, requirements=requirements(cls))
+    return JobSpec(
+        service="sim",
+        priority=priority,
+        requirements=requirements(cls),
+        customer=f"c{i % 4}",
+        urgency=("low", "normal", "high", "critical")[i % 4],
+        deadline_in_s=600 + 60 * (i % 60) if i % 10 == 0 else None,
+    )
 
 
 def job_plan(n: int, seed: int = 7) -> list[tuple[int, int]]:
@@ -74,9 +125,9 @@ def percentiles(samples: list[float]) -> dict[str, float]:
     }
 
 
-async def fill_ours(broker: Broker, plan: list[tuple[int, int]]) -> float:
+async def fill_ours(broker: Broker, plan: list[tuple[int, int]], policy: str = "fifo") -> float:
     """Submit the backlog in batches, SUBMIT_INFLIGHT batches at a time; returns seconds."""
-    specs = [JobSpec(service="sim", priority=p, requirements=requirements(c)) for c, p in plan]
+    specs = [spec_of(i, c, p, policy) for i, (c, p) in enumerate(plan)]
     batches = [specs[i : i + SUBMIT_BATCH] for i in range(0, len(specs), SUBMIT_BATCH)]
 
     async def submitter(k: int) -> None:
@@ -86,6 +137,19 @@ async def fill_ours(broker: Broker, plan: list[tuple[int, int]]) -> float:
     start = time.perf_counter()
     await asyncio.gather(*(submitter(k) for k in range(SUBMIT_INFLIGHT)))
     return time.perf_counter() - start
+
+
+async def promotion_passes(broker: Broker, clock: BenchClock, n: int) -> dict[str, float]:
+    """Time promotion passes with every job's aging step due: PROMOTE_LIMIT steps each."""
+    clock.shift = 7200  # past max_wait_s and every deadline
+    out = []
+    for _ in range(min(PROMOTE_SAMPLES, max(1, n // PROMOTE_LIMIT))):
+        start = time.perf_counter()
+        steps, _ = await broker.apply_promotions()
+        out.append(time.perf_counter() - start)
+        assert steps == PROMOTE_LIMIT or n < PROMOTE_LIMIT
+    clock.shift = 0
+    return {**percentiles(out), "steps_per_pass": PROMOTE_LIMIT}
 
 
 async def claim_ours(broker: Broker, samples: int) -> list[float]:
@@ -188,7 +252,9 @@ async def drop(client: redis.asyncio.Redis, pattern: str) -> None:
         await client.unlink(*batch)
 
 
-async def run(url: str, sizes: list[int], cc_jobs: int, concurrency: int) -> dict[str, Any]:
+async def run(
+    url: str, sizes: list[int], cc_jobs: int, concurrency: int, policies: list[str]
+) -> dict[str, Any]:
     client = connect(url)
     info = await client.info("server")
     server = (
@@ -203,12 +269,24 @@ async def run(url: str, sizes: list[int], cc_jobs: int, concurrency: int) -> dic
     try:
         for n in sizes:
             plan = job_plan(n)
-            ours = Broker(client, BrokerSettings(namespace=f"bench-{n}"))
-            took = await fill_ours(ours, plan)
-            submitted += n
-            submit_seconds += took
-            ours_samples = await claim_ours(ours, CLAIM_SAMPLES)
-            await drop(client, f"{{bench-{n}}}:*")
+            measured: dict[str, Any] = {}
+            fill: dict[str, int] = {}
+            for policy in policies:
+                clock = BenchClock()
+                ours = Broker(
+                    client,
+                    BrokerSettings(namespace=f"bench-{n}"),
+                    clock=clock,
+                    scheduler=scheduler(policy),
+                )
+                took = await fill_ours(ours, plan, policy)
+                submitted += n
+                submit_seconds += took
+                fill[policy] = round(n / took)
+                measured[policy] = percentiles(await claim_ours(ours, CLAIM_SAMPLES))
+                if policy != "fifo":
+                    measured[policy]["promotion_step"] = await promotion_passes(ours, clock, n)
+                await drop(client, f"{{bench-{n}}}:*")
 
             scan = ScanBroker(client, f"{{scan-{n}}}:")
             await scan.fill(plan)
@@ -217,8 +295,9 @@ async def run(url: str, sizes: list[int], cc_jobs: int, concurrency: int) -> dic
             results.append(
                 {
                     "backlog": n,
-                    "fill_jobs_per_s": round(n / took),
-                    "ours": percentiles(ours_samples),
+                    "fill_jobs_per_s": fill[policies[0]],
+                    "ours": measured[policies[0]],
+                    **({"policies": measured, "fill_by_policy": fill} if len(policies) > 1 else {}),
                     "scan": percentiles(scan_samples),
                 }
             )
@@ -240,6 +319,7 @@ async def run(url: str, sizes: list[int], cc_jobs: int, concurrency: int) -> dic
             "submit_batches_in_flight": SUBMIT_INFLIGHT,
             "claim_complete_jobs": cc_jobs,
             "claim_complete_concurrency": concurrency,
+            "policies": policies,
         },
         "results": results,
         "submit_jobs_per_s": round(submitted / submit_seconds),
@@ -267,10 +347,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--url", help="Redis URL (default: an embedded Valkey in a temp dir)")
     parser.add_argument("--cc-jobs", type=int, default=20_000, help="jobs for claim+complete")
     parser.add_argument("--concurrency", type=int, default=8, help="claim+complete tasks")
+    parser.add_argument(
+        "--policy",
+        nargs="+",
+        choices=POLICIES,
+        default=["fifo"],
+        help="scheduling policies to measure (fifo: today's order; priority: weighted "
+        "priorities, deadlines and aging)",
+    )
     args = parser.parse_args(argv)
     sizes = args.sizes or ([1_000, 100_000] if args.quick else [1_000, 100_000, 1_000_000])
     with tempfile.TemporaryDirectory() as tmp, redis_url_or_embedded(args.url, Path(tmp)) as url:
-        report = run_loop(run(url, sizes, args.cc_jobs, args.concurrency))
+        report = run_loop(run(url, sizes, args.cc_jobs, args.concurrency, args.policy))
     print(json.dumps(report, indent=2))
 
 

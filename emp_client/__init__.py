@@ -128,8 +128,13 @@ class Client:
         max_attempts: int | None = None,
         job_timeout: float = 0,
         idempotency_key: str | None = None,
+        urgency: str | None = None,
+        deadline: float | None = None,
+        deadline_in_s: float | None = None,
     ) -> str:
-        """Submit a job; returns its id."""
+        """Submit a job; returns its id. `urgency` (low, normal, high, critical) and a
+        deadline (epoch seconds, or seconds from now) count where the hub's priority policy
+        weighs them (docs/scheduling.md)."""
         body: dict[str, Any] = {
             "job_type": service,
             "payload": payload or {},
@@ -142,6 +147,9 @@ class Client:
             "customer": customer,
             "max_attempts": max_attempts,
             "idempotency_key": idempotency_key,
+            "urgency": urgency,
+            "deadline": deadline,
+            "deadline_in_s": deadline_in_s,
         }
         body.update({k: v for k, v in optional.items() if v is not None})
         answer = await self._call("POST", "/api/jobs", json=body)

@@ -136,6 +136,12 @@ async def follow(emp: Client, job_id: str) -> dict[str, Any]:
     return await emp.get(job_id)
 
 
+def _effective(job: dict[str, Any]) -> str:
+    """ "effective=N " when the hub queues the job at another priority than asked."""
+    effective = job.get("effective_priority")
+    return f"effective={effective} " if effective not in (None, job["priority"]) else ""
+
+
 def show_job(job: dict[str, Any]) -> None:
     colour = {"completed": "green", "failed": "red", "cancelled": "yellow"}.get(
         job["status"], "cyan"
@@ -143,9 +149,10 @@ def show_job(job: dict[str, Any]) -> None:
     console.print(
         f"[bold]{job['job_id']}[/]  [{colour}]{job['status']}[/]  "
         f"service={escape(job['job_type'])} priority={job['priority']} "
+        f"{_effective(job)}"
         f"progress={job['progress']:.0f}%"
     )
-    for key in ("worker_id", "position", "attempt", "failures", "error", "message"):
+    for key in ("worker_id", "position", "attempt", "failures", "error", "message", "deadline"):
         if job.get(key) not in (None, "", 0):
             console.print(f"  {key}: {escape(str(job[key]))}")
     if job.get("result") is not None:
@@ -184,6 +191,8 @@ async def run(args: argparse.Namespace) -> int:
                 job_id=args.id,
                 customer=args.customer,
                 requirements=requirements,
+                urgency=args.urgency,
+                deadline_in_s=args.deadline_in,
             )
             if not args.wait:
                 print(job_id)
@@ -320,6 +329,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--id", help="a job id of your own (must be new)")
     s.add_argument("--customer", help="the customer the job belongs to")
     s.add_argument("--requirements", help="a JSON object (models, gpu_memory_gb, ...) or @file")
+    s.add_argument("--urgency", choices=["low", "normal", "high", "critical"])
+    s.add_argument(
+        "--deadline-in", type=float, metavar="SECONDS", help="start within this many seconds"
+    )
     s.add_argument("--wait", action="store_true", help="show progress until the job ends")
     for name, text in (("status", "show a job"), ("retry", "re-queue a failed job")):
         sub.add_parser(name, help=text).add_argument("job_id")

@@ -49,6 +49,8 @@ class Principal:
     name: str
     role: Role
     customer: str | None = None
+    #: The tier its token carries (the priority policy weighs it; docs/scheduling.md).
+    tier: str | None = None
     token_id: str = "anonymous"
     digest: str = ""  # SHA-256 of its stored token; "" for the shared token and anonymous
 
@@ -71,6 +73,7 @@ class TokenRecord(BaseModel):
     name: str
     role: Role
     customer: Name | None = None
+    tier: Name | None = None
     created_at: float
 
 
@@ -95,10 +98,15 @@ class TokenStore:
         self._open_checked_at = float("-inf")
         self._open = False
 
-    async def create(self, role: Role, *, name: str = "", customer: str | None = None) -> str:
-        """Create a token and return it: it is shown once and cannot be recovered."""
+    async def create(
+        self, role: Role, *, name: str = "", customer: str | None = None, tier: str | None = None
+    ) -> str:
+        """Create a token and return it: it is shown once and cannot be recovered. A `tier`
+        counts for the jobs it submits, before the customer's (EMP_SCHEDULING__TIERS)."""
         if customer is not None and role is not Role.CLIENT:
             raise ValueError("only client tokens can be scoped to a customer")
+        if tier is not None and role not in (Role.CLIENT, Role.ADMIN):
+            raise ValueError("only client and admin tokens submit jobs: a tier needs one")
         token = "emp_" + secrets.token_urlsafe(32)
         digest = _digest(token)
         record = TokenRecord(
@@ -106,6 +114,7 @@ class TokenStore:
             name=name or f"{role.value}-{digest[:6]}",
             role=role,
             customer=customer,
+            tier=tier,
             created_at=time.time(),
         )
         await self.redis.hset(self.key, digest, record.model_dump_json())
@@ -142,6 +151,7 @@ class TokenStore:
             name=record.name,
             role=record.role,
             customer=record.customer,
+            tier=record.tier,
             token_id=record.id,
             digest=_digest(token),
         )

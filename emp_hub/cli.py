@@ -1,7 +1,7 @@
 """emp-hub: run the hub, and manage its tokens.
 
     emp-hub serve [--host H] [--port P] [--workers N]
-    emp-hub token create --role client [--customer acme] [--name NAME]
+    emp-hub token create --role client [--customer acme] [--tier premium] [--name NAME]
     emp-hub token list [--json]
     emp-hub token revoke ID
     emp-hub migrate-emp-redis --from REDIS_URL [--dry-run]
@@ -84,7 +84,9 @@ def token_command(settings: HubSettings, args: argparse.Namespace) -> int:
     """emp-hub token create|list|revoke."""
 
     async def create(store: TokenStore) -> int:
-        token = await store.create(Role(args.role), name=args.name or "", customer=args.customer)
+        token = await store.create(
+            Role(args.role), name=args.name or "", customer=args.customer, tier=args.tier
+        )
         print(token)
         print("(shown once: store it now; `emp-hub token list` shows its id)", file=sys.stderr)
         return 0
@@ -98,6 +100,7 @@ def token_command(settings: HubSettings, args: argparse.Namespace) -> int:
             print("no tokens (the hub is open unless EMP_AUTH_TOKEN is set)")
         for r in records:
             scope = f" customer={r.customer}" if r.customer else ""
+            scope += f" tier={r.tier}" if r.tier else ""
             print(f"{r.id}  {r.role.value:<8} {r.name}{scope}")
         return 0
 
@@ -170,6 +173,7 @@ def parser() -> argparse.ArgumentParser:
     c = tsub.add_parser("create", help="create a token and print it (once)")
     c.add_argument("--role", required=True, choices=[r.value for r in Role])
     c.add_argument("--customer", help="scope a client token to one customer")
+    c.add_argument("--tier", help="the tier of the jobs it submits (the priority policy weighs it)")
     c.add_argument("--name", help="a name to recognise the token by")
     ls = tsub.add_parser("list", help="list tokens (ids, roles, names; never the tokens)")
     ls.add_argument("--json", action="store_true", help="print JSON")

@@ -34,6 +34,7 @@ from emp_hub.events import EventBus
 from emp_hub.logs import redact
 from emp_hub.metrics import Metrics
 from emp_hub.ratelimit import RateLimiter
+from emp_hub.scheduling import Scheduler
 from emp_hub.series import flush_until
 from emp_hub.settings import HubSettings
 from emp_hub.sockets import OpenSockets
@@ -158,7 +159,8 @@ async def _hub(settings: HubSettings, url: str) -> AsyncIterator[Hub]:
     client = connect(url)
     namespace = settings.broker.namespace
     shared = settings.auth_token.get_secret_value() if settings.auth_token else None
-    broker = Broker(client, settings.broker)
+    scheduler = Scheduler.from_settings(settings.scheduling)  # an unknown policy: error
+    broker = Broker(client, settings.broker, scheduler=scheduler)
     metrics = Metrics(settings.metrics_max_queue_series, settings.metrics_max_services)
     bus = EventBus(client, broker.keys)
     alerts = AlertEngine(broker, bus, settings.alerts)

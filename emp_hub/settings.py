@@ -13,6 +13,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from emp_hub.alerts import AlertSettings
 from emp_hub.broker import BrokerSettings
+from emp_hub.scheduling import SchedulingSettings
 from emp_protocol.logs import LogFormat
 
 #: The most jobs one batch may hold (POST /api/jobs/batch); the default burst lets it pass.
@@ -158,6 +159,7 @@ class HubSettings(BaseSettings):
     )
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
     alerts: AlertSettings = Field(default_factory=AlertSettings)
+    scheduling: SchedulingSettings = Field(default_factory=SchedulingSettings)
 
     @property
     def ws_max_bytes(self) -> int:

@@ -58,6 +58,17 @@ def test_claim_benchmark_prints_its_json(
     assert report["submit_jobs_per_s"] > 0 and report["claim_complete_per_s"] > 0
 
 
+def test_claim_benchmark_measures_the_priority_policy(
+    redis_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["--sizes", "1000", "--url", redis_url, "--cc-jobs", "100"]
+    claim_benchmark.main([*args, "--policy", "fifo", "priority"])
+    [row] = json.loads(capsys.readouterr().out)["results"]
+    assert row["policies"]["fifo"]["p99_ms"] > 0 and row["policies"]["priority"]["p99_ms"] > 0
+    step = row["policies"]["priority"]["promotion_step"]
+    assert step["samples"] == 1 and step["steps_per_pass"] == 1000 and step["p99_ms"] > 0
+
+
 @pytest.mark.timeout(300)
 def test_hub_benchmark_prints_its_json(redis_url: str, capsys: pytest.CaptureFixture[str]) -> None:
     hub_benchmark.main(["--jobs", "200", "--workers", "4", "--samples", "10", "--url", redis_url])
@@ -274,6 +285,9 @@ def test_system_demo_runs_hub_and_worker_processes(tmp_path: Path) -> None:
     # Priority, then FIFO: the first wave (4 slots) takes urgent; the low ones go last.
     assert order["urgent"] <= 4
     assert order["urgent"] < order["cancel-me"] < order["low-1"] < order["low-2"]
+    # The deadline scene: priority 0, due within a minute: the weighted policy adds 500.
+    assert order["deadline-soon"] < order["urgent"]
+    assert rows["deadline-soon"][3] == "0->500"
     assert rows["flux-art"][5] == "gpu-4090"  # the only worker with the model
     assert rows["acme-secret"][5] == "acme-only"  # strict to its customer
     assert (rows["cancel-me"][6], rows["flaky"][6], rows["flaky"][7]) == (

@@ -13,7 +13,7 @@ import secrets
 import time
 import uuid
 from collections.abc import Callable, Collection, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
 from redis.asyncio import Redis
@@ -40,6 +40,7 @@ from emp_hub.broker.models import (
 )
 from emp_hub.broker.scripts import CONFIG_FIELDS, Scripts
 from emp_hub.broker.settings import BrokerSettings
+from emp_hub.scheduling import EXPIRE, Scheduler
 from emp_protocol.capabilities import JobRequirements, WorkerCapabilities, matches, why_unmatched
 from emp_protocol.jobs import JobStatus
 
@@ -111,6 +112,10 @@ class MaintenanceReport:
     purged: int
     workers_pruned: int
     classes_collected: int
+    #: Promotion steps applied (priority policy, deadlines, aging), and the jobs expired
+    #: at their deadline.
+    promotion_steps: int = 0
+    deadline_expired: list[str] = field(default_factory=list)
 
 
 class Broker:
@@ -126,10 +131,13 @@ class Broker:
         settings: BrokerSettings | None = None,
         *,
         clock: Callable[[], float] = time.time,
+        scheduler: Scheduler | None = None,
     ) -> None:
         self.redis = redis
         self.settings = settings or BrokerSettings()
         self.clock = clock
+        #: The priority policy, deadlines and aging (emp_hub/scheduling.py); default: FIFO.
+        self.scheduler = scheduler or Scheduler()
         #: Names this broker in its announcements of submitted jobs: a hub wakes its own
         #: parked workers for what it submits at once (Hub.submit), and skips the
         #: announcement that comes back with its origin.
@@ -202,6 +210,15 @@ class Broker:
                 )
             req = self._requirements(spec)
             max_attempts = spec.max_attempts or self.settings.max_attempts
+            deadline = spec.deadline_at(now)
+            plan = self.scheduler.plan(
+                priority=spec.priority,
+                customer=spec.customer,
+                urgency=spec.urgency,
+                deadline=deadline,
+                now=now,
+                tier=spec.tier,
+            )
             rows.append(
                 [
                     job_id,
@@ -214,6 +231,11 @@ class Broker:
                     repr(spec.timeout),
                     payload,
                     spec.client_id or "",
+                    str(plan.effective_priority),
+                    spec.urgency or "",
+                    "" if deadline is None else repr(deadline),
+                    plan.encoded(),
+                    repr(plan.next_at or 0),
                 ]
             )
             accepted.append((job_id, spec, req, max_attempts))
@@ -674,6 +696,7 @@ class Broker:
                     event, state = REAPED[outcome]
                     _changed(job_id, event, state, "active", worker_id=None)
         promoted = await self._run("promote", limit)
+        steps, expired = await self.apply_promotions()
         purged = await self._run("janitor", limit)
         collected = await self._run("collect", limit, self.settings.class_idle_s)
         pruned = await self.redis.zremrangebyscore(
@@ -687,7 +710,24 @@ class Broker:
             purged=int(purged),
             workers_pruned=int(pruned),
             classes_collected=int(collected),
+            promotion_steps=steps,
+            deadline_expired=expired,
         )
+
+    async def apply_promotions(self) -> tuple[int, list[str]]:
+        """Apply due promotion steps (deadline boosts, aging, deadlines), at most
+        scheduling.promote_limit of them (see docs/scheduling.md); returns how many were
+        applied and the jobs expired at their deadline. maintain() calls it."""
+        steps, *expired = await self._run(
+            "schedule",
+            self.scheduler.settings.promote_limit,
+            EXPIRE,
+            1 if self.scheduler.settings.deadline_action == "expire" else 0,
+        )
+        if expired and jobs_log.isEnabledFor(logging.INFO):
+            for job_id in expired:
+                _changed(job_id, "failed: its deadline passed", "failed", None)
+        return int(steps), list(expired)
 
     async def accept_output(self, job_id: str, token: str) -> bool:
         """Whether `token` holds the active job `job_id` (to accept an output of it); if

@@ -27,6 +27,7 @@ KeyName = Literal[
     "leases",
     "delayed",
     "dead",
+    "promotions",
     "expiring",
     "all_jobs",
     "by_status",
@@ -71,6 +72,7 @@ LAYOUT: dict[KeyName, str] = {
     "leases": "leases",  # zset: active job -> lease expiry
     "delayed": "delayed",  # zset: job waiting for a retry -> when it is due
     "dead": "dead",  # zset: dead-lettered job -> when it failed
+    "promotions": "promote:at",  # zset: job with promotion steps -> when the next is due
     "expiring": "expiring",  # zset: "id TAB service TAB customer TAB status" -> end
     "all_jobs": "idx:all",  # zset: job id -> seq
     "by_status": "idx:status:{}",  # zset: job id -> seq, one per status

@@ -6,7 +6,7 @@ import json
 import re
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, cast
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
@@ -19,6 +19,8 @@ PRIORITY_MAX = 1000
 #: A job's queue score is (PRIORITY_MAX - priority) * PRIORITY_SCALE + seq: one integer,
 #: exact in a double (< 2**53) while seq < 2**42. See docs/broker.md.
 PRIORITY_SCALE = 2**42
+#: How urgent a client says a job is; a priority policy may weigh it (docs/scheduling.md).
+Urgency = Literal["low", "normal", "high", "critical"]
 #: Job ids: what a URL path segment holds as is, so that every job can be reached at
 #: /api/jobs/<id> (no '/', '?', '#', '%', and not '.' or '..'). The original system's ids
 #: ("job-<uuid>", "job-rest-<uuid>", a client's message_id like "ack-1795926929") fit.
@@ -76,11 +78,33 @@ class JobSpec(BaseModel):
         max_length=200,
         description="The client connection that submitted it (original protocol).",
     )
+    urgency: Urgency | None = Field(
+        default=None, description="low, normal (the default), high or critical."
+    )
+    deadline: float | None = Field(
+        default=None, gt=0, description="Epoch seconds by which it should have started."
+    )
+    deadline_in_s: float | None = Field(
+        default=None, ge=0, description="The deadline as seconds from now (not with deadline)."
+    )
+    tier: Name | None = Field(
+        default=None,
+        description="The tier of the token that submitted it (the hub sets it, not the "
+        "client); else the customer's tier counts (docs/scheduling.md).",
+    )
 
     @model_validator(mode="after")
     def _requirements_hold_together(self) -> JobSpec:
         self.job_requirements()  # e.g. isolation needs a customer
+        if self.deadline is not None and self.deadline_in_s is not None:
+            raise ValueError("give deadline or deadline_in_s, not both")
         return self
+
+    def deadline_at(self, now: float) -> float | None:
+        """The deadline in epoch seconds, if it has one."""
+        if self.deadline_in_s is not None:
+            return now + self.deadline_in_s
+        return self.deadline
 
     def job_requirements(self) -> JobRequirements:
         """The hard requirements in canonical form (service and customer included)."""
@@ -95,7 +119,13 @@ class Job(BaseModel):
     id: str
     service: str
     status: JobStatus
-    priority: int
+    priority: int = Field(description="The priority the client asked for.")
+    effective_priority: int | None = Field(
+        default=None,
+        description="The priority it is queued at (the policy's, promotions included).",
+    )
+    urgency: Urgency | None = None
+    deadline: float | None = Field(default=None, description="Epoch seconds, if it has one.")
     payload: dict[str, Any]
     requirements: JobRequirements
     requirement_class: str
@@ -141,6 +171,9 @@ class Job(BaseModel):
             service=h["service"],
             status=JobStatus(h["status"]),
             priority=int(h["priority"]),
+            effective_priority=int(h.get("effective_priority") or h["priority"]),
+            urgency=cast(Urgency, h["urgency"]) if h.get("urgency") else None,
+            deadline=opt_float("deadline_at"),
             payload=json.loads(h["payload"]) if "payload" in h else {},
             requirements=_requirements(h["requirements"]),
             requirement_class=h["class"],

@@ -31,6 +31,7 @@ NAMES = (
     "retry",
     "reap",
     "promote",
+    "schedule",
     "janitor",
     "collect",
     "depth",

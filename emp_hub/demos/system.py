@@ -3,7 +3,8 @@
 `scripts/demo.sh` (or `emp-demo`): starts a hub on an embedded Valkey and three workers
 with the simulation connector and different capabilities (one with a model the others
 lack, one strict to a customer), submits jobs with priorities and requirements, one that
-fails and is retried, one that is cancelled while it runs, shows them live, then prints who
+fails and is retried, one that is cancelled while it runs, one whose near deadline makes it
+overtake the others (the hub runs the weighted priority policy), shows them live, then prints who
 ran what (the path of a retried job: `gpu-4090 -> cpu-box`), in which order and how long,
 and the hub's URL. Ctrl-C, SIGTERM or SIGHUP stop every process it started (the hub's
 embedded Valkey too) and remove its temporary folder (`--keep` keeps it, with the logs).
@@ -73,6 +74,9 @@ def demo_jobs(scale: float) -> list[dict[str, Any]]:
         job("cancel-me", 30, priority=2),
         job("mid-1", 1.5, priority=5),
         job("mid-2", 1.5, priority=5),
+        # The deadline scene: priority 0, but due within a minute; the hub's weighted policy
+        # (docs/scheduling.md) adds 500, so it overtakes the whole backlog.
+        job("deadline-soon", 1, priority=0, deadline_in_s=60),
     ]
 
 
@@ -94,6 +98,7 @@ class System:
         base = {**os.environ, "EMP_LOG_LEVEL": "warning", "PYTHONUNBUFFERED": "1"}
         base.pop("EMP_REDIS_URL", None)
         hub_env = {**base, "EMP_DATA_DIR": str(self.tmp / "data"), "EMP_PORT": str(self.port)}
+        hub_env["EMP_SCHEDULING__POLICY"] = "weighted"  # for the deadline scene
         logs = self.tmp / "logs"
         logs.mkdir()
         self._spawn("hub", ["emp_hub.cli", "serve"], hub_env)
@@ -181,6 +186,13 @@ def _wait(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
+def prio(job: dict[str, Any]) -> str:
+    """The priority asked, and the one queued at when the policy changed it: "0->500"."""
+    effective = job.get("effective_priority")
+    asked = str(job["priority"])
+    return asked if effective in (None, job["priority"]) else f"{asked}->{effective}"
+
+
 def jobs_table(jobs: list[dict[str, Any]]) -> Table:
     """Live view: one row per job."""
     table = Table(title="jobs (live)")
@@ -194,7 +206,7 @@ def jobs_table(jobs: list[dict[str, Any]]) -> Table:
         table.add_row(
             job["job_id"],
             job["job_type"],
-            str(job["priority"]),
+            prio(job),
             f"[{colour.get(status, 'white')}]{status}[/]",
             job["worker_id"] or "-",
             f"{bar} {job['progress']:3.0f}%",
@@ -208,7 +220,11 @@ def summary_table(jobs: list[dict[str, Any]], paths: dict[str, list[str]]) -> Ta
     table = Table(title="who ran what, in start order")
     for column in ("#", "job", "prio", "needs", "ran on", "outcome", "attempts", "seconds"):
         table.add_column(column)
-    started = sorted((j for j in jobs if j["claimed_at"]), key=lambda j: j["claimed_at"])
+    # Jobs claimed together (one worker's free slots) were taken best first.
+    started = sorted(
+        (j for j in jobs if j["claimed_at"]),
+        key=lambda j: (j["claimed_at"], -(j.get("effective_priority") or j["priority"])),
+    )
     for n, job in enumerate(started, 1):
         needs = list(job["requirements"].get("models", []))
         if job["requirements"].get("isolation") == "strict":
@@ -218,7 +234,7 @@ def summary_table(jobs: list[dict[str, Any]], paths: dict[str, list[str]]) -> Ta
         table.add_row(
             str(n),
             job["job_id"],
-            str(job["priority"]),
+            prio(job),
             ", ".join(needs) or "-",
             " -> ".join(paths.get(job["job_id"]) or [job["worker_id"] or "-"]),
             job["status"],

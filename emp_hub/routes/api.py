@@ -36,7 +36,7 @@ from emp_hub.broker import (
     StaleLease,
     TooLarge,
 )
-from emp_hub.broker.models import LARGE_FIELDS, Event, JobId
+from emp_hub.broker.models import LARGE_FIELDS, Event, JobId, Urgency
 from emp_hub.dispatch import ControlAction, WorkerState, state_name, worker_state_message
 from emp_hub.hub import Hub
 from emp_hub.ratelimit import RateLimited
@@ -195,6 +195,9 @@ class SubmitRequest(BaseModel):
     customer: str | None = Field(default=None, pattern=NAME_PATTERN)
     max_attempts: int | None = Field(default=None, ge=1, le=100)
     job_timeout: float = Field(default=0, ge=0, description="Seconds per attempt; 0: none.")
+    urgency: Urgency | None = Field(default=None, description="low, normal, high, critical.")
+    deadline: float | None = Field(default=None, gt=0, description="Epoch seconds.")
+    deadline_in_s: float | None = Field(default=None, ge=0, description="Deadline from now.")
     idempotency_key: str | None = Field(
         default=None,
         max_length=200,
@@ -224,6 +227,10 @@ class SubmitRequest(BaseModel):
                 requirements=self.requirements,
                 max_attempts=self.max_attempts,
                 timeout=self.job_timeout,
+                urgency=self.urgency,
+                deadline=self.deadline,
+                deadline_in_s=self.deadline_in_s,
+                tier=principal.tier,
             )
         except ValidationError as exc:
             detail = [{"loc": ["body", *e["loc"]], "msg": e["msg"]} for e in exc.errors()]
@@ -274,7 +281,12 @@ class JobSummary(BaseModel):
         default=None, description="Only with include=payload."
     )
     failures: int
-    priority: int
+    priority: int = Field(description="The priority the client asked for.")
+    effective_priority: int | None = Field(
+        default=None, description="The priority it is queued at (docs/scheduling.md)."
+    )
+    urgency: str | None = None
+    deadline: float | None = Field(default=None, description="Epoch seconds, if it has one.")
     customer: str | None
     requirements: dict[str, Any]
     attempt: int
@@ -323,6 +335,9 @@ class JobSummary(BaseModel):
             error=job.error,
             failures=job.failures,
             priority=job.priority,
+            effective_priority=job.effective_priority,
+            urgency=job.urgency,
+            deadline=job.deadline,
             customer=job.customer,
             requirements=job.requirements.model_dump(mode="json"),
             attempt=job.attempt,

@@ -354,6 +354,10 @@ async def submit(session: ClientSession, hub: Hub, message: dict[str, Any]) -> N
             priority=message.get("priority") or 0,
             customer=session.principal.customer,
             client_id=session.client_id,
+            urgency=message.get("urgency"),
+            deadline=message.get("deadline"),
+            deadline_in_s=message.get("deadline_in_s"),
+            tier=session.principal.tier,
         )
     except ValidationError as exc:
         details = error_details(exc, {"id": "message_id", "service": "job_type"})

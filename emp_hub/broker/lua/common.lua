@@ -132,6 +132,7 @@ local function finish(id, old, new, ttl)
   redis.call('ZADD', K.expiring, NOW + ttl, member)
   redis.call('EXPIRE', k, ttl)
   redis.call('EXPIRE', K.events(id), ttl)
+  redis.call('ZREM', K.promotions, id)  -- its promotion steps, if any (scheduling.md)
 end
 
 -- Move an active job to the dead-letter set: failed for good, kept for dead_retention.
@@ -162,4 +163,20 @@ local function fail_attempt(id, err, retryable, jitter)
     return 'delayed'
   end
   return dead_letter(id, err)
+end
+
+-- Priority policy, deadlines and aging (emp_hub/scheduling.py): keep a job's effective
+-- priority, urgency, deadline and promotion steps ("when priority ..."), and schedule the
+-- first step in `promotions` (schedule.lua applies due steps). One HSET; nothing else for
+-- a plain job.
+local function schedule_promotions(id, effective, urgency, deadline, steps, next_at)
+  local fields = {'effective_priority', effective}
+  if urgency ~= '' then fields[#fields + 1] = 'urgency'; fields[#fields + 1] = urgency end
+  if deadline ~= '' then fields[#fields + 1] = 'deadline_at'; fields[#fields + 1] = deadline end
+  if steps ~= '' then
+    fields[#fields + 1] = 'steps'
+    fields[#fields + 1] = steps
+    redis.call('ZADD', K.promotions, tonumber(next_at), id)
+  end
+  redis.call('HSET', K.job(id), unpack(fields))
 end
