@@ -12,7 +12,7 @@ import random
 import secrets
 import time
 import uuid
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
@@ -39,7 +39,7 @@ from emp_hub.broker.models import (
     TooLarge,
 )
 from emp_hub.broker.scripts import CONFIG_FIELDS, Scripts
-from emp_hub.broker.settings import BrokerSettings
+from emp_hub.broker.settings import AffinitySettings, BrokerSettings
 from emp_protocol.capabilities import JobRequirements, WorkerCapabilities, matches, why_unmatched
 from emp_protocol.jobs import JobStatus
 
@@ -47,6 +47,8 @@ log = logging.getLogger("emp_hub.broker")
 #: One INFO line per job state change (job_id, worker_id where one is involved, state and
 #: old_state); EMP_LOG_LEVEL=warning leaves them out.
 jobs_log = logging.getLogger("emp_hub.jobs")
+#: The models a worker has loaded now, per service (what its connectors report).
+LoadedModels = Mapping[str, Collection[str]]
 
 
 def _changed(job_id: str, event: str, state: str, old: str | None, **fields: Any) -> None:
@@ -126,9 +128,12 @@ class Broker:
         settings: BrokerSettings | None = None,
         *,
         clock: Callable[[], float] = time.time,
+        affinity: AffinitySettings | None = None,
     ) -> None:
         self.redis = redis
         self.settings = settings or BrokerSettings()
+        #: Model-warm affinity (docs/scheduling.md); off by default.
+        self.affinity = affinity or AffinitySettings()
         self.clock = clock
         #: Names this broker in its announcements of submitted jobs: a hub wakes its own
         #: parked workers for what it submits at once (Hub.submit), and skips the
@@ -148,6 +153,7 @@ class Broker:
             "max_orphans": s.max_orphans,
             "timeout_grace": s.timeout_grace_s,
             "max_skip": s.max_skip,
+            "affinity_wait": self.affinity.max_wait_s,
         }
         self._config = " ".join(repr(config[name]) for name in CONFIG_FIELDS)
         # Requirement classes known to this process, refreshed when the server's version
@@ -491,8 +497,11 @@ class Broker:
         self._matching[cache_key] = (self._classes_ver, found)
         return found
 
-    async def _claim_plan(self, worker_id: str, caps: WorkerCapabilities) -> list[str]:
-        """Claim-script arguments: each candidate class and whether avoided jobs may go."""
+    async def _claim_plan(
+        self, worker_id: str, caps: WorkerCapabilities, loaded: LoadedModels | None = None
+    ) -> list[str]:
+        """Claim-script arguments: each candidate class and whether avoided jobs may go;
+        then, with affinity on and a class warm, which classes prefer a loaded model."""
         classes = self.matching_classes(caps)
         if not classes:
             return []
@@ -502,7 +511,22 @@ class Broker:
             counted = worker_id in self._live and worker_id not in self._resting
             others = counts.get(c, 0) - (1 if counted else 0)
             plan += [c, "1" if others <= 0 else "0"]
-        return plan
+        warm = self._warm_mask(classes, loaded)
+        return [*plan, warm] if warm else plan
+
+    def _warm_mask(self, classes: list[str], loaded: LoadedModels | None) -> str:
+        """'1' per class whose preferred model the worker has loaded for its service, '0'
+        for the others; '' when affinity is off or no class is warm (plain order)."""
+        if not self.affinity.enabled or not loaded:
+            return ""
+        mask = "".join(
+            "1"
+            if (req := self._classes[c]).prefer_model is not None
+            and req.prefer_model in loaded.get(req.service, ())
+            else "0"
+            for c in classes
+        )
+        return mask if "1" in mask else ""
 
     def _live_counts(self, live: dict[str, WorkerCapabilities]) -> dict[str, int]:
         """How many live workers that take jobs (not drained or stopping) satisfy each class
@@ -522,14 +546,20 @@ class Broker:
     # -- claim and the life of a claimed job ---------------------------------------------
 
     async def claim(
-        self, worker_id: str, caps: WorkerCapabilities, *, lease_s: float | None = None
+        self,
+        worker_id: str,
+        caps: WorkerCapabilities,
+        *,
+        lease_s: float | None = None,
+        loaded: LoadedModels | None = None,
     ) -> Claim | None:
         """Take the best job `caps` can run (highest priority, then oldest) and lease it.
 
         Returns None when no matching job is pending. A job that `worker_id` failed before
-        is passed over while another live worker could run it.
+        is passed over while another live worker could run it. `loaded`: the models the
+        worker has loaded now per service (used by model-warm affinity, when it is on).
         """
-        claims = await self.claim_many(worker_id, caps, 1, lease_s=lease_s)
+        claims = await self.claim_many(worker_id, caps, 1, lease_s=lease_s, loaded=loaded)
         return claims[0] if claims else None
 
     async def claim_many(
@@ -539,11 +569,12 @@ class Broker:
         count: int,
         *,
         lease_s: float | None = None,
+        loaded: LoadedModels | None = None,
     ) -> list[Claim]:
         """Claim up to `count` jobs at once, best first (a worker filling its free slots)."""
         lease = lease_s or self.settings.lease_s
         for _ in range(3):
-            plan = await self._claim_plan(worker_id, caps)
+            plan = await self._claim_plan(worker_id, caps, loaded)
             prefix = secrets.token_hex(12)
             reply = await self._run(
                 "claim", worker_id, prefix, lease, count, self._classes_ver, len(plan) // 2, *plan

@@ -163,3 +163,25 @@ local function fail_attempt(id, err, retryable, jitter)
   end
   return dead_letter(id, err)
 end
+
+-- Model-warm affinity (docs/scheduling.md). `best` is the lowest-score head among heads[1..n]
+-- (false: an empty queue); warm[i] is true when head i prefers a model the claiming worker
+-- has loaded. A cold best gives way to the lowest-score warm head of the same band (the
+-- same effective priority) while it has waited less than CFG.affinity_wait seconds since
+-- it was submitted; otherwise best stands. One extra read (best's created_at), O(n).
+local function affinity_pick(heads, n, best, warm)
+  if warm[best] then return best end
+  local band = math.floor(heads[best][2] / CFG.pscale)
+  local alt = nil
+  for i = 1, n do
+    local h = heads[i]
+    if h and warm[i] and math.floor(h[2] / CFG.pscale) == band
+        and (alt == nil or h[2] < heads[alt][2]) then
+      alt = i
+    end
+  end
+  if alt == nil then return best end
+  local created = tonumber(redis.call('HGET', K.job(heads[best][1]), 'created_at')) or 0
+  if NOW - created >= CFG.affinity_wait then return best end
+  return alt
+end
