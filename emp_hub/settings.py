@@ -8,11 +8,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from emp_hub.alerts import AlertSettings
 from emp_hub.broker import BrokerSettings
+from emp_hub.broker.settings import AffinitySettings
 from emp_protocol.logs import LogFormat
 
 #: The most jobs one batch may hold (POST /api/jobs/batch); the default burst lets it pass.
@@ -28,6 +29,14 @@ def default_data_dir() -> Path:
 def _env(name: str, *legacy: str) -> AliasChoices:
     """Environment names of a setting: EMP_<NAME> first, then the original ones."""
     return AliasChoices(f"EMP_{name.upper()}", *legacy)
+
+
+class SchedulingSettings(BaseModel):
+    """Scheduling policy (EMP_SCHEDULING__...; docs/scheduling.md): each part off by default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    affinity: AffinitySettings = Field(default_factory=AffinitySettings)
 
 
 class HubSettings(BaseSettings):
@@ -156,6 +165,7 @@ class HubSettings(BaseSettings):
         description="text, or json: one JSON object a line (uvicorn's lines too).",
     )
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
+    scheduling: SchedulingSettings = Field(default_factory=SchedulingSettings)
     alerts: AlertSettings = Field(default_factory=AlertSettings)
 
     @property
