@@ -11,7 +11,11 @@ worst case for a broker that scans its pending set. In the same run we measure
 * batch submit throughput (jobs/s), and claim+complete throughput of one client.
 
 Each claimed job is handed back (release / re-add, not timed) so the backlog stays the same
-for every sample. Usage: python benchmarks/claim.py [--quick] [--url redis://...]
+for every sample. `--policy` switches a scheduling policy on (docs/scheduling.md): `fifo`
+(today's order, the default); `affinity`: model-warm affinity on, the worker's class split
+in 4 by preferred model (m0..m3), the worker with m1 loaded, so that every claim passes an
+older cold head over for a warm one (the affinity path, with its extra read).
+Usage: python benchmarks/claim.py [--quick] [--policy fifo|affinity] [--url redis://...]
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import redis.asyncio
 
 import emp_hub
 from emp_hub.broker import Broker, BrokerSettings, JobSpec, RequirementsSpec, connect
+from emp_hub.broker.settings import AffinitySettings
 from emp_hub.embedded import redis_url_or_embedded
 from emp_protocol.capabilities import JobRequirements, WorkerCapabilities, matches
 
@@ -44,6 +49,10 @@ WORKER = WorkerCapabilities(services={"sim"}, tags={TARGET_TAG})
 SUBMIT_BATCH = 1000
 SUBMIT_INFLIGHT = 2  # batches in flight: one is prepared while the server runs the other
 CLAIM_SAMPLES = 1000
+POLICIES = ("fifo", "affinity")
+#: --policy affinity: the models the worker's jobs prefer, and the one it has loaded.
+PREFERRED = ("m0", "m1", "m2", "m3")
+LOADED = {"sim": frozenset({"m1"})}
 
 
 def job_plan(n: int, seed: int = 7) -> list[tuple[int, int]]:
@@ -57,8 +66,14 @@ def job_plan(n: int, seed: int = 7) -> list[tuple[int, int]]:
     return plan
 
 
-def requirements(cls: int) -> RequirementsSpec:
-    return RequirementsSpec(tags=[f"t{cls}"])
+def requirements(cls: int, prefer: str | None = None) -> RequirementsSpec:
+    return RequirementsSpec(tags=[f"t{cls}"], prefer_model=prefer)
+
+
+def make_broker(client: redis.asyncio.Redis, namespace: str, policy: str) -> Broker:
+    """Our broker with `policy` on (affinity: never aged out during the run)."""
+    affinity = AffinitySettings(enabled=policy == "affinity", max_wait_s=1e9)
+    return Broker(client, BrokerSettings(namespace=namespace), affinity=affinity)
 
 
 def percentiles(samples: list[float]) -> dict[str, float]:
@@ -75,8 +90,17 @@ def percentiles(samples: list[float]) -> dict[str, float]:
 
 
 async def fill_ours(broker: Broker, plan: list[tuple[int, int]]) -> float:
-    """Submit the backlog in batches, SUBMIT_INFLIGHT batches at a time; returns seconds."""
-    specs = [JobSpec(service="sim", priority=p, requirements=requirements(c)) for c, p in plan]
+    """Submit the backlog in batches, SUBMIT_INFLIGHT batches at a time; returns seconds.
+    With affinity on, the worker's jobs prefer m0..m3 in turn."""
+    split = broker.affinity.enabled
+    specs = [
+        JobSpec(
+            service="sim",
+            priority=p,
+            requirements=requirements(c, PREFERRED[i % 4] if split and c == 0 else None),
+        )
+        for i, (c, p) in enumerate(plan)
+    ]
     batches = [specs[i : i + SUBMIT_BATCH] for i in range(0, len(specs), SUBMIT_BATCH)]
 
     async def submitter(k: int) -> None:
@@ -92,9 +116,11 @@ async def claim_ours(broker: Broker, samples: int) -> list[float]:
     out = []
     for _ in range(samples):
         start = time.perf_counter()
-        claim = await broker.claim("bench-worker", WORKER)
+        claim = await broker.claim("bench-worker", WORKER, loaded=LOADED)
         out.append(time.perf_counter() - start)
         assert claim is not None and claim.job.requirements.tags == (TARGET_TAG,)
+        if broker.affinity.enabled:  # the warm job, though an older cold one waits
+            assert claim.job.requirements.prefer_model == "m1"
         await broker.release(claim.job.id, claim.token)
     return out
 
@@ -188,7 +214,9 @@ async def drop(client: redis.asyncio.Redis, pattern: str) -> None:
         await client.unlink(*batch)
 
 
-async def run(url: str, sizes: list[int], cc_jobs: int, concurrency: int) -> dict[str, Any]:
+async def run(
+    url: str, sizes: list[int], cc_jobs: int, concurrency: int, policy: str = "fifo"
+) -> dict[str, Any]:
     client = connect(url)
     info = await client.info("server")
     server = (
@@ -203,7 +231,7 @@ async def run(url: str, sizes: list[int], cc_jobs: int, concurrency: int) -> dic
     try:
         for n in sizes:
             plan = job_plan(n)
-            ours = Broker(client, BrokerSettings(namespace=f"bench-{n}"))
+            ours = make_broker(client, f"bench-{n}", policy)
             took = await fill_ours(ours, plan)
             submitted += n
             submit_seconds += took
@@ -229,7 +257,8 @@ async def run(url: str, sizes: list[int], cc_jobs: int, concurrency: int) -> dic
         await client.aclose()
     return {
         "conditions": {
-            "classes": CLASSES,
+            "policy": policy,
+            "classes": CLASSES + (len(PREFERRED) - 1 if policy == "affinity" else 0),
             "worker_matches": "1 class holding 1% of the jobs, lowest priority",
             "server": server,
             "server_appendonly": persistence.get("appendonly"),
@@ -267,10 +296,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--url", help="Redis URL (default: an embedded Valkey in a temp dir)")
     parser.add_argument("--cc-jobs", type=int, default=20_000, help="jobs for claim+complete")
     parser.add_argument("--concurrency", type=int, default=8, help="claim+complete tasks")
+    parser.add_argument(
+        "--policy", choices=POLICIES, default="fifo", help="scheduling policy switched on"
+    )
     args = parser.parse_args(argv)
     sizes = args.sizes or ([1_000, 100_000] if args.quick else [1_000, 100_000, 1_000_000])
     with tempfile.TemporaryDirectory() as tmp, redis_url_or_embedded(args.url, Path(tmp)) as url:
-        report = run_loop(run(url, sizes, args.cc_jobs, args.concurrency))
+        report = run_loop(run(url, sizes, args.cc_jobs, args.concurrency, args.policy))
     print(json.dumps(report, indent=2))
 
 
