@@ -48,7 +48,7 @@ log = logging.getLogger("emp_hub.broker")
 #: old_state); EMP_LOG_LEVEL=warning leaves them out.
 jobs_log = logging.getLogger("emp_hub.jobs")
 #: The models a worker has loaded now, per service (what its connectors report).
-LoadedModels = Mapping[str, Collection[str]]
+ModelsByService = Mapping[str, Collection[str]]
 
 
 def _changed(job_id: str, event: str, state: str, old: str | None, **fields: Any) -> None:
@@ -498,7 +498,7 @@ class Broker:
         return found
 
     async def _claim_plan(
-        self, worker_id: str, caps: WorkerCapabilities, loaded: LoadedModels | None = None
+        self, worker_id: str, caps: WorkerCapabilities, loaded: ModelsByService | None = None
     ) -> list[str]:
         """Claim-script arguments: each candidate class and whether avoided jobs may go;
         then, with affinity on and a class warm, which classes prefer a loaded model."""
@@ -514,7 +514,7 @@ class Broker:
         warm = self._warm_mask(classes, loaded)
         return [*plan, warm] if warm else plan
 
-    def _warm_mask(self, classes: list[str], loaded: LoadedModels | None) -> str:
+    def _warm_mask(self, classes: list[str], loaded: ModelsByService | None) -> str:
         """'1' per class whose preferred model the worker has loaded for its service, '0'
         for the others; '' when affinity is off or no class is warm (plain order)."""
         if not self.affinity.enabled or not loaded:
@@ -551,7 +551,7 @@ class Broker:
         caps: WorkerCapabilities,
         *,
         lease_s: float | None = None,
-        loaded: LoadedModels | None = None,
+        loaded: ModelsByService | None = None,
     ) -> Claim | None:
         """Take the best job `caps` can run (highest priority, then oldest) and lease it.
 
@@ -569,7 +569,7 @@ class Broker:
         count: int,
         *,
         lease_s: float | None = None,
-        loaded: LoadedModels | None = None,
+        loaded: ModelsByService | None = None,
     ) -> list[Claim]:
         """Claim up to `count` jobs at once, best first (a worker filling its free slots)."""
         lease = lease_s or self.settings.lease_s
