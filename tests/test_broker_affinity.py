@@ -90,6 +90,21 @@ async def test_cold_job_older_than_the_bound_wins(broker: Broker, clock: Clock) 
     assert await claimed(affine, {"sd": {"m"}}) == second_m
 
 
+async def test_any_overdue_cold_head_ahead_of_the_warm_one_restores_plain_order(
+    broker: Broker, clock: Clock
+) -> None:
+    """A policy may tag jobs out of submission order (fair share): then a cold head other
+    than the plain best may be the overdue one; the warm job still does not pass it."""
+    affine = on(broker)
+    fresh = (await affine.submit(job("n"))).id  # the plain best, waited 0 s
+    clock.advance(-100)  # the next one is tagged later but waited longer
+    overdue = (await affine.submit(job("o"))).id
+    clock.advance(100)
+    await affine.submit(job("m"))
+    assert await claimed(affine, {"sd": {"m"}}) == fresh
+    assert await claimed(affine, {"sd": {"m"}}) == overdue
+
+
 async def test_loaded_models_count_for_their_own_service(broker: Broker) -> None:
     affine = on(broker)
     old_n = (await affine.submit(job("n"))).id
