@@ -100,6 +100,8 @@ class WorkerSession:
     original: bool = False  # an original emp-redis worker: offers, then claim_job
     offered: dict[str, str] = field(default_factory=dict)  # job id -> token, reserved
     status: str = ""  # the last status it reported (idle/busy), as monitors last heard it
+    #: The models it reported loaded, per service (model-warm affinity); original: none.
+    loaded: dict[str, frozenset[str]] = field(default_factory=dict)
     action: WorkerAction | None = None  # drain/shutdown, as an admin asked: nothing assigned
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     fed: asyncio.Event = field(default_factory=asyncio.Event)  # set after each feeding
@@ -372,6 +374,7 @@ class Dispatcher:
             session.caps,
             session.wanted,
             lease_s=OFFER_S + OFFER_GRACE_S if session.original else None,
+            loaded=session.loaded,
         )
         self.metrics.claim_seconds.observe(time.perf_counter() - started)
         for claim in claims:

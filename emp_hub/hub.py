@@ -160,7 +160,9 @@ async def _hub(settings: HubSettings, url: str) -> AsyncIterator[Hub]:
     namespace = settings.broker.namespace
     shared = settings.auth_token.get_secret_value() if settings.auth_token else None
     scheduler = Scheduler.from_settings(settings.scheduling)  # an unknown policy: error
-    broker = Broker(client, settings.broker, scheduler=scheduler)
+    broker = Broker(
+        client, settings.broker, scheduler=scheduler, affinity=settings.scheduling.affinity
+    )
     metrics = Metrics(settings.metrics_max_queue_series, settings.metrics_max_services)
     bus = EventBus(client, broker.keys)
     alerts = AlertEngine(broker, bus, settings.alerts)

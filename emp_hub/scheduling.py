@@ -23,6 +23,7 @@ from typing import Literal, Protocol
 from pydantic import BaseModel, Field, field_validator
 
 from emp_hub.broker.models import PRIORITY_MAX, PRIORITY_MIN, Urgency
+from emp_hub.broker.settings import AffinitySettings
 
 #: The entry point group of priority policy plugins.
 POLICY_GROUP = "emp_hub.priority_policies"
@@ -84,6 +85,7 @@ class SchedulingSettings(BaseModel):
         default_factory=dict, description="Customer -> tier (a JSON object), for the policy."
     )
     weights: PolicyWeights = Field(default_factory=PolicyWeights)
+    affinity: AffinitySettings = Field(default_factory=AffinitySettings)
     max_wait_s: float = Field(
         default=0,
         ge=0,

@@ -71,6 +71,11 @@ class JobRequirements(BaseModel):
     tags: tuple[Name, ...] = ()
     cpu_cores: int = Field(default=0, ge=0)
     ram_gb: float = Field(default=0, ge=0)
+    prefer_model: Name | None = Field(
+        default=None,
+        description="A model the job prefers (soft): not matched, but part of the class, so "
+        "that model-warm affinity (docs/scheduling.md) can favour workers that have it loaded.",
+    )
 
     _norm = field_validator("models", "tags", mode="before")(_sorted_unique)
 
@@ -88,8 +93,13 @@ class JobRequirements(BaseModel):
 
     @cached_property
     def canonical_json(self) -> str:
-        """The canonical JSON form: the same requirements always give the same text."""
-        return _canonical_json(self.model_dump(mode="json"))
+        """The canonical JSON form: the same requirements always give the same text.
+        `prefer_model` appears only when set, so the classes of other jobs keep their hash."""
+        return _canonical_json(
+            self.model_dump(
+                mode="json", exclude={"prefer_model"} if self.prefer_model is None else None
+            )
+        )
 
     @cached_property
     def requirement_class(self) -> str:

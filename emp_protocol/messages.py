@@ -20,7 +20,7 @@ from pydantic import (
     model_serializer,
 )
 
-from emp_protocol.capabilities import WorkerCapabilities
+from emp_protocol.capabilities import Name, WorkerCapabilities
 
 #: The version of this protocol. The hub says its own in `connection_established`
 #: (`protocol_version`), the worker its own in `register_worker`, and the hub refuses a
@@ -102,12 +102,25 @@ def _worker_capabilities(capabilities: dict[str, Any]) -> WorkerCapabilities:
     return WorkerCapabilities(services=capabilities.get("supported_job_types", []))
 
 
+#: The models a worker has loaded now, per service: {service: [model]} (model-warm
+#: affinity, docs/scheduling.md). None: not reported (unchanged since the last report).
+LoadedModels = dict[Name, list[Name]] | None
+LOADED_MODELS_DOC = (
+    "The models the worker has loaded now, per service ({service: [model]}), as its "
+    "connectors report them; left out: unchanged. The hub favours jobs preferring them "
+    "when model-warm affinity is on."
+)
+
+
 class RequestJob(Message):
     """Pull model: the worker has `slots` free slots; the hub answers with job_assigned
     messages now or as soon as matching jobs arrive."""
 
+    OMIT_NONE = frozenset({"loaded_models"})
+
     type: Literal["request_job"] = "request_job"
     slots: int = Field(default=1, ge=0, le=1000)
+    loaded_models: LoadedModels = Field(default=None, description=LOADED_MODELS_DOC)
 
 
 class ClaimJob(Message):
@@ -122,10 +135,13 @@ class ClaimJob(Message):
 class WorkerHeartbeat(Message):
     """Liveness; renews the leases of the jobs this connection holds."""
 
+    OMIT_NONE = frozenset({"loaded_models"})
+
     type: Literal["worker_heartbeat"] = "worker_heartbeat"
     worker_id: str | None = None
     status: str = "idle"
     load: float = 0
+    loaded_models: LoadedModels = Field(default=None, description=LOADED_MODELS_DOC)
 
 
 class WorkerStatus(Message):

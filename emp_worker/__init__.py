@@ -12,5 +12,5 @@ __version__ = version()
 #: The version of the plugin contract (the hooks, `emp_worker.connector`,
 #: `emp_worker.testing`): the minor goes up when something is added, the major when
 #: something is removed or changes meaning. See docs/plugins.md, "Versions".
-PLUGIN_API = "1.1"
+PLUGIN_API = "1.2"
 __all__ = ["PLUGIN_API", "__version__", "hookimpl", "hookspec"]

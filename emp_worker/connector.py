@@ -15,7 +15,7 @@ import logging
 import mimetypes
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -230,6 +230,12 @@ class Connector:
 
     async def cancel(self, job: Job) -> None:
         """Interrupt the service's work on this job (the worker also cancels `run`)."""
+
+    def loaded_models(self) -> Collection[str] | None:
+        """The models its service has loaded now, for model-warm affinity (docs/scheduling.md);
+        None (the default): it cannot tell. Asked at every request for work and heartbeat:
+        answer from what the connector already knows, without I/O."""
+        return None
 
 
 async def maybe_await(value: Any) -> Any:

@@ -357,6 +357,19 @@ class Worker:
             ),
         )
 
+    def loaded_models(self) -> dict[str, list[str]] | None:
+        """The models the connectors (but those that are down) have loaded now, per service
+        they serve; None when none of them can tell (the hub then keeps no affinity)."""
+        report: dict[str, set[str]] | None = None
+        for connector in self.connectors:
+            models = connector.loaded_models() if self.healthy(connector) else None
+            if models is None:
+                continue
+            report = report if report is not None else {}
+            for service in connector.capabilities().services:
+                report.setdefault(service, set()).update(models)
+        return None if report is None else {s: sorted(m) for s, m in report.items()}
+
     def healthy(self, connector: Connector) -> bool:
         """Whether the connector's last health check was ok (or it was not checked yet)."""
         health = self.health.get(connector.name)
@@ -606,7 +619,7 @@ class Worker:
     async def request_work(self) -> None:
         """Tell the hub how many slots are free (0 while draining or drained)."""
         free = 0 if self.draining or self.paused else max(0, self.capacity - len(self.running))
-        await self.send(RequestJob(slots=free))
+        await self.send(RequestJob(slots=free, loaded_models=self.loaded_models()))
 
     async def _heartbeats(self) -> None:
         while True:
@@ -616,6 +629,7 @@ class Worker:
                     worker_id=self.worker_id,
                     status="busy" if self.running else "idle",
                     load=len(self.running) / max(1, self.capacity),
+                    loaded_models=self.loaded_models(),
                 )
             )
 

@@ -12,7 +12,7 @@ import random
 import secrets
 import time
 import uuid
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
@@ -39,7 +39,7 @@ from emp_hub.broker.models import (
     TooLarge,
 )
 from emp_hub.broker.scripts import CONFIG_FIELDS, Scripts
-from emp_hub.broker.settings import BrokerSettings
+from emp_hub.broker.settings import AffinitySettings, BrokerSettings
 from emp_hub.scheduling import EXPIRE, Scheduler
 from emp_protocol.capabilities import JobRequirements, WorkerCapabilities, matches, why_unmatched
 from emp_protocol.jobs import JobStatus
@@ -48,6 +48,8 @@ log = logging.getLogger("emp_hub.broker")
 #: One INFO line per job state change (job_id, worker_id where one is involved, state and
 #: old_state); EMP_LOG_LEVEL=warning leaves them out.
 jobs_log = logging.getLogger("emp_hub.jobs")
+#: The models a worker has loaded now, per service (what its connectors report).
+ModelsByService = Mapping[str, Collection[str]]
 
 
 def _changed(job_id: str, event: str, state: str, old: str | None, **fields: Any) -> None:
@@ -132,9 +134,12 @@ class Broker:
         *,
         clock: Callable[[], float] = time.time,
         scheduler: Scheduler | None = None,
+        affinity: AffinitySettings | None = None,
     ) -> None:
         self.redis = redis
         self.settings = settings or BrokerSettings()
+        #: Model-warm affinity (docs/scheduling.md); off by default.
+        self.affinity = affinity or AffinitySettings()
         self.clock = clock
         #: The priority policy, deadlines and aging (emp_hub/scheduling.py); default: FIFO.
         self.scheduler = scheduler or Scheduler()
@@ -156,6 +161,7 @@ class Broker:
             "max_orphans": s.max_orphans,
             "timeout_grace": s.timeout_grace_s,
             "max_skip": s.max_skip,
+            "affinity_wait": self.affinity.max_wait_s,
         }
         self._config = " ".join(repr(config[name]) for name in CONFIG_FIELDS)
         # Requirement classes known to this process, refreshed when the server's version
@@ -513,8 +519,11 @@ class Broker:
         self._matching[cache_key] = (self._classes_ver, found)
         return found
 
-    async def _claim_plan(self, worker_id: str, caps: WorkerCapabilities) -> list[str]:
-        """Claim-script arguments: each candidate class and whether avoided jobs may go."""
+    async def _claim_plan(
+        self, worker_id: str, caps: WorkerCapabilities, loaded: ModelsByService | None = None
+    ) -> list[str]:
+        """Claim-script arguments: each candidate class and whether avoided jobs may go;
+        then, with affinity on and a class warm, which classes prefer a loaded model."""
         classes = self.matching_classes(caps)
         if not classes:
             return []
@@ -524,7 +533,22 @@ class Broker:
             counted = worker_id in self._live and worker_id not in self._resting
             others = counts.get(c, 0) - (1 if counted else 0)
             plan += [c, "1" if others <= 0 else "0"]
-        return plan
+        warm = self._warm_mask(classes, loaded)
+        return [*plan, warm] if warm else plan
+
+    def _warm_mask(self, classes: list[str], loaded: ModelsByService | None) -> str:
+        """'1' per class whose preferred model the worker has loaded for its service, '0'
+        for the others; '' when affinity is off or no class is warm (plain order)."""
+        if not self.affinity.enabled or not loaded:
+            return ""
+        mask = "".join(
+            "1"
+            if (req := self._classes[c]).prefer_model is not None
+            and req.prefer_model in loaded.get(req.service, ())
+            else "0"
+            for c in classes
+        )
+        return mask if "1" in mask else ""
 
     def _live_counts(self, live: dict[str, WorkerCapabilities]) -> dict[str, int]:
         """How many live workers that take jobs (not drained or stopping) satisfy each class
@@ -544,14 +568,20 @@ class Broker:
     # -- claim and the life of a claimed job ---------------------------------------------
 
     async def claim(
-        self, worker_id: str, caps: WorkerCapabilities, *, lease_s: float | None = None
+        self,
+        worker_id: str,
+        caps: WorkerCapabilities,
+        *,
+        lease_s: float | None = None,
+        loaded: ModelsByService | None = None,
     ) -> Claim | None:
         """Take the best job `caps` can run (highest priority, then oldest) and lease it.
 
         Returns None when no matching job is pending. A job that `worker_id` failed before
-        is passed over while another live worker could run it.
+        is passed over while another live worker could run it. `loaded`: the models the
+        worker has loaded now per service (used by model-warm affinity, when it is on).
         """
-        claims = await self.claim_many(worker_id, caps, 1, lease_s=lease_s)
+        claims = await self.claim_many(worker_id, caps, 1, lease_s=lease_s, loaded=loaded)
         return claims[0] if claims else None
 
     async def claim_many(
@@ -561,11 +591,12 @@ class Broker:
         count: int,
         *,
         lease_s: float | None = None,
+        loaded: ModelsByService | None = None,
     ) -> list[Claim]:
         """Claim up to `count` jobs at once, best first (a worker filling its free slots)."""
         lease = lease_s or self.settings.lease_s
         for _ in range(3):
-            plan = await self._claim_plan(worker_id, caps)
+            plan = await self._claim_plan(worker_id, caps, loaded)
             prefix = secrets.token_hex(12)
             reply = await self._run(
                 "claim", worker_id, prefix, lease, count, self._classes_ver, len(plan) // 2, *plan

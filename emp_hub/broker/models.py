@@ -58,6 +58,11 @@ class RequirementsSpec(BaseModel):
     tags: list[Name] = Field(default_factory=list)
     cpu_cores: int = Field(default=0, ge=0)
     ram_gb: float = Field(default=0, ge=0)
+    prefer_model: Name | None = Field(
+        default=None,
+        description="A model the job prefers but does not require: any worker of the service "
+        "may run it; with model-warm affinity on, one that has it loaded is favoured.",
+    )
 
 
 class JobSpec(BaseModel):

@@ -55,6 +55,7 @@ CONFIG_FIELDS = (
     "max_orphans",
     "timeout_grace",
     "max_skip",
+    "affinity_wait",
 )
 
 _ERRORS: dict[str, type[BrokerError]] = {

@@ -61,3 +61,21 @@ class BrokerSettings(BaseModel):
         description="A requirement class without pending jobs for this long leaves the class "
         "list (its next job lists it again).",
     )
+
+
+class AffinitySettings(BaseModel):
+    """Model-warm affinity (docs/scheduling.md): EMP_SCHEDULING__AFFINITY__*."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(
+        default=False,
+        description="Among pending jobs of the same priority, a worker claims one that "
+        "prefers a model it has loaded before one that would make it switch models.",
+    )
+    max_wait_s: float = Field(
+        default=60,
+        ge=0,
+        description="A job that would make the worker switch models is passed over only "
+        "while it has waited less than this (since it was submitted): nothing starves.",
+    )

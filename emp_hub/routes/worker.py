@@ -230,8 +230,15 @@ async def register(session: WorkerSession, hub: Hub, message: RegisterWorker) ->
 
 async def request_job(session: WorkerSession, hub: Hub, message: RequestJob) -> None:
     """Free slots: the dispatcher claims for them now or when jobs come."""
+    note_loaded(session, message.loaded_models)
     session.wanted = message.slots
     session.wake.set()
+
+
+def note_loaded(session: WorkerSession, loaded: dict[str, list[str]] | None) -> None:
+    """Remember the models the worker reports loaded (None: unchanged)."""
+    if loaded is not None:
+        session.loaded = {service: frozenset(models) for service, models in loaded.items()}
 
 
 async def claim_job(session: WorkerSession, hub: Hub, message: ClaimJob) -> None:
@@ -245,6 +252,8 @@ async def heartbeat(
     """Alive: renew the worker and its leases (say which jobs it lost); a changed status
     goes to the monitors."""
     worker_id, broker = session.worker_id, hub.broker
+    if isinstance(message, WorkerHeartbeat):
+        note_loaded(session, message.loaded_models)
     await broker.touch_worker(worker_id)
     held = list(session.held.items())
     kept = await broker.extend(held)

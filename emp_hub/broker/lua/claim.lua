@@ -2,7 +2,8 @@
 -- ARGV[4] worker, ARGV[5] token prefix (job i gets token prefix:i), ARGV[6] lease seconds,
 -- ARGV[7] count, ARGV[8] the version of the class list the candidates were computed from,
 -- ARGV[9] number of queues, then per queue: class, allow_avoided ("1" when no other live
--- worker can run that class).
+-- worker can run that class); then, only with model-warm affinity on, a mask of '0'/'1' per
+-- queue: '1' when its jobs prefer a model the worker has loaded (see affinity_pick).
 -- Returns {0, classes_version} when the candidates are out of date (a new class appeared),
 -- else {1, classes_version, HGETALL of each claimed job...} (none when nothing matched, or
 -- when an admin drained or stopped the worker: its `worker_state` key is set).
@@ -25,6 +26,9 @@ for i = 1, nq do
   offs[i] = 0
   peek(i)
 end
+local mask = ARGV[10 + 2 * nq]
+local warm = {}
+for i = 1, nq do warm[i] = mask ~= nil and string.sub(mask, i, i) == '1' end
 
 local function take(id, class, token)
   dequeue(id, class)
@@ -53,6 +57,7 @@ while #out - 2 < count and skips <= CFG.max_skip do
     if heads[i] and (best == nil or heads[i][2] < heads[best][2]) then best = i end
   end
   if best == nil then break end
+  if mask then best = affinity_pick(heads, nq, best, warm) end
   local id = heads[best][1]
   local avoid = redis.call('HGET', K.job(id), 'avoid')
   if avoid and not allow[best] and string.find(avoid, needle, 1, true) then

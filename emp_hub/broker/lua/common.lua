@@ -180,3 +180,31 @@ local function schedule_promotions(id, effective, urgency, deadline, steps, next
   end
   redis.call('HSET', K.job(id), unpack(fields))
 end
+
+-- Model-warm affinity (docs/scheduling.md). `best` is the lowest-score head among heads[1..n]
+-- (false: an empty queue); warm[i] is true when head i prefers a model the claiming worker
+-- has loaded. A cold best gives way to W, the lowest-score warm head of the same band (the
+-- same effective priority), unless a cold head ahead of W (best among them) has waited
+-- CFG.affinity_wait seconds since it was submitted: then plain order, best. O(n), with one
+-- read (created_at) per cold head ahead of W.
+local function affinity_pick(heads, n, best, warm)
+  if warm[best] then return best end
+  local band = math.floor(heads[best][2] / CFG.pscale)
+  local alt = nil
+  for i = 1, n do
+    local h = heads[i]
+    if h and warm[i] and math.floor(h[2] / CFG.pscale) == band
+        and (alt == nil or h[2] < heads[alt][2]) then
+      alt = i
+    end
+  end
+  if alt == nil then return best end
+  for i = 1, n do
+    local h = heads[i]
+    if h and not warm[i] and h[2] < heads[alt][2] then
+      local created = tonumber(redis.call('HGET', K.job(h[1]), 'created_at')) or 0
+      if NOW - created >= CFG.affinity_wait then return best end
+    end
+  end
+  return alt
+end

@@ -359,3 +359,26 @@ def test_installed_as_an_emp_worker_plugin() -> None:
     registered: list[type] = []
     emp_connector_a1111.register_connectors(registered.append)
     assert registered == [A1111Connector]
+
+
+async def test_loaded_models_are_the_checkpoint_a1111_has_loaded() -> None:
+    fake = FakeA1111(step_s=0.001, loaded=SDXL)
+    async with serve(fake) as url:
+        a1111 = connector(url)
+        assert a1111.loaded_models() is None  # not asked yet: it cannot tell
+        await a1111.start()
+        try:
+            # The names a job's requirements give: model name and file name (as capabilities).
+            assert a1111.loaded_models() == ["sd_xl_base_1.0", "sd_xl_base_1.0.safetensors"]
+            ctx = fake_context("a1111", {"prompt": "x", "steps": 1, "model": "v1-5-pruned-emaonly"})
+            await a1111.run(ctx.job, ctx)
+            assert fake.loaded == SD15
+            assert a1111.loaded_models() == [
+                "v1-5-pruned-emaonly",
+                "v1-5-pruned-emaonly.safetensors",
+            ]
+            fake.loaded = SDXL  # switched behind its back (the web UI): health reads it again
+            assert (await a1111.health()).ok
+            assert a1111.loaded_models() == ["sd_xl_base_1.0", "sd_xl_base_1.0.safetensors"]
+        finally:
+            await a1111.stop()

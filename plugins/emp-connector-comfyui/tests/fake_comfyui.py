@@ -79,6 +79,10 @@ NODES: dict[str, tuple[dict[str, Any], bool]] = {
         True,
     ),
     "PreviewImage": ({"images": ["IMAGE"]}, True),
+    # ckpt_name: a combo of the files in models/checkpoints (MODELS), as the real node's.
+    # Linked into a graph (as an extra input of a node: ComfyUI runs every linked node),
+    # it runs; its output here is no image, as the real one's MODEL/CLIP/VAE are none.
+    "CheckpointLoaderSimple": ({"ckpt_name": [["sd_xl_base_1.0.safetensors"]]}, False),
 }
 PNG = b"\x89PNG\r\n\x1a\n"
 MODELS = {"checkpoints": ["sd_xl_base_1.0.safetensors"], "loras": ["detail.safetensors"], "vae": []}

@@ -657,3 +657,35 @@ async def test_cached_resubmission_returns_the_old_outputs(comfy: Served) -> Non
     assert result["nodes"]["4"]["images"][0]["name"] == "emp_fixture_00001_.png"
     assert again.files == first.files and again.reports[-1].percent == 100
     assert seen == wanted[1:]  # all but the status on connect
+
+
+async def test_loaded_models_are_the_checkpoints_of_the_last_workflow_run(comfy: Served) -> None:
+    """ComfyUI has no "loaded models" endpoint: the connector reports the checkpoints the
+    last workflow it ran loaded (its loader nodes' files), and keeps them over a workflow
+    that loads none (ComfyUI keeps its models loaded)."""
+    _, url, _ = comfy
+    connector = ComfyUIConnector(settings(url))
+    assert connector.loaded_models() is None  # nothing run yet: it cannot tell
+    graph = recorded_workflow(color=0x010203)
+    graph["5"] = {
+        "class_type": "CheckpointLoaderSimple",
+        "inputs": {"ckpt_name": "sd_xl_base_1.0.safetensors"},
+    }
+    graph["3"]["inputs"]["model"] = ["5", 0]  # linked: ComfyUI runs it
+    ctx = fake_context("comfyui", {"workflow": graph})
+    await connector.run(ctx.job, ctx)
+    assert connector.loaded_models() == ["sd_xl_base_1.0.safetensors"]
+    plain = fake_context("comfyui", {"workflow": recorded_workflow(color=0x040506)})
+    await connector.run(plain.job, plain)
+    assert connector.loaded_models() == ["sd_xl_base_1.0.safetensors"]
+    await connector.stop()
+
+
+def test_loaded_models_of_a_workflow_are_its_linked_loaders_files() -> None:
+    graph = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "a.safetensors"}},
+        "2": {"class_type": "UNETLoader", "inputs": {"unet_name": "flux.safetensors"}},
+        "3": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "unused.ckpt"}},
+        "4": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "m2": ["2", 0]}},
+    }
+    assert ComfyUIConnector.workflow_models(graph) == ["a.safetensors", "flux.safetensors"]

@@ -144,6 +144,8 @@ class A1111Connector(Connector):
         self._turn = asyncio.Lock()
         self._active: set[str] = set()  # jobs whose generation request is in flight
         self._refresher: asyncio.Task[None] | None = None
+        #: The title of the checkpoint A1111 has loaded, as last read or set; None: unknown.
+        self.loaded: str | None = None
 
     # -- the service ------------------------------------------------------------------
 
@@ -193,11 +195,34 @@ class A1111Connector(Connector):
             await asyncio.sleep(self.settings.models_refresh_s)
             with contextlib.suppress(JobFailed):
                 await self.refresh_models()
+                await self.read_loaded()  # switched in the web UI meanwhile
+
+    async def read_loaded(self) -> str | None:
+        """Read the loaded checkpoint from /sdapi/v1/options (`sd_model_checkpoint`)."""
+        options = await self._call("GET", "/sdapi/v1/options")
+        title = options.get("sd_model_checkpoint") if isinstance(options, dict) else None
+        self.loaded = title if isinstance(title, str) else None
+        return self.loaded
+
+    def loaded_models(self) -> list[str] | None:
+        """The loaded checkpoint's names, as `capabilities` gives them (model name and file
+        name); None before it was first read."""
+        if self.loaded is None:
+            return None
+        return sorted(
+            name
+            for m in self.models
+            if m.get("title") == self.loaded
+            for name in {m.get("model_name"), _file_name(m)}
+            if isinstance(name, str) and MODEL_NAME.fullmatch(name)
+        )
 
     async def start(self) -> None:
-        """Read the models (a server that is down now is not an error: health says so)."""
+        """Read the models and the loaded one (a server that is down now is not an error:
+        health says so)."""
         with contextlib.suppress(JobFailed):
             await self.refresh_models()
+            await self.read_loaded()
         if self.settings.models_refresh_s > 0:
             self._refresher = asyncio.create_task(self._refresh_forever())
 
@@ -213,11 +238,10 @@ class A1111Connector(Connector):
     async def health(self) -> Health:
         """A1111 answers /sdapi/v1/options (behind --api-auth, so credentials are checked)."""
         try:
-            options = await self._call("GET", "/sdapi/v1/options")
+            loaded = await self.read_loaded()
             models = await self.refresh_models()
         except JobFailed as exc:
             return Health(ok=False, detail=str(exc))
-        loaded = options.get("sd_model_checkpoint") if isinstance(options, dict) else None
         return Health(ok=True, detail=f"{len(models)} checkpoints, loaded: {loaded}")
 
     def capabilities(self) -> ConnectorCapabilities:
@@ -254,11 +278,11 @@ class A1111Connector(Connector):
             raise JobFailed(
                 f"A1111 has no checkpoint {wanted!r} (it has: {known})", retryable=False
             )
-        options = await self._call("GET", "/sdapi/v1/options")
-        if isinstance(options, dict) and options.get("sd_model_checkpoint") == title:
+        if await self.read_loaded() == title:
             return title
         await ctx.progress(0, f"loading model {title}", "loading_model")
         await self._call("POST", "/sdapi/v1/options", json={"sd_model_checkpoint": title})
+        self.loaded = title
         await ctx.progress(0, f"loaded model {title}", "loading_model")
         return title
 

@@ -48,6 +48,9 @@ MODEL_FOLDERS = (
     "embeddings",
     "clip_vision",
 )
+#: Inputs of loader nodes naming the model a workflow loads (CheckpointLoaderSimple and the
+#: other checkpoint loaders: ckpt_name; UNETLoader: unet_name): what loaded_models reports.
+LOADER_INPUTS = frozenset({"ckpt_name", "unet_name"})
 #: Words in an execution error that mark it transient (worth a retry elsewhere).
 TRANSIENT = ("out of memory", "outofmemory", "cuda error", "connection", "timed out", "timeout")
 
@@ -101,6 +104,8 @@ class ComfyUIConnector(Connector):
         self.prompts: dict[str, str] = {}  # job id -> its prompt id while it runs
         self._http: httpx.AsyncClient | None = None
         self._refresher: asyncio.Task[None] | None = None
+        #: The model files the last workflow it ran loaded (None: none run yet).
+        self.loaded: list[str] | None = None
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -220,6 +225,32 @@ class ComfyUIConnector(Connector):
             raise JobFailed("payload has no API-format workflow", retryable=False)
         return {str(k): v for k, v in graph.items()}
 
+    @staticmethod
+    def workflow_models(graph: dict[str, Any]) -> list[str]:
+        """The model files a workflow's loader nodes load (ckpt_name, unet_name... inputs of
+        nodes that another node links to: ComfyUI runs only those)."""
+        linked = {
+            str(value[0])
+            for node in graph.values()
+            for value in (node.get("inputs") or {}).values()
+            if isinstance(value, list) and len(value) == 2
+        }
+        return sorted(
+            {
+                value
+                for node_id, node in graph.items()
+                if node_id in linked
+                for name, value in (node.get("inputs") or {}).items()
+                if name in LOADER_INPUTS and isinstance(value, str)
+            }
+        )
+
+    def loaded_models(self) -> list[str] | None:
+        """ComfyUI has no endpoint that says which models it holds: the models the last
+        workflow it ran loaded (it keeps them loaded until others are needed). None until
+        a workflow that loads one has run."""
+        return self.loaded
+
     async def upload_inputs(self, graph: dict[str, Any], ctx: JobContext) -> None:
         """Input images given as references (an earlier job's output: its reference or its
         URL; or any http(s) URL): fetch each (`ctx.fetch`), upload it to ComfyUI, point
@@ -258,7 +289,9 @@ class ComfyUIConnector(Connector):
             await ctx.progress(0, "queued in ComfyUI", "queued")
             await self._follow(ws, client_id, prompt_id, tracker)
             entry = await self._history(prompt_id)
-            return await self._results(entry, prompt_id, ctx)
+            result = await self._results(entry, prompt_id, ctx)
+            self.loaded = self.workflow_models(graph) or self.loaded
+            return result
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):  # leave nothing running in ComfyUI
                 await asyncio.shield(self._stop(prompt_id))

@@ -52,8 +52,14 @@ class SimulationSettings(ConnectorSettings):
         default_factory=list, validation_alias=_env("models")
     )
     concurrency: int = Field(default=1, ge=1, le=256, validation_alias=_env("concurrency"))
+    loaded: Annotated[list[str], NoDecode] | None = Field(
+        default=None,
+        validation_alias=_env("loaded"),
+        description="Models it reports loaded at start (model-warm affinity); then the "
+        "payload's `model` of the last job it ran. Unset: it reports none.",
+    )
 
-    @field_validator("services", "models", mode="before")
+    @field_validator("services", "models", "loaded", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -71,6 +77,11 @@ class SimulationConnector(Connector):
     def __init__(self, settings: SimulationSettings | None = None) -> None:
         super().__init__(settings)
         self.random = random.Random(self.settings.seed)
+        self.loaded = self.settings.loaded
+
+    def loaded_models(self) -> list[str] | None:
+        """The `loaded` setting, then the `model` of the last job it ran (a payload field)."""
+        return self.loaded
 
     def capabilities(self) -> ConnectorCapabilities:
         """The configured services, each with the configured models."""
@@ -105,6 +116,8 @@ class SimulationConnector(Connector):
         duration = self._duration(job)
         steps = int(job.payload.get("steps", self.settings.steps))
         failure = self._failure(job)
+        if isinstance(job.payload.get("model"), str):
+            self.loaded = [job.payload["model"]]  # as a real service would switch to it
         await ctx.progress(0, "started", "started")
         for step in range(1, steps + 1):
             await asyncio.sleep(duration / steps)
