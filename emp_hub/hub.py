@@ -124,7 +124,7 @@ async def _hub(settings: HubSettings, url: str) -> AsyncIterator[Hub]:
     client = connect(url)
     namespace = settings.broker.namespace
     shared = settings.auth_token.get_secret_value() if settings.auth_token else None
-    broker = Broker(client, settings.broker)
+    broker = Broker(client, settings.broker, fair_share=settings.scheduling.fair_share)
     metrics = Metrics(settings.metrics_max_queue_series, settings.metrics_max_services)
     bus = EventBus(client, broker.keys)
     alerts = AlertEngine(broker, bus, settings.alerts)

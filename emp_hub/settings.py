@@ -8,11 +8,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from emp_hub.alerts import AlertSettings
 from emp_hub.broker import BrokerSettings
+from emp_hub.broker.settings import FairShareSettings
 from emp_protocol.logs import LogFormat
 
 #: The most jobs one batch may hold (POST /api/jobs/batch); the default burst lets it pass.
@@ -28,6 +29,15 @@ def default_data_dir() -> Path:
 def _env(name: str, *legacy: str) -> AliasChoices:
     """Environment names of a setting: EMP_<NAME> first, then the original ones."""
     return AliasChoices(f"EMP_{name.upper()}", *legacy)
+
+
+class SchedulingSettings(BaseModel):
+    """Scheduling policy (docs/scheduling.md): each part off by default, and with all off
+    the order is priority, then FIFO."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    fair_share: FairShareSettings = Field(default_factory=FairShareSettings)
 
 
 class HubSettings(BaseSettings):
@@ -157,6 +167,7 @@ class HubSettings(BaseSettings):
     )
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
     alerts: AlertSettings = Field(default_factory=AlertSettings)
+    scheduling: SchedulingSettings = Field(default_factory=SchedulingSettings)
 
     @property
     def ws_max_bytes(self) -> int:

@@ -39,7 +39,7 @@ from emp_hub.broker.models import (
     TooLarge,
 )
 from emp_hub.broker.scripts import CONFIG_FIELDS, Scripts
-from emp_hub.broker.settings import BrokerSettings
+from emp_hub.broker.settings import BrokerSettings, FairShareSettings
 from emp_protocol.capabilities import JobRequirements, WorkerCapabilities, matches, why_unmatched
 from emp_protocol.jobs import JobStatus
 
@@ -126,9 +126,12 @@ class Broker:
         settings: BrokerSettings | None = None,
         *,
         clock: Callable[[], float] = time.time,
+        fair_share: FairShareSettings | None = None,
     ) -> None:
         self.redis = redis
         self.settings = settings or BrokerSettings()
+        #: Fair share between customers (the hub's scheduling.fair_share); off by default.
+        self.fair_share = fair_share or FairShareSettings()
         self.clock = clock
         #: Names this broker in its announcements of submitted jobs: a hub wakes its own
         #: parked workers for what it submits at once (Hub.submit), and skips the
@@ -214,6 +217,7 @@ class Broker:
                     repr(spec.timeout),
                     payload,
                     spec.client_id or "",
+                    str(self.fair_share.cost(spec.customer)),
                 ]
             )
             accepted.append((job_id, spec, req, max_attempts))
