@@ -10,8 +10,14 @@ worst case for a broker that scans its pending set. In the same run we measure
   the worker matches;
 * batch submit throughput (jobs/s), and claim+complete throughput of one client.
 
+`--policy` adds our claim latency with a scheduling policy on (the key of that name in each
+result), beside "ours" (fifo, today's order): `fair` spreads the jobs over CUSTOMERS
+customers with weights 1 to 4 (so the worker's one class becomes one class per customer)
+and turns fair share on.
+
 Each claimed job is handed back (release / re-add, not timed) so the backlog stays the same
-for every sample. Usage: python benchmarks/claim.py [--quick] [--url redis://...]
+for every sample. Usage:
+python benchmarks/claim.py [--quick] [--url redis://...] [--policy fifo fair]
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import redis.asyncio
 
 import emp_hub
 from emp_hub.broker import Broker, BrokerSettings, JobSpec, RequirementsSpec, connect
+from emp_hub.broker.settings import FairShareSettings
 from emp_hub.embedded import redis_url_or_embedded
 from emp_protocol.capabilities import JobRequirements, WorkerCapabilities, matches
 
@@ -44,6 +51,8 @@ WORKER = WorkerCapabilities(services={"sim"}, tags={TARGET_TAG})
 SUBMIT_BATCH = 1000
 SUBMIT_INFLIGHT = 2  # batches in flight: one is prepared while the server runs the other
 CLAIM_SAMPLES = 1000
+POLICIES = ("fifo", "fair")
+CUSTOMERS = 10  # --policy fair: customers c0..c9, weights 1, 2, 3, 4, 1, 2, ...
 
 
 def job_plan(n: int, seed: int = 7) -> list[tuple[int, int]]:
@@ -74,9 +83,27 @@ def percentiles(samples: list[float]) -> dict[str, float]:
     }
 
 
-async def fill_ours(broker: Broker, plan: list[tuple[int, int]]) -> float:
+def policy_broker(client: redis.asyncio.Redis, namespace: str, policy: str) -> Broker:
+    """Our broker with `policy` on (fifo: today's order)."""
+    fair = FairShareSettings(
+        enabled=policy == "fair",
+        weights={f"c{i}": 1 + i % 4 for i in range(CUSTOMERS)},
+    )
+    return Broker(client, BrokerSettings(namespace=namespace), fair_share=fair)
+
+
+async def fill_ours(broker: Broker, plan: list[tuple[int, int]], policy: str = "fifo") -> float:
     """Submit the backlog in batches, SUBMIT_INFLIGHT batches at a time; returns seconds."""
-    specs = [JobSpec(service="sim", priority=p, requirements=requirements(c)) for c, p in plan]
+    customers = [f"c{i}" for i in range(CUSTOMERS)] if policy == "fair" else [None]
+    specs = [
+        JobSpec(
+            service="sim",
+            priority=p,
+            requirements=requirements(c),
+            customer=customers[i % len(customers)],
+        )
+        for i, (c, p) in enumerate(plan)
+    ]
     batches = [specs[i : i + SUBMIT_BATCH] for i in range(0, len(specs), SUBMIT_BATCH)]
 
     async def submitter(k: int) -> None:
@@ -188,7 +215,19 @@ async def drop(client: redis.asyncio.Redis, pattern: str) -> None:
         await client.unlink(*batch)
 
 
-async def run(url: str, sizes: list[int], cc_jobs: int, concurrency: int) -> dict[str, Any]:
+async def measure(client: redis.asyncio.Redis, n: int, policy: str) -> dict[str, Any]:
+    """Our claim latency over a backlog of n with `policy` on, and the fill rate."""
+    ours = policy_broker(client, f"bench-{n}", policy)
+    took = await fill_ours(ours, job_plan(n), policy)
+    samples = await claim_ours(ours, CLAIM_SAMPLES)
+    await drop(client, f"{{bench-{n}}}:*")
+    return {"fill_s": round(took, 3), **percentiles(samples)}
+
+
+async def run(
+    url: str, sizes: list[int], cc_jobs: int, concurrency: int, policies: list[str]
+) -> dict[str, Any]:
+    policies = [p for p in policies if p != "fifo"]
     client = connect(url)
     info = await client.info("server")
     server = (
@@ -203,12 +242,10 @@ async def run(url: str, sizes: list[int], cc_jobs: int, concurrency: int) -> dic
     try:
         for n in sizes:
             plan = job_plan(n)
-            ours = Broker(client, BrokerSettings(namespace=f"bench-{n}"))
-            took = await fill_ours(ours, plan)
+            measured = {p: await measure(client, n, p) for p in ["fifo", *policies]}
+            took = measured["fifo"].pop("fill_s")
             submitted += n
             submit_seconds += took
-            ours_samples = await claim_ours(ours, CLAIM_SAMPLES)
-            await drop(client, f"{{bench-{n}}}:*")
 
             scan = ScanBroker(client, f"{{scan-{n}}}:")
             await scan.fill(plan)
@@ -218,8 +255,9 @@ async def run(url: str, sizes: list[int], cc_jobs: int, concurrency: int) -> dic
                 {
                     "backlog": n,
                     "fill_jobs_per_s": round(n / took),
-                    "ours": percentiles(ours_samples),
+                    "ours": measured["fifo"],
                     "scan": percentiles(scan_samples),
+                    **{p: measured[p] for p in policies},
                 }
             )
             print(f"backlog {n}: done", file=sys.stderr)
@@ -240,6 +278,8 @@ async def run(url: str, sizes: list[int], cc_jobs: int, concurrency: int) -> dic
             "submit_batches_in_flight": SUBMIT_INFLIGHT,
             "claim_complete_jobs": cc_jobs,
             "claim_complete_concurrency": concurrency,
+            "policies": ["fifo", *policies],
+            "fair_customers": CUSTOMERS,
         },
         "results": results,
         "submit_jobs_per_s": round(submitted / submit_seconds),
@@ -267,10 +307,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--url", help="Redis URL (default: an embedded Valkey in a temp dir)")
     parser.add_argument("--cc-jobs", type=int, default=20_000, help="jobs for claim+complete")
     parser.add_argument("--concurrency", type=int, default=8, help="claim+complete tasks")
+    parser.add_argument(
+        "--policy",
+        nargs="+",
+        choices=POLICIES,
+        default=[],
+        help="also measure our claim with these scheduling policies on (fifo always runs)",
+    )
     args = parser.parse_args(argv)
     sizes = args.sizes or ([1_000, 100_000] if args.quick else [1_000, 100_000, 1_000_000])
     with tempfile.TemporaryDirectory() as tmp, redis_url_or_embedded(args.url, Path(tmp)) as url:
-        report = run_loop(run(url, sizes, args.cc_jobs, args.concurrency))
+        report = run_loop(run(url, sizes, args.cc_jobs, args.concurrency, args.policy))
     print(json.dumps(report, indent=2))
 
 

@@ -336,3 +336,27 @@ def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert FairShareSettings().cost("acme") == 0  # off by default
     with pytest.raises(ValueError, match=r"0\.01 to 100"):
         FairShareSettings(weights={"acme": 0})
+
+
+async def test_the_worked_example_of_the_docs(
+    redis_client: redis.asyncio.Redis, namespace: str
+) -> None:
+    """docs/scheduling.md, "Worked example": the tags and the order, as computed by hand."""
+    broker = fair_broker(redis_client, namespace, acme=3)
+    acme = await broker.submit_many([JobSpec(service="sim", customer="acme")] * 6)
+    first = await broker.claim("w", UNIVERSAL)
+    assert first is not None and first.job.id == acme[0].id
+    globex = await broker.submit_many([JobSpec(service="sim", customer="globex")] * 2)
+    tags = [(await stored(redis_client, broker, j.id))[1] for j in acme + globex]
+    assert tags == [1, 34, 67, 100, 133, 166, 1, 101]
+    assert await redis_client.hget(broker.key("job", globex[0].id), "score") == str(
+        4398046511104001
+    )
+    order = []
+    while (claim := await broker.claim("w", UNIVERSAL)) is not None:
+        order.append(claim.job.id)
+    a, g = [j.id for j in acme], [j.id for j in globex]
+    assert order == [g[0], a[1], a[2], a[3], g[1], a[4], a[5]]
+    assert await fair_state(redis_client, broker) == {
+        broker.key("fair", "1000", "sim"): {".v": "166"}
+    }

@@ -49,12 +49,15 @@ async def test_demo_runs_every_scenario(redis_url: str) -> None:
 def test_claim_benchmark_prints_its_json(
     redis_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    claim_benchmark.main(["--sizes", "300", "--url", redis_url, "--cc-jobs", "200"])
+    claim_benchmark.main(
+        ["--sizes", "300", "--url", redis_url, "--cc-jobs", "200", "--policy", "fair"]
+    )
     report = json.loads(capsys.readouterr().out)
     assert report["conditions"]["classes"] == 100
     [row] = report["results"]
     assert row["backlog"] == 300
     assert row["ours"]["p99_ms"] > 0 and row["scan"]["p99_ms"] > 0
+    assert row["fair"]["p99_ms"] > 0 and report["conditions"]["policies"] == ["fifo", "fair"]
     assert report["submit_jobs_per_s"] > 0 and report["claim_complete_per_s"] > 0
 
 
