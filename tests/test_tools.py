@@ -285,6 +285,8 @@ def test_system_demo_runs_hub_and_worker_processes(tmp_path: Path) -> None:
         "2",
     )
     first, second = rows["flaky"][5].split(" -> ")  # the path of its two attempts
+    # Fair share: solo's two jobs, submitted after bigco's 12, start among the next few.
+    assert order["solo-2"] <= 7 and order["solo-2"] < order["big-12"]
     assert {first, second} <= set(WORKERS)
     # The summary's title has its own line, also when the output is not a terminal.
     assert any(line.strip().startswith("who ran what") for line in lines)
