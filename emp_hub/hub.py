@@ -161,7 +161,11 @@ async def _hub(settings: HubSettings, url: str) -> AsyncIterator[Hub]:
     shared = settings.auth_token.get_secret_value() if settings.auth_token else None
     scheduler = Scheduler.from_settings(settings.scheduling)  # an unknown policy: error
     broker = Broker(
-        client, settings.broker, scheduler=scheduler, affinity=settings.scheduling.affinity
+        client,
+        settings.broker,
+        scheduler=scheduler,
+        affinity=settings.scheduling.affinity,
+        fair_share=settings.scheduling.fair_share,
     )
     metrics = Metrics(settings.metrics_max_queue_series, settings.metrics_max_services)
     bus = EventBus(client, broker.keys)

@@ -23,7 +23,7 @@ from typing import Literal, Protocol
 from pydantic import BaseModel, Field, field_validator
 
 from emp_hub.broker.models import PRIORITY_MAX, PRIORITY_MIN, Urgency
-from emp_hub.broker.settings import AffinitySettings
+from emp_hub.broker.settings import AffinitySettings, FairShareSettings
 
 #: The entry point group of priority policy plugins.
 POLICY_GROUP = "emp_hub.priority_policies"
@@ -86,6 +86,7 @@ class SchedulingSettings(BaseModel):
     )
     weights: PolicyWeights = Field(default_factory=PolicyWeights)
     affinity: AffinitySettings = Field(default_factory=AffinitySettings)
+    fair_share: FairShareSettings = Field(default_factory=FairShareSettings)
     max_wait_s: float = Field(
         default=0,
         ge=0,

@@ -49,12 +49,15 @@ async def test_demo_runs_every_scenario(redis_url: str) -> None:
 def test_claim_benchmark_prints_its_json(
     redis_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    claim_benchmark.main(["--sizes", "300", "--url", redis_url, "--cc-jobs", "200"])
+    claim_benchmark.main(
+        ["--sizes", "300", "--url", redis_url, "--cc-jobs", "200", "--policy", "fair"]
+    )
     report = json.loads(capsys.readouterr().out)
     assert report["conditions"]["classes"] == 100
     [row] = report["results"]
     assert row["backlog"] == 300
     assert row["ours"]["p99_ms"] > 0 and row["scan"]["p99_ms"] > 0
+    assert row["fair"]["p99_ms"] > 0 and report["conditions"]["policies"] == ["fifo", "fair"]
     assert report["submit_jobs_per_s"] > 0 and report["claim_complete_per_s"] > 0
 
 
@@ -296,6 +299,8 @@ def test_system_demo_runs_hub_and_worker_processes(tmp_path: Path) -> None:
         "2",
     )
     first, second = rows["flaky"][5].split(" -> ")  # the path of its two attempts
+    # Fair share: solo's two jobs, submitted after bigco's 12, start among the next few.
+    assert order["solo-2"] <= 7 and order["solo-2"] < order["big-12"]
     assert {first, second} <= set(WORKERS)
     # The summary's title has its own line, also when the output is not a terminal.
     assert any(line.strip().startswith("who ran what") for line in lines)

@@ -39,7 +39,7 @@ from emp_hub.broker.models import (
     TooLarge,
 )
 from emp_hub.broker.scripts import CONFIG_FIELDS, Scripts
-from emp_hub.broker.settings import AffinitySettings, BrokerSettings
+from emp_hub.broker.settings import AffinitySettings, BrokerSettings, FairShareSettings
 from emp_hub.scheduling import EXPIRE, Scheduler
 from emp_protocol.capabilities import JobRequirements, WorkerCapabilities, matches, why_unmatched
 from emp_protocol.jobs import JobStatus
@@ -135,11 +135,14 @@ class Broker:
         clock: Callable[[], float] = time.time,
         scheduler: Scheduler | None = None,
         affinity: AffinitySettings | None = None,
+        fair_share: FairShareSettings | None = None,
     ) -> None:
         self.redis = redis
         self.settings = settings or BrokerSettings()
         #: Model-warm affinity (docs/scheduling.md); off by default.
         self.affinity = affinity or AffinitySettings()
+        #: Fair share between customers (the hub's scheduling.fair_share); off by default.
+        self.fair_share = fair_share or FairShareSettings()
         self.clock = clock
         #: The priority policy, deadlines and aging (emp_hub/scheduling.py); default: FIFO.
         self.scheduler = scheduler or Scheduler()
@@ -242,6 +245,7 @@ class Broker:
                     "" if deadline is None else repr(deadline),
                     plan.encoded(),
                     repr(plan.next_at or 0),
+                    str(self.fair_share.cost(spec.customer)),
                 ]
             )
             accepted.append((job_id, spec, req, max_attempts))

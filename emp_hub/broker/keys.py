@@ -54,6 +54,7 @@ KeyName = Literal[
     "alerts_lock",
     "alerts_lost",
     "control_channel",
+    "fair",
 ]
 
 #: Each key's pattern after the prefix; "{}" stands for one argument.
@@ -99,6 +100,7 @@ LAYOUT: dict[KeyName, str] = {
     "alerts_lock": "alerts:lock",  # string: the replica that evaluates alerts, expires
     "alerts_lost": "alerts:lost",  # hash: worker lost mid-job -> when, which jobs (JSON)
     "control_channel": "wctl",  # channel: drain/resume/shutdown for the worker's replica
+    "fair": "fair:{}:{}",  # hash: fair share of (band, service): ".v" clock, customer -> F
 }
 
 assert set(LAYOUT) == set(get_args(KeyName)), "LAYOUT and KeyName must name the same keys"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class BrokerSettings(BaseModel):
@@ -79,3 +79,43 @@ class AffinitySettings(BaseModel):
         description="A job that would make the worker switch models is passed over only "
         "while it has waited less than this (since it was submitted): nothing starves.",
     )
+
+
+#: A job's virtual cost at weight 1 (fair share): FAIR_UNIT / weight, rounded, at least 1.
+FAIR_UNIT = 100
+
+
+class FairShareSettings(BaseModel):
+    """Fair share between customers within one priority (docs/scheduling.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(
+        default=False,
+        description="Within one priority and service, customers share the workers by weight "
+        "(start-time fair queuing); off: one FIFO order.",
+    )
+    weights: dict[str, float] = Field(
+        default_factory=dict,
+        description="Customer -> weight (0.01 to 100); others, and jobs without a "
+        'customer (the customer ""), weigh default_weight.',
+    )
+    default_weight: float = Field(
+        default=1, ge=0.01, le=100, description="The weight of customers not in weights."
+    )
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_in_range(cls, value: dict[str, float]) -> dict[str, float]:
+        for customer, weight in value.items():
+            if not 0.01 <= weight <= 100:
+                raise ValueError(f"weight of {customer!r} must be 0.01 to 100, not {weight}")
+        return value
+
+    def cost(self, customer: str | None) -> int:
+        """A job's virtual cost for `customer`: FAIR_UNIT / weight, rounded, at least 1;
+        0 when fair share is off (the job's tag is then its seq)."""
+        if not self.enabled:
+            return 0
+        weight = self.weights.get(customer or "", self.default_weight)
+        return max(1, round(FAIR_UNIT / weight))

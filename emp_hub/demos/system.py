@@ -6,7 +6,9 @@ lack, one strict to a customer), submits jobs with priorities and requirements, 
 fails and is retried, one that is cancelled while it runs, one whose near deadline makes it
 overtake the others (the hub runs the weighted priority policy), shows them live, then prints who
 ran what (the path of a retried job: `gpu-4090 -> cpu-box`), in which order and how long,
-and the hub's URL. Ctrl-C, SIGTERM or SIGHUP stop every process it started (the hub's
+and the hub's URL. Then fair share (on in this hub): customer bigco submits a batch of 12 jobs,
+customer solo 2 just after; solo's jobs start among the next few, not after bigco's batch.
+Ctrl-C, SIGTERM or SIGHUP stop every process it started (the hub's
 embedded Valkey too) and remove its temporary folder (`--keep` keeps it, with the logs).
 """
 
@@ -80,6 +82,22 @@ def demo_jobs(scale: float) -> list[dict[str, Any]]:
     ]
 
 
+def fair_jobs(scale: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The fair-share scene: customer bigco's batch of 12, then customer solo's 2."""
+
+    def job(job_id: str, customer: str) -> dict[str, Any]:
+        payload = {"duration": round(1 * scale, 3)}
+        return {
+            "job_id": job_id,
+            "job_type": "simulation",
+            "customer": customer,
+            "payload": payload,
+        }
+
+    big = [job(f"big-{i:02d}", "bigco") for i in range(1, 13)]
+    return big, [job("solo-1", "solo"), job("solo-2", "solo")]
+
+
 @dataclass
 class System:
     """The processes of the demo, in its folder (data and logs)."""
@@ -97,8 +115,13 @@ class System:
         """Start the hub and the workers; return when all workers are registered."""
         base = {**os.environ, "EMP_LOG_LEVEL": "warning", "PYTHONUNBUFFERED": "1"}
         base.pop("EMP_REDIS_URL", None)
-        hub_env = {**base, "EMP_DATA_DIR": str(self.tmp / "data"), "EMP_PORT": str(self.port)}
-        hub_env["EMP_SCHEDULING__POLICY"] = "weighted"  # for the deadline scene
+        hub_env = {
+            **base,
+            "EMP_DATA_DIR": str(self.tmp / "data"),
+            "EMP_PORT": str(self.port),
+            "EMP_SCHEDULING__FAIR_SHARE__ENABLED": "true",  # the fair-share scene
+            "EMP_SCHEDULING__POLICY": "weighted",  # the deadline scene
+        }
         logs = self.tmp / "logs"
         logs.mkdir()
         self._spawn("hub", ["emp_hub.cli", "serve"], hub_env)
@@ -261,6 +284,7 @@ def run(console: Console, scale: float, *, wait_for_ctrl_c: bool, keep: bool) ->
     try:
         system.start(console, keep=keep)
         play(system, console, scale)
+        fair_scene(system, console, scale)
         console.print(f"\nThe hub is still up: {system.url}/docs (API), {system.url}/api/jobs")
         if wait_for_ctrl_c:
             console.print("Press Ctrl-C to stop the hub and the workers.")
@@ -310,6 +334,29 @@ def play(system: System, console: Console, scale: float) -> None:
         console.print(summary_table(current, {i: worker_path(http, i) for i in ids}))
 
 
+def fair_scene(system: System, console: Console, scale: float) -> None:
+    """Fair share: bigco's batch, then solo's two jobs; show the start order."""
+    big, solo = fair_jobs(scale)
+    console.print(
+        "\nFair share (EMP_SCHEDULING__FAIR_SHARE__ENABLED=true): customer bigco submits "
+        "12 jobs, then customer solo 2; solo's jobs do not wait for bigco's batch."
+    )
+    ids = [j["job_id"] for j in big + solo]
+    with httpx.Client(base_url=system.url, timeout=10) as http:
+        http.post("/api/jobs/batch", json={"jobs": big}).raise_for_status()
+        http.post("/api/jobs/batch", json={"jobs": solo}).raise_for_status()
+        with live_view(console) as live:
+            while True:
+                current = [http.get(f"/api/jobs/{job_id}").json() for job_id in ids]
+                live.update(jobs_table(current))
+                if all(j["status"] in TERMINAL for j in current):
+                    break
+                time.sleep(0.2)
+        table = summary_table(current, {i: worker_path(http, i) for i in ids})
+        table.title = "fair share: who ran what, in start order"
+        console.print(table)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of `emp-demo`."""
     parser = argparse.ArgumentParser(
@@ -318,7 +365,8 @@ def main(argv: list[str] | None = None) -> None:
         "emp-worker processes with the simulation connector and different capabilities. It "
         "submits a mix of jobs (priorities, model requirements, one strict to a customer, one "
         "that fails and is retried, one cancelled while it runs), shows them live, then who "
-        "ran what, in which order and how long.",
+        "ran what, in which order and how long; then fair share: one customer's batch of 12 "
+        "and another's 2 jobs submitted after it, which start among the next few.",
         epilog="It works in a temporary folder (the Valkey's data, the processes' logs), "
         "removed at the end unless --keep. Ctrl-C, SIGTERM or SIGHUP stop every process it "
         "started. Example: emp-demo --speed 4 --exit",

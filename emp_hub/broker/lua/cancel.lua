@@ -5,6 +5,7 @@ local j = hget(id, {'status', 'class', 'worker'})
 if not j.status then return redis.error_reply('NOJOB no such job: ' .. id) end
 if j.status == 'pending' then
   dequeue(id, j.class)
+  fair_cancelled(id)
 elseif j.status == 'delayed' then
   redis.call('ZREM', K.delayed, id)
 elseif j.status == 'active' then

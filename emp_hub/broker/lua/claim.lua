@@ -33,7 +33,8 @@ for i = 1, nq do warm[i] = mask ~= nil and string.sub(mask, i, i) == '1' end
 local function take(id, class, token)
   dequeue(id, class)
   local k = K.job(id)
-  local j = hget(id, {'seq', 'timeout'})
+  local j = hget(id, {'seq', 'timeout', 'service', 'customer', 'fair_band', 'fair_s', 'fair_f'})
+  if j.fair_s then fair_claimed(j) end
   local timeout = tonumber(j.timeout)
   local deadline = 0
   if timeout > 0 then deadline = NOW + timeout + CFG.timeout_grace end

@@ -208,3 +208,50 @@ local function affinity_pick(heads, n, best, warm)
   end
   return alt
 end
+
+-- Fair share (docs/scheduling.md): start-time fair queuing within one band and service.
+-- The hash K.fair(band, service) holds the virtual clock V (field '.v': the largest tag
+-- claimed, started at the seq of the first job) and, per customer ('' for none), the finish
+-- tag F of its last job submitted. A job of cost c (FAIR_UNIT / weight) gets the tag
+-- S = max(V, F) and moves F to S + c; returns S, S + c (S capped below CFG.pscale).
+local function fair_tag(band, service, customer, cost, seq)
+  local key = K.fair(band, service)
+  local st = redis.call('HMGET', key, '.v', customer)
+  local v = tonumber(st[1])
+  if not v then
+    v = seq
+    redis.call('HSET', key, '.v', v)
+  end
+  local s = math.min(math.max(v, tonumber(st[2]) or 0), CFG.pscale - 1)
+  redis.call('HSET', key, customer, s + cost)
+  return s, s + cost
+end
+
+-- A fair job was claimed (j: its service, customer, fair_band, fair_s, fair_f): the clock
+-- moves up to its tag; if it was its customer's last job submitted, the customer's entry
+-- goes (its next job starts at the clock), so the state of idle customers does not stay.
+local function fair_claimed(j)
+  local key = K.fair(j.fair_band, j.service)
+  local st = redis.call('HMGET', key, '.v', j.customer)
+  if tonumber(j.fair_s) > (tonumber(st[1]) or -1) then
+    redis.call('HSET', key, '.v', j.fair_s)
+  end
+  if st[2] and tonumber(st[2]) == tonumber(j.fair_f) then
+    redis.call('HDEL', key, j.customer)
+  end
+end
+
+-- A pending fair job was cancelled: if it was its customer's last job submitted, F goes
+-- back to its start tag, and the entry goes once the clock has passed it.
+local function fair_cancelled(id)
+  local j = hget(id, {'service', 'customer', 'fair_band', 'fair_s', 'fair_f'})
+  if not j.fair_s then return end
+  local key = K.fair(j.fair_band, j.service)
+  local st = redis.call('HMGET', key, '.v', j.customer)
+  if not st[2] or tonumber(st[2]) ~= tonumber(j.fair_f) then return end
+  if tonumber(j.fair_s) <= (tonumber(st[1]) or -1) then
+    redis.call('HDEL', key, j.customer)
+  else
+    redis.call('HSET', key, j.customer, j.fair_s)
+  end
+end

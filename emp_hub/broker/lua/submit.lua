@@ -1,7 +1,8 @@
 -- Submit a batch of jobs atomically: all or none. ARGV[5]: the submitting broker's origin.
 -- ARGV[4] = a JSON array with one array of strings per job:
 -- [id, service, class, requirements, priority, customer, max_attempts, timeout, payload,
---  client, effective priority, urgency, deadline, promotion steps, when the first is due].
+--  client, effective priority, urgency, deadline, promotion steps, when the first is due,
+--  fair-share cost ("0": off, the tag is the seq)].
 local jobs = cjson.decode(ARGV[4])
 local n = #jobs
 for i = 1, n do
@@ -16,15 +17,19 @@ local new_classes = {}
 local touched = {}
 for i = 1, n do
   local id, service, class, req, priority, customer, max_attempts, timeout, payload, client,
-    effective, urgency, deadline, steps, next_at = unpack(jobs[i])
+    effective, urgency, deadline, steps, next_at, cost = unpack(jobs[i])
   local seq = first + i - 1
-  local score = (CFG.pmax - tonumber(effective)) * CFG.pscale + seq
+  local band = CFG.pmax - tonumber(effective)
+  local tag, fin = seq, nil
+  if tonumber(cost) > 0 then tag, fin = fair_tag(band, service, customer, tonumber(cost), seq) end
+  local score = band * CFG.pscale + tag
   redis.call('HSET', K.job(id), 'id', id, 'service', service, 'class', class,
     'requirements', req, 'priority', priority, 'seq', seq, 'score', score,
     'customer', customer, 'status', 'pending', 'attempt', 0, 'failures', 0, 'orphans', 0,
     'max_attempts', max_attempts, 'timeout', timeout, 'payload', payload,
     'created_at', NOW_S, 'progress', 0, 'client', client)
   schedule_promotions(id, effective, urgency, deadline, steps, next_at)
+  if fin then redis.call('HSET', K.job(id), 'fair_band', band, 'fair_s', tag, 'fair_f', fin) end
   if redis.call('HSETNX', K.classes, class, req) == 1 then
     redis.call('INCR', K.classes_ver)
     new_classes[#new_classes + 1] = class
