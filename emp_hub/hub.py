@@ -80,9 +80,11 @@ class Hub:
                 item = asyncio.ensure_future(anext(stream))
                 await asyncio.wait({item, stopped}, return_when=asyncio.FIRST_COMPLETED)
                 if not item.done():
+                    # A read it waits on (XREAD BLOCK) may take a while to give up: it ends
+                    # in the background, the stream ends now.
                     item.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                        await item
+                    item.add_done_callback(_retrieve)
+                    await asyncio.wait({item}, timeout=0.5)
                     return
                 try:
                     yield item.result()
@@ -125,6 +127,12 @@ async def maintain_until(
             log.exception("maintenance pass failed")
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), interval)
+
+
+def _retrieve(task: asyncio.Future[str]) -> None:
+    """Take a finished task's outcome, so that asyncio does not log it as never retrieved."""
+    if not task.cancelled():
+        task.exception()
 
 
 async def aclose(stream: AsyncIterator[str]) -> None:

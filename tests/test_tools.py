@@ -104,11 +104,20 @@ def test_dashboard_benchmark_prints_its_json(
     }
     assert all(ms > 0 for ms in report["first_render_ms"].values())
     cpu = report["hub_cpu"]
-    assert set(cpu) == {"no_dashboard", "dashboard_on_overview", "dashboard_on_workers"}
+    assert set(cpu) == {
+        "no_dashboard",
+        "dashboard_on_overview",
+        "dashboard_on_workers",
+        "monitor_client",
+    }
     for phase in cpu.values():
         assert phase["jobs_per_s"] > 0 and phase["hub_cpu_s_per_s"] > 0, phase
         assert phase["hub_cpu_ms_per_job_until_settled"] > 0, phase
-    assert cpu["dashboard_on_overview"]["live_messages"] > 0
+    overview = cpu["dashboard_on_overview"]
+    assert overview["live_during_load"] + overview["live_after_load"] > 0, overview
+    assert overview["job_events_during_load"] + overview["job_events_after_load"] > 0, overview
+    monitor = cpu["monitor_client"]
+    assert monitor["live_during_load"] + monitor["live_after_load"] > 0, monitor
 
 
 @pytest.mark.timeout(300)
