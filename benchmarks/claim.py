@@ -11,14 +11,22 @@ worst case for a broker that scans its pending set. In the same run we measure
 * batch submit throughput (jobs/s), and claim+complete throughput of one client.
 
 `--policy` names the scheduling policies to measure ours with (docs/scheduling.md), each
-on its own backlog: `fifo` (today's order, the default) and `priority`: the `weighted`
-priority policy with customer tiers, urgencies, a deadline on 1 job in 10 (`keep` at the
-deadline) and aging on; for it the report adds `promotion_step`: the time of one
-maintenance promotion pass (PROMOTE_LIMIT due steps) with the whole backlog pending.
+on its own backlog (`all`: the four); `fifo`, today's order, always runs and is "ours":
+
+* `priority`: the `weighted` priority policy with customer tiers (4 customers, one per
+  tier), an urgency on every job, a deadline on 1 job in 10 (`keep` at the deadline) and
+  aging on; the report adds `promotion_step`: the time of one maintenance promotion pass
+  (PROMOTE_LIMIT due steps) with the whole backlog pending;
+* `fair`: fair share on, the jobs spread over FAIR_CUSTOMERS customers with weights 1 to 4
+  (so the worker's one class becomes one class per customer);
+* `affinity`: model-warm affinity on, the worker's class split in 4 by preferred model
+  (m0..m3 in turn, the oldest m0), the worker with m1 loaded, so that every claim passes
+  an older cold head over for a warm one (the affinity path, with its extra read); each
+  claim is checked to have taken a warm job.
 
 Each claimed job is handed back (release / re-add, not timed) so the backlog stays the same
 for every sample. Usage:
-python benchmarks/claim.py [--quick] [--url redis://...] [--policy fifo priority]
+python benchmarks/claim.py [--quick] [--url redis://...] [--policy fifo priority fair affinity]
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ import redis.asyncio
 
 import emp_hub
 from emp_hub.broker import Broker, BrokerSettings, JobSpec, RequirementsSpec, connect
+from emp_hub.broker.settings import AffinitySettings, FairShareSettings
 from emp_hub.embedded import redis_url_or_embedded
 from emp_hub.scheduling import Scheduler, SchedulingSettings
 from emp_protocol.capabilities import JobRequirements, WorkerCapabilities, matches
@@ -52,11 +61,29 @@ WORKER = WorkerCapabilities(services={"sim"}, tags={TARGET_TAG})
 SUBMIT_BATCH = 1000
 SUBMIT_INFLIGHT = 2  # batches in flight: one is prepared while the server runs the other
 CLAIM_SAMPLES = 1000
-#: The policies --policy measures, and what each turns on.
-POLICIES = ("fifo", "priority")
+#: The policies --policy measures (fifo: today's order, always measured; `all`: the four).
+POLICIES = ("fifo", "priority", "fair", "affinity")
+#: --policy priority: one customer per tier, and the promotion passes timed.
+TIERS = {"c0": "free", "c1": "standard", "c2": "premium", "c3": "enterprise"}
 PROMOTE_LIMIT = 1000  # steps per promotion pass (the default)
 PROMOTE_SAMPLES = 20  # passes timed, at most (each takes PROMOTE_LIMIT due steps)
-CUSTOMERS = {"c0": "free", "c1": "standard", "c2": "premium", "c3": "enterprise"}
+#: --policy fair: customers c0..c9, weights 1, 2, 3, 4, 1, 2, ...
+FAIR_CUSTOMERS = 10
+FAIR_WEIGHTS = {f"c{i}": float(1 + i % 4) for i in range(FAIR_CUSTOMERS)}
+#: --policy affinity: the models the worker's jobs prefer, and the one it has loaded.
+PREFERRED = ("m0", "m1", "m2", "m3")
+WARM = "m1"
+LOADED = {"sim": frozenset({WARM})}
+#: What each policy turns on (the report's conditions).
+SETUPS = {
+    "fifo": "today's order (ours)",
+    "priority": f"weighted policy, {len(TIERS)} customers (one per tier), an urgency on every "
+    "job, a deadline on 1 job in 10 (keep), aging (max_wait_s 3600)",
+    "fair": f"fair share, {FAIR_CUSTOMERS} customers with weights 1 to 4 (the worker's class: "
+    f"{FAIR_CUSTOMERS} classes)",
+    "affinity": f"model-warm affinity, the worker's class split by {len(PREFERRED)} preferred "
+    f"models ({CLASSES + len(PREFERRED) - 1} classes), {WARM} loaded: each claim takes a warm job",
+}
 
 
 class BenchClock:
@@ -69,32 +96,49 @@ class BenchClock:
         return time.time() + self.shift
 
 
-def scheduler(policy: str) -> Scheduler:
-    """The scheduler a --policy value turns on."""
-    if policy == "fifo":
-        return Scheduler()
-    settings = SchedulingSettings(
-        policy="weighted",
-        tiers=CUSTOMERS,
-        max_wait_s=3600,
-        deadline_action="keep",
-        promote_limit=PROMOTE_LIMIT,
+def make_broker(client: redis.asyncio.Redis, namespace: str, policy: str) -> Broker:
+    """Our broker with `policy` on (affinity: never aged out during the run)."""
+    scheduler = Scheduler()
+    if policy == "priority":
+        scheduler = Scheduler.from_settings(
+            SchedulingSettings(
+                policy="weighted",
+                tiers=TIERS,
+                max_wait_s=3600,
+                deadline_action="keep",
+                promote_limit=PROMOTE_LIMIT,
+            )
+        )
+    return Broker(
+        client,
+        BrokerSettings(namespace=namespace),
+        clock=BenchClock(),
+        scheduler=scheduler,
+        affinity=AffinitySettings(enabled=policy == "affinity", max_wait_s=1e9),
+        fair_share=FairShareSettings(enabled=policy == "fair", weights=FAIR_WEIGHTS),
     )
-    return Scheduler.from_settings(settings)
 
 
-def spec_of(i: int, cls: int, priority: int, policy: str) -> JobSpec:
-    """A backlog job; under `priority` with a customer, an urgency and 1 in 10 a deadline."""
-    if policy == "fifo":
-        return JobSpec(service="sim", priority=priority, requirements=requirements(cls))
-    return JobSpec(
-        service="sim",
-        priority=priority,
-        requirements=requirements(cls),
-        customer=f"c{i % 4}",
-        urgency=("low", "normal", "high", "critical")[i % 4],
-        deadline_in_s=600 + 60 * (i % 60) if i % 10 == 0 else None,
-    )
+def spec_of(i: int, cls: int, priority: int, policy: str, nth: int = 0) -> JobSpec:
+    """The backlog's job i under `policy` (module docstring: what each policy adds); `nth`:
+    its rank among the worker's class's jobs (affinity: they prefer m0..m3 in turn, so the
+    oldest is cold to the worker, whatever the backlog's size)."""
+    if policy == "priority":
+        return JobSpec(
+            service="sim",
+            priority=priority,
+            requirements=requirements(cls),
+            customer=f"c{i % len(TIERS)}",
+            urgency=("low", "normal", "high", "critical")[i % 4],
+            deadline_in_s=600 + 60 * (i % 60) if i % 10 == 0 else None,
+        )
+    if policy == "fair":
+        customer = f"c{i % FAIR_CUSTOMERS}"
+        return JobSpec(
+            service="sim", priority=priority, requirements=requirements(cls), customer=customer
+        )
+    prefer = PREFERRED[nth % len(PREFERRED)] if policy == "affinity" and cls == 0 else None
+    return JobSpec(service="sim", priority=priority, requirements=requirements(cls, prefer))
 
 
 def job_plan(n: int, seed: int = 7) -> list[tuple[int, int]]:
@@ -108,8 +152,8 @@ def job_plan(n: int, seed: int = 7) -> list[tuple[int, int]]:
     return plan
 
 
-def requirements(cls: int) -> RequirementsSpec:
-    return RequirementsSpec(tags=[f"t{cls}"])
+def requirements(cls: int, prefer: str | None = None) -> RequirementsSpec:
+    return RequirementsSpec(tags=[f"t{cls}"], prefer_model=prefer)
 
 
 def percentiles(samples: list[float]) -> dict[str, float]:
@@ -125,9 +169,13 @@ def percentiles(samples: list[float]) -> dict[str, float]:
     }
 
 
-async def fill_ours(broker: Broker, plan: list[tuple[int, int]], policy: str = "fifo") -> float:
+async def fill_ours(broker: Broker, plan: list[tuple[int, int]], policy: str) -> float:
     """Submit the backlog in batches, SUBMIT_INFLIGHT batches at a time; returns seconds."""
-    specs = [spec_of(i, c, p, policy) for i, (c, p) in enumerate(plan)]
+    specs = []
+    nth = 0  # jobs of the worker's class so far
+    for i, (cls, priority) in enumerate(plan):
+        specs.append(spec_of(i, cls, priority, policy, nth))
+        nth += cls == 0
     batches = [specs[i : i + SUBMIT_BATCH] for i in range(0, len(specs), SUBMIT_BATCH)]
 
     async def submitter(k: int) -> None:
@@ -139,8 +187,9 @@ async def fill_ours(broker: Broker, plan: list[tuple[int, int]], policy: str = "
     return time.perf_counter() - start
 
 
-async def promotion_passes(broker: Broker, clock: BenchClock, n: int) -> dict[str, float]:
+async def promotion_passes(broker: Broker, n: int) -> dict[str, float]:
     """Time promotion passes with every job's aging step due: PROMOTE_LIMIT steps each."""
+    clock = cast(BenchClock, broker.clock)
     clock.shift = 7200  # past max_wait_s and every deadline
     out = []
     for _ in range(min(PROMOTE_SAMPLES, max(1, n // PROMOTE_LIMIT))):
@@ -156,9 +205,11 @@ async def claim_ours(broker: Broker, samples: int) -> list[float]:
     out = []
     for _ in range(samples):
         start = time.perf_counter()
-        claim = await broker.claim("bench-worker", WORKER)
+        claim = await broker.claim("bench-worker", WORKER, loaded=LOADED)
         out.append(time.perf_counter() - start)
         assert claim is not None and claim.job.requirements.tags == (TARGET_TAG,)
+        if broker.affinity.enabled:  # the warm job, though an older cold one waits
+            assert claim.job.requirements.prefer_model == WARM
         await broker.release(claim.job.id, claim.token)
     return out
 
@@ -252,6 +303,21 @@ async def drop(client: redis.asyncio.Redis, pattern: str) -> None:
         await client.unlink(*batch)
 
 
+async def measure(
+    client: redis.asyncio.Redis, plan: list[tuple[int, int]], policy: str
+) -> tuple[float, dict[str, Any]]:
+    """Fill a backlog with `policy` on and time our claims over it (and, for `priority`,
+    promotion passes); then drop it. Returns the fill's seconds and the figures."""
+    n = len(plan)
+    ours = make_broker(client, f"bench-{n}", policy)
+    took = await fill_ours(ours, plan, policy)
+    measured: dict[str, Any] = percentiles(await claim_ours(ours, CLAIM_SAMPLES))
+    if policy == "priority":
+        measured["promotion_step"] = await promotion_passes(ours, n)
+    await drop(client, f"{{bench-{n}}}:*")
+    return took, measured
+
+
 async def run(
     url: str, sizes: list[int], cc_jobs: int, concurrency: int, policies: list[str]
 ) -> dict[str, Any]:
@@ -272,21 +338,11 @@ async def run(
             measured: dict[str, Any] = {}
             fill: dict[str, int] = {}
             for policy in policies:
-                clock = BenchClock()
-                ours = Broker(
-                    client,
-                    BrokerSettings(namespace=f"bench-{n}"),
-                    clock=clock,
-                    scheduler=scheduler(policy),
-                )
-                took = await fill_ours(ours, plan, policy)
-                submitted += n
-                submit_seconds += took
+                took, measured[policy] = await measure(client, plan, policy)
                 fill[policy] = round(n / took)
-                measured[policy] = percentiles(await claim_ours(ours, CLAIM_SAMPLES))
-                if policy != "fifo":
-                    measured[policy]["promotion_step"] = await promotion_passes(ours, clock, n)
-                await drop(client, f"{{bench-{n}}}:*")
+                if policy == "fifo":  # the plain submit
+                    submitted += n
+                    submit_seconds += took
 
             scan = ScanBroker(client, f"{{scan-{n}}}:")
             await scan.fill(plan)
@@ -295,9 +351,10 @@ async def run(
             results.append(
                 {
                     "backlog": n,
-                    "fill_jobs_per_s": fill[policies[0]],
-                    "ours": measured[policies[0]],
-                    **({"policies": measured, "fill_by_policy": fill} if len(policies) > 1 else {}),
+                    "fill_jobs_per_s": fill["fifo"],
+                    "ours": measured["fifo"],
+                    "policies": measured,
+                    "fill_by_policy": fill,
                     "scan": percentiles(scan_samples),
                 }
             )
@@ -320,6 +377,8 @@ async def run(
             "claim_complete_jobs": cc_jobs,
             "claim_complete_concurrency": concurrency,
             "policies": policies,
+            "policy_setup": {p: SETUPS[p] for p in policies},
+            **({"fair_customers": FAIR_CUSTOMERS} if "fair" in policies else {}),
         },
         "results": results,
         "submit_jobs_per_s": round(submitted / submit_seconds),
@@ -340,7 +399,13 @@ def run_loop(coro: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
     return report
 
 
-def main(argv: list[str] | None = None) -> None:
+def policies_of(names: list[str]) -> list[str]:
+    """The policies to measure, in POLICIES order: fifo always, `all` for the four."""
+    return [p for p in POLICIES if p == "fifo" or p in names or "all" in names]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (main's)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="only N = 1,000 and 100,000")
     parser.add_argument("--sizes", type=int, nargs="+", help="backlog sizes to measure")
@@ -350,12 +415,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--policy",
         nargs="+",
-        choices=POLICIES,
+        choices=[*POLICIES, "all"],
         default=["fifo"],
-        help="scheduling policies to measure (fifo: today's order; priority: weighted "
-        "priorities, deadlines and aging)",
+        help="scheduling policies to measure, each on its own backlog (fifo, today's order, "
+        "always runs; all: the four)",
     )
     args = parser.parse_args(argv)
+    args.policy = policies_of(args.policy)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     sizes = args.sizes or ([1_000, 100_000] if args.quick else [1_000, 100_000, 1_000_000])
     with tempfile.TemporaryDirectory() as tmp, redis_url_or_embedded(args.url, Path(tmp)) as url:
         report = run_loop(run(url, sizes, args.cc_jobs, args.concurrency, args.policy))

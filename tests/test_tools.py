@@ -49,15 +49,21 @@ async def test_demo_runs_every_scenario(redis_url: str) -> None:
 def test_claim_benchmark_prints_its_json(
     redis_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """fair and affinity, each on its own backlog beside fifo (which always runs)."""
     claim_benchmark.main(
-        ["--sizes", "300", "--url", redis_url, "--cc-jobs", "200", "--policy", "fair"]
+        ["--sizes", "300", "--url", redis_url, "--cc-jobs", "200", "--policy", "affinity", "fair"]
     )
     report = json.loads(capsys.readouterr().out)
-    assert report["conditions"]["classes"] == 100
+    conditions = report["conditions"]
+    assert conditions["classes"] == 100 and conditions["fair_customers"] == 10
+    assert conditions["policies"] == ["fifo", "fair", "affinity"]
+    assert set(conditions["policy_setup"]) == {"fifo", "fair", "affinity"}
     [row] = report["results"]
     assert row["backlog"] == 300
-    assert row["ours"]["p99_ms"] > 0 and row["scan"]["p99_ms"] > 0
-    assert row["fair"]["p99_ms"] > 0 and report["conditions"]["policies"] == ["fifo", "fair"]
+    assert row["ours"] == row["policies"]["fifo"] and row["scan"]["p99_ms"] > 0
+    for policy in ("fifo", "fair", "affinity"):
+        assert row["policies"][policy]["p99_ms"] > 0 and row["fill_by_policy"][policy] > 0
+        assert "promotion_step" not in row["policies"][policy]
     assert report["submit_jobs_per_s"] > 0 and report["claim_complete_per_s"] > 0
 
 
@@ -66,10 +72,21 @@ def test_claim_benchmark_measures_the_priority_policy(
 ) -> None:
     args = ["--sizes", "1000", "--url", redis_url, "--cc-jobs", "100"]
     claim_benchmark.main([*args, "--policy", "fifo", "priority"])
-    [row] = json.loads(capsys.readouterr().out)["results"]
+    report = json.loads(capsys.readouterr().out)
+    assert report["conditions"]["policies"] == ["fifo", "priority"]
+    assert "fair_customers" not in report["conditions"]
+    [row] = report["results"]
     assert row["policies"]["fifo"]["p99_ms"] > 0 and row["policies"]["priority"]["p99_ms"] > 0
     step = row["policies"]["priority"]["promotion_step"]
     assert step["samples"] == 1 and step["steps_per_pass"] == 1000 and step["p99_ms"] > 0
+    # `all` names the four, in one order, whatever order they are given in.
+    assert claim_benchmark.parse_args(["--policy", "all"]).policy == [
+        "fifo",
+        "priority",
+        "fair",
+        "affinity",
+    ]
+    assert claim_benchmark.parse_args([]).policy == ["fifo"]
 
 
 @pytest.mark.timeout(300)
