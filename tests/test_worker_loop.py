@@ -11,6 +11,8 @@ import pytest
 
 from emp_hub.embedded import free_port
 
+pytestmark = [pytest.mark.slow, pytest.mark.worker]  # emp-worker processes
+
 
 def doctor(**env: str) -> subprocess.CompletedProcess[str]:
     """`emp-worker doctor` against a port where nothing listens, at debug level."""
