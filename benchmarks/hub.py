@@ -10,7 +10,11 @@ complete each at once. We measure
   submission (its `created_at`, stamped by the hub) to the `job_assigned` frame arriving at
   a worker, and from just before the client's HTTP request (p50, p99).
 
-Usage: python benchmarks/hub.py [--jobs N] [--workers N] [--url REDIS_URL]
+With `--hub-processes N [N ...]`, each run is one `emp-hub serve --workers N` (N uvicorn
+processes behind one port) instead of separate replicas on their own ports. Every run also
+reports the hub's CPU time (all its processes) per job of the throughput phase.
+
+Usage: python benchmarks/hub.py [--jobs N] [--workers N] [--hub-processes N ...] [--url URL]
 """
 
 from __future__ import annotations
@@ -61,11 +65,34 @@ class RunningHub:
         await _until_ready(self.url)
 
 
-async def _start_hub(url: str, env: dict[str, str]) -> asyncio.subprocess.Process:
+async def _start_hub(
+    url: str, env: dict[str, str], processes: int = 1
+) -> asyncio.subprocess.Process:
     port = url.rsplit(":", 1)[1]
+    more = ["--workers", str(processes)] if processes > 1 else []
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "emp_hub.cli", "serve", "--port", port, env=env
+        sys.executable, "-m", "emp_hub.cli", "serve", "--port", port, *more, env=env
     )
+
+
+def _tree(pid: int) -> list[int]:
+    """`pid` and its descendants (Linux /proc)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*/children"):
+            todo.extend(int(c) for c in task.read_text().split())
+    return out
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of the processes `pids` (Linux /proc)."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 async def _until_ready(url: str) -> None:
@@ -81,10 +108,10 @@ async def _until_ready(url: str) -> None:
 
 @asynccontextmanager
 async def hubs(
-    redis_url: str, count: int, namespace: str, **settings: str
+    redis_url: str, count: int, namespace: str, processes: int = 1, **settings: str
 ) -> AsyncIterator[list[RunningHub]]:
-    """`count` hub processes on one Redis, in a namespace removed afterwards; `settings`
-    are more EMP_* variables."""
+    """`count` hubs on one Redis, each `emp-hub serve --workers processes`, in a namespace
+    removed afterwards; `settings` are more EMP_* variables."""
     env = {
         **os.environ,
         "EMP_REDIS_URL": redis_url,
@@ -97,7 +124,7 @@ async def hubs(
     running = []
     for _ in range(count):
         url = f"http://127.0.0.1:{free_port()}"
-        running.append(RunningHub(url, await _start_hub(url, env), env))
+        running.append(RunningHub(url, await _start_hub(url, env, processes), env))
     try:
         for hub in running:
             await _until_ready(hub.url)
@@ -173,9 +200,13 @@ async def start_workers(urls: list[str], count: int) -> tuple[Workers, list[asyn
     return workers, tasks
 
 
-async def throughput(urls: list[str], workers: int, jobs: int) -> dict[str, Any]:
+async def throughput(
+    urls: list[str], workers: int, jobs: int, hub_pids: list[int] | None = None
+) -> dict[str, Any]:
     pool, tasks = await start_workers(urls, workers)
     pool.expected = jobs
+    pids = [p for pid in hub_pids or [] for p in _tree(pid)]
+    cpu0 = cpu_seconds(pids)
     batch = [{"job_type": "noop", "payload": {}} for _ in range(500)]
     start = time.perf_counter()
     async with httpx.AsyncClient(timeout=60) as http:
@@ -185,6 +216,7 @@ async def throughput(urls: list[str], workers: int, jobs: int) -> dict[str, Any]
             r.raise_for_status()
     await asyncio.wait_for(pool.all_done.wait(), 600)
     elapsed = time.perf_counter() - start
+    cpu = cpu_seconds(pids) - cpu0
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -193,6 +225,8 @@ async def throughput(urls: list[str], workers: int, jobs: int) -> dict[str, Any]
         "workers": workers,
         "seconds": round(elapsed, 2),
         "jobs_per_s": round(jobs / elapsed),
+        "hub_processes": len(pids),
+        "hub_cpu_ms_per_job": round(1000 * cpu / jobs, 3),
     }
 
 
@@ -231,20 +265,26 @@ def percentiles(samples: list[float]) -> dict[str, float]:
     }
 
 
-async def run(redis_url: str, jobs: int, workers: int, samples: int) -> dict[str, Any]:
+async def run(
+    redis_url: str, jobs: int, workers: int, samples: int, hub_processes: list[int] | None = None
+) -> dict[str, Any]:
+    # (replicas, processes per replica): replicas on their own ports, or one port.
+    layouts = [(1, n) for n in hub_processes] if hub_processes else [(1, 1), (2, 1)]
     results = []
-    for replicas in (1, 2):
-        namespace = f"bench-hub-{replicas}-{os.getpid()}"
-        async with hubs(redis_url, replicas, namespace) as running:
+    for replicas, processes in layouts:
+        namespace = f"bench-hub-{replicas}-{processes}-{os.getpid()}"
+        async with hubs(redis_url, replicas, namespace, processes) as running:
             urls = [h.url for h in running]
+            pids = [h.pid for h in running]
             results.append(
                 {
                     "replicas": replicas,
-                    "throughput": await throughput(urls, workers, jobs),
+                    "processes_per_replica": processes,
+                    "throughput": await throughput(urls, workers, jobs, pids),
                     "submit_to_assigned": await latency(urls, workers, samples),
                 }
             )
-            print(f"{replicas} replica(s): done", file=sys.stderr)
+            print(f"{replicas} replica(s) x {processes} process(es): done", file=sys.stderr)
     return {
         "conditions": {
             "version": emp_hub.__version__,
@@ -265,9 +305,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=50)
     parser.add_argument("--samples", type=int, default=500, help="latency samples")
     parser.add_argument("--url", help="Redis URL (default: an embedded Valkey in a temp dir)")
+    parser.add_argument(
+        "--hub-processes",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="one run per N: one `emp-hub serve --workers N` (default: 1 and 2 replicas)",
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp, redis_url_or_embedded(args.url, Path(tmp)) as url:
-        report = asyncio.run(run(url, args.jobs, args.workers, args.samples))
+        report = asyncio.run(run(url, args.jobs, args.workers, args.samples, args.hub_processes))
     print(json.dumps(report, indent=2))
 
 

@@ -9,9 +9,13 @@ HTTP batches of 500. We measure
   the hub recording its completion (`finished_at`), minus the time the connector itself
   took (`elapsed_s`, measured inside the connector), p50 and p99: the protocol, the
   worker's runtime and the hub's handling of the result;
-* submit-to-complete p50 and p99 (including the time waiting in the backlog).
+* submit-to-complete p50 and p99 (including the time waiting in the backlog);
+* the CPU time per job of the worker processes (all of them) and of the hub.
 
-Usage: python -m benchmarks.worker [--workers 20] [--jobs 10000] [--url REDIS_URL]
+`--loops asyncio uvloop` runs it once per event loop of the workers (EMP_WORKER_LOOP), in
+that order, each on a new hub: `results` is then the first's, `runs` has them all.
+
+Usage: python -m benchmarks.worker [--workers 20] [--jobs 10000] [--loops L ...] [--url URL]
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from typing import Any
 import httpx
 
 import emp_hub
-from benchmarks.hub import hubs, percentiles
+from benchmarks.hub import cpu_seconds, hubs, percentiles
 from emp_hub.embedded import redis_url_or_embedded
 
 
@@ -56,9 +60,15 @@ def start_worker(url: str, worker_id: str, tmp: Path, **settings: str) -> subpro
         )
 
 
-def start_workers(url: str, count: int, tmp: Path) -> list[subprocess.Popen[bytes]]:
+def start_workers(
+    url: str, count: int, tmp: Path, loop: str = "auto"
+) -> list[subprocess.Popen[bytes]]:
     """`count` emp-worker processes with the simulation connector at zero duration."""
-    zero = {"EMP_SIMULATION_DURATION": "0", "EMP_SIMULATION_STEPS": "1"}
+    zero = {
+        "EMP_SIMULATION_DURATION": "0",
+        "EMP_SIMULATION_STEPS": "1",
+        "EMP_WORKER_LOOP": loop,
+    }
     return [start_worker(url, f"bench-w{i}", tmp, **zero) for i in range(count)]
 
 
@@ -77,9 +87,11 @@ async def completed_jobs(http: httpx.AsyncClient, url: str) -> list[dict[str, An
             return jobs
 
 
-async def measure(url: str, workers: int, jobs: int, tmp: Path) -> dict[str, Any]:
+async def measure(
+    url: str, workers: int, jobs: int, tmp: Path, hub_pid: int, loop: str = "auto"
+) -> dict[str, Any]:
     """Start the workers, run the jobs, read back their timings."""
-    procs = start_workers(url, workers, tmp)
+    procs = start_workers(url, workers, tmp, loop)
     try:
         async with httpx.AsyncClient(timeout=60) as http:
             deadline = time.monotonic() + 120
@@ -88,6 +100,8 @@ async def measure(url: str, workers: int, jobs: int, tmp: Path) -> dict[str, Any
                     raise RuntimeError("the workers did not all register")
                 await asyncio.sleep(0.2)
             batch = [{"job_type": "simulation", "payload": {}} for _ in range(500)]
+            pids = [proc.pid for proc in procs]
+            workers_cpu0, hub_cpu0 = cpu_seconds(pids), cpu_seconds([hub_pid])
             started = time.perf_counter()
             for i in range(0, jobs, 500):
                 response = await http.post(
@@ -100,6 +114,8 @@ async def measure(url: str, workers: int, jobs: int, tmp: Path) -> dict[str, Any
                     break
                 await asyncio.sleep(0.05)
             elapsed = time.perf_counter() - started
+            workers_cpu = cpu_seconds(pids) - workers_cpu0
+            hub_cpu = cpu_seconds([hub_pid]) - hub_cpu0
             done = await completed_jobs(http, url)
     finally:
         for proc in procs:
@@ -116,15 +132,24 @@ async def measure(url: str, workers: int, jobs: int, tmp: Path) -> dict[str, Any
         "worker_side_overhead": percentiles(overhead),
         "connector_time": percentiles([j["result"]["output"]["elapsed_s"] for j in done]),
         "submit_to_complete": percentiles([j["finished_at"] - j["created_at"] for j in done]),
+        "workers_cpu_ms_per_job": round(1000 * workers_cpu / len(done), 3),
+        "hub_cpu_ms_per_job": round(1000 * hub_cpu / len(done), 3),
     }
 
 
-async def run(redis_url: str, workers: int, jobs: int) -> dict[str, Any]:
-    """The whole benchmark, in its own namespace."""
-    with tempfile.TemporaryDirectory() as tmp:
-        async with hubs(redis_url, 1, f"bench-worker-{os.getpid()}") as running:
-            results = await measure(running[0].url, workers, jobs, Path(tmp))
-    return {
+async def run(
+    redis_url: str, workers: int, jobs: int, loops: list[str] | None = None
+) -> dict[str, Any]:
+    """The whole benchmark, in its own namespace (one per loop)."""
+    runs = []
+    for loop in loops or ["auto"]:
+        with tempfile.TemporaryDirectory() as tmp:
+            namespace = f"bench-worker-{loop}-{os.getpid()}"
+            async with hubs(redis_url, 1, namespace) as running:
+                hub = running[0]
+                measured = await measure(hub.url, workers, jobs, Path(tmp), hub.pid, loop)
+                runs.append({"worker_loop": loop, **measured})
+    report: dict[str, Any] = {
         "conditions": {
             "version": emp_hub.__version__,
             "python": platform.python_version(),
@@ -134,9 +159,13 @@ async def run(redis_url: str, workers: int, jobs: int) -> dict[str, Any]:
             "worker": "emp-worker run processes, simulation connector, duration 0, 1 slot",
             "hub": "one emp-hub serve process",
             "submit": "HTTP batches of 500",
+            "worker_loops": loops or ["auto"],
         },
-        "results": results,
+        "results": runs[0],
     }
+    if loops:
+        report["runs"] = runs
+    return report
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -145,9 +174,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=20)
     parser.add_argument("--jobs", type=int, default=10_000)
     parser.add_argument("--url", help="Redis URL (default: an embedded Valkey in a temp dir)")
+    parser.add_argument(
+        "--loops",
+        nargs="+",
+        choices=["auto", "uvloop", "asyncio"],
+        help="one run per worker event loop (EMP_WORKER_LOOP; default: one run, auto)",
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp, redis_url_or_embedded(args.url, Path(tmp)) as url:
-        report = asyncio.run(run(url, args.workers, args.jobs))
+        report = asyncio.run(run(url, args.workers, args.jobs, args.loops))
     print(json.dumps(report, indent=2))
 
 

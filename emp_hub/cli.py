@@ -44,6 +44,15 @@ def serve(settings: HubSettings, workers: int) -> None:
 
     if not settings.redis_url:  # one hub per data directory: say so before uvicorn starts
         check_free(settings.data_dir / "valkey")
+    common: dict[str, Any] = {
+        "log_level": settings.log_level,
+        "ws_max_size": settings.ws_max_bytes,
+        # No permessage-deflate (uvicorn negotiates it by default): the frames are small
+        # JSON, and compressing them cost CPU on both sides for nothing (docs/benchmarks.md).
+        "ws_per_message_deflate": False,
+        "timeout_graceful_shutdown": math.ceil(settings.shutdown_timeout_s),
+        **logs,
+    }
     if workers > 1:
         # Each worker process builds its own app from the same environment.
         os.environ["EMP_HOST"], os.environ["EMP_PORT"] = settings.host, str(settings.port)
@@ -53,20 +62,14 @@ def serve(settings: HubSettings, workers: int) -> None:
             host=settings.host,
             port=settings.port,
             workers=workers,
-            log_level=settings.log_level,
-            ws_max_size=settings.ws_max_bytes,
-            timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s),
-            **logs,
+            **common,
         )
         return
     uvicorn.run(
         create_app(settings),
         host=settings.host,
         port=settings.port,
-        log_level=settings.log_level,
-        ws_max_size=settings.ws_max_bytes,
-        timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s),
-        **logs,
+        **common,
     )
 
 

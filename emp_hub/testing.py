@@ -64,6 +64,7 @@ async def running_hub(settings: HubSettings) -> AsyncIterator[str]:
         lifespan="on",
         timeout_graceful_shutdown=3,
         ws_max_size=settings.ws_max_bytes,
+        ws_per_message_deflate=False,  # as emp-hub serve
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())

@@ -31,6 +31,8 @@ from emp_worker.version import version_line
 # The worker's modules (pydantic, httpx, websockets) are imported when a command needs them:
 # `emp-worker --version` and `--help` answer without them.
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from emp_worker.connector import Connector
     from emp_worker.plugins import Plugins
     from emp_worker.settings import WorkerSettings
@@ -62,6 +64,27 @@ def load_settings(config: str | None) -> WorkerSettings:
             f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors()
         )
         raise Refused(f"invalid worker settings: {problems}") from exc
+
+
+def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop]:
+    """The event loop to run on (EMP_WORKER_LOOP): uvloop when it is importable (`auto`;
+    it is a dependency on Linux and macOS), else asyncio's own."""
+    log = logging.getLogger("emp_worker")
+    if choice != "asyncio":
+        try:
+            import uvloop
+        except ImportError as exc:
+            if choice == "uvloop":
+                raise Refused(
+                    f"EMP_WORKER_LOOP=uvloop, but uvloop is not installed: {exc}"
+                ) from exc
+            log.debug("event loop: asyncio (uvloop is not installed)")
+        else:
+            log.debug("event loop: uvloop")
+            return uvloop.new_event_loop
+    else:
+        log.debug("event loop: asyncio (EMP_WORKER_LOOP=asyncio)")
+    return asyncio.new_event_loop
 
 
 def load_plugins(settings: WorkerSettings) -> Plugins:
@@ -420,9 +443,10 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.connectors:
         os.environ["EMP_CONNECTORS"] = args.connectors
     settings = load_settings(args.config)
-    if args.command == "run":
-        return asyncio.run(run_worker(settings))
-    report, healthy = asyncio.run(doctor(settings))
+    with asyncio.Runner(loop_factory=loop_factory(settings.worker_loop)) as runner:
+        if args.command == "run":
+            return runner.run(run_worker(settings))
+        report, healthy = runner.run(doctor(settings))
     print(json.dumps(report, indent=2) if args.json else show_doctor(report))
     return 0 if healthy else 1
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
@@ -69,6 +69,11 @@ class WorkerSettings(BaseSettings):
         description="Connectors to enable (comma list); empty: every installed one.",
     )
     gpu_index: int = Field(default=0, ge=0, validation_alias=_env("gpu_index"))
+    worker_loop: Literal["auto", "uvloop", "asyncio"] = Field(
+        default="auto",
+        validation_alias=_env("worker_loop"),
+        description="The event loop: uvloop when installed (auto), or asyncio's own.",
+    )
     heartbeat_s: float = Field(
         default=20,
         gt=0,

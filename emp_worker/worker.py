@@ -492,8 +492,14 @@ class Worker:
         if self.settings.token is not None:
             headers["Authorization"] = f"Bearer {self.settings.token.get_secret_value()}"
         url = f"{self.settings.hub_url}/ws/worker/{self.worker_id}"
+        # No permessage-deflate: small JSON frames, where compressing cost both sides CPU
+        # for nothing (docs/benchmarks.md).
         return websockets.connect(
-            url, additional_headers=headers, open_timeout=open_timeout, max_size=None
+            url,
+            additional_headers=headers,
+            open_timeout=open_timeout,
+            max_size=None,
+            compression=None,
         )
 
     async def probe(self) -> dict[str, dict[str, Any]]:

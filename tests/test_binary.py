@@ -175,6 +175,21 @@ def test_doctor_against_a_hub_that_reports_the_same_version(
     no_extraction_left(env)
 
 
+def test_the_binary_runs_on_uvloop(binary: Binary, env: dict[str, str], hub: Cluster) -> None:
+    """uvloop is bundled (a dependency of the worker on Linux and macOS) and chosen."""
+    env |= {
+        "EMP_HUB_URL": f"ws://127.0.0.1:{hub.port}",
+        "EMP_CONNECTORS": "simulation",
+        "EMP_LOG_LEVEL": "debug",
+    }
+    done = run(binary, env, "doctor")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "event loop: uvloop" in done.stderr
+    env["EMP_WORKER_LOOP"] = "asyncio"
+    done = run(binary, env, "doctor")
+    assert done.returncode == 0 and "event loop: asyncio" in done.stderr, done.stderr
+
+
 def test_run_registers_and_completes_a_job_then_sigterm_drains(
     binary: Binary, env: dict[str, str], hub: Cluster
 ) -> None:
