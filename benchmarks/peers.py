@@ -298,7 +298,7 @@ class Bench:
                 }
                 cpu["total"] = sum(cpu.values())
                 finished = await finished_times(http, url)
-                latencies = await emp_latency(http, url, self.args.samples)
+                latencies, to_claim = await emp_latency(http, url, self.args.samples)
             finally:
                 for proc in procs:
                     proc.terminate()
@@ -310,6 +310,7 @@ class Bench:
             "seconds": round(elapsed, 3),
             "jobs_per_s": round(len(finished) / elapsed, 1),
             "latency_s": latencies,
+            "claim_latency_s": to_claim,
             "cpu_us_per_job": {
                 name: round(ticks / TICK / len(finished) * 1e6, 1) for name, ticks in cpu.items()
             },
@@ -356,25 +357,31 @@ async def finished_times(http: httpx.AsyncClient, url: str) -> list[float]:
             return times
 
 
-async def emp_latency(http: httpx.AsyncClient, url: str, samples: int) -> list[float]:
-    """Submit one job at a time to idle workers: its `started_at` minus the time just
-    before the submit (the first one warms up and is not counted)."""
-    out = []
+async def emp_latency(
+    http: httpx.AsyncClient, url: str, samples: int
+) -> tuple[list[float], list[float]]:
+    """Submit one job at a time to idle workers; from just before each submit to its
+    `started_at`, and to its `claimed_at` (the first job warms up and is not counted).
+
+    A job shorter than 0.5 s sends no progress report, so the hub stamps `started_at` when
+    it records the completion: an upper bound of the worker's start; the claim (the hub
+    handing the job out, before the frame reaches the worker) is a lower bound."""
+    started: list[float] = []
+    claimed: list[float] = []
     for i in range(samples + 1):
         before = time.time()
-        job_id = (await http.post(f"{url}/api/jobs", json={"job_type": "simulation"})).json()[
-            "job_id"
-        ]
+        response = await http.post(f"{url}/api/jobs", json={"job_type": "simulation"})
+        job_id = response.json()["job_id"]
         while True:
             job = (await http.get(f"{url}/api/jobs/{job_id}")).json()
             if job["status"] == "completed":
                 break
             await asyncio.sleep(0.002)
-        started = job["started_at"] if job["started_at"] is not None else job["claimed_at"]
         if i:
-            out.append(started - before)
+            started.append(job["started_at"] - before)
+            claimed.append(job["claimed_at"] - before)
         await asyncio.sleep(0.005)
-    return out
+    return started, claimed
 
 
 def schedule(systems: list[str], runs: int) -> list[str]:
@@ -403,6 +410,9 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "latency": percentiles(latencies) if latencies else None,
         "latency_samples": len(latencies),
     }
+    to_claim = [x for run in runs for x in run.get("claim_latency_s", [])]
+    if to_claim:
+        out["latency_to_claim"] = percentiles(to_claim)
     cpu = [run["cpu_us_per_job"] for run in runs if "cpu_us_per_job" in run]
     if cpu:
         out["cpu_us_per_job"] = {
@@ -468,7 +478,8 @@ def conditions(
         "seconds": round(seconds, 1),
         "timed": "throughput: from spawning the first worker process (N jobs already queued) "
         "to the last job's completion; latency: from just before the enqueue call to the "
-        "job's start, one job at a time, idle workers",
+        "job's start, one job at a time, idle workers (emp: its started_at, which the hub "
+        "stamps at completion for a job this short; latency_to_claim: to its claimed_at)",
         "emp": "one emp-hub serve, W emp-worker run processes (simulation connector, "
         "duration 0, 1 step, 1 slot), submitted in HTTP batches of 500",
         "taskiq": "ListQueueBroker, taskiq worker --workers W (defaults otherwise)",
