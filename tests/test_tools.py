@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -21,6 +22,7 @@ from benchmarks import connectors as connectors_benchmark
 from benchmarks import dashboard as dashboard_benchmark
 from benchmarks import faults as faults_benchmark
 from benchmarks import hub as hub_benchmark
+from benchmarks import peers as peers_benchmark
 from benchmarks import recovery as recovery_benchmark
 from benchmarks import worker as worker_benchmark
 from emp_hub.demos.broker import run_demo
@@ -146,6 +148,49 @@ def test_worker_benchmark_prints_its_json(
     results = report["results"]
     assert results["completed"] == 100 and results["jobs_per_s"] > 0
     assert results["worker_side_overhead"]["p99_ms"] > 0
+
+
+def check_peers_report(report: dict[str, Any], systems: list[str], jobs: int) -> None:
+    """The JSON's shape, and every job of every run done."""
+    assert report["conditions"]["jobs"] == jobs
+    assert set(report["systems"]) == set(systems)
+    for system in systems:
+        summary = report["systems"][system]
+        assert summary["completed"] and all(n == jobs for n in summary["completed"]), system
+        assert summary["median_jobs_per_s"] > 0 and len(summary["jobs_per_s"]) >= 1
+        assert 0 < summary["latency"]["p50_ms"] <= summary["latency"]["p99_ms"], system
+    cpu = report["systems"]["emp"]["cpu_us_per_job"]
+    assert set(cpu) == {"hub", "valkey", "worker0", "worker1", "total"}
+    assert cpu["hub"] > 0 and cpu["total"] >= cpu["hub"] + cpu["worker0"]
+
+
+@pytest.mark.timeout(300)
+def test_peers_benchmark_runs_emp_alone(capsys: pytest.CaptureFixture[str]) -> None:
+    peers_benchmark.main(["--jobs", "200", "--runs", "1", "--samples", "3", "--systems", "emp"])
+    report = json.loads(capsys.readouterr().out)
+    check_peers_report(report, ["emp"], 200)
+    assert report["conditions"]["order"] == ["emp"] and report["ratios_emp_over_peer"] == {}
+
+
+@pytest.mark.timeout(600)
+def test_peers_benchmark_interleaves_emp_with_taskiq_and_dramatiq(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Installs the peers into a venv of their own (the package registry is needed)."""
+    args = ["--jobs", "200", "--runs", "1", "--samples", "3", "--venv", str(tmp_path / "venv")]
+    peers_benchmark.main(args)
+    report = json.loads(capsys.readouterr().out)
+    check_peers_report(report, ["emp", "taskiq", "dramatiq"], 200)
+    assert report["conditions"]["order"] == ["taskiq", "emp", "dramatiq", "emp"]
+    assert report["conditions"]["versions"]["taskiq"] == "0.13.0"
+    assert report["conditions"]["venv_install_s"] > 0
+    assert len(report["systems"]["emp"]["jobs_per_s"]) == 2
+    for peer in ("taskiq", "dramatiq"):
+        assert set(report["ratios_emp_over_peer"][peer]) == {
+            "jobs_per_s",
+            "latency_p50",
+            "latency_p99",
+        }
 
 
 @pytest.mark.timeout(300)
