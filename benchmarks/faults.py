@@ -398,7 +398,7 @@ async def run(args: argparse.Namespace, url: str, tmp: Path) -> dict[str, Any]:
     """The whole run, in its own namespace."""
     run_id = f"faults-{uuid.uuid4().hex[:8]}"
     workers = worker_settings(args)
-    async with hubs(url, 1, run_id, **hub_settings(args)) as [hub]:
+    async with hubs(url, 1, run_id, settings=hub_settings(args)) as [hub]:
         chaos = Chaos(hub, tmp, args, workers)
         try:
             async with httpx.AsyncClient(base_url=hub.url, timeout=30) as http:

@@ -28,7 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,7 +108,12 @@ async def _until_ready(url: str) -> None:
 
 @asynccontextmanager
 async def hubs(
-    redis_url: str, count: int, namespace: str, processes: int = 1, **settings: str
+    redis_url: str,
+    count: int,
+    namespace: str,
+    *,
+    processes: int = 1,
+    settings: Mapping[str, str] | None = None,
 ) -> AsyncIterator[list[RunningHub]]:
     """`count` hubs on one Redis, each `emp-hub serve --workers processes`, in a namespace
     removed afterwards; `settings` are more EMP_* variables."""
@@ -119,7 +124,7 @@ async def hubs(
         "EMP_LOG_LEVEL": "warning",
         "EMP_SUBMIT_RATE": "1000000",
         "EMP_SUBMIT_BURST": "1000000",
-        **settings,
+        **(settings or {}),
     }
     running = []
     for _ in range(count):
@@ -273,7 +278,7 @@ async def run(
     results = []
     for replicas, processes in layouts:
         namespace = f"bench-hub-{replicas}-{processes}-{os.getpid()}"
-        async with hubs(redis_url, replicas, namespace, processes) as running:
+        async with hubs(redis_url, replicas, namespace, processes=processes) as running:
             urls = [h.url for h in running]
             pids = [h.pid for h in running]
             results.append(

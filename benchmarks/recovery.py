@@ -158,7 +158,7 @@ async def run(args: argparse.Namespace, url: str, tmp: Path) -> dict[str, Any]:
         "EMP_BROKER__RECONNECT_GRACE_S": str(args.grace),
         "EMP_BROKER__LEASE_S": str(args.lease),
     }
-    async with hubs(url, 1, f"bench-recovery-{uuid.uuid4().hex[:8]}", **settings) as [hub]:
+    async with hubs(url, 1, f"bench-recovery-{uuid.uuid4().hex[:8]}", settings=settings) as [hub]:
         for scenario in scenarios:
             times = [await one_run(hub.url, scenario, tmp, args.lease) for _ in range(args.runs)]
             results[scenario] = {

@@ -14,7 +14,8 @@ from emp_connector_simulation import SimulationConnector, SimulationSettings
 from emp_hub.broker import BrokerSettings
 from emp_hub.broker.settings import AffinitySettings
 from emp_hub.embedded import EmbeddedValkey
-from emp_hub.settings import HubSettings, SchedulingSettings
+from emp_hub.scheduling import SchedulingSettings
+from emp_hub.settings import HubSettings
 from emp_hub.testing import running_hub, running_worker
 from emp_protocol.jobs import TERMINAL
 from emp_worker.testing import eventually
