@@ -45,6 +45,7 @@ from emp_protocol.hub_messages import (
     JobAvailable,
     WorkerControl,
 )
+from emp_protocol.messages import Batch, RequestJob
 
 log = logging.getLogger("emp_hub.dispatch")
 
@@ -96,7 +97,10 @@ class WorkerSession:
     caps: WorkerCapabilities | None = None  # set once registered
     held: dict[str, str] = field(default_factory=dict)  # job id -> lease token
     services: dict[str, str] = field(default_factory=dict)  # job id -> service (metrics)
-    wanted: int = 0
+    wanted: int = 0  # free slots: claimed for now, or parked until jobs come
+    #: Its last request_job not yet acted on (the feeder does, between its claims).
+    request: RequestJob | None = None
+    batch: bool = False  # it reads `batch` messages: its assignments go in one frame
     original: bool = False  # an original emp-redis worker: offers, then claim_job
     offered: dict[str, str] = field(default_factory=dict)  # job id -> token, reserved
     status: str = ""  # the last status it reported (idle/busy), as monitors last heard it
@@ -117,6 +121,15 @@ class WorkerSession:
             try:
                 await self.websocket.send_text(json.dumps(message.model_dump(mode="json")))
             except (WebSocketDisconnect, WebSocketDisconnected):
+                return False
+        return True
+
+    async def send_all(self, messages: list[HubMessage]) -> bool:
+        """Send messages in order: in one `batch` frame when the worker reads those."""
+        if self.batch and len(messages) > 1:
+            return await self.send(Batch(messages=[m.model_dump(mode="json") for m in messages]))
+        for message in messages:
+            if not await self.send(message):
                 return False
         return True
 
@@ -353,7 +366,7 @@ class Dispatcher:
             try:
                 if (
                     not session.closed
-                    and session.wanted
+                    and (session.wanted or session.request is not None)
                     and session.caps is not None
                     and session.action is None
                 ):
@@ -364,52 +377,66 @@ class Dispatcher:
                 session.fed.set()
 
     async def _claim_for(self, session: WorkerSession) -> None:
-        """Claim jobs for the session's free slots and hand them over."""
+        """Claim jobs for the session's free slots (and its prefetch, right after it
+        asked) and hand them over."""
         assert session.caps is not None
+        count = session.wanted
+        if (request := session.request) is not None:
+            session.request = None
+            # The jobs assigned since it asked are on their way: they count.
+            on_the_way = 0 if request.held is None else max(0, len(session.held) - request.held)
+            session.wanted = max(0, request.slots - on_the_way)
+            count = max(0, request.slots + request.prefetch - on_the_way)
+        if not count:
+            return
         started = time.perf_counter()
         # An offer to an original worker is leased past its reservation, so that an
         # unclaimed offer is handed back by withdraw(), not reaped as a lost worker.
         claims = await self.broker.claim_many(
             session.worker_id,
             session.caps,
-            session.wanted,
+            count,
             lease_s=OFFER_S + OFFER_GRACE_S if session.original else None,
             loaded=session.loaded,
         )
         self.metrics.claim_seconds.observe(time.perf_counter() - started)
-        for claim in claims:
-            session.wanted -= 1
-            if session.original:
+        session.wanted -= min(len(claims), session.wanted)
+        if session.original:
+            for claim in claims:
                 await self.offer(session, claim)
-            else:
-                await self.assign(session, claim.job, claim.token)
+        elif claims:
+            await self.assign(session, [(claim.job, claim.token) for claim in claims])
 
-    async def assign(self, session: WorkerSession, job: Job, token: str) -> None:
-        """The worker holds the job now: remember its token, tell the worker."""
-        latency = (job.claimed_at or 0) - job.created_at
-        self.metrics.submit_to_start.observe(latency)
-        self.metrics.series.started(latency)
-        session.held[job.id] = token
-        session.services[job.id] = job.service
-        delivered = await session.send(
-            JobAssigned(
-                job_id=job.id,
-                worker_id=session.worker_id,
-                job_type=job.service,
-                priority=job.priority,
-                params=job.payload,
-                lease_token=token,
-                attempt=job.attempt,
-                timeout=job.timeout,
-                lease_expires=job.lease_expires,
-                created_at=job.created_at,
+    async def assign(self, session: WorkerSession, jobs: list[tuple[Job, str]]) -> None:
+        """The worker holds the jobs now (with their tokens): remember them, tell it (in
+        one frame when it reads batches)."""
+        messages: list[HubMessage] = []
+        for job, token in jobs:
+            latency = (job.claimed_at or 0) - job.created_at
+            self.metrics.submit_to_start.observe(latency)
+            self.metrics.series.started(latency)
+            session.held[job.id] = token
+            session.services[job.id] = job.service
+            messages.append(
+                JobAssigned(
+                    job_id=job.id,
+                    worker_id=session.worker_id,
+                    job_type=job.service,
+                    priority=job.priority,
+                    params=job.payload,
+                    lease_token=token,
+                    attempt=job.attempt,
+                    timeout=job.timeout,
+                    lease_expires=job.lease_expires,
+                    created_at=job.created_at,
+                )
             )
-        )
-        if not delivered:  # the worker has just gone: the job goes straight back
-            session.held.pop(job.id, None)
-            session.services.pop(job.id, None)
-            with contextlib.suppress(BrokerError):
-                await self.broker.release(job.id, token)
+        if not await session.send_all(messages):  # the worker has just gone: jobs go back
+            for job, token in jobs:
+                session.held.pop(job.id, None)
+                session.services.pop(job.id, None)
+                with contextlib.suppress(BrokerError):
+                    await self.broker.release(job.id, token)
 
     async def offer(self, session: WorkerSession, claim: Claim) -> None:
         """Offer a job to an original worker: it is reserved for it for OFFER_S;
@@ -449,4 +476,4 @@ class Dispatcher:
         if not still_held:
             await session.error(f"job {job_id} is no longer available")
             return
-        await self.assign(session, await self.broker.get(job_id), token)
+        await self.assign(session, [(await self.broker.get(job_id), token)])

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, TypeAdapter
 
 from emp_protocol.jobs import JobStatus
-from emp_protocol.messages import Message
+from emp_protocol.messages import Batch, Message
 
 
 class ConnectionEstablished(Message):
@@ -38,6 +38,9 @@ class WorkerRegistered(Message):
     worker_id: str
     status: str = "active"
     jobs: list[str]
+    batch: bool = Field(
+        default=False, description="The hub takes `batch` messages from this worker."
+    )
 
 
 class JobNotificationsSubscribed(Message):
@@ -168,7 +171,8 @@ HubMessage = Annotated[
     | JobReleased
     | CancelJob
     | WorkerControl
-    | Error,
+    | Error
+    | Batch,
     Field(discriminator="type"),
 ]
 hub_message: TypeAdapter[HubMessage] = TypeAdapter(HubMessage)

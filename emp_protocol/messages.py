@@ -79,6 +79,11 @@ class RegisterWorker(Message):
         description="Only check whether this worker id could register (emp-worker doctor): "
         "answered with worker_id_available or a worker_id_in_use error; nothing is recorded.",
     )
+    batch: bool = Field(
+        default=False,
+        description="The worker reads `batch` messages (several messages in one frame); "
+        "it sends them once worker_registered says the hub takes them.",
+    )
 
     @field_validator("capabilities")
     @classmethod
@@ -114,12 +119,22 @@ LOADED_MODELS_DOC = (
 
 class RequestJob(Message):
     """Pull model: the worker has `slots` free slots; the hub answers with job_assigned
-    messages now or as soon as matching jobs arrive."""
+    messages now or as soon as matching jobs arrive. `prefetch`: how many more jobs it
+    would hold to start as slots free up; the hub claims those now, if jobs are waiting,
+    but does not park them (a new job goes to a worker with a free slot)."""
 
-    OMIT_NONE = frozenset({"loaded_models"})
+    OMIT_NONE = frozenset({"loaded_models", "held"})
 
     type: Literal["request_job"] = "request_job"
     slots: int = Field(default=1, ge=0, le=1000)
+    prefetch: int = Field(default=0, ge=0, le=1000)
+    held: int | None = Field(
+        default=None,
+        ge=0,
+        description="How many jobs the worker held as it asked (running and prefetched): "
+        "the jobs the hub assigned since are on their way and count against this request, "
+        "so asking again before they arrive does not claim twice.",
+    )
     loaded_models: LoadedModels = Field(default=None, description=LOADED_MODELS_DOC)
 
 
@@ -209,6 +224,20 @@ class ServiceRequest(Message):
     content: Any = None
 
 
+#: The most messages one `batch` may carry.
+MAX_BATCH = 1000
+
+
+class Batch(Message):
+    """Several messages in one frame, to be handled in order (both directions; only
+    between peers that said they take them: `batch` in register_worker and
+    worker_registered). The hub sends no acknowledgement for the complete_job, fail_job
+    and release_job messages of a batch; refusals still come as `error` messages."""
+
+    type: Literal["batch"] = "batch"
+    messages: list[dict[str, Any]] = Field(max_length=MAX_BATCH)
+
+
 WorkerMessage = Annotated[
     RegisterWorker
     | RequestJob
@@ -220,7 +249,8 @@ WorkerMessage = Annotated[
     | FailJob
     | ReleaseJob
     | ConnectorWsStatus
-    | ServiceRequest,
+    | ServiceRequest
+    | Batch,
     Field(discriminator="type"),
 ]
 worker_message = TypeAdapter(WorkerMessage)

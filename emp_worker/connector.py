@@ -130,6 +130,10 @@ OutputSink = Callable[["JobContext", str, bytes, str], Awaitable[OutputRef]]
 InputSource = Callable[["JobContext", str], Awaitable[InputFile]]
 
 
+#: Held progress reports being sent (kept referenced until done).
+_SENDING: set[asyncio.Future[None]] = set()
+
+
 @dataclass
 class JobContext:
     """What `Connector.run` gets besides the job: progress, outputs, inputs, cancellation."""
@@ -143,18 +147,49 @@ class JobContext:
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("emp_worker.job"))
     _last_progress: float | None = None  # when the last report was sent
     _fetch: InputSource | None = None
+    _held: tuple[float, str, str] | None = None  # a report waiting for the interval
+    _timer: asyncio.TimerHandle | None = None  # sends it when the interval is up
+    _ended: bool = False
 
     async def progress(self, percent: float, message: str = "", stage: str = "processing") -> None:
-        """Report progress (0-100). The first report and every 100% report are sent;
-        between them, at most one per `progress_interval_s` (counted from the last one
-        sent): the others are dropped."""
+        """Report progress (0-100). The first report is sent at once; after it, at most
+        one per `progress_interval_s`: one that comes sooner is sent when the interval is
+        up, unless a newer one replaced it or the job ended (its result says 100%)."""
+        if self._ended:
+            return
         percent = max(0.0, min(100.0, percent))
         now = time.monotonic()
         last = self._last_progress
-        if last is not None and percent < 100 and now - last < self.progress_interval_s:
+        if last is None or now - last >= self.progress_interval_s:
+            self._drop_held()
+            self._last_progress = now
+            await self._progress(percent, message, stage)
             return
-        self._last_progress = now
-        await self._progress(percent, message, stage)
+        if self._held is None:
+            wait = last + self.progress_interval_s - now
+            self._timer = asyncio.get_running_loop().call_later(wait, self._send_held)
+        self._held = (percent, message, stage)
+
+    def _send_held(self) -> None:
+        self._timer = None
+        held, self._held = self._held, None
+        if held is not None and not self._ended:
+            self._last_progress = time.monotonic()
+            task = asyncio.ensure_future(self._progress(*held))
+            _SENDING.add(task)
+            task.add_done_callback(_SENDING.discard)
+
+    def _drop_held(self) -> None:
+        self._held = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def end(self) -> None:
+        """The job has ended (the worker calls this): a report still waiting is dropped,
+        and later ones are ignored."""
+        self._ended = True
+        self._drop_held()
 
     async def output(
         self, name: str, data: bytes | Path, content_type: str | None = None

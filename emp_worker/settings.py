@@ -94,7 +94,23 @@ class WorkerSettings(BaseSettings):
         default=0.5,
         ge=0,
         validation_alias=_env("progress_interval_s", "EMP_PROGRESS_INTERVAL", "progress_interval"),
-        description="Throttle.",
+        description="At most one progress report per job this often (the latest one is "
+        "sent when the interval is up).",
+    )
+    prefetch: int = Field(
+        default=64,
+        ge=0,
+        le=1000,
+        validation_alias=_env("prefetch"),
+        description="Jobs held beyond the free slots, started as slots free up (0: none); "
+        "see prefetch_wait_s.",
+    )
+    prefetch_wait_s: float = Field(
+        default=0.2,
+        ge=0,
+        validation_alias=_env("prefetch_wait_s"),
+        description="Prefetch only as many jobs as the worker would start within this "
+        "many seconds at the pace of its recent jobs: none while jobs are long.",
     )
     capabilities_refresh_s: float = Field(
         default=60,

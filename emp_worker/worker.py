@@ -55,7 +55,9 @@ from emp_protocol.hub_messages import (
 )
 from emp_protocol.logs import JOB_ID, WORKER_ID
 from emp_protocol.messages import (
+    MAX_BATCH,
     PROTOCOL_VERSION,
+    Batch,
     CompleteJob,
     FailJob,
     HeldJob,
@@ -129,8 +131,20 @@ def _token_refusal(message: Error) -> str:
 def read_hub_message(raw: str | bytes) -> HubMessage | None:
     """A message from the hub; None (and a log line) for one this worker cannot read: not
     JSON, invalid fields, or a type it does not know (a newer hub's)."""
+    return _read(hub_message.validate_json, raw)
+
+
+def unbatched(message: HubMessage) -> list[HubMessage]:
+    """The message, or the messages a `batch` carries (those this worker can read)."""
+    if not isinstance(message, Batch):
+        return [message]
+    read = (_read(hub_message.validate_python, item) for item in message.messages)
+    return [m for m in read if m is not None and not isinstance(m, Batch)]
+
+
+def _read(validate: Callable[[Any], HubMessage], raw: Any) -> HubMessage | None:
     try:
-        return hub_message.validate_json(raw)
+        return validate(raw)
     except ValidationError as exc:
         unknown = any(e["type"] == "union_tag_invalid" for e in exc.errors())
         log.log(
@@ -150,6 +164,8 @@ class Running:
     ctx: JobContext
     task: asyncio.Task[None] | None = None
     stop_reason: StopReason | None = None  # why its task was stopped
+    #: When it got a slot (monotonic); None while it is prefetched, waiting for one.
+    started: float | None = None
 
 
 @dataclass
@@ -162,6 +178,8 @@ class Stats:
     cancelled: int = 0
 
 
+#: How long a frame of messages may wait for more that are about to be sent (batching).
+COALESCE_S = 0.002
 #: HTTP statuses of an input's fetch worth a retry: the file may be there later.
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429})
 #: How a kept-alive connection fails when the server closed it just as it was reused: the
@@ -307,6 +325,14 @@ class Worker:
         self.outbox: dict[str, tuple[str, CompleteJob | FailJob | ReleaseJob]] = {}
         self.conn: ClientConnection | None = None
         self.send_lock = asyncio.Lock()
+        #: The hub takes `batch` messages (it said so in worker_registered).
+        self.batching = False
+        self._queue: list[tuple[WorkerMessage, asyncio.Future[bool]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        #: Seconds its recent jobs took (a moving average; None before the first ended).
+        self.pace: float | None = None
+        #: Jobs asked for in the last request_job and not assigned yet (as far as it knows).
+        self._on_the_way = 0
         self.draining = False
         #: Drained by an admin (worker_control drain): asks for no work until resumed.
         self.paused = False
@@ -549,7 +575,8 @@ class Worker:
             try:
                 async for raw in conn:
                     if (message := read_hub_message(raw)) is not None:
-                        await self._handle(message)
+                        for each in unbatched(message):
+                            await self._handle(each)
                     if self.done.is_set():
                         break
             finally:
@@ -567,6 +594,7 @@ class Worker:
             protocol_version=PROTOCOL_VERSION,
             capabilities=self._caps.model_dump(mode="json"),
             jobs=[HeldJob(job_id=job_id, lease_token=token) for job_id, token in held],
+            batch=True,
         )
 
     async def _register(self, conn: ClientConnection) -> None:
@@ -603,6 +631,7 @@ class Worker:
                     raise WorkerRefused(error)
                 raise websockets.InvalidHandshake(error)
         self._rechecked = False
+        self.batching = message.batch
         kept = set(message.jobs)
         for job_id in [j for j in self.running if j not in kept]:
             log.warning("job %s was lost while disconnected; stopping it", job_id)
@@ -611,10 +640,55 @@ class Worker:
             del self.outbox[job_id]
 
     async def send(self, message: WorkerMessage) -> bool:
-        """Send a message if connected; False when it could not be sent."""
+        """Send a message if connected; False when it could not be sent. When the hub
+        takes batches, the messages sent while a frame is being written go together in
+        the next frame (a newer request_job replaces one still waiting)."""
         conn = self.conn
         if conn is None:
             return False
+        if not self.batching:
+            return await self._send_frame(conn, message)
+        return await self._post(conn, message)
+
+    def _post(self, conn: ClientConnection, message: WorkerMessage) -> asyncio.Future[bool]:
+        """Queue a message for the next frame; the future says whether it was sent."""
+        if isinstance(message, RequestJob):
+            for queued, sent in [q for q in self._queue if isinstance(q[0], RequestJob)]:
+                self._queue.remove((queued, sent))
+                sent.set_result(True)
+        sent = asyncio.get_running_loop().create_future()
+        self._queue.append((message, sent))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush(conn))
+        return sent
+
+    async def _flush(self, conn: ClientConnection) -> None:
+        """Write the queued messages, a frame at a time, until none is left."""
+        try:
+            loop = asyncio.get_running_loop()
+            while self._queue:
+                # What is about to be said joins this frame: wait while each turn of the
+                # loop adds messages, for at most COALESCE_S.
+                until, size = loop.time() + COALESCE_S, -1
+                while size != len(self._queue) < MAX_BATCH and loop.time() < until:
+                    size = len(self._queue)
+                    await asyncio.sleep(0)
+                batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+                messages = [m for m, _ in batch]
+                frame: WorkerMessage = (
+                    messages[0]
+                    if len(messages) == 1
+                    else Batch(messages=[m.model_dump(mode="json") for m in messages])
+                )
+                ok = await self._send_frame(conn, frame)
+                for _, sent in batch:
+                    sent.set_result(ok)
+        finally:  # cancelled: what is left was not sent
+            for _, sent in self._queue:
+                sent.set_result(False)
+            self._queue.clear()
+
+    async def _send_frame(self, conn: ClientConnection, message: WorkerMessage) -> bool:
         try:
             async with self.send_lock:
                 await conn.send(json.dumps(message.model_dump(mode="json")))
@@ -622,10 +696,31 @@ class Worker:
             return False
         return True
 
-    async def request_work(self) -> None:
-        """Tell the hub how many slots are free (0 while draining or drained)."""
-        free = 0 if self.draining or self.paused else max(0, self.capacity - len(self.running))
-        await self.send(RequestJob(slots=free, loaded_models=self.loaded_models()))
+    async def request_work(self, *, top_up: bool = False) -> None:
+        """Tell the hub how many slots are free, and how many more jobs it may prefetch
+        (none while draining or drained). `top_up` (a job has ended): only when a slot is
+        free, or when half the prefetch is gone and not on its way, so that the hub claims
+        several at a time."""
+        held = len(self.running)
+        stopped = self.draining or self.paused
+        free = 0 if stopped else max(0, self.capacity - held)
+        target = 0 if stopped else self._prefetch()
+        room = max(0, self.capacity + target - held - free)
+        if top_up and not free and room - self._on_the_way < max(1, (target + 1) // 2):
+            return
+        self._on_the_way = free + room
+        await self.send(
+            RequestJob(slots=free, prefetch=room, held=held, loaded_models=self.loaded_models())
+        )
+
+    def _prefetch(self) -> int:
+        """How many jobs to hold beyond the slots: as many as it starts within
+        prefetch_wait_s at the pace of its recent jobs, at most `prefetch`; none before
+        a job has ended."""
+        if self.pace is None:
+            return 0
+        per_job = self.pace / max(1, self.capacity)
+        return min(self.settings.prefetch, int(self.settings.prefetch_wait_s / max(per_job, 1e-6)))
 
     async def _heartbeats(self) -> None:
         while True:
@@ -697,11 +792,14 @@ class Worker:
                 len(self.running),
             )
         self.paused = paused
+        if paused:
+            self._release_waiting()
         await self.request_work()
 
     # -- jobs -----------------------------------------------------------------------------
 
     def _start_job(self, message: JobAssigned) -> None:
+        self._on_the_way = max(0, self._on_the_way - 1)
         job = Job(
             id=message.job_id,
             service=message.job_type,
@@ -747,9 +845,13 @@ class Worker:
             log.exception("connector %s could not interrupt job", running.connector.name)
 
     async def _progress(self, job_id: str, percent: float, message: str, stage: str) -> None:
-        await self.send(
-            UpdateJobProgress(job_id=job_id, progress=percent, message=message, status=stage)
-        )
+        """Send a job's progress; with batching, queued for the next frame (the job goes
+        on without waiting for the write)."""
+        report = UpdateJobProgress(job_id=job_id, progress=percent, message=message, status=stage)
+        if self.batching and self.conn is not None:
+            self._post(self.conn, report)
+        else:
+            await self.send(report)
 
     async def _store_output(
         self, context: JobContext, name: str, data: bytes, content_type: str
@@ -781,6 +883,7 @@ class Worker:
         timer = None
         try:
             async with self.slots[running.connector.name]:
+                running.started = time.monotonic()
                 log.info(
                     "job %s: started (%s, attempt %d)",
                     job.id,
@@ -789,8 +892,8 @@ class Worker:
                     extra={"event": "started", "service": job.service, "attempt": job.attempt},
                 )
                 # The hub records the start (started_at) at the first progress: say it now,
-                # not at the connector's first report.
-                await self._progress(job.id, 0, "started", "started")
+                # not at the connector's first report (which then counts as a later one).
+                await ctx.progress(0, "started", "started")
                 self.plugins.call("job_started", context=ctx)
                 if job.timeout:  # stopped like a cancel: the connector sees ctx.cancelled
                     timer = asyncio.get_running_loop().call_later(
@@ -822,14 +925,18 @@ class Worker:
         finally:
             if timer is not None:
                 timer.cancel()
+            ctx.end()
             self.running.pop(job.id, None)
         self._record(running, outcome, error, time.monotonic() - started)
         if final is not None and not await self.send(final):
             self.outbox[job.id] = (job.lease_token, final)  # sent after the reconnect
         self._changed.set()
-        await self.request_work()
+        await self.request_work(top_up=True)
 
     def _record(self, running: Running, outcome: str, error: str | None, seconds: float) -> None:
+        if running.started is not None:  # the pace of its jobs, for the prefetch
+            took = time.monotonic() - running.started
+            self.pace = took if self.pace is None else 0.8 * self.pace + 0.2 * took
         counters = {"completed": "completed", "failed": "failed", "timed_out": "failed"}
         name = counters.get(outcome, "released" if outcome == "released" else "cancelled")
         setattr(self.stats, name, getattr(self.stats, name) + 1)
@@ -869,10 +976,17 @@ class Worker:
         for job_id in list(self.running):
             self._stop_job(job_id, "released")
 
+    def _release_waiting(self) -> None:
+        """Hand back the prefetched jobs that have not started: another worker may."""
+        for job_id, running in list(self.running.items()):
+            if running.started is None:
+                self._stop_job(job_id, "released")
+
     async def drain(self) -> None:
         """Stop asking for work, let running jobs finish within the budget, hand back the
         rest, deliver what is left to say, and stop."""
         self.draining = True
+        self._release_waiting()
         await self.request_work()
         await self._until(lambda: not self.running, self.settings.drain_timeout_s)
         self._release_all()

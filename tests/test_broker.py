@@ -11,12 +11,15 @@ from pydantic import ValidationError
 from emp_hub.broker import (
     Broker,
     BrokerSettings,
+    Completion,
     DuplicateJob,
+    Failure,
     InvalidJob,
     InvalidState,
     JobNotFound,
     JobSpec,
     JobStatus,
+    Progress,
     RequirementsSpec,
     StaleLease,
 )
@@ -647,3 +650,45 @@ async def test_jobs_find_their_class_after_it_was_collected(broker: Broker, cloc
     got = await replica.claim_many("w2", worker, 10)
     expected = [f"job-{w}" for w in ways if w != "done"] + [again.id]
     assert sorted(c.job.id for c in got) == sorted(expected)
+
+
+async def test_reports_of_a_batch_are_applied_in_order_in_one_call(
+    broker: Broker, redis_client: redis.asyncio.Redis
+) -> None:
+    """Broker.report: one script call for a batch; each report's outcome in order; a
+    refused one (bad input, a stale token, a job already ended) changes nothing."""
+    jobs = [await broker.submit(JobSpec(service="sim")) for _ in range(4)]
+    claims = await broker.claim_many("w", SIM, 4)
+    a, b, c, d = ((cl.job.id, cl.token) for cl in claims)
+    await broker.progress(*d, 5)  # the script is loaded now
+    await redis_client.config_resetstat()
+    results = await broker.report(
+        [
+            Progress(*a, 40, "warming up", "processing", {"step": 2}),
+            Completion(*a, {"n": 1}),
+            Progress(*b, 120),  # out of range: refused before the script
+            Failure(*b, "OOM", retryable=True),
+            Failure(*c, "bad prompt", retryable=False),
+            Completion(d[0], "not-the-token", 1),
+            Completion(*a, {"n": 2}),  # ended already
+            Completion(*d, "x" * 2000),  # over the result cap
+        ]
+    )
+    stats = await redis_client.info("commandstats")
+    assert stats["cmdstat_evalsha"]["calls"] == 1
+    kinds = [r if isinstance(r, JobStatus) else type(r).__name__ for r in results]
+    assert kinds == [
+        JobStatus.ACTIVE,
+        JobStatus.COMPLETED,
+        "InvalidJob",
+        JobStatus.DELAYED,
+        JobStatus.FAILED,
+        "StaleLease",
+        "StaleLease",
+        "TooLarge",
+    ]
+    first = await broker.get(a[0])
+    assert (first.result, first.progress) == ({"n": 1}, 100)
+    assert [e.data.get("progress") for e in await broker.events(a[0])].count(40.0) == 1
+    assert (await broker.get(d[0])).status is JobStatus.ACTIVE
+    assert {j.id for j in jobs} == {a[0], b[0], c[0], d[0]}

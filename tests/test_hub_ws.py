@@ -69,17 +69,25 @@ class Peer:
 
 @asynccontextmanager
 async def worker(
-    base_url: str, worker_id: str, caps: dict[str, Any] | None = None, token: str | None = None
+    base_url: str,
+    worker_id: str,
+    caps: dict[str, Any] | None = None,
+    token: str | None = None,
+    *,
+    batch: bool = False,
 ) -> AsyncIterator[Peer]:
-    """A registered worker connection."""
+    """A registered worker connection (`batch`: one that reads and sends batches)."""
     url = base_url.replace("http", "ws") + f"/ws/worker/{worker_id}"
     if token:
         url += f"?token={token}"
     async with websockets.connect(url) as conn:
         peer = Peer(conn)
         await peer.expect("connection_established")
-        await peer.send("register_worker", worker_id=worker_id, capabilities=caps or SIM_CAPS)
-        assert (await peer.expect("worker_registered"))["status"] == "active"
+        await peer.send(
+            "register_worker", worker_id=worker_id, capabilities=caps or SIM_CAPS, batch=batch
+        )
+        registered = await peer.expect("worker_registered")
+        assert registered["status"] == "active" and registered["batch"] is True
         await peer.expect("job_notifications_subscribed")
         yield peer
 
@@ -96,6 +104,112 @@ async def job(base_url: str, job_id: str) -> dict[str, Any]:
     async with httpx.AsyncClient(base_url=base_url) as http:
         body: dict[str, Any] = (await http.get(f"/api/jobs/{job_id}")).json()
         return body
+
+
+async def test_a_batching_worker_gets_its_jobs_in_one_frame_and_reports_in_one(
+    base_url: str,
+) -> None:
+    """A worker that said `batch`: the jobs of one claim come in one frame; its reports
+    (progress, results, failures) go in one, are applied in order and get no acks."""
+    ids = [await submit(base_url, payload={"n": i}) for i in range(3)]
+    async with worker(base_url, "wb", batch=True) as w:
+        await w.send("request_job", slots=3)
+        frame = await w.expect("batch")
+        assigned = [hub_message.validate_python(m) for m in frame["messages"]]
+        assert [(m.type, getattr(m, "job_id", None)) for m in assigned] == [
+            ("job_assigned", i) for i in ids
+        ]
+        reports = [
+            {"type": "update_job_progress", "job_id": ids[0], "progress": 50, "message": "half"},
+            {"type": "complete_job", "job_id": ids[0], "result": {"n": 0}},
+            {"type": "fail_job", "job_id": ids[1], "error": "bad input", "retryable": False},
+            {"type": "update_job_progress", "job_id": ids[2], "progress": 10},
+        ]
+        await w.send("batch", messages=reports)
+        await w.send("worker_heartbeat", status="busy")  # answered after the batch
+        assert (await w.expect("worker_heartbeat_ack"))["lost"] == []
+    first, second, third = [await job(base_url, i) for i in ids]
+    assert (first["status"], first["result"], first["progress"]) == ("completed", {"n": 0}, 100)
+    assert (second["status"], second["error"]) == ("failed", "bad input")
+    assert third["progress"] == 10 and third["started_at"] is not None
+    async with httpx.AsyncClient(base_url=base_url) as http:
+        stream = (await http.get(f"/api/jobs/{ids[0]}/events?follow=false")).text
+    events = [json.loads(line[6:]) for line in stream.splitlines() if line.startswith("data: ")]
+    assert [(e["type"], e.get("progress"), e.get("status")) for e in events][-2:] == [
+        ("progress", 50.0, None),
+        ("status", None, "completed"),
+    ]
+
+
+async def test_a_batch_refuses_each_message_it_cannot_take_and_applies_the_others(
+    base_url: str,
+) -> None:
+    """Each item of a batch stands alone: an unknown or invalid message, a nested batch, a
+    registration or a job the worker does not hold gets its `error`; the rest is applied."""
+    job_id = await submit(base_url)
+    async with worker(base_url, "wb", batch=True) as w:
+        await w.send("request_job", slots=1)
+        assert (await w.expect("job_assigned"))["job_id"] == job_id
+        await w.send(
+            "batch",
+            messages=[
+                {"type": "launch_rockets"},
+                {"type": "complete_job"},
+                {"type": "batch", "messages": []},
+                {"type": "register_worker", "capabilities": SIM_CAPS},
+                {"type": "complete_job", "job_id": "job-nobody-holds"},
+                {"type": "complete_job", "job_id": job_id, "result": 7},
+            ],
+        )
+        errors = [(await w.expect("error"))["error"] for _ in range(5)]
+        assert errors == [
+            "unknown message type: launch_rockets",
+            "invalid complete_job message",
+            "a batch cannot hold a batch",
+            "register_worker cannot be part of a batch",
+            "worker wb does not hold job job-nobody-holds",
+        ]
+        await w.send("batch", messages=[{"type": "complete_job", "job_id": job_id}])
+        assert "does not hold" in (await w.expect("error"))["error"]  # done already
+    assert (await job(base_url, job_id))["result"] == 7
+
+
+async def test_prefetch_is_claimed_when_asked_and_a_new_job_goes_to_a_free_slot(
+    base_url: str,
+) -> None:
+    """`prefetch` is claimed right away when jobs wait, but never parked: with nothing
+    pending, a later job goes to a worker with a free slot, not to a busy one's prefetch."""
+    ids = [await submit(base_url) for _ in range(2)]
+    async with worker(base_url, "busy") as busy, worker(base_url, "free") as free:
+        await busy.send("request_job", slots=0, prefetch=3, held=1)
+        got = [(await busy.expect("job_assigned"))["job_id"] for _ in ids]
+        assert got == ids
+        await free.send("request_job", slots=1, held=0)
+        await asyncio.sleep(0.2)
+        job_id = await submit(base_url)
+        assert (await free.expect("job_assigned"))["job_id"] == job_id
+        with pytest.raises(TimeoutError):
+            await busy.recv(wait=0.3)
+
+
+async def test_jobs_on_their_way_count_against_a_repeated_request(base_url: str) -> None:
+    """A worker asking again before the jobs of its last request arrived (`held` is what it
+    had when it asked): the hub counts the jobs it assigned since, and claims no more."""
+    for _ in range(8):
+        await submit(base_url)
+    async with worker(base_url, "w1") as w:
+        for _ in range(3):
+            await w.send("request_job", slots=1, prefetch=2, held=0)
+        got = [await w.expect("job_assigned") for _ in range(3)]
+        with pytest.raises(TimeoutError):
+            await w.recv(wait=0.5)
+        await w.send("complete_job", job_id=got[0]["job_id"])
+        await w.expect("job_completed_ack")
+        await w.send("request_job", slots=0, prefetch=1, held=2)  # one more, once
+        await w.send("request_job", slots=0, prefetch=1, held=2)
+        await w.expect("job_assigned")
+        with pytest.raises(TimeoutError):
+            await w.recv(wait=0.5)
 
 
 @pytest.mark.slow
@@ -264,7 +378,8 @@ class TypedPeer(Peer):
 
     async def recv(self, wait: float = 5) -> dict[str, Any]:
         raw = await super().recv(wait)
-        assert hub_message.validate_python(raw).model_dump(mode="json") == raw
+        for message in [raw, *raw.get("messages", [])]:  # a batch, and what it carries
+            assert hub_message.validate_python(message).model_dump(mode="json") == message
         self.seen.add(raw["type"])
         return raw
 
@@ -313,8 +428,14 @@ async def test_every_message_to_a_worker_is_a_hub_message(base_url: str) -> None
         await old.expect("worker_registered")
         await old.expect("job_notifications_subscribed")
         await old.expect("job_available")  # the released job
+        async with worker(base_url, "wb", batch=True) as batching:
+            wb = TypedPeer(batching.conn)
+            more = [await submit(base_url) for _ in range(2)]
+            await wb.send("request_job", slots=2)
+            assigned = (await wb.expect("batch"))["messages"]
+            assert [m["job_id"] for m in assigned] == more
     kinds = {cls.model_fields["type"].default for cls in get_args(get_args(HubMessage)[0])}
-    assert w.seen | other.seen | old.seen == kinds
+    assert w.seen | other.seen | old.seen | wb.seen == kinds
 
 
 @pytest.mark.slow

@@ -166,22 +166,32 @@ def test_disable_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "simulation" not in plugins.connectors
 
 
-async def test_progress_is_throttled() -> None:
+async def test_progress_is_throttled_and_the_latest_report_follows() -> None:
+    """The first report goes at once; those within the interval after it are held, and
+    only the latest of them is sent when the interval is up."""
     ctx = fake_context(progress_interval_s=0.2)
     for percent in (0, 10, 20):
-        await ctx.progress(percent)
-    await asyncio.sleep(0.25)
-    await ctx.progress(30)
-    await ctx.progress(40)
-    assert [r.percent for r in ctx.reports] == [0, 30]
-
-
-async def test_the_first_and_the_last_progress_report_pass_the_throttle() -> None:
-    """The docs' example reports 0% at once: that report is sent, and so is 100%."""
-    ctx = fake_context(progress_interval_s=60)
-    for percent in (0, 10, 99, 100):
         await ctx.progress(percent, f"at {percent}")
-    assert [(r.percent, r.message) for r in ctx.reports] == [(0, "at 0"), (100, "at 100")]
+    assert [r.percent for r in ctx.reports] == [0]
+    await asyncio.sleep(0.3)
+    assert [(r.percent, r.message) for r in ctx.reports] == [(0, "at 0"), (20, "at 20")]
+    await ctx.progress(30)  # within the interval of the one just sent: held
+    await ctx.progress(100)
+    assert [r.percent for r in ctx.reports] == [0, 20]
+    await asyncio.sleep(0.3)
+    assert [r.percent for r in ctx.reports] == [0, 20, 100]
+
+
+async def test_a_held_progress_report_is_dropped_when_the_job_ends() -> None:
+    """A job that reports 100% and ends within the interval: its result says 100%, so the
+    held report is not sent after it (nor any later one)."""
+    ctx = fake_context(progress_interval_s=0.2)
+    await ctx.progress(0, "started", "started")
+    await ctx.progress(100, "done")
+    ctx.end()
+    await asyncio.sleep(0.3)
+    await ctx.progress(50)
+    assert [(r.percent, r.stage) for r in ctx.reports] == [(0, "started")]
 
 
 def test_a_hub_message_the_worker_cannot_read_is_skipped(

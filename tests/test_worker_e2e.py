@@ -12,6 +12,7 @@ import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -36,7 +37,7 @@ def test_one_worker_runs_jobs_in_priority_then_fifo_order(hub: Cluster) -> None:
     hub.start_worker("w-order")
     jobs = [hub.wait_job(job_id) for job_id in ids]
     assert {j["status"] for j in jobs} == {"completed"}
-    ran = [j["job_id"] for j in sorted(jobs, key=lambda j: j["claimed_at"])]
+    ran = [j["job_id"] for j in sorted(jobs, key=lambda j: j["started_at"])]
     expected = [ids[i] for i in sorted(range(len(ids)), key=lambda i: (-priorities[i], i))]
     assert ran == expected
     assert jobs[0]["result"]["output"]["job_id"] == ids[0]
@@ -163,6 +164,30 @@ def test_sigterm_mid_job_lets_it_finish_and_exits_0(hub: Cluster) -> None:
     assert hub.get("/api/workers") == []  # it stopped: no longer live
     untouched = hub.get(f"/api/jobs/{later}")
     assert (untouched["status"], untouched["attempt"]) == ("pending", 0), untouched
+
+
+def test_a_worker_prefetches_short_jobs_and_hands_them_back_when_stopped(hub: Cluster) -> None:
+    """Once its jobs prove short, a worker holds the next ones beyond its slot (at most
+    EMP_PREFETCH, as many as it starts within EMP_PREFETCH_WAIT_S); on SIGTERM it finishes
+    the running one and hands back those it had not started, untouched."""
+    worker = hub.start_worker(
+        "w-pre", EMP_SIMULATION_DURATION="0.4", EMP_PREFETCH="3", EMP_PREFETCH_WAIT_S="60"
+    )
+    hub.wait_job(hub.submit())  # its pace: 0.4 s a job
+    ids = [hub.submit() for _ in range(6)]
+
+    def holding() -> list[dict[str, Any]]:
+        jobs = [hub.get(f"/api/jobs/{job_id}") for job_id in ids]
+        held = [j for j in jobs if j["status"] == "active"]
+        return held if len(held) == 4 else []  # 1 running, 3 prefetched
+
+    held = eventually_sync(holding, what="4 jobs held", log=worker.text)
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(30) == 0
+    jobs = [hub.get(f"/api/jobs/{j['job_id']}") for j in held]
+    statuses = sorted(j["status"] for j in jobs)
+    assert statuses in (["completed"] + ["pending"] * 3, ["completed"] * 2 + ["pending"] * 2)
+    assert all(j["failures"] == 0 and j["orphans"] == 0 for j in jobs)
 
 
 def test_sigterm_hands_back_what_does_not_finish_in_time(hub: Cluster) -> None:

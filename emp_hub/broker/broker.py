@@ -23,22 +23,27 @@ from emp_hub.broker.models import (
     LARGE_FIELDS,
     PRIORITY_MAX,
     PRIORITY_SCALE,
+    BrokerError,
     CancelResult,
     Claim,
     ClassStats,
+    Completion,
     DuplicateJob,
     Event,
+    Failure,
     FinishedJob,
     InvalidJob,
     Job,
     JobNotFound,
+    JobReport,
     JobSpec,
     Page,
+    Progress,
     QueueStats,
     Submitted,
     TooLarge,
 )
-from emp_hub.broker.scripts import CONFIG_FIELDS, Scripts
+from emp_hub.broker.scripts import CONFIG_FIELDS, Scripts, refusal
 from emp_hub.broker.settings import AffinitySettings, BrokerSettings, FairShareSettings
 from emp_hub.scheduling import EXPIRE, Scheduler
 from emp_protocol.capabilities import JobRequirements, WorkerCapabilities, matches, why_unmatched
@@ -61,6 +66,20 @@ def _changed(job_id: str, event: str, state: str, old: str | None, **fields: Any
         extra={"job_id": job_id, "event": event, "state": state, "old_state": old, **fields},
     )
 
+
+#: report.lua's replies that are not refusals: the job's status after the report.
+REPORTED = {
+    "progress": JobStatus.ACTIVE,
+    "completed": JobStatus.COMPLETED,
+    "delayed": JobStatus.DELAYED,
+    "failed": JobStatus.FAILED,
+}
+#: The job log's event for a report that ended an attempt.
+FINISH_EVENTS = {
+    JobStatus.COMPLETED: "completed",
+    JobStatus.DELAYED: "failed: retry scheduled",
+    JobStatus.FAILED: "failed: dead-lettered",
+}
 
 #: What the reaper did to a job whose lease ran out (its worker was lost, or it timed out):
 #: the line's event and the job's new state.
@@ -635,6 +654,60 @@ class Broker:
         reply = await self._run("extend", lease_s or self.settings.lease_s, *pairs)
         return [bool(x) for x in reply]
 
+    async def report(self, reports: Sequence[JobReport]) -> list[JobStatus | BrokerError]:
+        """Apply a worker's reports on held jobs in order, in one call (a batch): per
+        report the job's status after it (ACTIVE after progress; COMPLETED; DELAYED when a
+        retry follows a failure, FAILED when dead-lettered), or the error that refused it
+        (StaleLease when the token no longer holds the job, InvalidJob for bad input);
+        a refused report changes nothing."""
+        out: list[JobStatus | BrokerError | None] = []
+        args: list[Any] = []
+        for r in reports:
+            try:
+                args += self._report_args(r)
+                out.append(None)
+            except BrokerError as exc:
+                out.append(exc)
+        replies = iter(await self._run("report", self.settings.lease_s, *args) if args else [])
+        results: list[JobStatus | BrokerError] = []
+        for r, refused in zip(reports, out, strict=True):
+            if refused is not None:
+                results.append(refused)
+                continue
+            reply = next(replies)
+            if reply not in REPORTED:
+                results.append(refusal(reply))
+                continue
+            status = REPORTED[reply]
+            results.append(status)
+            if status is not JobStatus.ACTIVE and jobs_log.isEnabledFor(logging.INFO):
+                _changed(r.job_id, FINISH_EVENTS[status], status.value, "active")
+        return results
+
+    def _report_args(self, r: JobReport) -> list[Any]:
+        """A report's seven values for report.lua; raises InvalidJob for bad input."""
+        if isinstance(r, Progress):
+            if not 0 <= r.progress <= 100:
+                raise InvalidJob(f"progress must be within 0..100, not {r.progress}")
+            extra = "" if r.details is None else json.dumps(r.details, separators=(",", ":"))
+            return ["p", r.job_id, r.token, repr(r.progress), r.message, r.stage, extra]
+        if isinstance(r, Completion):
+            data = json.dumps(r.result, separators=(",", ":"))
+            if len(data) > self.settings.max_result_bytes:
+                raise TooLarge(
+                    f"job {r.job_id}: result of {len(data)} bytes exceeds the cap of "
+                    f"{self.settings.max_result_bytes} bytes; upload large outputs instead"
+                )
+            return ["c", r.job_id, r.token, data, "", "", ""]
+        retryable = "1" if r.retryable else "0"
+        return ["f", r.job_id, r.token, r.error, retryable, random.random(), ""]
+
+    async def _report_one(self, report: JobReport) -> JobStatus:
+        [result] = await self.report([report])
+        if isinstance(result, BrokerError):
+            raise result
+        return result
+
     async def progress(
         self,
         job_id: str,
@@ -646,49 +719,17 @@ class Broker:
     ) -> None:
         """Record progress (0-100) of a held job, with an optional message, stage label
         (started, processing, ...) and connector details (JSON); also renews its lease."""
-        if not 0 <= progress <= 100:
-            raise InvalidJob(f"progress must be within 0..100, not {progress}")
-        extra = "" if details is None else json.dumps(details, separators=(",", ":"))
-        await self._run(
-            "progress",
-            job_id,
-            token,
-            repr(progress),
-            message,
-            self.settings.lease_s,
-            stage,
-            extra,
-        )
+        await self._report_one(Progress(job_id, token, progress, message, stage, details))
 
     async def complete(self, job_id: str, token: str, result: Any = None) -> None:
         """Record the result of a held job. Raises StaleLease if the token no longer holds it."""
-        data = json.dumps(result, separators=(",", ":"))
-        if len(data) > self.settings.max_result_bytes:
-            raise TooLarge(
-                f"job {job_id}: result of {len(data)} bytes exceeds the cap of "
-                f"{self.settings.max_result_bytes} bytes; upload large outputs instead"
-            )
-        await self._run("complete", job_id, token, data)
-        if jobs_log.isEnabledFor(logging.INFO):
-            _changed(job_id, "completed", "completed", "active")
+        await self._report_one(Completion(job_id, token, result))
 
     async def fail(
         self, job_id: str, token: str, error: str, *, retryable: bool = True
     ) -> JobStatus:
         """Fail the current attempt: DELAYED (a retry follows) or FAILED (dead-lettered)."""
-        status = JobStatus(
-            await self._run(
-                "fail", job_id, token, error, "1" if retryable else "0", random.random()
-            )
-        )
-        if jobs_log.isEnabledFor(logging.INFO):
-            event = (
-                "failed: retry scheduled"
-                if status is JobStatus.DELAYED
-                else "failed: dead-lettered"
-            )
-            _changed(job_id, event, status.value, "active")
-        return status
+        return await self._report_one(Failure(job_id, token, error, retryable))
 
     async def holds(self, job_id: str, token: str) -> bool:
         """Whether `token` holds the active job `job_id` (e.g. to accept its outputs)."""

@@ -231,6 +231,42 @@ class Submitted:
     position: int | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """A worker's progress report on a held job (0-100), with an optional message, stage
+    label (started, processing, ...) and connector details (JSON); it renews the lease."""
+
+    job_id: str
+    token: str
+    progress: float
+    message: str = ""
+    stage: str = ""
+    details: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """A held job's result."""
+
+    job_id: str
+    token: str
+    result: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """A held job's attempt failed; `retryable`: another attempt may follow."""
+
+    job_id: str
+    token: str
+    error: str
+    retryable: bool = True
+
+
+#: What a worker reports on a job it holds (Broker.report).
+JobReport = Progress | Completion | Failure
+
+
 @lru_cache(maxsize=4096)
 def _requirements(canonical_json: str) -> JobRequirements:
     """Parse stored requirements; there are few distinct ones, so parse each once."""

@@ -23,9 +23,7 @@ NAMES = (
     "submit",
     "claim",
     "extend",
-    "progress",
-    "complete",
-    "fail",
+    "report",
     "release",
     "cancel",
     "retry",
@@ -81,6 +79,12 @@ def source(name: str) -> str:
             (lua / f"{name}.lua").read_text(),
         ]
     )
+
+
+def refusal(reply: str) -> BrokerError:
+    """The error a script's refusal names ("STALE the lease token ..."), as an exception."""
+    code, _, message = reply.partition(" ")
+    return _ERRORS.get(code, BrokerError)(message or reply)
 
 
 class Scripts:

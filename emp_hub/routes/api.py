@@ -689,9 +689,11 @@ async def control_worker(hub: Hub, worker_id: str, action: ControlAction) -> Wor
         raise HTTPException(
             409, f"worker {worker_id} is shutting down: it exits once its jobs are done"
         )
-    await hub.broker.set_worker_state(worker_id, None if action == "resume" else action)
+    stored = None if action == "resume" else action
+    await hub.broker.set_worker_state(worker_id, stored)
     await hub.dispatcher.publish_control(worker_id, action)
-    [after] = await worker_views(hub, {worker_id: live[worker_id]})
+    # Not read back: a worker told to shut down may be gone (its state with it) already.
+    after = before.model_copy(update={"state": state_name(stored, bool(before.jobs))})
     if after.state != before.state:
         await hub.bus.tell_monitors(worker_state_message(worker_id, after.state))
     return after

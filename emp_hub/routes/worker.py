@@ -16,7 +16,16 @@ from pydantic import ValidationError
 
 import emp_hub
 from emp_hub.auth import Role
-from emp_hub.broker import BrokerError, JobStatus, Registration, StaleLease
+from emp_hub.broker import (
+    BrokerError,
+    Completion,
+    Failure,
+    JobReport,
+    JobStatus,
+    Progress,
+    Registration,
+    StaleLease,
+)
 from emp_hub.dispatch import WorkerSession
 from emp_hub.hub import Hub
 from emp_hub.sockets import authenticate_ws, error_details, ws_message
@@ -35,6 +44,7 @@ from emp_protocol.hub_messages import (
 from emp_protocol.logs import WORKER_ID
 from emp_protocol.messages import (
     PROTOCOL_VERSION,
+    Batch,
     ClaimJob,
     CompleteJob,
     ConnectorWsStatus,
@@ -45,11 +55,14 @@ from emp_protocol.messages import (
     ServiceRequest,
     UpdateJobProgress,
     WorkerHeartbeat,
+    WorkerMessage,
     WorkerStatus,
     worker_message,
 )
 
 log = logging.getLogger("emp_hub.ws")
+#: A worker's messages on a job it holds that the broker records (Broker.report).
+JobReportMessage = UpdateJobProgress | CompleteJob | FailJob
 router = APIRouter()
 
 #: Close codes of the worker socket (and CLOSE_SUPERSEDED, in dispatch.py): refused,
@@ -157,33 +170,66 @@ async def refuse_protocol(session: WorkerSession, version: int | None) -> None:
 async def handle(session: WorkerSession, hub: Hub, raw: Any) -> None:
     """Act on one message from a worker (a frame's JSON value): its type's handler in
     HANDLERS. Bad input gets an `error` and changes nothing."""
+    message = await parse(session, raw)
+    if message is None:
+        return
+    holding = bool(session.held)
+    await dispatch(session, hub, message)
+    if holding and not session.held:
+        await hub.dispatcher.job_left(session)
+    if session.original and not session.held and not session.offered and not session.wanted:
+        session.wanted = 1  # idle again: offer the next job
+        session.wake.set()
+
+
+async def parse(session: WorkerSession, raw: Any) -> WorkerMessage | None:
+    """The message a JSON value is, or None after telling the worker what is wrong."""
     if not isinstance(raw, dict) or not isinstance(raw.get("type"), str):
         await session.error("message must be a JSON object with a string `type`")
-        return
+        return None
     try:
-        message = worker_message.validate_python(raw)
+        message: WorkerMessage = worker_message.validate_python(raw)
     except ValidationError as exc:
         if "union_tag_invalid" in {e["type"] for e in exc.errors()}:
             await session.error(f"unknown message type: {raw['type']}")
         else:
             await session.error(f"invalid {raw['type']} message", error_details(exc))
-        return
+        return None
     if session.caps is None and not isinstance(message, RegisterWorker):
         await session.error("register_worker first")
-        return
-    holding = bool(session.held)
+        return None
+    return message
+
+
+async def dispatch(session: WorkerSession, hub: Hub, message: WorkerMessage) -> None:
+    """Run the message's handler; a broker refusal becomes an `error` message."""
     try:
         await HANDLERS[type(message)](session, hub, message)
-        if holding and not session.held:
-            await hub.dispatcher.job_left(session)
-        if session.original and not session.held and not session.offered and not session.wanted:
-            session.wanted = 1  # idle again: offer the next job
-            session.wake.set()
     except StaleLease as exc:
         session.held.pop(getattr(message, "job_id", ""), None)
         await session.error(str(exc))
     except BrokerError as exc:
         await session.error(str(exc))
+
+
+async def batch(session: WorkerSession, hub: Hub, message: Batch) -> None:
+    """Several messages in one frame, handled in order; each run of job reports among them
+    (progress, complete_job, fail_job) is one broker call, and gets no acknowledgement."""
+    run: list[JobReportMessage] = []
+    for raw in message.messages:
+        inner = await parse(session, raw)
+        if isinstance(inner, JobReportMessage):
+            run.append(inner)
+            continue
+        await reports(session, hub, run, ack=False)
+        run = []
+        if isinstance(inner, Batch):
+            await session.error("a batch cannot hold a batch")
+        elif isinstance(inner, RegisterWorker):
+            await session.error("register_worker cannot be part of a batch")
+        elif inner is not None:
+            await dispatch(session, hub, inner)
+    await reports(session, hub, run, ack=False)
 
 
 async def register(session: WorkerSession, hub: Hub, message: RegisterWorker) -> None:
@@ -212,6 +258,7 @@ async def register(session: WorkerSession, hub: Hub, message: RegisterWorker) ->
         return
     session.caps = caps
     session.original = message.original
+    session.batch = message.batch
     session.action = await broker.worker_state(worker_id)  # drained before: stays drained
     await hub.dispatcher.registered(session, registration)
     tokens = {h.job_id: h.lease_token for h in message.jobs}
@@ -220,7 +267,9 @@ async def register(session: WorkerSession, hub: Hub, message: RegisterWorker) ->
         {job: token for (job, token), ok in zip(tokens.items(), kept, strict=True) if ok}
     )
     await session.send(
-        WorkerRegistered(worker_id=worker_id, status="active", jobs=sorted(session.held))
+        WorkerRegistered(
+            worker_id=worker_id, status="active", jobs=sorted(session.held), batch=True
+        )
     )
     if message.subscribe_to_jobs:
         await session.send(JobNotificationsSubscribed(worker_id=worker_id))
@@ -229,9 +278,10 @@ async def register(session: WorkerSession, hub: Hub, message: RegisterWorker) ->
 
 
 async def request_job(session: WorkerSession, hub: Hub, message: RequestJob) -> None:
-    """Free slots: the dispatcher claims for them now or when jobs come."""
+    """Free slots: the dispatcher claims for them now or when jobs come; and prefetch,
+    claimed now only."""
     note_loaded(session, message.loaded_models)
-    session.wanted = message.slots
+    session.request = message
     session.wake.set()
 
 
@@ -283,59 +333,89 @@ async def for_monitors(
     await hub.bus.tell_monitors({**message.model_dump(mode="json"), "worker_id": session.worker_id})
 
 
-async def job_message(
+async def job_message(session: WorkerSession, hub: Hub, message: JobReportMessage) -> None:
+    """Progress, result or failure of a job this connection holds."""
+    await reports(session, hub, [message], ack=True)
+
+
+async def reports(
+    session: WorkerSession, hub: Hub, messages: list[JobReportMessage], *, ack: bool
+) -> None:
+    """Record a worker's reports on the jobs it holds, in one broker call; `ack`: answer
+    each complete_job and fail_job (a single message; a batch gets no acks)."""
+    sent: list[tuple[JobReportMessage, JobReport]] = []
+    for message in messages:
+        token = session.held.get(message.job_id)
+        if token is None:
+            await session.error(f"worker {session.worker_id} does not hold job {message.job_id}")
+        elif isinstance(message, UpdateJobProgress) and message.progress < 0:  # keep-alive
+            await hub.broker.extend([(message.job_id, token)])
+        else:
+            sent.append((message, _report(message, token)))
+    if not sent:
+        return
+    results = await hub.broker.report([r for _, r in sent])
+    for (message, _), result in zip(sent, results, strict=True):
+        if isinstance(result, BrokerError):
+            if isinstance(result, StaleLease):
+                session.held.pop(message.job_id, None)
+                session.services.pop(message.job_id, None)
+            await session.error(str(result))
+        elif result is not JobStatus.ACTIVE:
+            await _finished(session, hub, message, result, ack)
+
+
+def _report(message: JobReportMessage, token: str) -> JobReport:
+    """The broker's report for a worker's message on a job it holds (`token`)."""
+    if isinstance(message, UpdateJobProgress):
+        details = (message.model_extra or {}).get("connector_details")
+        return Progress(
+            message.job_id, token, message.progress, message.message or "", message.status, details
+        )
+    if isinstance(message, CompleteJob):
+        return Completion(message.job_id, token, message.result)
+    return Failure(message.job_id, token, message.error, message.retryable)
+
+
+async def _finished(
     session: WorkerSession,
     hub: Hub,
-    message: UpdateJobProgress | CompleteJob | FailJob | ReleaseJob,
+    message: JobReportMessage,
+    status: JobStatus,
+    ack: bool,
 ) -> None:
-    """Progress, result, failure or release of a job this connection holds."""
+    """A held job's attempt ended (completed, or failed: retry or dead letter): it leaves
+    the session; counted; acknowledged when `ack`."""
+    job_id, worker_id = message.job_id, session.worker_id
+    session.held.pop(job_id, None)
+    service = session.services.pop(job_id, "unknown")
+    outcome = {JobStatus.COMPLETED: "completed", JobStatus.DELAYED: "retrying"}.get(
+        status, "failed"
+    )
+    hub.metrics.finished.labels(service, outcome).inc()
+    if outcome != "retrying":
+        hub.metrics.series.count(outcome)
+    if not ack:
+        return
+    if isinstance(message, CompleteJob):
+        await session.send(JobCompletedAck(job_id=job_id, worker_id=worker_id))
+    elif isinstance(message, FailJob):
+        await session.send(
+            JobFailedAck(job_id=job_id, worker_id=worker_id, error=message.error, status=status)
+        )
+
+
+async def release_job(session: WorkerSession, hub: Hub, message: ReleaseJob) -> None:
+    """Hand a held job back: pending again, in its place."""
     token = session.held.get(message.job_id)
     if token is None:
         await session.error(f"worker {session.worker_id} does not hold job {message.job_id}")
         return
-    broker = hub.broker
-    worker_id = session.worker_id
-    service = session.services.get(message.job_id, "unknown")
-    if not isinstance(message, UpdateJobProgress):
-        session.services.pop(message.job_id, None)  # the job leaves this worker
-    if isinstance(message, UpdateJobProgress):
-        if message.progress < 0:  # keep-alive
-            await broker.extend([(message.job_id, token)])
-        else:
-            details = (message.model_extra or {}).get("connector_details")
-            await broker.progress(
-                message.job_id,
-                token,
-                message.progress,
-                message.message or "",
-                message.status,
-                details,
-            )
-    elif isinstance(message, CompleteJob):
-        await broker.complete(message.job_id, token, message.result)
-        del session.held[message.job_id]
-        hub.metrics.finished.labels(service, "completed").inc()
-        hub.metrics.series.count("completed")
-        await session.send(JobCompletedAck(job_id=message.job_id, worker_id=worker_id))
-    elif isinstance(message, FailJob):
-        status = await broker.fail(
-            message.job_id, token, message.error, retryable=message.retryable
-        )
-        del session.held[message.job_id]
-        outcome = "retrying" if status is JobStatus.DELAYED else "failed"
-        hub.metrics.finished.labels(service, outcome).inc()
-        if outcome == "failed":
-            hub.metrics.series.count("failed")
-        await session.send(
-            JobFailedAck(
-                job_id=message.job_id, worker_id=worker_id, error=message.error, status=status
-            )
-        )
-    else:
-        await broker.release(message.job_id, token)
-        del session.held[message.job_id]
-        hub.metrics.finished.labels(service, "released").inc()
-        await session.send(JobReleased(job_id=message.job_id, worker_id=worker_id))
+    await hub.broker.release(message.job_id, token)
+    del session.held[message.job_id]
+    service = session.services.pop(message.job_id, "unknown")
+    hub.metrics.finished.labels(service, "released").inc()
+    await session.send(JobReleased(job_id=message.job_id, worker_id=session.worker_id))
 
 
 #: The handler of each message type a worker sends.
@@ -350,5 +430,6 @@ HANDLERS: dict[type[Any], Callable[[WorkerSession, Hub, Any], Awaitable[None]]] 
     UpdateJobProgress: job_message,
     CompleteJob: job_message,
     FailJob: job_message,
-    ReleaseJob: job_message,
+    ReleaseJob: release_job,
+    Batch: batch,
 }

@@ -1,0 +1,39 @@
+-- A worker's reports on the jobs it holds, applied in order (one call for a whole batch):
+-- progress, completion, failure. ARGV[4] the lease in seconds (progress renews it), then
+-- seven values per report: kind, job id, lease token, and
+--   'p' (progress): percent, message, stage label (started, processing, ...), connector
+--                   details (JSON, may be empty)
+--   'c' (complete): the result (JSON), '', '', ''
+--   'f' (fail):     the error, retryable ('1'/'0'), a jitter 0..1, ''
+-- Returns one reply per report: 'progress', 'completed', 'delayed' (a retry follows) or
+-- 'failed' (dead-lettered), or the refusal ("STALE ...", "NOJOB ...": the token does not
+-- hold the job); a refused report changes nothing.
+local lease = tonumber(ARGV[4])
+local out = {}
+for i = 5, #ARGV, 7 do
+  local kind, id = ARGV[i], ARGV[i + 1]
+  local j, err = held(id, ARGV[i + 2], {'worker', 'deadline'})
+  if not j then
+    out[#out + 1] = err.err
+  elseif kind == 'p' then
+    local k = K.job(id)
+    redis.call('HSET', k, 'progress', ARGV[i + 3], 'message', ARGV[i + 4])
+    redis.call('HSETNX', k, 'started_at', NOW_S)
+    renew(id, lease_end(lease, tonumber(j.deadline)))
+    event(id, 'type', 'progress', 'progress', ARGV[i + 3], 'message', ARGV[i + 4],
+      'stage', ARGV[i + 5], 'details', ARGV[i + 6])
+    out[#out + 1] = 'progress'
+  elseif kind == 'c' then
+    local k = K.job(id)
+    redis.call('HSET', k, 'result', ARGV[i + 3], 'progress', 100, 'message', 'completed')
+    redis.call('HSETNX', k, 'started_at', NOW_S)
+    redis.call('ZREM', K.leases, id)
+    finish(id, 'active', 'completed', CFG.retention)
+    event(id, 'type', 'status', 'status', 'completed', 'worker', j.worker)
+    out[#out + 1] = 'completed'
+  else
+    redis.call('ZREM', K.leases, id)
+    out[#out + 1] = fail_attempt(id, ARGV[i + 3], ARGV[i + 4] == '1', tonumber(ARGV[i + 5]))
+  end
+end
+return out
