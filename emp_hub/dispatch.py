@@ -45,7 +45,7 @@ from emp_protocol.hub_messages import (
     JobAvailable,
     WorkerControl,
 )
-from emp_protocol.messages import Batch, RequestJob
+from emp_protocol.messages import RequestJob, frame
 
 log = logging.getLogger("emp_hub.dispatch")
 
@@ -117,19 +117,22 @@ class WorkerSession:
         """Send one message (serialised: the feeder and the receive loop both send).
         False when the peer has closed: the receive loop still reads what it sent before
         closing, and how it closed (a failed reply must not hide a clean goodbye)."""
-        async with self.send_lock:
-            try:
-                await self.websocket.send_text(json.dumps(message.model_dump(mode="json")))
-            except (WebSocketDisconnect, WebSocketDisconnected):
-                return False
-        return True
+        return await self._send_frame(frame([message]))
 
     async def send_all(self, messages: list[HubMessage]) -> bool:
         """Send messages in order: in one `batch` frame when the worker reads those."""
-        if self.batch and len(messages) > 1:
-            return await self.send(Batch(messages=[m.model_dump(mode="json") for m in messages]))
+        if self.batch:
+            return await self._send_frame(frame(messages))
         for message in messages:
             if not await self.send(message):
+                return False
+        return True
+
+    async def _send_frame(self, text: str) -> bool:
+        async with self.send_lock:
+            try:
+                await self.websocket.send_text(text)
+            except (WebSocketDisconnect, WebSocketDisconnected):
                 return False
         return True
 

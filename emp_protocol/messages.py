@@ -8,6 +8,7 @@ in the heartbeat acknowledgement. docs/protocol.md lists every message with an e
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
@@ -19,6 +20,7 @@ from pydantic import (
     field_validator,
     model_serializer,
 )
+from pydantic_core import to_json
 
 from emp_protocol.capabilities import Name, WorkerCapabilities
 
@@ -236,6 +238,15 @@ class Batch(Message):
 
     type: Literal["batch"] = "batch"
     messages: list[dict[str, Any]] = Field(max_length=MAX_BATCH)
+
+
+def frame(messages: Sequence[Message]) -> str:
+    """The text of one WebSocket frame: the message alone, or a `batch` of them (each
+    dumped once, the frame serialised once)."""
+    if len(messages) == 1:
+        return to_json(messages[0].model_dump(mode="json")).decode()
+    wire = [m.model_dump(mode="json") for m in messages]
+    return to_json({"type": "batch", "timestamp": time.time(), "messages": wire}).decode()
 
 
 WorkerMessage = Annotated[

@@ -67,6 +67,7 @@ from emp_protocol.messages import (
     UpdateJobProgress,
     WorkerHeartbeat,
     WorkerMessage,
+    frame,
 )
 from emp_worker import hardware
 from emp_worker.connector import (
@@ -647,7 +648,7 @@ class Worker:
         if conn is None:
             return False
         if not self.batching:
-            return await self._send_frame(conn, message)
+            return await self._send_frame(conn, [message])
         return await self._post(conn, message)
 
     def _post(self, conn: ClientConnection, message: WorkerMessage) -> asyncio.Future[bool]:
@@ -674,13 +675,7 @@ class Worker:
                     size = len(self._queue)
                     await asyncio.sleep(0)
                 batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
-                messages = [m for m, _ in batch]
-                frame: WorkerMessage = (
-                    messages[0]
-                    if len(messages) == 1
-                    else Batch(messages=[m.model_dump(mode="json") for m in messages])
-                )
-                ok = await self._send_frame(conn, frame)
+                ok = await self._send_frame(conn, [m for m, _ in batch])
                 for _, sent in batch:
                     sent.set_result(ok)
         finally:  # cancelled: what is left was not sent
@@ -688,10 +683,11 @@ class Worker:
                 sent.set_result(False)
             self._queue.clear()
 
-    async def _send_frame(self, conn: ClientConnection, message: WorkerMessage) -> bool:
+    async def _send_frame(self, conn: ClientConnection, messages: list[WorkerMessage]) -> bool:
+        """Send messages in one frame (a batch when there are several)."""
         try:
             async with self.send_lock:
-                await conn.send(json.dumps(message.model_dump(mode="json")))
+                await conn.send(frame(messages))
         except websockets.ConnectionClosed:
             return False
         return True

@@ -33,18 +33,18 @@ for i = 1, nq do warm[i] = mask ~= nil and string.sub(mask, i, i) == '1' end
 local function take(id, class, token)
   dequeue(id, class)
   local k = K.job(id)
-  local j = hget(id, {'seq', 'timeout', 'service', 'customer', 'fair_band', 'fair_s', 'fair_f'})
+  local j = hget(id, {'seq', 'timeout', 'service', 'customer', 'attempt', 'fair_band', 'fair_s',
+    'fair_f'})
   if j.fair_s then fair_claimed(j) end
   local timeout = tonumber(j.timeout)
   local deadline = 0
   if timeout > 0 then deadline = NOW + timeout + CFG.timeout_grace end
   local expires = lease_end(lease, deadline)
-  redis.call('HSET', k, 'worker', worker, 'token', token, 'claimed_at', NOW_S,
-    'deadline', deadline, 'lease_expires', expires, 'progress', 0, 'message', '')
   redis.call('HDEL', k, 'started_at')
-  redis.call('HINCRBY', k, 'attempt', 1)
   redis.call('ZADD', K.leases, expires, id)
-  set_status(id, j.seq, 'pending', 'active')
+  set_status(id, j.seq, 'pending', 'active', 'worker', worker, 'token', token, 'claimed_at',
+    NOW_S, 'deadline', deadline, 'lease_expires', expires, 'progress', 0, 'message', '',
+    'attempt', tonumber(j.attempt) + 1)
   event(id, 'type', 'status', 'status', 'active', 'worker', worker)
   return redis.call('HGETALL', k)
 end

@@ -36,10 +36,12 @@ local function event(id, ...)
   redis.call('PUBLISH', K.job_channel(id), cjson.encode(fields))
 end
 
-local function set_status(id, seq, old, new)
+-- Move a job from status `old` to `new` (the status indexes and its record); more
+-- field-value pairs for its record may follow (one HSET for all).
+local function set_status(id, seq, old, new, ...)
   redis.call('ZREM', K.by_status(old), id)
   redis.call('ZADD', K.by_status(new), seq, id)
-  redis.call('HSET', K.job(id), 'status', new)
+  redis.call('HSET', K.job(id), 'status', new, ...)
 end
 
 -- A class with pending jobs is in `nonempty`; one without is in `idle` (since when), and
@@ -121,14 +123,13 @@ local function held(id, token, fields)
   return j
 end
 
--- Make a job terminal: status, timestamps, retention (EXPIRE) and the janitor's entry.
-local function finish(id, old, new, ttl)
+-- Make a job terminal: status, timestamps, retention (EXPIRE) and the janitor's entry;
+-- more field-value pairs for its record may follow.
+local function finish(id, old, new, ttl, ...)
   local j = hget(id, {'seq', 'service', 'customer'})
-  set_status(id, j.seq, old, new)
   local k = K.job(id)
-  redis.call('HSET', k, 'finished_at', NOW_S, 'token', '')
   local member = id .. '\t' .. j.service .. '\t' .. j.customer .. '\t' .. new
-  redis.call('HSET', k, 'xm', member)
+  set_status(id, j.seq, old, new, 'finished_at', NOW_S, 'token', '', 'xm', member, ...)
   redis.call('ZADD', K.expiring, NOW + ttl, member)
   redis.call('EXPIRE', k, ttl)
   redis.call('EXPIRE', K.events(id), ttl)

@@ -17,18 +17,19 @@ for i = 5, #ARGV, 7 do
     out[#out + 1] = err.err
   elseif kind == 'p' then
     local k = K.job(id)
-    redis.call('HSET', k, 'progress', ARGV[i + 3], 'message', ARGV[i + 4])
+    local expires = lease_end(lease, tonumber(j.deadline))
+    redis.call('ZADD', K.leases, 'XX', expires, id)
+    redis.call('HSET', k, 'progress', ARGV[i + 3], 'message', ARGV[i + 4], 'lease_expires',
+      expires)
     redis.call('HSETNX', k, 'started_at', NOW_S)
-    renew(id, lease_end(lease, tonumber(j.deadline)))
     event(id, 'type', 'progress', 'progress', ARGV[i + 3], 'message', ARGV[i + 4],
       'stage', ARGV[i + 5], 'details', ARGV[i + 6])
     out[#out + 1] = 'progress'
   elseif kind == 'c' then
-    local k = K.job(id)
-    redis.call('HSET', k, 'result', ARGV[i + 3], 'progress', 100, 'message', 'completed')
-    redis.call('HSETNX', k, 'started_at', NOW_S)
+    redis.call('HSETNX', K.job(id), 'started_at', NOW_S)
     redis.call('ZREM', K.leases, id)
-    finish(id, 'active', 'completed', CFG.retention)
+    finish(id, 'active', 'completed', CFG.retention, 'result', ARGV[i + 3], 'progress', 100,
+      'message', 'completed')
     event(id, 'type', 'status', 'status', 'completed', 'worker', j.worker)
     out[#out + 1] = 'completed'
   else
