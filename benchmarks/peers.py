@@ -13,7 +13,8 @@ system measures
   wall clock at the start of the task body), p50 and p99 over all runs.
 
 emp: one `emp-hub serve` process and W `emp-worker run` processes with the simulation
-connector at zero duration (one slot each); N jobs submitted in HTTP batches of 500.
+connector at zero duration (one slot each, prefetch at its defaults); N jobs submitted in
+HTTP batches of 500.
 taskiq: taskiq-redis's ListQueueBroker, `taskiq worker --workers W` (its defaults otherwise).
 dramatiq: its RedisBroker, `dramatiq --processes W` (its defaults otherwise: 8 threads).
 The peers run in a virtual environment of their own (`--venv`, created and installed on
@@ -363,9 +364,10 @@ async def emp_latency(
     """Submit one job at a time to idle workers; from just before each submit to its
     `started_at`, and to its `claimed_at` (the first job warms up and is not counted).
 
-    A job shorter than 0.5 s sends no progress report, so the hub stamps `started_at` when
-    it records the completion: an upper bound of the worker's start; the claim (the hub
-    handing the job out, before the frame reaches the worker) is a lower bound."""
+    The hub stamps `started_at` when it records the worker's "started" report, which for
+    a job this short comes in the same frame as its result (the worker batches what it
+    sends within 2 ms): an upper bound of the worker's start; the claim (the hub handing
+    the job out, before the frame reaches the worker) is a lower bound."""
     started: list[float] = []
     claimed: list[float] = []
     for i in range(samples + 1):
