@@ -649,9 +649,9 @@ class Worker:
             return False
         if not self.batching:
             return await self._send_frame(conn, [message])
-        return await self._post(conn, message)
+        return await self._post(message)
 
-    def _post(self, conn: ClientConnection, message: WorkerMessage) -> asyncio.Future[bool]:
+    def _post(self, message: WorkerMessage) -> asyncio.Future[bool]:
         """Queue a message for the next frame; the future says whether it was sent."""
         if isinstance(message, RequestJob):
             for queued, sent in [q for q in self._queue if isinstance(q[0], RequestJob)]:
@@ -660,11 +660,12 @@ class Worker:
         sent = asyncio.get_running_loop().create_future()
         self._queue.append((message, sent))
         if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush(conn))
+            self._flusher = asyncio.create_task(self._flush())
         return sent
 
-    async def _flush(self, conn: ClientConnection) -> None:
-        """Write the queued messages, a frame at a time, until none is left."""
+    async def _flush(self) -> None:
+        """Write the queued messages, a frame at a time, until none is left, on the
+        connection of the moment (none: not sent)."""
         try:
             loop = asyncio.get_running_loop()
             while self._queue:
@@ -675,7 +676,8 @@ class Worker:
                     size = len(self._queue)
                     await asyncio.sleep(0)
                 batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
-                ok = await self._send_frame(conn, [m for m, _ in batch])
+                conn = self.conn
+                ok = conn is not None and await self._send_frame(conn, [m for m, _ in batch])
                 for _, sent in batch:
                     sent.set_result(ok)
         finally:  # cancelled: what is left was not sent
@@ -725,7 +727,7 @@ class Worker:
                 WorkerHeartbeat(
                     worker_id=self.worker_id,
                     status="busy" if self.running else "idle",
-                    load=len(self.running) / max(1, self.capacity),
+                    load=self._started() / max(1, self.capacity),
                     loaded_models=self.loaded_models(),
                 )
             )
@@ -845,7 +847,7 @@ class Worker:
         on without waiting for the write)."""
         report = UpdateJobProgress(job_id=job_id, progress=percent, message=message, status=stage)
         if self.batching and self.conn is not None:
-            self._post(self.conn, report)
+            self._post(report)
         else:
             await self.send(report)
 
@@ -962,7 +964,7 @@ class Worker:
         first = self._last_signal == float("-inf")
         self._last_signal = now
         if first:
-            log.info("stopping: no new jobs; %d running may finish", len(self.running))
+            log.info("stopping: no new jobs; %d running may finish", self._started())
             self._drain = asyncio.get_running_loop().create_task(self.drain())
         else:
             log.info("stopping now: handing back %d jobs", len(self.running))
@@ -971,6 +973,10 @@ class Worker:
     def _release_all(self) -> None:
         for job_id in list(self.running):
             self._stop_job(job_id, "released")
+
+    def _started(self) -> int:
+        """How many of its jobs have started (the others are prefetched)."""
+        return sum(1 for r in self.running.values() if r.started is not None)
 
     def _release_waiting(self) -> None:
         """Hand back the prefetched jobs that have not started: another worker may."""
