@@ -19,6 +19,8 @@ import redis.asyncio
 from emp_hub.broker import Broker, BrokerSettings
 from emp_hub.broker.connection import connect
 from emp_hub.embedded import EmbeddedValkey
+from emp_hub.settings import HubSettings
+from emp_hub.testing import running_hub
 
 
 class Clock:
@@ -67,6 +69,24 @@ async def redis_client(redis_url: str, namespace: str) -> AsyncIterator[redis.as
     finally:
         await drop_namespace(client, namespace)
         await client.aclose()
+
+
+@pytest.fixture
+def hub_settings(redis_url: str, namespace: str, redis_client: redis.asyncio.Redis) -> HubSettings:
+    """A hub on the test's namespace (redis_client removes it afterwards); a test module
+    that needs other settings overrides this fixture."""
+    return HubSettings(
+        redis_url=redis_url,
+        broker=BrokerSettings(namespace=namespace, live_cache_s=0),
+        maintenance_interval_s=0.2,
+    )
+
+
+@pytest.fixture
+async def base_url(hub_settings: HubSettings) -> AsyncIterator[str]:
+    """The URL of a hub with `hub_settings`, running in this process under uvicorn."""
+    async with running_hub(hub_settings) as url:
+        yield url
 
 
 @pytest.fixture

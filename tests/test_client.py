@@ -12,7 +12,6 @@ import struct
 import subprocess
 import sys
 import termios
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -37,12 +36,6 @@ SIM = WorkerCapabilities(services={"sim"})
 @pytest.fixture
 def hub_settings(redis_url: str, namespace: str, redis_client: redis.asyncio.Redis) -> HubSettings:
     return HubSettings(redis_url=redis_url, broker=BrokerSettings(namespace=namespace))
-
-
-@pytest.fixture
-async def base_url(hub_settings: HubSettings) -> AsyncIterator[str]:
-    async with running_hub(hub_settings) as url:
-        yield url
 
 
 async def work_one(broker: Broker, *, fail: bool = False) -> str:

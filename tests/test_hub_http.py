@@ -42,12 +42,6 @@ def hub_settings(redis_url: str, namespace: str, redis_client: redis.asyncio.Red
 
 
 @pytest.fixture
-async def base_url(hub_settings: HubSettings) -> AsyncIterator[str]:
-    async with running_hub(hub_settings) as url:
-        yield url
-
-
-@pytest.fixture
 async def http(
     base_url: str, redis_client: redis.asyncio.Redis
 ) -> AsyncIterator[httpx.AsyncClient]:

@@ -20,7 +20,6 @@ from websockets.asyncio.client import ClientConnection
 from websockets.frames import Close
 
 from emp_hub.auth import Role, TokenStore
-from emp_hub.broker import BrokerSettings
 from emp_hub.routes import legacy_monitor
 from emp_hub.settings import HubSettings
 from emp_protocol.hub_messages import HubMessage, hub_message
@@ -31,21 +30,6 @@ from tests.processes import cluster
 pytestmark = pytest.mark.hub
 
 SIM_CAPS = {"services": ["simulation"]}
-
-
-@pytest.fixture
-def hub_settings(redis_url: str, namespace: str, redis_client: redis.asyncio.Redis) -> HubSettings:
-    return HubSettings(
-        redis_url=redis_url,
-        broker=BrokerSettings(namespace=namespace, live_cache_s=0),
-        maintenance_interval_s=0.2,
-    )
-
-
-@pytest.fixture
-async def base_url(hub_settings: HubSettings) -> AsyncIterator[str]:
-    async with running_hub(hub_settings) as url:
-        yield url
 
 
 class Peer:

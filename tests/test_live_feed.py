@@ -9,7 +9,7 @@ import json
 import logging
 import socket
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import httpx
@@ -30,21 +30,6 @@ from tests.test_hub_ws import SAFETY_WAKE_LIMIT, Peer, submit, worker
 pytestmark = pytest.mark.hub
 
 BULK = WorkerCapabilities(services={"bulk"})
-
-
-@pytest.fixture
-def hub_settings(redis_url: str, namespace: str, redis_client: redis.asyncio.Redis) -> HubSettings:
-    return HubSettings(
-        redis_url=redis_url,
-        broker=BrokerSettings(namespace=namespace, live_cache_s=0),
-        maintenance_interval_s=0.2,
-    )
-
-
-@pytest.fixture
-async def base_url(hub_settings: HubSettings) -> AsyncIterator[str]:
-    async with running_hub(hub_settings) as url:
-        yield url
 
 
 @pytest.fixture

@@ -40,12 +40,6 @@ def hub_settings(redis_url: str, namespace: str, redis_client: redis.asyncio.Red
     )
 
 
-@pytest.fixture
-async def base_url(hub_settings: HubSettings) -> AsyncIterator[str]:
-    async with running_hub(hub_settings) as url:
-        yield url
-
-
 @asynccontextmanager
 async def connection(base_url: str, worker_id: str) -> AsyncIterator[Peer]:
     """An open worker socket, not registered yet."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,21 +33,6 @@ from tests.test_worker import Sleepy
 pytestmark = pytest.mark.hub
 
 LEGACY_CAPS = {"version": "1.0.0", "supported_job_types": ["simulation"], "cpu": True}
-
-
-@pytest.fixture
-def hub_settings(redis_url: str, namespace: str, redis_client: redis.asyncio.Redis) -> HubSettings:
-    return HubSettings(
-        redis_url=redis_url,
-        broker=BrokerSettings(namespace=namespace, live_cache_s=0),
-        maintenance_interval_s=0.2,
-    )
-
-
-@pytest.fixture
-async def base_url(hub_settings: HubSettings) -> AsyncIterator[str]:
-    async with running_hub(hub_settings) as url:
-        yield url
 
 
 async def act(base_url: str, worker_id: str, action: str, token: str | None = None) -> Any:
