@@ -480,10 +480,12 @@ def conditions(
         "seconds": round(seconds, 1),
         "timed": "throughput: from spawning the first worker process (N jobs already queued) "
         "to the last job's completion; latency: from just before the enqueue call to the "
-        "job's start, one job at a time, idle workers (emp: its started_at, which the hub "
-        "stamps at completion for a job this short; latency_to_claim: to its claimed_at)",
+        "job's start, one job at a time, idle workers (emp: its started_at, stamped when the "
+        "hub records the worker's started report, which for a job this short comes in the "
+        "frame of its result; latency_to_claim: to its claimed_at)",
         "emp": "one emp-hub serve, W emp-worker run processes (simulation connector, "
-        "duration 0, 1 step, 1 slot), submitted in HTTP batches of 500",
+        "duration 0, 1 step, 1 slot, prefetch at its defaults), submitted in HTTP batches "
+        "of 500",
         "taskiq": "ListQueueBroker, taskiq worker --workers W (defaults otherwise)",
         "dramatiq": "RedisBroker, dramatiq --processes W (defaults otherwise: 8 threads)",
         "valkey": "one embedded Valkey, no persistence, flushed before every run",
