@@ -63,6 +63,8 @@ from emp_protocol.messages import (
 log = logging.getLogger("emp_hub.ws")
 #: A worker's messages on a job it holds that the broker records (Broker.report).
 JobReportMessage = UpdateJobProgress | CompleteJob | FailJob
+#: The metrics' outcome of an attempt that ended with this status (else "failed").
+OUTCOMES = {JobStatus.COMPLETED: "completed", JobStatus.DELAYED: "retrying"}
 router = APIRouter()
 
 #: Close codes of the worker socket (and CLOSE_SUPERSEDED, in dispatch.py): refused,
@@ -345,10 +347,10 @@ async def reports(
     each complete_job and fail_job (a single message; a batch gets no acks)."""
     sent: list[tuple[JobReportMessage, JobReport]] = []
     for message in messages:
-        token = session.held.get(message.job_id)
+        token = await held_token(session, message.job_id)
         if token is None:
-            await session.error(f"worker {session.worker_id} does not hold job {message.job_id}")
-        elif isinstance(message, UpdateJobProgress) and message.progress < 0:  # keep-alive
+            continue
+        if isinstance(message, UpdateJobProgress) and message.progress < 0:  # keep-alive
             await hub.broker.extend([(message.job_id, token)])
         else:
             sent.append((message, _report(message, token)))
@@ -363,6 +365,15 @@ async def reports(
             await session.error(str(result))
         elif result is not JobStatus.ACTIVE:
             await _finished(session, hub, message, result, ack)
+
+
+async def held_token(session: WorkerSession, job_id: str) -> str | None:
+    """The lease token of a job this connection holds; None after telling the worker it
+    does not hold it."""
+    token = session.held.get(job_id)
+    if token is None:
+        await session.error(f"worker {session.worker_id} does not hold job {job_id}")
+    return token
 
 
 def _report(message: JobReportMessage, token: str) -> JobReport:
@@ -389,9 +400,7 @@ async def _finished(
     job_id, worker_id = message.job_id, session.worker_id
     session.held.pop(job_id, None)
     service = session.services.pop(job_id, "unknown")
-    outcome = {JobStatus.COMPLETED: "completed", JobStatus.DELAYED: "retrying"}.get(
-        status, "failed"
-    )
+    outcome = OUTCOMES.get(status, "failed")
     hub.metrics.finished.labels(service, outcome).inc()
     if outcome != "retrying":
         hub.metrics.series.count(outcome)
@@ -407,9 +416,8 @@ async def _finished(
 
 async def release_job(session: WorkerSession, hub: Hub, message: ReleaseJob) -> None:
     """Hand a held job back: pending again, in its place."""
-    token = session.held.get(message.job_id)
+    token = await held_token(session, message.job_id)
     if token is None:
-        await session.error(f"worker {session.worker_id} does not hold job {message.job_id}")
         return
     await hub.broker.release(message.job_id, token)
     del session.held[message.job_id]

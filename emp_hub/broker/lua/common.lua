@@ -102,10 +102,11 @@ local function lease_end(lease, deadline)
   return expires
 end
 
--- Move a held job's lease to end at `expires` (the `leases` entry and the record).
-local function renew(id, expires)
+-- Move a held job's lease to end at `expires` (the `leases` entry and the record); more
+-- field-value pairs for its record may follow (one HSET for all).
+local function renew(id, expires, ...)
   redis.call('ZADD', K.leases, 'XX', expires, id)
-  redis.call('HSET', K.job(id), 'lease_expires', expires)
+  redis.call('HSET', K.job(id), 'lease_expires', expires, ...)
 end
 
 -- Check that `token` holds the active job `id`; returns its fields or an error reply.

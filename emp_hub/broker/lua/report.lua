@@ -16,12 +16,9 @@ for i = 5, #ARGV, 7 do
   if not j then
     out[#out + 1] = err.err
   elseif kind == 'p' then
-    local k = K.job(id)
-    local expires = lease_end(lease, tonumber(j.deadline))
-    redis.call('ZADD', K.leases, 'XX', expires, id)
-    redis.call('HSET', k, 'progress', ARGV[i + 3], 'message', ARGV[i + 4], 'lease_expires',
-      expires)
-    redis.call('HSETNX', k, 'started_at', NOW_S)
+    renew(id, lease_end(lease, tonumber(j.deadline)), 'progress', ARGV[i + 3], 'message',
+      ARGV[i + 4])
+    redis.call('HSETNX', K.job(id), 'started_at', NOW_S)
     event(id, 'type', 'progress', 'progress', ARGV[i + 3], 'message', ARGV[i + 4],
       'stage', ARGV[i + 5], 'details', ARGV[i + 6])
     out[#out + 1] = 'progress'
