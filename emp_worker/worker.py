@@ -695,21 +695,25 @@ class Worker:
         return True
 
     async def request_work(self, *, top_up: bool = False) -> None:
-        """Tell the hub how many slots are free, and how many more jobs it may prefetch
-        (none while draining or drained). `top_up` (a job has ended): only when a slot is
-        free, or when half the prefetch is gone and not on its way, so that the hub claims
-        several at a time."""
+        """Tell the hub what work it takes now (see work_request), if anything new."""
+        if (request := self.work_request(top_up=top_up)) is not None:
+            self._on_the_way = request.slots + request.prefetch
+            await self.send(request)
+
+    def work_request(self, *, top_up: bool = False) -> RequestJob | None:
+        """The request_job for now: its free slots, and how many more jobs the hub may
+        claim for it as prefetch; none of either while draining or drained. `top_up` (a
+        job has ended): None unless a slot is free, or half the prefetch is gone and not
+        on its way, so that the hub claims several at a time."""
         held = len(self.running)
-        stopped = self.draining or self.paused
-        free = 0 if stopped else max(0, self.capacity - held)
-        target = 0 if stopped else self._prefetch()
+        if self.draining or self.paused:
+            return None if top_up else RequestJob(slots=0, prefetch=0, held=held)
+        free = max(0, self.capacity - held)
+        target = self._prefetch()
         room = max(0, self.capacity + target - held - free)
         if top_up and not free and room - self._on_the_way < max(1, (target + 1) // 2):
-            return
-        self._on_the_way = free + room
-        await self.send(
-            RequestJob(slots=free, prefetch=room, held=held, loaded_models=self.loaded_models())
-        )
+            return None
+        return RequestJob(slots=free, prefetch=room, held=held, loaded_models=self.loaded_models())
 
     def _prefetch(self) -> int:
         """How many jobs to hold beyond the slots: as many as it starts within

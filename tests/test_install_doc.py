@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.processes import Cluster, cluster
+from tests.processes import Cluster, cluster, eventually_sync
 from tests.shipping import BIN, processes_mentioning
 from tests.test_installer import ROOT, make_release, signing_key
 
@@ -141,7 +141,14 @@ def test_the_install_page_runs_as_written(hub: Cluster, tmp_path: Path) -> None:
         [started, _] = run("## Run the workers", 2)
         assert "worker id" in started and "FAILED" not in started  # doctor: all checks ok
         assert "emp:cpu" in started  # supervisorctl status listed the worker
-        [worker] = hub.get("/api/workers")
+        # supervisord has started it; it registers once running (seconds on a busy machine)
+        [worker] = eventually_sync(
+            lambda: hub.get("/api/workers"),
+            within_s=60,
+            every_s=0.1,
+            what="the supervised worker registered",
+            log=lambda: "\n".join(p.read_text() for p in (prefix / "log").glob("*")),
+        )
         assert worker["capabilities"]["tags"] == ["release-0.1.0"]
         assert hub.wait_job(hub.submit(), timeout=60)["status"] == "completed"
         programs = (confd / "emp.conf").read_text()

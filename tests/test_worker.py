@@ -21,6 +21,7 @@ from emp_hub.broker import BrokerSettings
 from emp_hub.settings import HubSettings
 from emp_hub.testing import TestHub, running_hub, running_worker
 from emp_protocol.hub_messages import CancelJob
+from emp_protocol.messages import RequestJob
 from emp_worker import hookimpl
 from emp_worker import worker as worker_module
 from emp_worker.connector import Connector, Job, JobContext
@@ -233,6 +234,25 @@ class Sleepy(Connector):
 
     async def cancel(self, job: Job) -> None:
         self.cancelled.append(job.id)
+
+
+def test_a_stopped_worker_asks_for_nothing_when_a_job_ends() -> None:
+    """Draining (or drained by an admin), a worker's request after a job ends asks for no
+    slot and no prefetch (it asked for a prefetch of its whole capacity: the hub claimed a
+    job for a worker about to exit, seen as a job handed back with attempt 1)."""
+    settings = WorkerSettings(hub_url="ws://127.0.0.1:1", worker_id="w", prefetch=8)
+    worker = worker_module.Worker(settings, Plugins(), [Sleepy()])
+    worker.pace = 0.01  # its jobs are short: it would prefetch
+
+    def asked(request: RequestJob | None) -> tuple[int, int, int | None] | None:
+        return None if request is None else (request.slots, request.prefetch, request.held)
+
+    assert asked(worker.work_request()) == (1, 8, 0)
+    for stop in ("draining", "paused"):
+        setattr(worker, stop, True)
+        assert worker.work_request(top_up=True) is None
+        assert asked(worker.work_request()) == (0, 0, 0)
+        setattr(worker, stop, False)
 
 
 @pytest.fixture
