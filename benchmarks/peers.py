@@ -364,9 +364,9 @@ async def emp_latency(
     """Submit one job at a time to idle workers; from just before each submit to its
     `started_at`, and to its `claimed_at` (the first job warms up and is not counted).
 
-    The hub stamps `started_at` when it records the worker's "started" report, which for
-    a job this short comes in the same frame as its result (the worker batches what it
-    sends within 2 ms): an upper bound of the worker's start; the claim (the hub handing
+    The hub stamps `started_at` when it records the worker's "started" report or, for a
+    job this short, its result (the worker batches what it sends within 2 ms, and the
+    result replaces the report still waiting): an upper bound of the worker's start; the claim (the hub handing
     the job out, before the frame reaches the worker) is a lower bound."""
     started: list[float] = []
     claimed: list[float] = []
@@ -481,8 +481,8 @@ def conditions(
         "timed": "throughput: from spawning the first worker process (N jobs already queued) "
         "to the last job's completion; latency: from just before the enqueue call to the "
         "job's start, one job at a time, idle workers (emp: its started_at, stamped when the "
-        "hub records the worker's started report, which for a job this short comes in the "
-        "frame of its result; latency_to_claim: to its claimed_at)",
+        "hub records the worker's started report or, for a job this short, its result, sent "
+        "in the same frame; latency_to_claim: to its claimed_at)",
         "emp": "one emp-hub serve, W emp-worker run processes (simulation connector, "
         "duration 0, 1 step, 1 slot, prefetch at its defaults), submitted in HTTP batches "
         "of 500",

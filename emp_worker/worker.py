@@ -330,6 +330,7 @@ class Worker:
         self.batching = False
         self._queue: list[tuple[WorkerMessage, asyncio.Future[bool]]] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._posted = 0  # messages queued so far (a frame waits while more come)
         #: Seconds its recent jobs took (a moving average; None before the first ended).
         self.pace: float | None = None
         #: Jobs asked for in the last request_job and not assigned yet (as far as it knows).
@@ -652,13 +653,26 @@ class Worker:
         return await self._post(message)
 
     def _post(self, message: WorkerMessage) -> asyncio.Future[bool]:
-        """Queue a message for the next frame; the future says whether it was sent."""
+        """Queue a message for the next frame; the future says whether it was sent. It
+        replaces what it makes moot: a newer request_job the one still queued, a job's
+        result its progress reports still queued (the hub stamps started_at at the
+        result then)."""
         if isinstance(message, RequestJob):
-            for queued, sent in [q for q in self._queue if isinstance(q[0], RequestJob)]:
-                self._queue.remove((queued, sent))
-                sent.set_result(True)
+            moot = [q for q in self._queue if isinstance(q[0], RequestJob)]
+        elif isinstance(message, CompleteJob):
+            moot = [
+                q
+                for q in self._queue
+                if isinstance(q[0], UpdateJobProgress) and q[0].job_id == message.job_id
+            ]
+        else:
+            moot = []
+        for queued, sent in moot:
+            self._queue.remove((queued, sent))
+            sent.set_result(True)
         sent = asyncio.get_running_loop().create_future()
         self._queue.append((message, sent))
+        self._posted += 1
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
         return sent
@@ -671,9 +685,11 @@ class Worker:
             while self._queue:
                 # What is about to be said joins this frame: wait while each turn of the
                 # loop adds messages, for at most COALESCE_S.
-                until, size = loop.time() + COALESCE_S, -1
-                while size != len(self._queue) < MAX_BATCH and loop.time() < until:
-                    size = len(self._queue)
+                until, seen = loop.time() + COALESCE_S, -1
+                while seen != self._posted and len(self._queue) < MAX_BATCH:
+                    if loop.time() >= until:
+                        break
+                    seen = self._posted
                     await asyncio.sleep(0)
                 batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
                 conn = self.conn

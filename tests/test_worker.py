@@ -4,6 +4,7 @@ against the real hub app (cancel, timeout, signals, capability changes)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import subprocess
@@ -327,6 +328,27 @@ async def test_a_second_signal_hands_back_at_once(
             return bool((await hub.http.get("/api/workers")).json() == [])
 
         await eventually(no_workers, within_s=5, what="no live worker")
+        await hub.http.aclose()
+
+
+async def test_a_result_makes_its_queued_progress_report_moot(hub_url: str) -> None:
+    """A job that ends before its "started" report has left the worker sends its result
+    alone (the hub stamps started_at with the result); a longer job's report goes first."""
+    async with running_worker(hub_url, [Sleepy()]) as worker:
+        hub = TestHub(hub_url, worker)
+        kinds = {}
+        for seconds in (0, 0.3):
+            job = await hub.run("sleepy", {"seconds": seconds})
+            assert job["status"] == "completed" and job["started_at"] is not None
+            stream = await hub.http.get(f"/api/jobs/{job['job_id']}/events?follow=false")
+            events = [
+                json.loads(line[5:])
+                for line in stream.text.splitlines()
+                if line.startswith("data:")
+            ]
+            kinds[seconds] = [e["type"] for e in events]
+        assert "progress" not in kinds[0] and kinds[0][-1] == "status", kinds
+        assert kinds[0.3].count("progress") == 1, kinds
         await hub.http.aclose()
 
 

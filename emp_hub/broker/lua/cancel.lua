@@ -14,6 +14,6 @@ else
   return redis.error_reply('STATE job ' .. id .. ' is already ' .. j.status)
 end
 redis.call('HSET', K.job(id), 'cancellation_reason', ARGV[5], 'message', ARGV[5])
-finish(id, j.status, 'cancelled', CFG.retention)
+finish(id, nil, j.status, 'cancelled', CFG.retention)
 event(id, 'type', 'status', 'status', 'cancelled', 'reason', ARGV[5])
 return {j.status, j.worker or ''}

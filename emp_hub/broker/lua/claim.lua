@@ -30,17 +30,19 @@ local mask = ARGV[10 + 2 * nq]
 local warm = {}
 for i = 1, nq do warm[i] = mask ~= nil and string.sub(mask, i, i) == '1' end
 
-local function take(id, class, token)
+-- A head's fields: whether this worker is to avoid it, and what take() needs.
+local FIELDS = {'avoid', 'seq', 'timeout', 'service', 'customer', 'attempt', 'fair_band',
+  'fair_s', 'fair_f'}
+
+local function take(id, class, token, j)
   dequeue(id, class)
   local k = K.job(id)
-  local j = hget(id, {'seq', 'timeout', 'service', 'customer', 'attempt', 'fair_band', 'fair_s',
-    'fair_f'})
   if j.fair_s then fair_claimed(j) end
   local timeout = tonumber(j.timeout)
   local deadline = 0
   if timeout > 0 then deadline = NOW + timeout + CFG.timeout_grace end
   local expires = lease_end(lease, deadline)
-  redis.call('HDEL', k, 'started_at')
+  if j.attempt ~= '0' then redis.call('HDEL', k, 'started_at') end  -- an earlier attempt's
   redis.call('ZADD', K.leases, expires, id)
   set_status(id, j.seq, 'pending', 'active', 'worker', worker, 'token', token, 'claimed_at',
     NOW_S, 'deadline', deadline, 'lease_expires', expires, 'progress', 0, 'message', '',
@@ -60,12 +62,12 @@ while #out - 2 < count and skips <= CFG.max_skip do
   if best == nil then break end
   if mask then best = affinity_pick(heads, nq, best, warm) end
   local id = heads[best][1]
-  local avoid = redis.call('HGET', K.job(id), 'avoid')
-  if avoid and not allow[best] and string.find(avoid, needle, 1, true) then
+  local j = hget(id, FIELDS)
+  if j.avoid and not allow[best] and string.find(j.avoid, needle, 1, true) then
     offs[best] = offs[best] + 1
     skips = skips + 1
   else
-    out[#out + 1] = take(id, classes[best], prefix .. ':' .. (#out - 1))
+    out[#out + 1] = take(id, classes[best], prefix .. ':' .. (#out - 1), j)
   end
   peek(best)
 end

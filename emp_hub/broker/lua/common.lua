@@ -124,24 +124,30 @@ local function held(id, token, fields)
   return j
 end
 
+-- The fields of a job that finish() reads.
+local FINISH_FIELDS = {'seq', 'service', 'customer', 'steps'}
+
 -- Make a job terminal: status, timestamps, retention (EXPIRE) and the janitor's entry;
--- more field-value pairs for its record may follow.
-local function finish(id, old, new, ttl, ...)
-  local j = hget(id, {'seq', 'service', 'customer'})
+-- more field-value pairs for its record may follow. `j` holds FINISH_FIELDS when the
+-- caller has read them already (nil: read here).
+local function finish(id, j, old, new, ttl, ...)
+  j = j or hget(id, FINISH_FIELDS)
   local k = K.job(id)
   local member = id .. '\t' .. j.service .. '\t' .. j.customer .. '\t' .. new
   set_status(id, j.seq, old, new, 'finished_at', NOW_S, 'token', '', 'xm', member, ...)
   redis.call('ZADD', K.expiring, NOW + ttl, member)
   redis.call('EXPIRE', k, ttl)
   redis.call('EXPIRE', K.events(id), ttl)
-  redis.call('ZREM', K.promotions, id)  -- its promotion steps, if any (scheduling.md)
+  if j.steps and j.steps ~= '' then
+    redis.call('ZREM', K.promotions, id)  -- its promotion steps (scheduling.md)
+  end
 end
 
 -- Move an active job to the dead-letter set: failed for good, kept for dead_retention.
 local function dead_letter(id, err)
   redis.call('ZADD', K.dead, NOW, id)
   redis.call('HSET', K.job(id), 'error', err)
-  finish(id, 'active', 'failed', CFG.dead_retention)
+  finish(id, nil, 'active', 'failed', CFG.dead_retention)
   event(id, 'type', 'status', 'status', 'failed', 'error', err)
   return 'failed'
 end

@@ -27,7 +27,7 @@ for _, j in ipairs(jobs) do
       dead_letter(id, err)
     else
       if err ~= '' then redis.call('HSET', K.job(id), 'error', err) end
-      finish(id, 'imported', status, CFG.retention)
+      finish(id, nil, 'imported', status, CFG.retention)
     end
     redis.call('HSET', K.job(id), 'finished_at', finished_at)
     imported = imported + 1

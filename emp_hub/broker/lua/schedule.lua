@@ -18,7 +18,7 @@ local function expire_job(id, j)
   else redis.call('ZREM', K.delayed, id) end
   redis.call('ZADD', K.dead, NOW, id)
   redis.call('HSET', K.job(id), 'error', 'deadline')
-  finish(id, j.status, 'failed', CFG.dead_retention)
+  finish(id, nil, j.status, 'failed', CFG.dead_retention)
   event(id, 'type', 'status', 'status', 'failed', 'error', 'deadline', 'reason', 'deadline')
   out[#out + 1] = id
 end
