@@ -366,8 +366,9 @@ async def emp_latency(
 
     The hub stamps `started_at` when it records the worker's "started" report or, for a
     job this short, its result (the worker batches what it sends within 2 ms, and the
-    result replaces the report still waiting): an upper bound of the worker's start; the claim (the hub handing
-    the job out, before the frame reaches the worker) is a lower bound."""
+    result replaces the report still waiting): an upper bound of the worker's start;
+    the claim (the hub handing the job out, before the frame reaches the worker) is a
+    lower bound."""
     started: list[float] = []
     claimed: list[float] = []
     for i in range(samples + 1):
