@@ -17,7 +17,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -112,6 +112,8 @@ class WorkerSession:
     closed: bool = False
     superseded: bool = False  # a newer connection of the same worker process took over
     send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    #: Held while claiming for it (its feeder, or a submit that claims for it): one at a time.
+    claim_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     async def send(self, message: HubMessage) -> bool:
         """Send one message (serialised: the feeder and the receive loop both send).
@@ -334,6 +336,39 @@ class Dispatcher:
                 break
         return woken
 
+    async def reserve(self, classes: Collection[str]) -> WorkerSession | None:
+        """A worker parked here, waiting for jobs of one of these classes, for a submit to
+        claim for in its own script (Hub.submit): returned with its claim lock held (the
+        caller releases it), or None. A worker whose request is not acted on yet, or that
+        its feeder is about to feed, is left to its feeder."""
+        broker = self.broker
+        if any(c not in broker.known_classes for c in classes):
+            return None  # its class list is refreshed when the workers are woken
+        sessions = list(self.sessions.values())
+        self._turn = (self._turn + 1) % max(1, len(sessions))
+        for session in sessions[self._turn :] + sessions[: self._turn]:
+            if (
+                not session.wanted
+                or session.caps is None
+                or session.original
+                or session.action is not None
+                or session.closed
+                or session.request is not None
+                or session.wake.is_set()
+                or session.claim_lock.locked()
+            ):
+                continue
+            if not set(broker.matching_classes(session.caps)).isdisjoint(classes):
+                await session.claim_lock.acquire()  # free: taken at once, no other task runs
+                return session
+        return None
+
+    async def claimed(self, session: WorkerSession, claims: list[Claim]) -> None:
+        """Jobs claimed for a worker by a submit: its free slots take them, it is told."""
+        session.wanted -= min(len(claims), session.wanted)
+        if claims:
+            await self.assign(session, [(claim.job, claim.token) for claim in claims])
+
     async def submitted(self, jobs: dict[str, int]) -> None:
         """Jobs were submitted through this replica: wake its parked workers and let them
         claim and send their assignments (for at most FEED_WAIT_S) before the submitting
@@ -373,7 +408,8 @@ class Dispatcher:
                     and session.caps is not None
                     and session.action is None
                 ):
-                    await self._claim_for(session)
+                    async with session.claim_lock:
+                        await self._claim_for(session)
             except REDIS_DOWN as exc:  # claimed again when woken once Redis is back
                 log.warning("no claim for %s: %s", session.worker_id, exc)
             finally:

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -23,6 +24,7 @@ from emp_hub.broker import (
     REDIS_DOWN,
     Broker,
     CancelResult,
+    ClaimFor,
     Job,
     JobSpec,
     Submitted,
@@ -62,11 +64,30 @@ class Hub:
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def submit(self, specs: Sequence[JobSpec]) -> list[Submitted]:
-        """Store jobs (atomically: all or none), then wake this replica's parked workers
-        for them at once; the other replicas hear the broker's announcement."""
-        submitted = await self.broker.submit_many(specs)
+        """Store jobs (atomically: all or none) and hand them to this replica's parked
+        workers at once: for one of them the submit's own script claims (one Valkey call),
+        the others are woken to claim; the other replicas hear the broker's announcement."""
+        classes = {self.broker.requirements(spec).requirement_class for spec in specs}
+        session = await self.dispatcher.reserve(classes)
+        claims = None
+        if session is None:
+            submitted = await self.broker.submit_many(specs)
+        else:
+            assert session.caps is not None  # reserve() takes registered workers only
+            want = ClaimFor(session.worker_id, session.caps, session.wanted, session.loaded)
+            try:
+                started = time.perf_counter()
+                submitted, claims = await self.broker.submit_and_claim(specs, want)
+                if claims is not None:
+                    self.metrics.claim_seconds.observe(time.perf_counter() - started)
+                    await self.dispatcher.claimed(session, claims)
+            finally:
+                session.claim_lock.release()
+        taken = {claim.job.id for claim in claims or ()}
+        left = Counter(s.requirement_class for s in submitted if s.id not in taken)
         try:
-            await self.dispatcher.submitted(Counter(s.requirement_class for s in submitted))
+            if left:
+                await self.dispatcher.submitted(left)
         except Exception:  # waking local workers is a shortcut; the jobs are stored
             log.exception("could not wake local workers after a submit")
         return submitted

@@ -219,6 +219,27 @@ async def test_parked_request_is_woken_by_a_submit(base_url: str) -> None:
         )
 
 
+async def test_a_submit_claims_for_a_parked_worker_in_its_own_script(base_url: str) -> None:
+    """A job submitted while a worker waits for work is claimed for it by the submit's own
+    script, not by a second call after a wake-up: the answer already says it is active,
+    and the worker has it."""
+    async with worker(base_url, "w1") as w, httpx.AsyncClient(base_url=base_url) as http:
+        await w.send("request_job", slots=1)
+        first = await submit(base_url)  # a class this hub has not seen: claimed after a wake
+        assert (await w.expect("job_assigned", wait=2))["job_id"] == first
+        await w.send("complete_job", job_id=first, result={})
+        await w.expect("job_completed_ack")
+        await w.send("request_job", slots=1)
+        await asyncio.sleep(0.3)  # parked
+        answer = (await http.post("/api/jobs", json={"job_type": "simulation"})).json()
+        assert (answer["status"], answer["position"]) == ("active", None), answer
+        assigned = await w.expect("job_assigned", wait=2)
+        assert assigned["job_id"] == answer["job_id"] and assigned["attempt"] == 1
+        # Its slot is taken: the next job waits, in line.
+        second = (await http.post("/api/jobs", json={"job_type": "simulation"})).json()
+        assert (second["status"], second["position"]) == ("pending", 0), second
+
+
 SAFETY_WAKE_LIMIT = 2.0
 
 

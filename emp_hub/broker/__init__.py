@@ -5,6 +5,7 @@ Start at `Broker` (broker.py); the data model is described there and in docs/bro
 
 from emp_hub.broker.broker import (
     Broker,
+    ClaimFor,
     MaintenanceReport,
     Registration,
     WorkerAction,
@@ -49,6 +50,7 @@ __all__ = [
     "BrokerSettings",
     "CancelResult",
     "Claim",
+    "ClaimFor",
     "ClassStats",
     "Completion",
     "DuplicateJob",

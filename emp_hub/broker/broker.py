@@ -57,6 +57,17 @@ jobs_log = logging.getLogger("emp_hub.jobs")
 ModelsByService = Mapping[str, Collection[str]]
 
 
+@dataclass(frozen=True)
+class ClaimFor:
+    """A worker's free slots, for a claim made with a submit (Broker.submit_and_claim)."""
+
+    worker_id: str
+    caps: WorkerCapabilities
+    count: int
+    loaded: ModelsByService | None = None
+    lease_s: float | None = None
+
+
 def _changed(job_id: str, event: str, state: str, old: str | None, **fields: Any) -> None:
     """Log one job state change (callers check jobs_log.isEnabledFor(INFO) first)."""
     jobs_log.info(
@@ -219,8 +230,19 @@ class Broker:
 
     async def submit_many(self, specs: Sequence[JobSpec]) -> list[Submitted]:
         """Submit a batch atomically: every job is stored, or (on any error) none."""
+        submitted, _ = await self.submit_and_claim(specs)
+        return submitted
+
+    async def submit_and_claim(
+        self, specs: Sequence[JobSpec], claim: ClaimFor | None = None
+    ) -> tuple[list[Submitted], list[Claim] | None]:
+        """Submit a batch atomically, as submit_many, and in the same script claim for a
+        worker waiting for work: up to `claim.count` of the best jobs it can run, these or
+        older ones (one call instead of two). The claims are None when none was asked or
+        the claim could not run (no class it can run is known yet, or a new one appeared
+        since: claim_many as usual)."""
         if not specs:
-            return []
+            return [], None
         now = self.clock()
         rows: list[list[str]] = []
         accepted: list[tuple[str, JobSpec, JobRequirements, int]] = []
@@ -236,7 +258,7 @@ class Broker:
                     f"job {job_id}: payload of {len(payload)} bytes exceeds the cap of "
                     f"{self.settings.max_payload_bytes} bytes"
                 )
-            req = self._requirements(spec)
+            req = self.requirements(spec)
             max_attempts = spec.max_attempts or self.settings.max_attempts
             deadline = spec.deadline_at(now)
             plan = self.scheduler.plan(
@@ -268,13 +290,19 @@ class Broker:
                 ]
             )
             accepted.append((job_id, spec, req, max_attempts))
-        first_seq, _new_classes, rank = await self._run(
-            "submit", json.dumps(rows, separators=(",", ":")), self.origin
+        prefix: str = ""
+        claim_args: list[Any] = []
+        if claim is not None:
+            prefix, claim_args = await self._claim_args(
+                claim.worker_id, claim.caps, claim.count, claim.lease_s, claim.loaded
+            )
+        first_seq, _new_classes, rank, claimed = await self._run(
+            "submit", json.dumps(rows, separators=(",", ":")), self.origin, *claim_args
         )
         if jobs_log.isEnabledFor(logging.INFO):
             for job_id, spec, _, _ in accepted:
                 _changed(job_id, "submitted", "pending", None, service=spec.service)
-        return [
+        submitted = [
             Submitted(
                 id=job_id,
                 seq=int(first_seq) + i,
@@ -285,8 +313,10 @@ class Broker:
             )
             for i, (job_id, spec, req, _) in enumerate(accepted)
         ]
+        claims = None if claim is None else self._claims(claimed, prefix, claim.worker_id)
+        return submitted, claims
 
-    def _requirements(self, spec: JobSpec) -> JobRequirements:
+    def requirements(self, spec: JobSpec) -> JobRequirements:
         """The spec's requirements, parsed and hashed once per distinct set (few exist)."""
         key = (spec.service, spec.customer, spec.requirements.model_dump_json())
         req = self._req_cache.get(key)
@@ -301,7 +331,7 @@ class Broker:
         ids that exist are skipped. Returns how many were stored."""
         rows = []
         for job in jobs:
-            req = self._requirements(job.spec)
+            req = self.requirements(job.spec)
             rows.append(
                 [
                     job.spec.id or "",
@@ -617,32 +647,50 @@ class Broker:
         loaded: ModelsByService | None = None,
     ) -> list[Claim]:
         """Claim up to `count` jobs at once, best first (a worker filling its free slots)."""
-        lease = lease_s or self.settings.lease_s
         for _ in range(3):
-            plan = await self._claim_plan(worker_id, caps, loaded)
-            prefix = secrets.token_hex(12)
-            reply = await self._run(
-                "claim", worker_id, prefix, lease, count, self._classes_ver, len(plan) // 2, *plan
-            )
-            if reply[0] == 1:
-                claims = []
-                for i, fields in enumerate(cast(list[list[str]], reply[2:]), start=1):
-                    job = Job.from_hash(dict(zip(fields[::2], fields[1::2], strict=True)))
-                    token = f"{prefix}:{i}"
-                    claims.append(Claim(job=job, token=token, lease_expires=job.lease_expires or 0))
-                if jobs_log.isEnabledFor(logging.INFO):
-                    for claim in claims:
-                        _changed(
-                            claim.job.id,
-                            "assigned",
-                            "active",
-                            "pending",
-                            worker_id=worker_id,
-                            attempt=claim.job.attempt,
-                        )
+            prefix, args = await self._claim_args(worker_id, caps, count, lease_s, loaded)
+            claims = self._claims(await self._run("claim", *args), prefix, worker_id)
+            if claims is not None:
                 return claims
             await self.refresh_classes()  # a new class appeared: recompute the candidates
         return []
+
+    async def _claim_args(
+        self,
+        worker_id: str,
+        caps: WorkerCapabilities,
+        count: int,
+        lease_s: float | None,
+        loaded: ModelsByService | None,
+    ) -> tuple[str, list[Any]]:
+        """A fresh token prefix, and the arguments of claim_jobs (lua/common.lua)."""
+        plan = await self._claim_plan(worker_id, caps, loaded)
+        prefix = secrets.token_hex(12)
+        lease = lease_s or self.settings.lease_s
+        return prefix, [worker_id, prefix, lease, count, self._classes_ver, len(plan) // 2, *plan]
+
+    def _claims(self, reply: list[Any], prefix: str, worker_id: str) -> list[Claim] | None:
+        """The jobs claim_jobs leased (their tokens from `prefix`), or None when its
+        candidates were out of date."""
+        if reply[0] != 1:
+            return None
+        claims = []
+        for i, fields in enumerate(cast(list[list[str]], reply[2:]), start=1):
+            job = Job.from_hash(dict(zip(fields[::2], fields[1::2], strict=True)))
+            claims.append(
+                Claim(job=job, token=f"{prefix}:{i}", lease_expires=job.lease_expires or 0)
+            )
+        if jobs_log.isEnabledFor(logging.INFO):
+            for claim in claims:
+                _changed(
+                    claim.job.id,
+                    "assigned",
+                    "active",
+                    "pending",
+                    worker_id=worker_id,
+                    attempt=claim.job.attempt,
+                )
+        return claims
 
     async def extend(
         self, leases: Iterable[tuple[str, str]], *, lease_s: float | None = None

@@ -1,4 +1,7 @@
 -- Submit a batch of jobs atomically: all or none. ARGV[5]: the submitting broker's origin.
+-- From ARGV[6], optional: a claim for a worker waiting on the submitting replica (the
+-- arguments of claim_jobs, common.lua), run once the jobs are stored: it saves the worker
+-- a wake-up and a call of its own.
 -- ARGV[4] = a JSON array with one array of strings per job:
 -- [id, service, class, requirements, priority, customer, max_attempts, timeout, payload,
 --  client, effective priority, urgency, deadline, promotion steps, when the first is due,
@@ -45,7 +48,10 @@ for i = 1, n do
   event(id, 'type', 'status', 'status', 'pending')
 end
 announce(touched, ARGV[5])
--- A single job's place in line (jobs of its class ahead of it), saving a round trip.
+local claimed = {}
+if ARGV[6] then claimed = claim_jobs(6) end
+-- A single job's place in line (jobs of its class ahead of it; -1: claimed), saving a
+-- round trip.
 local rank = -1
-if n == 1 then rank = redis.call('ZRANK', K.queue(jobs[1][3]), jobs[1][1]) end
-return {first, new_classes, rank}
+if n == 1 then rank = redis.call('ZRANK', K.queue(jobs[1][3]), jobs[1][1]) or -1 end
+return {first, new_classes, rank, claimed}
