@@ -22,6 +22,7 @@ from emp_hub.alerts import AlertEngine
 from emp_hub.auth import TokenStore
 from emp_hub.broker import (
     REDIS_DOWN,
+    Allowance,
     Broker,
     CancelResult,
     ClaimFor,
@@ -35,7 +36,6 @@ from emp_hub.embedded import EmbeddedValkey
 from emp_hub.events import EventBus
 from emp_hub.logs import redact
 from emp_hub.metrics import Metrics
-from emp_hub.ratelimit import RateLimiter
 from emp_hub.scheduling import Scheduler
 from emp_hub.series import flush_until
 from emp_hub.settings import HubSettings
@@ -53,7 +53,6 @@ class Hub:
     redis: redis.asyncio.Redis
     broker: Broker
     tokens: TokenStore
-    limiter: RateLimiter
     metrics: Metrics
     bus: EventBus
     dispatcher: Dispatcher
@@ -63,21 +62,28 @@ class Hub:
     #: instead of holding the server's graceful shutdown (see stop_streams_on_signals).
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
-    async def submit(self, specs: Sequence[JobSpec]) -> list[Submitted]:
-        """Store jobs (atomically: all or none) and hand them to this replica's parked
-        workers at once: for one of them the submit's own script claims (one Valkey call),
-        the others are woken to claim; the other replicas hear the broker's announcement."""
+    async def submit(
+        self, specs: Sequence[JobSpec], token_id: str | None = None
+    ) -> list[Submitted]:
+        """Store jobs (atomically: all or none), spending a job each of the token's allowance
+        (EMP_SUBMIT_RATE, EMP_SUBMIT_BURST; RateLimited when over it), and hand them to this
+        replica's parked workers at once: for one of them the submit's own script claims (one
+        Valkey call in all), the others are woken to claim; the other replicas hear the
+        broker's announcement."""
+        allowance = None
+        if token_id is not None:
+            allowance = Allowance(token_id, self.settings.submit_rate, self.settings.submit_burst)
         classes = {self.broker.requirements(spec).requirement_class for spec in specs}
         session = await self.dispatcher.reserve(classes)
         claims = None
         if session is None:
-            submitted = await self.broker.submit_many(specs)
+            submitted, _ = await self.broker.submit_and_claim(specs, allowance=allowance)
         else:
             assert session.caps is not None  # reserve() takes registered workers only
             want = ClaimFor(session.worker_id, session.caps, session.wanted, session.loaded)
             try:
                 started = time.perf_counter()
-                submitted, claims = await self.broker.submit_and_claim(specs, want)
+                submitted, claims = await self.broker.submit_and_claim(specs, want, allowance)
                 if claims is not None:
                     self.metrics.claim_seconds.observe(time.perf_counter() - started)
                     await self.dispatcher.claimed(session, claims)
@@ -204,7 +210,6 @@ async def _hub(settings: HubSettings, url: str) -> AsyncIterator[Hub]:
         redis=client,
         broker=broker,
         tokens=TokenStore(client, namespace, shared, settings.token_refresh_s),
-        limiter=RateLimiter(client, namespace, settings.submit_rate, settings.submit_burst),
         metrics=metrics,
         bus=bus,
         dispatcher=Dispatcher(broker, bus, metrics, alerts.worker_lost),

@@ -9,8 +9,10 @@ import redis.asyncio
 from pydantic import ValidationError
 
 from emp_hub.broker import (
+    Allowance,
     Broker,
     BrokerSettings,
+    ClaimFor,
     Completion,
     DuplicateJob,
     Failure,
@@ -20,6 +22,7 @@ from emp_hub.broker import (
     JobSpec,
     JobStatus,
     Progress,
+    RateLimited,
     RequirementsSpec,
     StaleLease,
 )
@@ -69,6 +72,42 @@ async def test_batch_is_all_or_nothing(broker: Broker) -> None:
     with pytest.raises(DuplicateJob, match="twice"):
         await broker.submit_many([JobSpec(service="sim", id="x"), JobSpec(service="sim", id="x")])
     assert (await broker.stats()).pending == 1
+
+
+async def test_a_submit_spends_its_tokens_allowance_in_its_script(broker: Broker) -> None:
+    """The submit script spends a job each of the token's allowance: over it, RateLimited
+    and nothing stored; a refused submit (over the allowance, a duplicate) spends nothing."""
+    allowance = Allowance("t1", rate=0.001, burst=2)
+    await broker.submit_and_claim(
+        [JobSpec(service="sim", id=f"a{i}") for i in range(2)], None, allowance
+    )
+    with pytest.raises(RateLimited) as refused:
+        await broker.submit_and_claim([JobSpec(service="sim", id="a2")], None, allowance)
+    assert 900 <= refused.value.retry_after <= 1000  # one job's worth at 0.001 jobs/s
+    with pytest.raises(JobNotFound):
+        await broker.get("a2")
+    other = Allowance("t2", rate=0.001, burst=1)
+    with pytest.raises(DuplicateJob):
+        await broker.submit_and_claim([JobSpec(service="sim", id="a0")], None, other)
+    await broker.submit_and_claim([JobSpec(service="sim", id="b0")], None, other)  # still 1
+    await broker.submit_many([JobSpec(service="sim", id="b1")])  # no token: no limit
+    assert (await broker.stats()).pending == 4
+
+
+async def test_a_submit_claims_for_a_waiting_worker_in_its_script(broker: Broker) -> None:
+    """submit_and_claim with a worker's free slots: the best jobs it can run are claimed in
+    the same script, older ones first; a new class (the worker's candidates predate it)
+    leaves the claim to claim_many."""
+    await broker.submit(JobSpec(service="sim", id="old"))
+    await broker.refresh_classes()
+    slots = ClaimFor("w1", SIM, 2)
+    submitted, claims = await broker.submit_and_claim([JobSpec(service="sim", id="new")], slots)
+    assert [c.job.id for c in claims or []] == ["old", "new"] and submitted[0].position is None
+    assert (await broker.get("new")).status is JobStatus.ACTIVE
+    _, claims = await broker.submit_and_claim(
+        [JobSpec(service="sim", id="gpu", requirements=RequirementsSpec(gpu_memory_gb=8))], slots
+    )
+    assert claims is None and (await broker.get("gpu")).status is JobStatus.PENDING
 
 
 def test_bad_specs_are_rejected() -> None:

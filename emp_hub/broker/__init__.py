@@ -4,6 +4,7 @@ Start at `Broker` (broker.py); the data model is described there and in docs/bro
 """
 
 from emp_hub.broker.broker import (
+    Allowance,
     Broker,
     ClaimFor,
     MaintenanceReport,
@@ -32,6 +33,7 @@ from emp_hub.broker.models import (
     Page,
     Progress,
     QueueStats,
+    RateLimited,
     RequirementsSpec,
     StaleLease,
     Submitted,
@@ -45,6 +47,7 @@ __all__ = [
     "PRIORITY_MIN",
     "REDIS_DOWN",
     "TERMINAL",
+    "Allowance",
     "Broker",
     "BrokerError",
     "BrokerSettings",
@@ -67,6 +70,7 @@ __all__ = [
     "Page",
     "Progress",
     "QueueStats",
+    "RateLimited",
     "Registration",
     "RequirementsSpec",
     "StaleLease",

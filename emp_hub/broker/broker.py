@@ -58,6 +58,16 @@ ModelsByService = Mapping[str, Collection[str]]
 
 
 @dataclass(frozen=True)
+class Allowance:
+    """A token's submit allowance: `rate` jobs a second sustained, bursts of `burst` jobs
+    (a batch spends one per job; one over the burst can never pass)."""
+
+    token_id: str
+    rate: float
+    burst: int
+
+
+@dataclass(frozen=True)
 class ClaimFor:
     """A worker's free slots, for a claim made with a submit (Broker.submit_and_claim)."""
 
@@ -234,13 +244,17 @@ class Broker:
         return submitted
 
     async def submit_and_claim(
-        self, specs: Sequence[JobSpec], claim: ClaimFor | None = None
+        self,
+        specs: Sequence[JobSpec],
+        claim: ClaimFor | None = None,
+        allowance: Allowance | None = None,
     ) -> tuple[list[Submitted], list[Claim] | None]:
-        """Submit a batch atomically, as submit_many, and in the same script claim for a
-        worker waiting for work: up to `claim.count` of the best jobs it can run, these or
-        older ones (one call instead of two). The claims are None when none was asked or
-        the claim could not run (no class it can run is known yet, or a new one appeared
-        since: claim_many as usual)."""
+        """Submit a batch atomically, as submit_many, spending a job each of the token's
+        `allowance` (RateLimited when over it: nothing stored, nothing spent); and in the
+        same script claim for a worker waiting for work: up to `claim.count` of the best
+        jobs it can run, these or older ones (one call instead of two). The claims are None
+        when none was asked or the claim could not run (no class it can run is known yet,
+        or a new one appeared since: claim_many as usual)."""
         if not specs:
             return [], None
         now = self.clock()
@@ -296,8 +310,11 @@ class Broker:
             prefix, claim_args = await self._claim_args(
                 claim.worker_id, claim.caps, claim.count, claim.lease_s, claim.loaded
             )
+        spend = ["", "", ""]
+        if allowance is not None:
+            spend = [allowance.token_id, repr(1 / allowance.rate), str(allowance.burst)]
         first_seq, _new_classes, rank, claimed = await self._run(
-            "submit", json.dumps(rows, separators=(",", ":")), self.origin, *claim_args
+            "submit", json.dumps(rows, separators=(",", ":")), self.origin, *spend, *claim_args
         )
         if jobs_log.isEnabledFor(logging.INFO):
             for job_id, spec, _, _ in accepted:

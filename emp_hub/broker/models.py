@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -359,3 +360,11 @@ class InvalidJob(BrokerError):
 
 class TooLarge(InvalidJob):
     """A payload or result is over its size cap."""
+
+
+class RateLimited(BrokerError):
+    """A submission over its token's allowance; `retry_after`: whole seconds to wait."""
+
+    def __init__(self, wait: float) -> None:
+        self.retry_after = 3600 if math.isinf(wait) else max(1, math.ceil(wait))
+        super().__init__(f"too many submissions for this token; retry in {self.retry_after} s")

@@ -8,6 +8,7 @@ Redis, a SCRIPT FLUSH, a failover), loads the source and runs it again.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cache
 from importlib.resources import files
 from typing import Any
@@ -17,7 +18,14 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import ResponseError
 
 from emp_hub.broker.keys import lua_layout
-from emp_hub.broker.models import BrokerError, DuplicateJob, InvalidState, JobNotFound, StaleLease
+from emp_hub.broker.models import (
+    BrokerError,
+    DuplicateJob,
+    InvalidState,
+    JobNotFound,
+    RateLimited,
+    StaleLease,
+)
 
 NAMES = (
     "submit",
@@ -56,11 +64,13 @@ CONFIG_FIELDS = (
     "affinity_wait",
 )
 
-_ERRORS: dict[str, type[BrokerError]] = {
+#: A script's refusal ("CODE message") as the exception it raises, made from the message.
+_ERRORS: dict[str, Callable[[str], BrokerError]] = {
     "NOJOB": JobNotFound,
     "DUPLICATE": DuplicateJob,
     "STALE": StaleLease,
     "STATE": InvalidState,
+    "RATE": lambda wait: RateLimited(float(wait)),  # the seconds to wait
 }
 
 

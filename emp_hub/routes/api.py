@@ -32,6 +32,7 @@ from emp_hub.broker import (
     JobSpec,
     JobStatus,
     QueueStats,
+    RateLimited,
     RequirementsSpec,
     StaleLease,
     TooLarge,
@@ -39,7 +40,6 @@ from emp_hub.broker import (
 from emp_hub.broker.models import LARGE_FIELDS, Event, JobId, Urgency
 from emp_hub.dispatch import ControlAction, WorkerState, state_name, worker_state_message
 from emp_hub.hub import Hub
-from emp_hub.ratelimit import RateLimited
 from emp_hub.settings import MAX_BATCH_JOBS
 from emp_protocol.capabilities import NAME_PATTERN, JobRequirements, WorkerCapabilities
 
@@ -421,18 +421,16 @@ async def _why_waiting(hub: Hub, req: JobRequirements, status: JobStatus) -> str
     return await hub.broker.why_unschedulable(req)
 
 
-async def _rate_limit(hub: Hub, principal: Principal, cost: int) -> None:
-    burst = hub.limiter.burst
-    if cost > burst:  # it would wait forever: say so, at once
+def _within_burst(hub: Hub, cost: int) -> None:
+    """A batch over the burst could never pass the rate limit (Hub.submit spends the
+    allowance): say so at once, with 413."""
+    burst = hub.settings.submit_burst
+    if cost > burst:
         raise HTTPException(
             413,
             f"a batch of {cost} jobs exceeds the burst of {burst} jobs (EMP_SUBMIT_BURST), "
             f"so it can never pass the rate limit: split it into batches of at most {burst}",
         )
-    try:
-        await hub.limiter.spend(principal.token_id, cost)
-    except RateLimited as exc:
-        raise HTTPException(429, str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
 
 
 async def _wait_until_done(hub: Hub, job_id: str, seconds: float) -> None:
@@ -472,7 +470,6 @@ async def _duplicate(hub: Hub, principal: Principal, job_id: str) -> SubmitRespo
 )
 async def submit_job(body: SubmitRequest, hub: HubDep, principal: Submitter) -> Any:
     """Submit a job. With `wait`, answer with the job once it has ended (or `timeout`)."""
-    await _rate_limit(hub, principal, 1)
     job_id = body.job_id
     recovering = False  # the key's job was never stored: store it now
     if body.idempotency_key is not None:
@@ -490,7 +487,7 @@ async def submit_job(body: SubmitRequest, hub: HubDep, principal: Submitter) -> 
             job_id = candidate
     spec = body.spec(principal, job_id or f"job-rest-{uuid.uuid4()}")
     try:
-        [submitted] = await hub.submit([spec])
+        [submitted] = await hub.submit([spec], principal.token_id)
     except DuplicateJob:
         if not recovering:
             raise
@@ -517,8 +514,8 @@ async def submit_batch(body: BatchRequest, hub: HubDep, principal: Submitter) ->
         if item.wait or item.idempotency_key is not None:
             raise HTTPException(422, "wait and idempotency_key do not apply to batches")
     specs = [item.spec(principal, item.job_id or f"job-rest-{uuid.uuid4()}") for item in body.jobs]
-    await _rate_limit(hub, principal, len(specs))
-    submitted = await hub.submit(specs)
+    _within_burst(hub, len(specs))
+    submitted = await hub.submit(specs, principal.token_id)
     for spec in specs:
         hub.metrics.submitted.labels(spec.service).inc()
     return BatchResponse(job_ids=[s.id for s in submitted])
@@ -805,6 +802,10 @@ ERROR_STATUS: dict[type[BrokerError], int] = {
 
 
 async def broker_error(request: Request, exc: Exception) -> JSONResponse:
-    """A broker error as an HTTP answer with its reason."""
+    """A broker error as an HTTP answer with its reason (429 with Retry-After when the
+    token's submit allowance is spent)."""
+    if isinstance(exc, RateLimited):
+        headers = {"Retry-After": str(exc.retry_after)}
+        return JSONResponse({"detail": str(exc)}, status_code=429, headers=headers)
     status = next((s for t, s in ERROR_STATUS.items() if isinstance(exc, t)), 422)
     return JSONResponse({"detail": str(exc)}, status_code=status)

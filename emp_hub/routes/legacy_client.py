@@ -28,10 +28,10 @@ from emp_hub.broker import (
     JobNotFound,
     JobSpec,
     JobStatus,
+    RateLimited,
 )
 from emp_hub.events import Outbox
 from emp_hub.hub import Hub
-from emp_hub.ratelimit import RateLimited
 from emp_hub.sockets import authenticate_ws, error_details, error_summary, ws_message
 from emp_protocol.capabilities import matches
 
@@ -363,23 +363,21 @@ async def submit(session: ClientSession, hub: Hub, message: dict[str, Any]) -> N
         details = error_details(exc, {"id": "message_id", "service": "job_type"})
         await session.error(f"Invalid submit_job: {error_summary(details)}", details)
         return
-    try:
-        await hub.limiter.spend(session.principal.token_id)
-    except RateLimited as exc:
-        await session.error(str(exc))
-        return
     # Follow the job before it exists (its first events may come at once), and hold its
     # events until the client has its job_accepted.
     known = job_id in session.following
     session.held[job_id] = []
     await session.follow(job_id)
     try:
-        [submitted] = await hub.submit([spec])
-    except DuplicateJob:
+        [submitted] = await hub.submit([spec], session.principal.token_id)
+    except (DuplicateJob, RateLimited) as exc:
         session.held.pop(job_id, None)
         if not known:
             await session.unfollow(job_id)
-        await session.error(f"Job id {job_id} already exists; choose another message_id")
+        if isinstance(exc, RateLimited):
+            await session.error(str(exc))
+        else:
+            await session.error(f"Job id {job_id} already exists; choose another message_id")
         return
     except BaseException:
         session.held.pop(job_id, None)

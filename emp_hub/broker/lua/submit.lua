@@ -1,5 +1,8 @@
 -- Submit a batch of jobs atomically: all or none. ARGV[5]: the submitting broker's origin.
--- From ARGV[6], optional: a claim for a worker waiting on the submitting replica (the
+-- ARGV[6..8]: the token whose allowance the jobs spend ('': none), seconds per job (1 /
+-- the rate), burst (jobs): refused with "RATE <seconds to wait>" when over it, spending
+-- nothing (generic cell rate algorithm: `rate:<token>` holds the theoretical arrival time).
+-- From ARGV[9], optional: a claim for a worker waiting on the submitting replica (the
 -- arguments of claim_jobs, common.lua), run once the jobs are stored: it saves the worker
 -- a wake-up and a call of its own.
 -- ARGV[4] = a JSON array with one array of strings per job:
@@ -13,6 +16,14 @@ for i = 1, n do
   if redis.call('EXISTS', K.job(id)) == 1 then
     return redis.error_reply('DUPLICATE a job with id ' .. id .. ' already exists')
   end
+end
+if ARGV[6] ~= '' then
+  local key, interval, burst = K.rate(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+  local tat = math.max(tonumber(redis.call('GET', key)) or NOW, NOW)
+  local new_tat = tat + n * interval
+  local allow_at = new_tat - burst * interval
+  if allow_at > NOW then return redis.error_reply('RATE ' .. tostring(allow_at - NOW)) end
+  redis.call('SET', key, new_tat, 'PX', math.ceil((new_tat - NOW) * 1000) + 1000)
 end
 local last = redis.call('INCRBY', K.seq, n)
 local first = last - n + 1
@@ -49,7 +60,7 @@ for i = 1, n do
 end
 announce(touched, ARGV[5])
 local claimed = {}
-if ARGV[6] then claimed = claim_jobs(6) end
+if ARGV[9] then claimed = claim_jobs(9) end
 -- A single job's place in line (jobs of its class ahead of it; -1: claimed), saving a
 -- round trip.
 local rank = -1
