@@ -1,14 +1,15 @@
--- Submit a batch of jobs atomically: all or none. ARGV[5]: the submitting broker's origin.
+-- Submit a batch of jobs atomically: all or none.
+-- ARGV[4] = a JSON array with one array of strings per job:
+-- [id, service, class, requirements, priority, customer, max_attempts, timeout, payload,
+--  client, effective priority, urgency, deadline, promotion steps, when the first is due,
+--  fair-share cost ("0": off, the tag is the seq)].
+-- ARGV[5]: the submitting broker's origin.
 -- ARGV[6..8]: the token whose allowance the jobs spend ('': none), seconds per job (1 /
 -- the rate), burst (jobs): refused with "RATE <seconds to wait>" when over it, spending
 -- nothing (generic cell rate algorithm: `rate:<token>` holds the theoretical arrival time).
 -- From ARGV[9], optional: a claim for a worker waiting on the submitting replica (the
 -- arguments of claim_jobs, common.lua), run once the jobs are stored: it saves the worker
 -- a wake-up and a call of its own.
--- ARGV[4] = a JSON array with one array of strings per job:
--- [id, service, class, requirements, priority, customer, max_attempts, timeout, payload,
---  client, effective priority, urgency, deadline, promotion steps, when the first is due,
---  fair-share cost ("0": off, the tag is the seq)].
 local jobs = cjson.decode(ARGV[4])
 local n = #jobs
 for i = 1, n do
