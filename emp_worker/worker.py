@@ -300,6 +300,12 @@ class HubOutputs:
         return await get_input(self.http, url, headers)
 
 
+def _tell(sent: asyncio.Future[bool], ok: bool) -> None:
+    """Tell a sender whether its message went, unless it stopped waiting (cancelled)."""
+    if not sent.done():
+        sent.set_result(ok)
+
+
 class Worker:
     """One worker process: its connectors, its hub connection, its running jobs."""
 
@@ -669,7 +675,7 @@ class Worker:
             moot = []
         for queued, sent in moot:
             self._queue.remove((queued, sent))
-            sent.set_result(True)
+            _tell(sent, True)
         sent = asyncio.get_running_loop().create_future()
         self._queue.append((message, sent))
         self._posted += 1
@@ -695,10 +701,10 @@ class Worker:
                 conn = self.conn
                 ok = conn is not None and await self._send_frame(conn, [m for m, _ in batch])
                 for _, sent in batch:
-                    sent.set_result(ok)
+                    _tell(sent, ok)
         finally:  # cancelled: what is left was not sent
             for _, sent in self._queue:
-                sent.set_result(False)
+                _tell(sent, False)
             self._queue.clear()
 
     async def _send_frame(self, conn: ClientConnection, messages: list[WorkerMessage]) -> bool:

@@ -182,8 +182,10 @@ async def test_a_burst_of_job_events_makes_few_repaints(
         after = await page.evaluate(counts)
     events = after["events"] - before["events"]
     flushes = after["flushes"] - before["flushes"]
-    # Each job: pending, active, progress, completed; the feed counts them all.
-    assert events >= 1200, (events, flushes)
+    # Each job: pending, active, completed, and a "started" progress event unless its
+    # result replaced the report in the worker's frame (a job this short); the feed
+    # counts them all.
+    assert events >= 900, (events, flushes)
     assert flushes <= (after["t"] - before["t"]) / 500 + 2, (events, flushes)
 
 

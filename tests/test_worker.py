@@ -22,7 +22,7 @@ from emp_hub.broker import BrokerSettings
 from emp_hub.settings import HubSettings
 from emp_hub.testing import TestHub, running_hub, running_worker
 from emp_protocol.hub_messages import CancelJob
-from emp_protocol.messages import RequestJob
+from emp_protocol.messages import RequestJob, WorkerHeartbeat
 from emp_worker import hookimpl
 from emp_worker import worker as worker_module
 from emp_worker.connector import Connector, Job, JobContext
@@ -350,6 +350,21 @@ async def test_a_result_makes_its_queued_progress_report_moot(hub_url: str) -> N
         assert "progress" not in kinds[0] and kinds[0][-1] == "status", kinds
         assert kinds[0.3].count("progress") == 1, kinds
         await hub.http.aclose()
+
+
+async def test_a_sender_that_gave_up_leaves_the_frame_to_the_others(hub_url: str) -> None:
+    """A sender cancelled while its message waits for the next frame (a job stopped in the
+    middle of a report) does not stop the frame: the messages after it go, and their
+    senders are told (the flusher died on the cancelled one's result, and later senders
+    waited forever)."""
+    async with running_worker(hub_url, [Sleepy()]) as worker:
+        assert worker.batching
+        first = asyncio.create_task(worker.send(WorkerHeartbeat(worker_id=worker.worker_id)))
+        second = asyncio.create_task(worker.send(WorkerHeartbeat(worker_id=worker.worker_id)))
+        await asyncio.sleep(0)  # both wait for the frame
+        first.cancel()
+        assert await asyncio.wait_for(second, 2) is True
+        assert await asyncio.wait_for(worker.send(RequestJob(slots=0)), 2) is True
 
 
 async def test_capability_changes_reach_the_hub(hub_url: str) -> None:
