@@ -17,7 +17,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -306,26 +306,28 @@ class Dispatcher:
 
         self._spawn(after_grace())
 
+    def _parked(self) -> Iterator[tuple[WorkerSession, WorkerCapabilities]]:
+        """The workers with free slots waiting for jobs (not being fed, not drained), with
+        their capabilities, from a start that moves at each call: the waiting is shared
+        out."""
+        sessions = list(self.sessions.values())
+        self._turn = (self._turn + 1) % max(1, len(sessions))
+        for session in sessions[self._turn :] + sessions[: self._turn]:
+            caps, ready = session.caps, session.wanted and session.action is None
+            if ready and caps is not None and not session.wake.is_set():
+                yield session, caps
+
     async def wake(self, jobs: dict[str, int]) -> list[WorkerSession]:
         """Wake parked workers that can run the new jobs (class -> how many): as many free
-        slots as there are jobs, not every matching worker (no thundering herd). Sessions
-        are visited from a rotating start, so the waiting is shared out. Returns them."""
+        slots as there are jobs, not every matching worker (no thundering herd). Returns
+        them."""
         broker = self.broker
         if any(c not in broker.known_classes for c in jobs):
             await broker.refresh_classes()
         left = dict(jobs)
         woken: list[WorkerSession] = []
-        sessions = list(self.sessions.values())
-        self._turn = (self._turn + 1) % max(1, len(sessions))
-        for session in sessions[self._turn :] + sessions[: self._turn]:
-            if (
-                not session.wanted
-                or session.caps is None
-                or session.action is not None
-                or session.wake.is_set()
-            ):
-                continue
-            for c in broker.matching_classes(session.caps):
+        for session, caps in self._parked():
+            for c in broker.matching_classes(caps):
                 if left.get(c, 0) > 0:
                     left[c] -= min(left[c], session.wanted)
                     session.fed.clear()
@@ -344,21 +346,15 @@ class Dispatcher:
         broker = self.broker
         if any(c not in broker.known_classes for c in classes):
             return None  # its class list is refreshed when the workers are woken
-        sessions = list(self.sessions.values())
-        self._turn = (self._turn + 1) % max(1, len(sessions))
-        for session in sessions[self._turn :] + sessions[: self._turn]:
+        for session, caps in self._parked():
             if (
-                not session.wanted
-                or session.caps is None
-                or session.original
-                or session.action is not None
+                session.original
                 or session.closed
                 or session.request is not None
-                or session.wake.is_set()
                 or session.claim_lock.locked()
             ):
                 continue
-            if not set(broker.matching_classes(session.caps)).isdisjoint(classes):
+            if not set(broker.matching_classes(caps)).isdisjoint(classes):
                 await session.claim_lock.acquire()  # free: taken at once, no other task runs
                 return session
         return None

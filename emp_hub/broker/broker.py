@@ -69,7 +69,8 @@ class Allowance:
 
 @dataclass(frozen=True)
 class ClaimFor:
-    """A worker's free slots, for a claim made with a submit (Broker.submit_and_claim)."""
+    """A claim for a worker: up to `count` jobs it can run (Broker.claim_many, or with a
+    submit: Broker.submit_and_claim)."""
 
     worker_id: str
     caps: WorkerCapabilities
@@ -307,9 +308,7 @@ class Broker:
         prefix: str = ""
         claim_args: list[Any] = []
         if claim is not None:
-            prefix, claim_args = await self._claim_args(
-                claim.worker_id, claim.caps, claim.count, claim.lease_s, claim.loaded
-            )
+            prefix, claim_args = await self._claim_args(claim)
         spend = ["", "", ""]
         if allowance is not None:
             spend = [allowance.token_id, repr(1 / allowance.rate), str(allowance.burst)]
@@ -665,26 +664,20 @@ class Broker:
     ) -> list[Claim]:
         """Claim up to `count` jobs at once, best first (a worker filling its free slots)."""
         for _ in range(3):
-            prefix, args = await self._claim_args(worker_id, caps, count, lease_s, loaded)
+            prefix, args = await self._claim_args(ClaimFor(worker_id, caps, count, loaded, lease_s))
             claims = self._claims(await self._run("claim", *args), prefix, worker_id)
             if claims is not None:
                 return claims
             await self.refresh_classes()  # a new class appeared: recompute the candidates
         return []
 
-    async def _claim_args(
-        self,
-        worker_id: str,
-        caps: WorkerCapabilities,
-        count: int,
-        lease_s: float | None,
-        loaded: ModelsByService | None,
-    ) -> tuple[str, list[Any]]:
+    async def _claim_args(self, claim: ClaimFor) -> tuple[str, list[Any]]:
         """A fresh token prefix, and the arguments of claim_jobs (lua/common.lua)."""
-        plan = await self._claim_plan(worker_id, caps, loaded)
+        plan = await self._claim_plan(claim.worker_id, claim.caps, claim.loaded)
         prefix = secrets.token_hex(12)
-        lease = lease_s or self.settings.lease_s
-        return prefix, [worker_id, prefix, lease, count, self._classes_ver, len(plan) // 2, *plan]
+        lease = claim.lease_s or self.settings.lease_s
+        ver = self._classes_ver
+        return prefix, [claim.worker_id, prefix, lease, claim.count, ver, len(plan) // 2, *plan]
 
     def _claims(self, reply: list[Any], prefix: str, worker_id: str) -> list[Claim] | None:
         """The jobs claim_jobs leased (their tokens from `prefix`), or None when its
