@@ -891,6 +891,33 @@ async def test_a_monitor_gets_stats_at_once_with_the_original_capabilities(
 
 
 @pytest.mark.slow
+async def test_a_monitor_sees_a_drained_worker_as_not_accepting_jobs(
+    base_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A drained worker takes no job, so a monitor's stats_broadcast says it is not
+    accepting jobs; resumed, it is again."""
+    monkeypatch.setattr(legacy_monitor, "STATS_INTERVAL_S", 60.0)
+
+    async def accepting() -> dict[str, bool]:
+        url = base_url.replace("http", "ws") + "/ws/monitor/m1"
+        async with websockets.connect(url) as conn:
+            assert strict_json(await conn.recv())["type"] == "connection_established"
+            stats = strict_json(await asyncio.wait_for(conn.recv(), 5))
+        return {w: entry["is_accepting_jobs"] for w, entry in stats["workers"].items()}
+
+    async with (
+        worker(base_url, "w1"),
+        worker(base_url, "w2"),
+        httpx.AsyncClient(base_url=base_url) as http,
+    ):
+        assert await accepting() == {"w1": True, "w2": True}
+        (await http.post("/api/workers/w1/drain")).raise_for_status()
+        assert await accepting() == {"w1": False, "w2": True}
+        (await http.post("/api/workers/w1/resume")).raise_for_status()
+        assert await accepting() == {"w1": True, "w2": True}
+
+
+@pytest.mark.slow
 async def test_sockets_without_a_token_close_once_the_hub_has_tokens(
     hub_settings: HubSettings, redis_client: redis.asyncio.Redis, namespace: str
 ) -> None:

@@ -503,6 +503,12 @@ class Broker:
         self._live = live
         self._live_gen += 1
 
+    @property
+    def resting(self) -> frozenset[str]:
+        """The live workers that take no job (drained or stopping), as of the last read
+        of the live workers (`live_workers`)."""
+        return self._resting
+
     async def live_workers(self, *, fresh: bool = False) -> dict[str, WorkerCapabilities]:
         """Workers heard from within worker_ttl_s, with their capabilities (cached for
         live_cache_s; callers that find it stale at once share one read)."""

@@ -89,7 +89,7 @@ async def stats_broadcast(hub: Hub) -> dict[str, Any]:
         workers[worker_id] = {
             "status": status,
             "connection_status": status,
-            "is_accepting_jobs": not busy,
+            "is_accepting_jobs": not busy and worker_id not in hub.broker.resting,
             # The original monitor page reads capabilities.supported_job_types.
             "capabilities": {
                 **caps.model_dump(mode="json"),
