@@ -8,7 +8,9 @@ complete each at once. We measure
   first submit to the last completion;
 * submit-to-assigned latency with idle workers waiting, one job at a time: from the job's
   submission (its `created_at`, stamped by the hub) to the `job_assigned` frame arriving at
-  a worker, and from just before the client's HTTP request (p50, p99).
+  a worker, and from just before the client's HTTP request (p50, p99);
+* the client's floor: the same client, requests and pauses against a bare ASGI app on
+  uvicorn that answers at once (what any HTTP service costs this client on this machine).
 
 With `--hub-processes N [N ...]`, each run is one `emp-hub serve --workers N` (N uvicorn
 processes behind one port) instead of separate replicas on their own ports. Every run also
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -261,6 +264,50 @@ async def latency(urls: list[str], workers: int, samples: int) -> dict[str, Any]
     }
 
 
+#: A bare ASGI app (reads the body, answers a small JSON): the floor's server.
+BARE_APP = """
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    while (await receive()).get("more_body"):
+        pass
+    headers = [(b"content-type", b"application/json")]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": b'{"job_id": "x"}'})
+"""
+
+
+async def client_floor(samples: int) -> dict[str, Any]:
+    """The latency phase's client, requests and pauses against BARE_APP on uvicorn
+    (its defaults, as the hub: uvloop, httptools): the part of "from HTTP request" that
+    is the client, the HTTP server and the machine, not the hub."""
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "bare_app.py").write_text(BARE_APP)
+        port = free_port()
+        server = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "uvicorn", "--app-dir", tmp, "bare_app:app"),
+            *("--port", str(port), "--log-level", "warning", "--no-access-log"),
+        )
+        url = f"http://127.0.0.1:{port}"
+        out = []
+        try:
+            async with httpx.AsyncClient(timeout=30) as http:
+                for _ in range(400):  # until it listens
+                    with contextlib.suppress(httpx.TransportError):
+                        await http.get(url)
+                        break
+                    await asyncio.sleep(0.05)
+                for _ in range(samples):
+                    before = time.perf_counter()
+                    (await http.post(f"{url}/api/jobs", json={"job_type": "noop"})).json()
+                    out.append(time.perf_counter() - before)
+                    await asyncio.sleep(0.005)  # as the latency phase
+        finally:
+            server.terminate()
+            await server.wait()
+    return {"samples": samples, "round_trip": percentiles(out)}
+
+
 def percentiles(samples: list[float]) -> dict[str, float]:
     """p50 and p99 in milliseconds."""
     ordered = sorted(samples)
@@ -290,6 +337,7 @@ async def run(
                 }
             )
             print(f"{replicas} replica(s) x {processes} process(es): done", file=sys.stderr)
+    floor = await client_floor(samples)
     return {
         "conditions": {
             "version": emp_hub.__version__,
@@ -301,6 +349,7 @@ async def run(
             "submit": "HTTP batches of 500 (throughput); single HTTP submits (latency)",
         },
         "results": results,
+        "client_floor": floor,
     }
 
 

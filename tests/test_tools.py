@@ -99,6 +99,8 @@ def test_hub_benchmark_prints_its_json(redis_url: str, capsys: pytest.CaptureFix
     for row in report["results"]:
         assert row["throughput"]["jobs"] == 200 and row["throughput"]["jobs_per_s"] > 0
         assert row["submit_to_assigned"]["from_submission"]["p99_ms"] > 0
+    floor = report["client_floor"]
+    assert floor["samples"] == 10 and floor["round_trip"]["p50_ms"] > 0
 
 
 @pytest.mark.timeout(300)
