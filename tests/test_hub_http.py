@@ -180,6 +180,29 @@ async def test_list_cancel_retry(http: httpx.AsyncClient, broker: Broker) -> Non
     assert (await http.post(f"/api/jobs/{claim.job.id}/retry")).status_code == 409
 
 
+async def test_a_list_reads_the_places_in_line_of_its_pending_jobs_only(
+    http: httpx.AsyncClient, broker: Broker, redis_client: redis.asyncio.Redis
+) -> None:
+    """A page of jobs asks Valkey for the place in line of its pending jobs (in one round
+    trip), not of every job listed."""
+    ids = [
+        (await http.post("/api/jobs", json={"job_type": "simulation"})).json()["job_id"]
+        for _ in range(6)
+    ]
+    done = [await run_one(broker) for _ in range(4)]
+    assert done == ids[:4]
+    await redis_client.config_resetstat()
+    listed = (await http.get("/api/jobs")).json()["jobs"]
+    stats = await redis_client.info("commandstats")
+    assert stats.get("cmdstat_zrank", {}).get("calls", 0) == 2
+    positions = {j["job_id"]: (j["status"], j.get("position")) for j in listed}
+    assert positions == {
+        **{job_id: ("completed", None) for job_id in ids[:4]},
+        ids[4]: ("pending", 0),
+        ids[5]: ("pending", 1),
+    }
+
+
 @pytest.mark.slow
 async def test_cancel_active_is_announced(
     http: httpx.AsyncClient, broker: Broker, redis_client: redis.asyncio.Redis

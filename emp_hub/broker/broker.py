@@ -1006,6 +1006,19 @@ class Broker:
         rank = await self.redis.zrank(self.key("queue", requirement_class), job_id)
         return cast(int | None, rank)
 
+    async def positions(self, jobs: Sequence[Job]) -> list[int | None]:
+        """Each job's `position`: those of the pending ones in one round trip, None for
+        the others."""
+        pending = [job for job in jobs if job.status is JobStatus.PENDING]
+        ranks: dict[str, int | None] = {}
+        if pending:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for job in pending:
+                    pipe.zrank(self.key("queue", job.requirement_class), job.id)
+                found = await pipe.execute()
+            ranks = dict(zip((job.id for job in pending), found, strict=True))
+        return [ranks.get(job.id) for job in jobs]
+
     async def oldest_pending(
         self, classes: Sequence[str]
     ) -> dict[str, dict[int, tuple[str, float]]]:

@@ -562,9 +562,10 @@ async def list_jobs(
         include=wanted,
         cap=cap,
     )
+    positions = await hub.broker.positions(page.jobs)
     views = [
-        JobSummary.of(job, await hub.broker.position(job.id, job.requirement_class), wanted, cap)
-        for job in page.jobs
+        JobSummary.of(job, position, wanted, cap)
+        for job, position in zip(page.jobs, positions, strict=True)
     ]
     return JobList(jobs=views, next_cursor=page.next_cursor)
 
