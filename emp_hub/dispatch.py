@@ -45,7 +45,7 @@ from emp_protocol.hub_messages import (
     JobAvailable,
     WorkerControl,
 )
-from emp_protocol.messages import RequestJob, frame
+from emp_protocol.messages import MAX_BATCH, RequestJob, frame
 
 log = logging.getLogger("emp_hub.dispatch")
 
@@ -122,11 +122,11 @@ class WorkerSession:
         return await self._send_frame(frame([message]))
 
     async def send_all(self, messages: list[HubMessage]) -> bool:
-        """Send messages in order: in one `batch` frame when the worker reads those."""
-        if self.batch:
-            return await self._send_frame(frame(messages))
-        for message in messages:
-            if not await self.send(message):
+        """Send messages in order: in `batch` frames of at most MAX_BATCH when the worker
+        reads those, else one a frame."""
+        size = MAX_BATCH if self.batch else 1
+        for i in range(0, len(messages), size):
+            if not await self._send_frame(frame(messages[i : i + size])):
                 return False
         return True
 

@@ -23,7 +23,7 @@ from emp_hub.auth import Role, TokenStore
 from emp_hub.routes import legacy_monitor
 from emp_hub.settings import HubSettings
 from emp_protocol.hub_messages import HubMessage, hub_message
-from emp_protocol.messages import PROTOCOL_VERSION
+from emp_protocol.messages import MAX_BATCH, PROTOCOL_VERSION
 from tests.hub_server import running_hub
 from tests.processes import cluster
 
@@ -888,6 +888,30 @@ async def test_a_monitor_gets_stats_at_once_with_the_original_capabilities(
         assert entry["supported_job_types"] == ["simulation"], entry
         assert entry["capabilities"]["supported_job_types"] == ["simulation"], entry
         assert entry["capabilities"]["services"] == ["simulation"], entry
+
+
+@pytest.mark.slow
+async def test_more_assignments_than_a_batch_holds_go_in_several_frames(base_url: str) -> None:
+    """A worker may ask for 1 slot and 1,000 prefetched jobs, and a `batch` carries at most
+    MAX_BATCH (1,000) messages: the hub splits the claim's assignments into frames of at
+    most that many (one frame of 1,001 was refused by the worker, which left its jobs
+    active and unheard of until their leases ran out)."""
+    ids: list[str] = []
+    async with httpx.AsyncClient(base_url=base_url, timeout=30) as http:
+        for n in (600, 401):
+            r = await http.post("/api/jobs/batch", json={"jobs": [{"job_type": "simulation"}] * n})
+            assert r.status_code == 200, r.text
+            ids += r.json()["job_ids"]
+    async with worker(base_url, "wb", batch=True) as batching:
+        wb = TypedPeer(batching.conn)  # checks each frame against the protocol's models
+        await wb.send("request_job", slots=1, prefetch=1000)
+        got: list[str] = []
+        while len(got) < len(ids):
+            raw = await wb.recv()  # a batch, or one message alone (the last one here)
+            assigned = raw.get("messages", [raw])
+            assert len(assigned) <= MAX_BATCH
+            got += [m["job_id"] for m in assigned if m["type"] == "job_assigned"]
+    assert sorted(got) == sorted(ids)
 
 
 @pytest.mark.slow
