@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import platform
@@ -291,12 +290,8 @@ async def client_floor(samples: int) -> dict[str, Any]:
         url = f"http://127.0.0.1:{port}"
         out = []
         try:
+            await _until_ready(url)  # it answers any path
             async with httpx.AsyncClient(timeout=30) as http:
-                for _ in range(400):  # until it listens
-                    with contextlib.suppress(httpx.TransportError):
-                        await http.get(url)
-                        break
-                    await asyncio.sleep(0.05)
                 for _ in range(samples):
                     before = time.perf_counter()
                     (await http.post(f"{url}/api/jobs", json={"job_type": "noop"})).json()
