@@ -67,10 +67,10 @@ class Series:
             counts = self.pending[start] = {}
         return counts
 
-    def count(self, field: str) -> None:
-        """One more job `completed` or `failed`."""
+    def count(self, field: str, n: int = 1) -> None:
+        """`n` more jobs `completed` or `failed`."""
         counts = self._bucket()
-        counts[field] = counts.get(field, 0) + 1
+        counts[field] = counts.get(field, 0) + n
 
     def started(self, latency_s: float) -> None:
         """A job started, `latency_s` after its submission."""

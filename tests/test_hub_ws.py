@@ -125,6 +125,25 @@ async def test_a_batching_worker_gets_its_jobs_in_one_frame_and_reports_in_one(
     ]
 
 
+async def test_the_attempts_a_batch_ends_are_each_counted_in_the_metrics(base_url: str) -> None:
+    """A frame's results are counted per service and outcome once a frame: each job
+    counts all the same."""
+    ids = [await submit(base_url, payload={"n": i}) for i in range(4)]
+    async with worker(base_url, "wb", batch=True) as w:
+        await w.send("request_job", slots=4)
+        await w.expect("batch")
+        reports = [{"type": "complete_job", "job_id": i, "result": None} for i in ids[:3]]
+        reports.append({"type": "fail_job", "job_id": ids[3], "error": "no", "retryable": False})
+        await w.send("batch", messages=reports)
+        await w.send("worker_heartbeat", status="busy")  # answered after the batch
+        await w.expect("worker_heartbeat_ack")
+        async with httpx.AsyncClient(base_url=base_url) as http:
+            text = (await http.get("/metrics")).text
+    finished = "emp_job_attempts_finished_total"
+    assert f'{finished}{{outcome="completed",service="simulation"}} 3.0' in text
+    assert f'{finished}{{outcome="failed",service="simulation"}} 1.0' in text
+
+
 async def test_a_batch_refuses_each_message_it_cannot_take_and_applies_the_others(
     base_url: str,
 ) -> None:

@@ -5,6 +5,7 @@ feeds the connected workers their jobs."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -357,6 +358,7 @@ async def reports(
     if not sent:
         return
     results = await hub.broker.report([r for _, r in sent])
+    ended: collections.Counter[tuple[str, str]] = collections.Counter()
     for (message, _), result in zip(sent, results, strict=True):
         if isinstance(result, BrokerError):
             if isinstance(result, StaleLease):
@@ -364,7 +366,11 @@ async def reports(
                 session.services.pop(message.job_id, None)
             await session.error(str(result))
         elif result is not JobStatus.ACTIVE:
-            await _finished(session, hub, message, result, ack)
+            ended[await _finished(session, message, result, ack)] += 1
+    for (service, outcome), n in ended.items():  # counted once a frame, not once a job
+        hub.metrics.finished.labels(service, outcome).inc(n)
+        if outcome != "retrying":
+            hub.metrics.series.count(outcome, n)
 
 
 async def held_token(session: WorkerSession, job_id: str) -> str | None:
@@ -390,28 +396,23 @@ def _report(message: JobReportMessage, token: str) -> JobReport:
 
 async def _finished(
     session: WorkerSession,
-    hub: Hub,
     message: JobReportMessage,
     status: JobStatus,
     ack: bool,
-) -> None:
+) -> tuple[str, str]:
     """A held job's attempt ended (completed, or failed: retry or dead letter): it leaves
-    the session; counted; acknowledged when `ack`."""
+    the session; acknowledged when `ack`. Returns its service and outcome, to be counted."""
     job_id, worker_id = message.job_id, session.worker_id
     session.held.pop(job_id, None)
     service = session.services.pop(job_id, "unknown")
     outcome = OUTCOMES.get(status, "failed")
-    hub.metrics.finished.labels(service, outcome).inc()
-    if outcome != "retrying":
-        hub.metrics.series.count(outcome)
-    if not ack:
-        return
-    if isinstance(message, CompleteJob):
+    if ack and isinstance(message, CompleteJob):
         await session.send(JobCompletedAck(job_id=job_id, worker_id=worker_id))
-    elif isinstance(message, FailJob):
+    elif ack and isinstance(message, FailJob):
         await session.send(
             JobFailedAck(job_id=job_id, worker_id=worker_id, error=message.error, status=status)
         )
+    return service, outcome
 
 
 async def release_job(session: WorkerSession, hub: Hub, message: ReleaseJob) -> None:
