@@ -161,6 +161,13 @@ def check_peers_report(report: dict[str, Any], systems: list[str], jobs: int) ->
         assert summary["completed"] and all(n == jobs for n in summary["completed"]), system
         assert summary["median_jobs_per_s"] > 0 and len(summary["jobs_per_s"]) >= 1
         assert 0 < summary["latency"]["p50_ms"] <= summary["latency"]["p99_ms"], system
+        for seconds, startup, after in zip(
+            summary["seconds"],
+            summary["startup_s"],
+            summary["after_startup_jobs_per_s"],
+            strict=True,
+        ):
+            assert 0 < startup < seconds and after > jobs / seconds, system
     cpu = report["systems"]["emp"]["cpu_us_per_job"]
     assert set(cpu) == {"hub", "valkey", "worker0", "worker1", "total"}
     assert cpu["hub"] > 0 and cpu["total"] >= cpu["hub"] + cpu["worker0"]
