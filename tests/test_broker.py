@@ -655,6 +655,33 @@ async def test_empty_classes_are_collected(broker: Broker, clock: Clock) -> None
     assert list(broker.known_classes) == [kept.requirement_class]
 
 
+async def test_a_claim_that_empties_a_queue_marks_its_class_idle(
+    broker: Broker, clock: Clock
+) -> None:
+    """The class of a queue a claim empties leaves `nonempty` for `idle` (collected later);
+    a queue that still holds a job the claiming worker skipped (it failed that job, and
+    another live worker can run it) stays in `nonempty`, until that worker takes it."""
+    await broker.register_worker("w1", SIM)
+    await broker.register_worker("w2", SIM)
+    first, second = await broker.submit_many([JobSpec(service="sim"), JobSpec(service="sim")])
+    claim = await broker.claim("w1", SIM)
+    assert claim is not None and claim.job.id == first.id
+    await broker.fail(first.id, claim.token, "flaky")
+    clock.advance(broker.settings.retry_base_s + 1)
+    await broker.maintain()  # the retry is due: pending again, ahead of `second`
+    assert (await broker.get(first.id)).status is JobStatus.PENDING
+    nonempty, idle = broker.key("nonempty"), broker.key("idle")
+    cls = first.requirement_class
+    got = await broker.claim_many("w1", SIM, 5)
+    assert [c.job.id for c in got] == [second.id]  # `first` skipped: w2 can run it
+    assert await broker.redis.sismember(nonempty, cls)
+    assert await broker.redis.zscore(idle, cls) is None
+    got = await broker.claim_many("w2", SIM, 5)
+    assert [c.job.id for c in got] == [first.id]
+    assert not await broker.redis.sismember(nonempty, cls)
+    assert await broker.redis.zscore(idle, cls) == clock()
+
+
 async def test_jobs_find_their_class_after_it_was_collected(broker: Broker, clock: Clock) -> None:
     """A class is collected while its jobs are active, delayed or dead; each way back to
     pending (retry, release, lease expiry, retry due) lists it again, as does a new job of a

@@ -59,12 +59,15 @@ local function enqueue(id, class, score)
   end
 end
 
+-- A class whose queue has just been emptied goes from `nonempty` to `idle`.
+local function emptied(class)
+  redis.call('SREM', K.nonempty, class)
+  redis.call('ZADD', K.idle, NOW, class)
+end
+
 local function dequeue(id, class)
   redis.call('ZREM', K.queue(class), id)
-  if redis.call('ZCARD', K.queue(class)) == 0 then
-    redis.call('SREM', K.nonempty, class)
-    redis.call('ZADD', K.idle, NOW, class)
-  end
+  if redis.call('ZCARD', K.queue(class)) == 0 then emptied(class) end
 end
 
 -- Tell every hub replica that jobs became pending, so parked workers wake up at once:
@@ -302,8 +305,10 @@ local function claim_jobs(a)
   local warm = {}
   for i = 1, nq do warm[i] = mask ~= nil and string.sub(mask, i, i) == '1' end
 
+  -- A queue a job is taken from is peeked at again right after (peek), so whether it is
+  -- empty is known at the end without a ZCARD per job: no head at offset 0.
   local function take(id, class, token, j)
-    dequeue(id, class)
+    redis.call('ZREM', K.queue(class), id)
     local k = K.job(id)
     if j.fair_s then fair_claimed(j) end
     local timeout = tonumber(j.timeout)
@@ -322,6 +327,7 @@ local function claim_jobs(a)
   local out = {1, ver}
   local needle = '|' .. worker .. '|'
   local skips = 0
+  local taken = {}  -- the queues jobs were taken from
   while #out - 2 < count and skips <= CFG.max_skip do
     local best = nil
     for i = 1, nq do
@@ -336,8 +342,12 @@ local function claim_jobs(a)
       skips = skips + 1
     else
       out[#out + 1] = take(id, classes[best], prefix .. ':' .. (#out - 1), j)
+      taken[best] = true
     end
     peek(best)
+  end
+  for i in pairs(taken) do
+    if not heads[i] and offs[i] == 0 then emptied(classes[i]) end
   end
   return out
 end
