@@ -132,7 +132,9 @@ async def test_the_attempts_a_batch_ends_are_each_counted_in_the_metrics(base_ur
     async with worker(base_url, "wb", batch=True) as w:
         await w.send("request_job", slots=4)
         await w.expect("batch")
-        reports = [{"type": "complete_job", "job_id": i, "result": None} for i in ids[:3]]
+        reports: list[dict[str, Any]] = [
+            {"type": "complete_job", "job_id": i, "result": None} for i in ids[:3]
+        ]
         reports.append({"type": "fail_job", "job_id": ids[3], "error": "no", "retryable": False})
         await w.send("batch", messages=reports)
         await w.send("worker_heartbeat", status="busy")  # answered after the batch
