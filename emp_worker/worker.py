@@ -169,6 +169,15 @@ class Running:
     started: float | None = None
 
 
+@dataclass(eq=False, slots=True)
+class Queued:
+    """A message waiting for the next frame, and its sender's future (did it go?). Made
+    moot by a newer message, it stays in the queue as None (found in O(1), not searched)."""
+
+    message: WorkerMessage | None
+    sent: asyncio.Future[bool]
+
+
 @dataclass
 class Stats:
     """What this worker did (for logs and tests)."""
@@ -334,7 +343,11 @@ class Worker:
         self.send_lock = asyncio.Lock()
         #: The hub takes `batch` messages (it said so in worker_registered).
         self.batching = False
-        self._queue: list[tuple[WorkerMessage, asyncio.Future[bool]]] = []
+        self._queue: list[Queued] = []
+        #: What a newer message makes moot, while still queued: the request_job, and
+        #: per job its progress reports.
+        self._queued_request: Queued | None = None
+        self._queued_progress: dict[str, list[Queued]] = {}
         self._flusher: asyncio.Task[None] | None = None
         self._posted = 0  # messages queued so far (a frame waits while more come)
         #: Seconds its recent jobs took (a moving average; None before the first ended).
@@ -664,24 +677,47 @@ class Worker:
         result its progress reports still queued (the hub stamps started_at at the
         result then)."""
         if isinstance(message, RequestJob):
-            moot = [q for q in self._queue if isinstance(q[0], RequestJob)]
+            moot = [self._queued_request] if self._queued_request is not None else []
         elif isinstance(message, CompleteJob):
-            moot = [
-                q
-                for q in self._queue
-                if isinstance(q[0], UpdateJobProgress) and q[0].job_id == message.job_id
-            ]
+            moot = self._queued_progress.pop(message.job_id, [])
         else:
             moot = []
-        for queued, sent in moot:
-            self._queue.remove((queued, sent))
-            _tell(sent, True)
-        sent = asyncio.get_running_loop().create_future()
-        self._queue.append((message, sent))
+        for entry in moot:
+            entry.message = None
+            _tell(entry.sent, True)
+        entry = Queued(message, asyncio.get_running_loop().create_future())
+        self._queue.append(entry)
+        if isinstance(message, RequestJob):
+            self._queued_request = entry
+        elif isinstance(message, UpdateJobProgress):
+            self._queued_progress.setdefault(message.job_id, []).append(entry)
         self._posted += 1
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
-        return sent
+        return entry.sent
+
+    def _take(self, count: int) -> list[Queued]:
+        """The first `count` entries of the queue, out of it (moot ones left out): being
+        sent, nothing makes them moot any more."""
+        taken, self._queue = self._queue[:count], self._queue[count:]
+        out = []
+        for entry in taken:
+            message = entry.message
+            if message is None:
+                continue
+            out.append(entry)
+            if entry is self._queued_request:
+                self._queued_request = None
+            elif isinstance(message, UpdateJobProgress):
+                reports = self._queued_progress[message.job_id]
+                reports.remove(entry)  # the first, or nearly: reports go in order
+                if not reports:
+                    del self._queued_progress[message.job_id]
+        return out
+
+    def pending_messages(self) -> list[WorkerMessage]:
+        """The messages waiting for the next frame, in order."""
+        return [e.message for e in self._queue if e.message is not None]
 
     async def _flush(self) -> None:
         """Write the queued messages, a frame at a time, until none is left, on the
@@ -697,15 +733,15 @@ class Worker:
                         break
                     seen = self._posted
                     await asyncio.sleep(0)
-                batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+                batch = self._take(MAX_BATCH)
                 conn = self.conn
-                ok = conn is not None and await self._send_frame(conn, [m for m, _ in batch])
-                for _, sent in batch:
-                    _tell(sent, ok)
+                messages = [e.message for e in batch if e.message is not None]
+                ok = bool(messages) and conn is not None and await self._send_frame(conn, messages)
+                for entry in batch:
+                    _tell(entry.sent, ok)
         finally:  # cancelled: what is left was not sent
-            for _, sent in self._queue:
-                _tell(sent, False)
-            self._queue.clear()
+            for entry in self._take(len(self._queue)):
+                _tell(entry.sent, False)
 
     async def _send_frame(self, conn: ClientConnection, messages: list[WorkerMessage]) -> bool:
         """Send messages in one frame (a batch when there are several)."""

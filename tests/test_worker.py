@@ -22,7 +22,7 @@ from emp_hub.broker import BrokerSettings
 from emp_hub.settings import HubSettings
 from emp_hub.testing import TestHub, running_hub, running_worker
 from emp_protocol.hub_messages import CancelJob
-from emp_protocol.messages import RequestJob, WorkerHeartbeat
+from emp_protocol.messages import CompleteJob, RequestJob, UpdateJobProgress, WorkerHeartbeat
 from emp_worker import hookimpl
 from emp_worker import worker as worker_module
 from emp_worker.connector import Connector, Job, JobContext
@@ -350,6 +350,32 @@ async def test_a_result_makes_its_queued_progress_report_moot(hub_url: str) -> N
         assert "progress" not in kinds[0] and kinds[0][-1] == "status", kinds
         assert kinds[0.3].count("progress") == 1, kinds
         await hub.http.aclose()
+
+
+async def test_a_newer_message_makes_the_queued_ones_it_replaces_moot(hub_url: str) -> None:
+    """Waiting for the next frame: a newer request_job replaces the one queued, a job's
+    result its queued progress reports (not another job's); their senders are told they
+    went (the newer message says it)."""
+    async with running_worker(hub_url, [Sleepy()]) as worker:
+        assert worker.batching
+        await worker.send(WorkerHeartbeat(worker_id=worker.worker_id))  # the queue is empty
+        first = worker._post(RequestJob(slots=1))
+        progress = worker._post(UpdateJobProgress(job_id="j1", progress=0))
+        other = worker._post(UpdateJobProgress(job_id="j2", progress=0))
+        second = worker._post(RequestJob(slots=0))
+        result = worker._post(CompleteJob(job_id="j1", result=None))
+        assert first.done() and progress.done() and first.result() and progress.result()
+        waiting = worker.pending_messages()
+        assert [type(m).__name__ for m in waiting] == [
+            "UpdateJobProgress",
+            "RequestJob",
+            "CompleteJob",
+        ]
+        assert isinstance(waiting[1], RequestJob) and waiting[1].slots == 0
+        for sent in (other, second, result):
+            assert await asyncio.wait_for(sent, 2) is True
+        assert worker.pending_messages() == []
+        assert worker._queued_progress == {} and worker._queued_request is None
 
 
 async def test_a_sender_that_gave_up_leaves_the_frame_to_the_others(hub_url: str) -> None:
