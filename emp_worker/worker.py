@@ -734,9 +734,11 @@ class Worker:
                     seen = self._posted
                     await asyncio.sleep(0)
                 batch = self._take(MAX_BATCH)
+                if not batch:
+                    continue  # every one of them was made moot
                 conn = self.conn
                 messages = [e.message for e in batch if e.message is not None]
-                ok = bool(messages) and conn is not None and await self._send_frame(conn, messages)
+                ok = conn is not None and await self._send_frame(conn, messages)
                 for entry in batch:
                     _tell(entry.sent, ok)
         finally:  # cancelled: what is left was not sent
