@@ -110,6 +110,32 @@ async def test_a_submit_claims_for_a_waiting_worker_in_its_script(broker: Broker
     assert claims is None and (await broker.get("gpu")).status is JobStatus.PENDING
 
 
+async def test_a_submit_announces_only_the_jobs_its_claim_left_pending(
+    broker: Broker, redis_client: redis.asyncio.Redis
+) -> None:
+    """The work channel tells the replicas of jobs that became pending: a job the submit's
+    own claim took is not announced (a worker woken for it would claim nothing)."""
+    await broker.submit(JobSpec(service="sim", id="first"))  # the class is known now
+    await broker.refresh_classes()
+    await broker.claim_many("w0", SIM, 1)  # "first": the queue is empty again
+    pubsub = redis_client.pubsub()
+    await pubsub.subscribe(broker.key("work_channel"))
+    await pubsub.get_message(timeout=1)  # the subscription's confirmation
+    _, claims = await broker.submit_and_claim([JobSpec(service="sim", id="a")], ClaimFor("w1", SIM, 1))
+    assert [c.job.id for c in claims or []] == ["a"]
+    _, claims = await broker.submit_and_claim(
+        [JobSpec(service="sim", id="b"), JobSpec(service="sim", id="c")], ClaimFor("w2", SIM, 1)
+    )
+    assert [c.job.id for c in claims or []] == ["b"]
+    await broker.submit(JobSpec(service="sim", id="d"))
+    heard = []
+    while (message := await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)):
+        heard.append(message["data"].split()[1:])
+    await pubsub.aclose()
+    [job_class] = {(await broker.get(i)).requirement_class for i in "abcd"}
+    assert heard == [[f"{job_class}:1"], [f"{job_class}:1"]]  # c, then d
+
+
 def test_bad_specs_are_rejected() -> None:
     with pytest.raises(ValidationError, match="Extra inputs"):
         JobSpec.model_validate({"service": "sim", "colour": "red"})

@@ -274,14 +274,15 @@ end
 -- computed from, number of queues, then per queue: class, allow_avoided ("1" when no other
 -- live worker can run that class); then, only with model-warm affinity on, a mask of
 -- '0'/'1' per queue: '1' when its jobs prefer a model the worker has loaded (see
--- affinity_pick).
+-- affinity_pick). `taken_ids`, when given, is a table that gets each claimed job's id
+-- (as a key).
 -- Returns {0, classes_version} when the candidates are out of date (a new class appeared),
 -- else {1, classes_version, HGETALL of each claimed job...} (none when nothing matched, or
 -- when an admin drained or stopped the worker: its `worker_state` key is set).
 local CLAIM_FIELDS = {'avoid', 'seq', 'timeout', 'service', 'customer', 'attempt',
   'fair_band', 'fair_s', 'fair_f'}  -- whether to avoid a head, and what take() needs
 
-local function claim_jobs(a)
+local function claim_jobs(a, taken_ids)
   local worker, prefix, lease = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
   local count = tonumber(ARGV[a + 3])
   local ver = redis.call('GET', K.classes_ver) or '0'
@@ -321,6 +322,7 @@ local function claim_jobs(a)
       NOW_S, 'deadline', deadline, 'lease_expires', expires, 'progress', 0, 'message', '',
       'attempt', tonumber(j.attempt) + 1)
     event(id, 'type', 'status', 'status', 'active', 'worker', worker)
+    if taken_ids then taken_ids[id] = true end
     return redis.call('HGETALL', k)
   end
 

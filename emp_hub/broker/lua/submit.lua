@@ -29,7 +29,6 @@ end
 local last = redis.call('INCRBY', K.seq, n)
 local first = last - n + 1
 local new_classes = {}
-local touched = {}
 for i = 1, n do
   local id, service, class, req, priority, customer, max_attempts, timeout, payload, client,
     effective, urgency, deadline, steps, next_at, cost = unpack(jobs[i])
@@ -50,7 +49,6 @@ for i = 1, n do
     new_classes[#new_classes + 1] = class
   end
   enqueue(id, class, score)
-  touched[#touched + 1] = class
   redis.call('ZADD', K.all_jobs, seq, id)
   redis.call('ZADD', K.by_status('pending'), seq, id)
   redis.call('ZADD', K.by_service(service), seq, id)
@@ -59,9 +57,14 @@ for i = 1, n do
   end
   event(id, 'type', 'status', 'status', 'pending')
 end
-announce(touched, ARGV[5])
-local claimed = {}
-if ARGV[9] then claimed = claim_jobs(9) end
+local claimed, taken = {}, {}
+if ARGV[9] then claimed = claim_jobs(9, taken) end
+-- The jobs still pending are announced; one the claim took would wake a worker for nothing.
+local pending = {}
+for i = 1, n do
+  if not taken[jobs[i][1]] then pending[#pending + 1] = jobs[i][3] end
+end
+announce(pending, ARGV[5])
 -- A single job's place in line (jobs of its class ahead of it; -1: claimed), saving a
 -- round trip.
 local rank = -1
