@@ -12,6 +12,9 @@ complete each at once. We measure
 * the client's floor: the same client, requests and pauses against a bare ASGI app on
   uvicorn that answers at once (what any HTTP service costs this client on this machine).
 
+The latency phase's client is `LeanHTTP`, a bare HTTP/1.1 client on one kept-alive
+connection: httpx alone took 1.5 to 2.4 ms a request here, more than the hub's part.
+
 With `--hub-processes N [N ...]`, each run is one `emp-hub serve --workers N` (N uvicorn
 processes behind one port) instead of separate replicas on their own ports. Every run also
 reports the hub's CPU time (all its processes) per job of the throughput phase.
@@ -237,22 +240,67 @@ async def throughput(
     }
 
 
+class LeanHTTP:
+    """A bare HTTP/1.1 client: one kept-alive connection per origin, JSON POSTs, answers
+    with a Content-Length (as uvicorn gives them). The latency phase's client, so that its
+    figures are the hub's and not mostly the client's."""
+
+    def __init__(self) -> None:
+        self._connections: dict[str, tuple[asyncio.StreamReader, asyncio.StreamWriter]] = {}
+
+    async def post(self, url: str, body: Any) -> Any:
+        """POST `body` as JSON to `url` (http://host:port/path); the answer's JSON.
+        Raises RuntimeError on an answer other than 2xx."""
+        origin, _, path = url.removeprefix("http://").partition("/")
+        if origin not in self._connections:
+            host, _, port = origin.partition(":")
+            self._connections[origin] = await asyncio.open_connection(host, int(port))
+        reader, writer = self._connections[origin]
+        data = json.dumps(body).encode()
+        writer.write(
+            f"POST /{path} HTTP/1.1\r\nHost: {origin}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n".encode()
+            + data
+        )
+        status_line, *headers = (await reader.readuntil(b"\r\n\r\n")).split(b"\r\n")
+        lengths = [
+            int(value)
+            for name, _, value in (h.partition(b":") for h in headers)
+            if name.lower() == b"content-length"
+        ]
+        if not lengths:
+            raise RuntimeError(f"{url}: an answer without a Content-Length")
+        length = lengths[0]
+        answer = await reader.readexactly(length)
+        if not status_line.split()[1].startswith(b"2"):
+            raise RuntimeError(f"{url}: {status_line.decode()} {answer.decode()}")
+        return json.loads(answer)
+
+    async def aclose(self) -> None:
+        """Close every connection."""
+        for _, writer in self._connections.values():
+            writer.close()
+        self._connections.clear()
+
+
 async def latency(urls: list[str], workers: int, samples: int) -> dict[str, Any]:
     pool, tasks = await start_workers(urls, workers)
     pool.expected = samples
     out = []
-    async with httpx.AsyncClient(timeout=30) as http:
+    http = LeanHTTP()
+    try:
         for i in range(samples):
             url = urls[i % len(urls)]
             before = time.perf_counter()
-            r = await http.post(f"{url}/api/jobs", json={"job_type": "noop"})
-            job_id = r.json()["job_id"]
+            job_id = (await http.post(f"{url}/api/jobs", {"job_type": "noop"}))["job_id"]
             while job_id not in pool.assigned_at:
                 pool.assignment.clear()
                 if job_id not in pool.assigned_at:
                     await pool.assignment.wait()
             out.append(pool.assigned_at[job_id] - before)
             await asyncio.sleep(0.005)  # the worker is idle and waiting again
+    finally:
+        await http.aclose()
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -270,7 +318,7 @@ async def app(scope, receive, send):
         return
     while (await receive()).get("more_body"):
         pass
-    headers = [(b"content-type", b"application/json")]
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"15")]
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     await send({"type": "http.response.body", "body": b'{"job_id": "x"}'})
 """
@@ -291,12 +339,13 @@ async def client_floor(samples: int) -> dict[str, Any]:
         out = []
         try:
             await _until_ready(url)  # it answers any path
-            async with httpx.AsyncClient(timeout=30) as http:
-                for _ in range(samples):
-                    before = time.perf_counter()
-                    (await http.post(f"{url}/api/jobs", json={"job_type": "noop"})).json()
-                    out.append(time.perf_counter() - before)
-                    await asyncio.sleep(0.005)  # as the latency phase
+            http = LeanHTTP()
+            for _ in range(samples):
+                before = time.perf_counter()
+                await http.post(f"{url}/api/jobs", {"job_type": "noop"})
+                out.append(time.perf_counter() - before)
+                await asyncio.sleep(0.005)  # as the latency phase
+            await http.aclose()
         finally:
             server.terminate()
             await server.wait()
@@ -341,7 +390,8 @@ async def run(
             "workers": workers,
             "jobs": jobs,
             "worker_side": "asyncio WebSocket clients in the benchmark process, 1 slot each",
-            "submit": "HTTP batches of 500 (throughput); single HTTP submits (latency)",
+            "submit": "HTTP batches of 500 (throughput, httpx); single HTTP submits (latency,"
+            " LeanHTTP: HTTP/1.1 on one kept-alive connection)",
         },
         "results": results,
         "client_floor": floor,
