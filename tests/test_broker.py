@@ -121,7 +121,9 @@ async def test_a_submit_announces_only_the_jobs_its_claim_left_pending(
     pubsub = redis_client.pubsub()
     await pubsub.subscribe(broker.key("work_channel"))
     await pubsub.get_message(timeout=1)  # the subscription's confirmation
-    _, claims = await broker.submit_and_claim([JobSpec(service="sim", id="a")], ClaimFor("w1", SIM, 1))
+    _, claims = await broker.submit_and_claim(
+        [JobSpec(service="sim", id="a")], ClaimFor("w1", SIM, 1)
+    )
     assert [c.job.id for c in claims or []] == ["a"]
     _, claims = await broker.submit_and_claim(
         [JobSpec(service="sim", id="b"), JobSpec(service="sim", id="c")], ClaimFor("w2", SIM, 1)
@@ -129,9 +131,9 @@ async def test_a_submit_announces_only_the_jobs_its_claim_left_pending(
     assert [c.job.id for c in claims or []] == ["b"]
     await broker.submit(JobSpec(service="sim", id="d"))
     heard = []
-    while (message := await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)):
+    while message := await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5):
         heard.append(message["data"].split()[1:])
-    await pubsub.aclose()
+    await pubsub.aclose()  # type: ignore[no-untyped-call]
     [job_class] = {(await broker.get(i)).requirement_class for i in "abcd"}
     assert heard == [[f"{job_class}:1"], [f"{job_class}:1"]]  # c, then d
 
