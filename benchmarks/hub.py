@@ -337,16 +337,16 @@ async def client_floor(samples: int) -> dict[str, Any]:
         )
         url = f"http://127.0.0.1:{port}"
         out = []
+        http = LeanHTTP()
         try:
             await _until_ready(url)  # it answers any path
-            http = LeanHTTP()
             for _ in range(samples):
                 before = time.perf_counter()
                 await http.post(f"{url}/api/jobs", {"job_type": "noop"})
                 out.append(time.perf_counter() - before)
                 await asyncio.sleep(0.005)  # as the latency phase
-            await http.aclose()
         finally:
+            await http.aclose()
             server.terminate()
             await server.wait()
     return {"samples": samples, "round_trip": percentiles(out)}

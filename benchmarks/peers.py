@@ -392,19 +392,21 @@ async def emp_latency(
     started: list[float] = []
     claimed: list[float] = []
     submitter = LeanHTTP()
-    for i in range(samples + 1):
-        before = time.time()
-        job_id = (await submitter.post(f"{url}/api/jobs", {"job_type": "simulation"}))["job_id"]
-        while True:
-            await idle_wait(LATENCY_POLL_S)
-            job = (await http.get(f"{url}/api/jobs/{job_id}")).json()
-            if job["status"] == "completed":
-                break
-        if i:
-            started.append(job["started_at"] - before)
-            claimed.append(job["claimed_at"] - before)
-        await asyncio.sleep(0.005)
-    await submitter.aclose()
+    try:
+        for i in range(samples + 1):
+            before = time.time()
+            job_id = (await submitter.post(f"{url}/api/jobs", {"job_type": "simulation"}))["job_id"]
+            while True:
+                await idle_wait(LATENCY_POLL_S)
+                job = (await http.get(f"{url}/api/jobs/{job_id}")).json()
+                if job["status"] == "completed":
+                    break
+            if i:
+                started.append(job["started_at"] - before)
+                claimed.append(job["claimed_at"] - before)
+            await asyncio.sleep(0.005)
+    finally:
+        await submitter.aclose()
     return started, claimed
 
 
