@@ -52,7 +52,7 @@ import redis
 
 import emp_hub
 from benchmarks.hub import LeanHTTP, hubs, percentiles
-from benchmarks.worker import start_workers
+from benchmarks.worker import completed_jobs, start_workers
 from emp_hub.embedded import EmbeddedValkey
 
 PEERS = ("taskiq", "dramatiq")
@@ -342,22 +342,10 @@ async def until_drained(http: httpx.AsyncClient, url: str) -> None:
 
 
 async def run_span(http: httpx.AsyncClient, url: str) -> tuple[float, float, int]:
-    """The first job's start, the last job's end and the number of completed jobs (the
-    API's pages of 500)."""
-    first, last, completed = float("inf"), float("-inf"), 0
-    cursor = None
-    while True:
-        params: dict[str, Any] = {"status": "completed", "limit": 500}
-        if cursor is not None:
-            params["cursor"] = cursor
-        page = (await http.get(f"{url}/api/jobs", params=params)).json()
-        for job in page["jobs"]:
-            first = min(first, job["started_at"])
-            last = max(last, job["finished_at"])
-        completed += len(page["jobs"])
-        cursor = page["next_cursor"]
-        if cursor is None:
-            return first, last, completed
+    """The first job's start, the last job's end and the number of completed jobs."""
+    jobs = await completed_jobs(http, url)
+    first = min(job["started_at"] for job in jobs)
+    return first, max(job["finished_at"] for job in jobs), len(jobs)
 
 
 def rates(began: float, first: float, last: float, completed: int) -> dict[str, Any]:
