@@ -22,9 +22,13 @@ TS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
 def json_lines(proc: Proc) -> list[dict[str, Any]]:
     """Every line the process wrote (stdout and stderr), each parsed as a JSON object with
-    the fields every line has."""
+    the fields every line has. While it runs, a last line without its newline yet is
+    still being written (a long one takes several writes) and is left for the next read."""
+    written = proc.text()
+    if proc.popen.poll() is None:
+        written = written[: written.rfind("\n") + 1]
     lines = []
-    for text in proc.text().splitlines():
+    for text in written.splitlines():
         line = json.loads(text)  # fails on any line that is not JSON
         assert isinstance(line, dict), text
         assert {"ts", "level", "logger", "message"} <= line.keys(), text
