@@ -8,16 +8,20 @@ import json
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
 import pytest
 import redis.asyncio
 import websockets
+from fastapi import Response
 from pydantic import SecretStr, ValidationError
 
 from emp_hub.auth import Role, TokenStore
 from emp_hub.broker import Broker, BrokerSettings, connect
+from emp_hub.hub import open_hub
+from emp_hub.routes.api import StrictJSONRequest, _submit_shortcut
 from emp_hub.settings import HubSettings
 from emp_protocol.capabilities import WorkerCapabilities
 from emp_worker.testing import eventually
@@ -384,6 +388,81 @@ async def test_customer_scoping(tokens: dict[str, str], http: httpx.AsyncClient)
     assert other.json()["jobs"] == []
     admin_view = (await http.get("/api/jobs", headers=bearer(tokens["admin"]))).json()["jobs"]
     assert len(admin_view) == 2
+
+
+async def test_the_submit_shortcut_takes_the_common_case_and_leaves_the_rest(
+    tokens: dict[str, str], hub_settings: HubSettings
+) -> None:
+    """POST /api/jobs's shortcut (routes/api.py) answers a valid JSON body from a caller
+    who may submit, and leaves every other request, untouched, to FastAPI's handler."""
+    good = json.dumps({"job_type": "s", "payload": {"n": 1}}).encode()
+    client = f"Bearer {tokens['client']}"
+    async with open_hub(hub_settings) as hub:
+        app = SimpleNamespace(state=SimpleNamespace(hub=hub))
+
+        async def shortcut(
+            body: bytes,
+            authorization: str = client,
+            content_type: str = "application/json",
+            query: bytes = b"",
+        ) -> Response | None:
+            headers = [(b"content-type", content_type.encode())]
+            headers.append((b"authorization", authorization.encode()))
+            scope = {"type": "http", "method": "POST", "path": "/api/jobs", "app": app}
+            scope |= {"headers": headers, "query_string": query}
+
+            async def receive() -> dict[str, Any]:
+                return {"type": "http.request", "body": body, "more_body": False}
+
+            return await _submit_shortcut(StrictJSONRequest(scope, receive))
+
+        taken = await shortcut(good)
+        assert taken is not None and taken.status_code == 200
+        answer = json.loads(bytes(taken.body))
+        assert (await hub.broker.get(answer["job_id"])).payload == {"n": 1}
+        before = await hub.broker.stats()
+        left = [
+            await shortcut(good, authorization=""),
+            await shortcut(good, authorization="Bearer emp_wrong"),
+            await shortcut(good, authorization=f"Bearer {tokens['monitor']}"),
+            await shortcut(good, content_type="application/json; charset=utf-8"),
+            await shortcut(good, query=f"token={tokens['client']}".encode()),
+            await shortcut(b'{"job_type": "s", "colour": "red"}'),
+            await shortcut(b'{"job_type": "s", "priority": NaN}'),
+            await shortcut(b"[1]"),
+            await shortcut(b"{not json"),
+            await shortcut(b""),
+        ]
+        assert left == [None] * len(left)
+        assert await hub.broker.stats() == before  # nothing stored for those
+
+
+async def test_a_submit_answers_alike_through_the_shortcut_and_fastapi(
+    http: httpx.AsyncClient,
+) -> None:
+    """The same body sent as `application/json` (the shortcut) and with a charset
+    (FastAPI's handler) is stored and answered alike."""
+    body = {
+        "job_type": "s",
+        "payload": {"prompt": "ünïcode", "steps": 2.5},
+        "priority": 7,
+        "customer": "acme",
+        "requirements": {"gpu_memory_gb": 8},
+        "urgency": "high",
+    }
+    seen = []
+    for i, content_type in enumerate(["application/json", "application/json; charset=utf-8"]):
+        content = json.dumps({**body, "job_id": f"alike-{i}"}).encode()
+        r = await http.post("/api/jobs", content=content, headers={"content-type": content_type})
+        assert r.status_code == 200, r.text
+        answer = r.json()
+        assert answer.pop("job_id") in answer.pop("message")
+        assert answer.pop("position") == i  # behind the first
+        job = (await http.get(f"/api/jobs/alike-{i}")).json()
+        for moving in ("job_id", "id", "seq", "created_at", "position", "display_position"):
+            job.pop(moving, None)
+        seen.append((r.headers["content-type"], answer, job))
+    assert seen[0] == seen[1]
 
 
 @pytest.mark.slow
