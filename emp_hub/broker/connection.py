@@ -12,6 +12,8 @@ import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import AbstractBackoff, ExponentialWithJitterBackoff
 
+from emp_hub.broker.lane import Lane
+
 T = TypeVar("T")
 
 #: Connections one process may open to Redis. When all are busy, a command waits for one
@@ -65,12 +67,26 @@ class RetryFor(Retry):
                 await asyncio.sleep(delay)
 
 
+class Client(redis.asyncio.Redis):
+    """redis-py's asyncio client with a `lane` to the same server (lane.py), on which the
+    broker runs its scripts; closing the client closes the lane."""
+
+    lane: Lane | None = None
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        """Close the lane, then the client (its pool, when it owns it)."""
+        if self.lane is not None:
+            await self.lane.aclose()
+        await super().aclose(close_connection_pool)
+
+
 def connect(
     url: str, *, retry_s: float = RETRY_S, max_connections: int = MAX_CONNECTIONS
-) -> redis.asyncio.Redis:
+) -> Client:
     """An asyncio Redis client for the broker: responses decoded as text, commands retried
-    with backoff for `retry_s` while the server restarts or fails over, and a pool that
-    makes a command wait for a free connection rather than fail."""
+    with backoff for `retry_s` while the server restarts or fails over, a pool that makes a
+    command wait for a free connection rather than fail, and a lane for the scripts (not
+    over TLS: they go through the pool there)."""
     pool = redis.asyncio.BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
@@ -83,4 +99,7 @@ def connect(
         socket_timeout=30,
         socket_connect_timeout=CONNECT_TIMEOUT_S,
     )
-    return redis.asyncio.Redis.from_pool(pool)
+    client = Client(connection_pool=pool)
+    client.auto_close_connection_pool = True  # as Redis.from_pool: it owns the pool
+    client.lane = Lane.for_pool(pool)
+    return client
