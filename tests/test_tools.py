@@ -22,6 +22,7 @@ from benchmarks import connectors as connectors_benchmark
 from benchmarks import dashboard as dashboard_benchmark
 from benchmarks import faults as faults_benchmark
 from benchmarks import hub as hub_benchmark
+from benchmarks import lane as lane_benchmark
 from benchmarks import peers as peers_benchmark
 from benchmarks import recovery as recovery_benchmark
 from benchmarks import worker as worker_benchmark
@@ -103,6 +104,20 @@ def test_hub_benchmark_prints_its_json(redis_url: str, capsys: pytest.CaptureFix
         assert latency["from_http_request"]["p50_ms"] >= latency["from_submission"]["p50_ms"]
     floor = report["client_floor"]
     assert floor["samples"] == 10 and floor["round_trip"]["p50_ms"] > 0
+
+
+def test_lane_benchmark_prints_its_json(redis_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["--samples", "20", "--pause-ms", "1", "--callers", "3", "--commands", "10"]
+    lane_benchmark.main([*args, "--url", redis_url])
+    report = json.loads(capsys.readouterr().out)
+    assert report["conditions"]["samples"] == 20 and report["conditions"]["server"] == "--url"
+    assert set(report["results"]) == {"ping", "evalsha"}
+    for row in report["results"].values():
+        for timing in ("back_to_back", "after_pause"):
+            for way in ("redis_py", "lane"):
+                assert row[timing][way]["samples"] == 20 and row[timing][way]["p50_ms"] > 0
+            assert row[timing]["redis_py_over_lane_p50"] > 0
+        assert row["concurrent_per_s"]["redis_py"] > 0 and row["concurrent_per_s"]["lane"] > 0
 
 
 @pytest.mark.timeout(300)

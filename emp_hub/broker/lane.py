@@ -1,12 +1,13 @@
 """A multiplexed connection to Redis for the broker's scripts.
 
 redis-py takes a connection from its pool for every command, checks it (connected, nothing
-left unread), and gives it back, with a lock, a condition and a timeout on the way: a PING
-took 0.1 ms more than on a lane on a 2-core VM, and 0.2 ms more after an idle pause
-(docs/benchmarks.md). A `Lane` is one connection that every caller of the process shares: a
-command is written at once, and the replies are read in turn by one task (Redis answers in
-the order it was asked) and handed to their callers. Nothing is checked out or back, and
-a caller cancelled meanwhile costs nothing: its reply is read and dropped.
+left unread), and gives it back, with a lock, a condition and a timeout on the way: a
+trivial script took 0.05 to 0.07 ms more than on a lane on a 2-core VM, and 0.23 to 0.31
+ms more after a 5 ms pause (benchmarks/lane.py). A `Lane` is one connection that every
+caller of the process shares: a command is written at once, and the replies are read in
+turn by one task (Redis answers in the order it was asked) and handed to their callers.
+Nothing is checked out or back, and a caller cancelled meanwhile costs nothing: its reply
+is read and dropped.
 
 One slow command holds the replies behind it, so a lane is only for commands that never
 block: the broker's scripts (scripts.py). Blocking reads, pub/sub and everything else go
