@@ -29,6 +29,7 @@ from typing import cast
 import redis.asyncio
 from pydantic import BaseModel
 
+from emp_hub.broker.connection import on_lane
 from emp_hub.broker.keys import Keys
 from emp_protocol.capabilities import Name
 
@@ -143,7 +144,7 @@ class TokenStore:
         if self._shared is not None and hmac.compare_digest(token.encode(), self._shared.encode()):
             return Principal(name="shared-token", role=Role.ADMIN, token_id="shared")
         # The lookup is by hash: timing reveals nothing about the stored tokens.
-        value = cast(str | None, await self.redis.hget(self.key, _digest(token)))
+        value = cast(str | None, await on_lane(self.redis, "HGET", self.key, _digest(token)))
         if value is None:
             return None
         record = TokenRecord.model_validate_json(value)

@@ -11,6 +11,7 @@ import pytest
 import redis.asyncio
 import redis.exceptions
 
+from emp_hub.auth import Role, TokenStore
 from emp_hub.broker import Broker, BrokerSettings, JobSpec
 from emp_hub.broker.connection import Client, connect
 from emp_hub.broker.lane import Lane
@@ -160,3 +161,30 @@ def test_a_client_over_tls_runs_its_scripts_through_the_pool() -> None:
     assert tcp is not None and tcp.address == "10.0.0.1:7000"
     unix = Lane.for_pool(redis.asyncio.ConnectionPool.from_url("unix:///run/valkey.sock"))
     assert unix is not None and unix.address == "/run/valkey.sock"
+
+
+async def test_a_token_is_looked_up_on_the_lane(redis_client: Client, namespace: str) -> None:
+    """An authenticated request's one Redis command goes on the lane, as the scripts do."""
+    tokens = TokenStore(redis_client, namespace, refresh_s=3600.0)
+    token = await tokens.create(Role.CLIENT, name="ci")
+    assert not await tokens.is_open()  # checked now, then not for an hour
+    assert redis_client.lane is not None
+    lane_id = str(await redis_client.lane.execute("CLIENT", "ID"))
+    principal = await tokens.authenticate(token)
+    assert principal is not None and principal.name == "ci"
+    [lane] = [c for c in await redis_client.client_list() if c["id"] == lane_id]
+    assert lane["cmd"] == "hget"
+
+
+async def test_without_a_lane_the_token_is_looked_up_through_the_pool(
+    redis_url: str, redis_client: Client, namespace: str
+) -> None:
+    """A client without a lane (redis-py's own; emp's over TLS) looks the token up too."""
+    token = await TokenStore(redis_client, namespace).create(Role.MONITOR, name="m")
+    plain = redis.asyncio.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        principal = await TokenStore(plain, namespace).authenticate(token)
+        assert principal is not None and principal.role is Role.MONITOR
+        assert await TokenStore(plain, namespace).authenticate("not-a-token") is None
+    finally:
+        await plain.aclose()

@@ -12,7 +12,7 @@ import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import AbstractBackoff, ExponentialWithJitterBackoff
 
-from emp_hub.broker.lane import Lane
+from emp_hub.broker.lane import Arg, Lane
 
 T = TypeVar("T")
 
@@ -78,6 +78,16 @@ class Client(redis.asyncio.Redis):
         if self.lane is not None:
             await self.lane.aclose()
         await super().aclose(close_connection_pool)
+
+
+async def on_lane(client: redis.asyncio.Redis, *args: Arg) -> Any:
+    """Run a command that never blocks on the client's lane when it has one (emp's
+    `Client`), else through redis-py: for a command on every request's path, as the
+    token lookup is (a lane's round trip is the shorter, lane.py)."""
+    lane = client.lane if isinstance(client, Client) else None
+    if lane is None:
+        return await client.execute_command(*args)  # type: ignore[no-untyped-call]
+    return await lane.execute(*args)
 
 
 def connect(

@@ -10,7 +10,8 @@ Nothing is checked out or back, and a caller cancelled meanwhile costs nothing: 
 is read and dropped.
 
 One slow command holds the replies behind it, so a lane is only for commands that never
-block: the broker's scripts (scripts.py). Blocking reads, pub/sub and everything else go
+block: the broker's scripts (scripts.py) and the token lookup of an authenticated request
+(auth.py, by `connection.on_lane`). Blocking reads, pub/sub and everything else go
 through redis-py as before.
 """
 
