@@ -36,6 +36,7 @@ from emp_hub.routes import (
 )
 from emp_hub.settings import HubSettings
 from emp_protocol.logs import REQUEST_ID
+from emp_protocol.runtime import freeze_startup_objects
 
 log = logging.getLogger("emp_hub")
 
@@ -55,6 +56,7 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
         async with open_hub(settings) as hub:
             app.state.hub = hub
             stop_streams_on_signals(hub.stopping)
+            freeze_startup_objects()
             yield
 
     app = HubApp(

@@ -69,6 +69,7 @@ from emp_protocol.messages import (
     WorkerMessage,
     frame,
 )
+from emp_protocol.runtime import freeze_startup_objects
 from emp_worker import hardware
 from emp_worker.connector import (
     HUB_OUTPUT,
@@ -491,6 +492,7 @@ class Worker:
             await connector.start()
         await self.check_health()  # a service that is down is not offered from the start
         self._caps = self.capabilities()  # what the connectors found as they started
+        freeze_startup_objects()
         refresher = asyncio.create_task(self._refresh_capabilities())
         watcher = asyncio.create_task(self._watch_health())
         failures = 0
