@@ -69,7 +69,8 @@ class RetryFor(Retry):
 
 class Client(redis.asyncio.Redis):
     """redis-py's asyncio client with a `lane` to the same server (lane.py), on which the
-    broker runs its scripts; closing the client closes the lane."""
+    broker runs its scripts and `on_lane` its callers' commands; closing the client closes
+    the lane."""
 
     lane: Lane | None = None
 
