@@ -4,21 +4,21 @@ Each script is the settings' names, the key prefix `P` and the key layout `K` (k
 the shared prelude (lua/common.lua), then its own body (lua/NAME.lua).
 They run with EVALSHA and, when the server answers NOSCRIPT (a restarted Redis, a SCRIPT
 FLUSH, a failover), with EVAL, which loads the source again: on the client's lane
-(lane.py) when it has one, else through redis-py's Script objects, which do the same.
+(lane.py) when it has one, else through redis-py (`connection.on_lane`).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from functools import cache
 from importlib.resources import files
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, ResponseError
 
-from emp_hub.broker.connection import Client
+from emp_hub.broker.connection import on_lane
 from emp_hub.broker.keys import lua_layout
 from emp_hub.broker.models import (
     BrokerError,
@@ -100,24 +100,20 @@ def refusal(reply: str) -> BrokerError:
 
 
 class Scripts:
-    """The broker's scripts registered on one Redis client: run on its lane when it has
-    one (emp's own client, connection.py), else through redis-py."""
+    """The broker's scripts on one Redis client: run on its lane when it has one (emp's
+    own client, connection.py), else through redis-py."""
 
     def __init__(self, redis: Redis) -> None:
-        self._scripts: dict[str, AsyncScript] = {
-            name: redis.register_script(source(name)) for name in NAMES
-        }
-        self._lane = redis.lane if isinstance(redis, Client) else None
+        self._redis = redis
+        self._shas = {name: hashlib.sha1(source(name).encode()).hexdigest() for name in NAMES}
 
     async def run(self, name: str, key: str, args: list[Any]) -> Any:
         """Run script `name`; `key` names the slot (all keys share one hash tag)."""
         try:
-            if self._lane is None:
-                return await self._scripts[name](keys=[key], args=args)
             try:
-                return await self._lane.execute("EVALSHA", self._scripts[name].sha, 1, key, *args)
+                return await on_lane(self._redis, "EVALSHA", self._shas[name], 1, key, *args)
             except NoScriptError:  # a restarted server, a SCRIPT FLUSH: EVAL loads it again
-                return await self._lane.execute("EVAL", source(name), 1, key, *args)
+                return await on_lane(self._redis, "EVAL", source(name), 1, key, *args)
         except ResponseError as exc:
             code, _, message = str(exc).partition(" ")
             error = _ERRORS.get(code)
