@@ -44,3 +44,17 @@ def test_docs_describe_every_key() -> None:
     for name, pattern in LAYOUT.items():
         shown = pattern.replace("{}", "<")  # `job:<id>`, `idx:status:<s>`, ...
         assert f"`{shown.split('<')[0]}" in table, f"docs/broker.md does not describe {name}"
+
+
+def test_a_script_carries_only_the_helpers_and_keys_it_uses() -> None:
+    depth, submit = source("depth"), source("submit")
+    # depth.lua uses CFG and K.queue, nothing else of the prelude.
+    assert "local CFG = {}" in depth and "K.queue = function" in depth
+    assert "local function claim_jobs" not in depth and "K.leases" not in depth
+    # submit.lua calls claim_jobs, which calls take's helpers (fair_claimed, set_status):
+    # they come along, each once, before their first use.
+    for helper in ("claim_jobs", "fair_claimed", "set_status", "affinity_pick", "lease_end"):
+        assert submit.count(f"local function {helper}(") == 1, helper
+    assert submit.index("local function fair_claimed(") < submit.index("fair_claimed(j)")
+    assert "local function dead_letter(" not in submit and "K.dead =" not in submit
+    assert "K.leases = P .. 'leases'" in submit  # used by claim_jobs only

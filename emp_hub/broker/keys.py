@@ -10,6 +10,7 @@ is spelled in this file only. docs/broker.md describes each key.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Literal, get_args
 
 KeyName = Literal[
@@ -124,11 +125,14 @@ class Keys:
         return self.prefix + pattern.format(*args)
 
 
-def lua_layout() -> str:
+def lua_layout(names: Collection[str] | None = None) -> str:
     """The layout as Lua: `local K = {...}`, a string per fixed key and a function per key
-    that takes arguments, all built on `P` (the prefix, ARGV[1]); run after `P` is set."""
+    that takes arguments, all built on `P` (the prefix, ARGV[1]); run after `P` is set.
+    Only the keys in `names` when given (a script builds only the keys it uses)."""
     lines = ["local K = {}"]
     for name, pattern in LAYOUT.items():
+        if names is not None and name not in names:
+            continue
         if "{}" not in pattern:
             lines.append(f"K.{name} = P .. '{pattern}'")
             continue

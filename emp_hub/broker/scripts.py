@@ -1,7 +1,8 @@
 """The broker's Lua scripts: loaded once, run with EVALSHA, reloaded after NOSCRIPT.
 
 Each script is the settings' names, the key prefix `P` and the key layout `K` (keys.py),
-the shared prelude (lua/common.lua), then its own body (lua/NAME.lua).
+the shared prelude (lua/common.lua), then its own body (lua/NAME.lua); of the layout and
+the prelude, only what the body uses (`source`).
 They run with EVALSHA and, when the server answers NOSCRIPT (a restarted Redis, a SCRIPT
 FLUSH, a failover), with EVAL, which loads the source again: on the client's lane
 (lane.py) when it has one, else through redis-py (`connection.on_lane`).
@@ -10,6 +11,7 @@ FLUSH, a failover), with EVAL, which loads the source again: on the client's lan
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Callable
 from functools import cache
 from importlib.resources import files
@@ -76,19 +78,51 @@ _ERRORS: dict[str, Callable[[str], BrokerError]] = {
 }
 
 
+#: A top-level definition of lua/common.lua (`local NAME` or `local function NAME` at the
+#: start of a line), with the comment lines just above it.
+_DEFINITION = re.compile(r"^(?:--.*\n)*local (?:function )?(\w+)", re.MULTILINE)
+#: A line that is only a comment (a comment after code stays: it can only add names).
+_COMMENT_LINE = re.compile(r"^\s*--.*$", re.MULTILINE)
+
+
+def _names(code: str) -> set[str]:
+    """Every word in `code` outside its comment lines: the names it may use."""
+    return set(re.findall(r"\w+", _COMMENT_LINE.sub("", code)))
+
+
+@cache
+def _definitions() -> dict[str, str]:
+    """lua/common.lua as its top-level definitions, by name, in the file's order."""
+    common = (files("emp_hub.broker") / "lua" / "common.lua").read_text()
+    found = list(_DEFINITION.finditer(common))
+    ends = [m.start() for m in found[1:]] + [len(common)]
+    return {m.group(1): common[m.start() : end] for m, end in zip(found, ends, strict=True)}
+
+
 @cache
 def source(name: str) -> str:
     """The full source of one script: the settings' names, the key layout, the prelude,
-    the body."""
-    lua = files("emp_hub.broker") / "lua"
+    the body. Of the key layout and the prelude (lua/common.lua), only what the body uses,
+    directly or through another helper: a script runs its whole prelude at every call,
+    and all of it cost about 10 us a call, a quarter of a plain submit's time in Valkey
+    (docs/benchmarks.md)."""
+    body = (files("emp_hub.broker") / "lua" / f"{name}.lua").read_text()
+    definitions = _definitions()
+    used, kept = _names(body), set()
+    while grown := {d for d in definitions if d in used and d not in kept}:
+        kept |= grown
+        for definition in grown:
+            used |= _names(definitions[definition])
+    prelude = "".join(code for d, code in definitions.items() if d in kept)  # in file order
+    keys = set(re.findall(r"\bK\.(\w+)", prelude + body))
     fields = ", ".join(f"'{f}'" for f in CONFIG_FIELDS)
     return "\n".join(
         [
             f"local CONFIG_FIELDS = {{{fields}}}",
             "local P = ARGV[1]",
-            lua_layout(),
-            (lua / "common.lua").read_text(),
-            (lua / f"{name}.lua").read_text(),
+            lua_layout(keys),
+            prelude,
+            body,
         ]
     )
 
