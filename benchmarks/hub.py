@@ -10,7 +10,9 @@ complete each at once. We measure
   submission (its `created_at`, stamped by the hub) to the `job_assigned` frame arriving at
   a worker, and from just before the client's HTTP request (p50, p99);
 * the client's floor: the same client, requests and pauses against a bare ASGI app on
-  uvicorn that answers at once (what any HTTP service costs this client on this machine).
+  uvicorn that answers at once (what any HTTP service costs this client on this machine);
+* the topology's floor: the latency phase against BARE_HUB, which makes a submit's hops
+  (one script call to Redis, one frame to a worker) and does nothing else.
 
 The latency phase's client is `LeanHTTP`, a bare HTTP/1.1 client on one kept-alive
 connection: httpx alone took 1.5 to 2.4 ms a request here, more than the hub's part.
@@ -324,6 +326,98 @@ async def app(scope, receive, send):
 """
 
 
+#: The least a hub can do per submit, as an ASGI app (the topology's floor): read the
+#: body, one script call to Redis on one raw connection, a `job_assigned` frame to the
+#: next of its WebSocket workers, a small JSON answer. No validation, no matching, no
+#: state: what the latency phase would measure of a hub with no work of its own.
+BARE_HUB = """
+import asyncio, itertools, json, os, time
+from urllib.parse import urlsplit
+
+workers = []
+turn = itertools.count()
+redis = []
+
+def command(*args):
+    out = [b"*%d\\r\\n" % len(args)]
+    for a in args:
+        out.append(b"$%d\\r\\n%s\\r\\n" % (len(a), a))
+    return b"".join(out)
+
+KEY = os.environ["BARE_HUB_KEY"].encode()
+INCR = command(b"EVAL", b"return redis.call('INCR', KEYS[1])", b"1", KEY)
+
+async def connect():
+    url = urlsplit(os.environ["BARE_HUB_REDIS"])
+    reader, writer = await asyncio.open_connection(url.hostname, url.port or 6379)
+    if url.password:
+        writer.write(command(b"AUTH", url.password.encode()))
+        await reader.readline()
+    writer.write(command(b"SELECT", (url.path.strip("/") or "0").encode()))
+    await reader.readline()
+    redis[:] = [reader, writer]
+
+async def app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await connect()
+            await send({"type": message["type"] + ".complete"})
+            if message["type"] == "lifespan.shutdown":
+                return
+    if scope["type"] == "websocket":
+        await receive()
+        await send({"type": "websocket.accept"})
+        workers.append(send)
+        while (await receive())["type"] != "websocket.disconnect":
+            pass  # what a worker says is not read
+        workers.remove(send)
+        return
+    while (await receive()).get("more_body"):
+        pass
+    body = b"{}"  # a GET: ready
+    if scope["method"] == "POST":
+        reader, writer = redis
+        writer.write(INCR)
+        job_id = f"bare-{int((await reader.readline())[1:])}"
+        assigned = {"type": "job_assigned", "job_id": job_id, "created_at": time.time()}
+        worker = workers[next(turn) % len(workers)]
+        await worker({"type": "websocket.send", "text": json.dumps(assigned)})
+        body = json.dumps({"job_id": job_id}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+"""
+
+
+async def topology_floor(redis_url: str, workers: int, samples: int) -> dict[str, Any]:
+    """The latency phase against BARE_HUB on uvicorn (its defaults, as the hub's), with
+    the same client and workers: what the hops alone cost on this machine (client, hub,
+    Redis, hub, worker), the floor of "from HTTP request" for any hub built this way."""
+    key = f"bench-bare-hub:{os.getpid()}"
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "bare_hub.py").write_text(BARE_HUB)
+        port = free_port()
+        server = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "uvicorn", "--app-dir", tmp, "bare_hub:app"),
+            *("--port", str(port), "--log-level", "warning", "--no-access-log"),
+            *("--ws-per-message-deflate", "false"),
+            env={**os.environ, "BARE_HUB_REDIS": redis_url, "BARE_HUB_KEY": key},
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            await _until_ready(url)
+            report = await latency([url], workers, samples)
+        finally:
+            server.terminate()
+            await server.wait()
+            client = connect(redis_url)
+            await client.delete(key)
+            await client.aclose()
+    return report
+
+
 async def client_floor(samples: int) -> dict[str, Any]:
     """The latency phase's client, requests and pauses against BARE_APP on uvicorn
     (its defaults, as the hub: uvloop, httptools): the part of "from HTTP request" that
@@ -382,6 +476,7 @@ async def run(
             )
             print(f"{replicas} replica(s) x {processes} process(es): done", file=sys.stderr)
     floor = await client_floor(samples)
+    hops = await topology_floor(redis_url, workers, samples)
     return {
         "conditions": {
             "version": emp_hub.__version__,
@@ -395,6 +490,7 @@ async def run(
         },
         "results": results,
         "client_floor": floor,
+        "topology_floor": hops,
     }
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 from rich.console import Console
 
 from benchmarks import claim as claim_benchmark
@@ -104,6 +105,11 @@ def test_hub_benchmark_prints_its_json(redis_url: str, capsys: pytest.CaptureFix
         assert latency["from_http_request"]["p50_ms"] >= latency["from_submission"]["p50_ms"]
     floor = report["client_floor"]
     assert floor["samples"] == 10 and floor["round_trip"]["p50_ms"] > 0
+    hops = report["topology_floor"]  # the bare hub: its workers got every job
+    assert hops["samples"] == 10 and hops["from_http_request"]["p50_ms"] > 0
+    assert len(hops["from_submission"]) == 2
+    with redis.Redis.from_url(redis_url) as client:
+        assert not client.keys("bench-bare-hub:*")  # its counter is gone
 
 
 def test_lane_benchmark_prints_its_json(redis_url: str, capsys: pytest.CaptureFixture[str]) -> None:
