@@ -176,20 +176,23 @@ local function fail_attempt(id, err, retryable, jitter)
   return dead_letter(id, err)
 end
 
--- Priority policy, deadlines and aging (emp_hub/scheduling.py): keep a job's effective
--- priority, urgency, deadline and promotion steps ("when priority ..."), and schedule the
--- first step in `promotions` (schedule.lua applies due steps). One HSET; nothing else for
+-- Priority policy, deadlines and aging (emp_hub/scheduling.py): a new job's record keeps
+-- its effective priority, urgency, deadline and promotion steps ("when priority ..."):
+-- they are appended to `fields`, the field-value pairs of the record's HSET; the first
+-- step is scheduled in `promotions` (schedule.lua applies due steps). Nothing else for
 -- a plain job.
-local function schedule_promotions(id, effective, urgency, deadline, steps, next_at)
-  local fields = {'effective_priority', effective}
-  if urgency ~= '' then fields[#fields + 1] = 'urgency'; fields[#fields + 1] = urgency end
-  if deadline ~= '' then fields[#fields + 1] = 'deadline_at'; fields[#fields + 1] = deadline end
+local function schedule_promotions(fields, id, effective, urgency, deadline, steps, next_at)
+  local function add(field, value)
+    fields[#fields + 1] = field
+    fields[#fields + 1] = value
+  end
+  add('effective_priority', effective)
+  if urgency ~= '' then add('urgency', urgency) end
+  if deadline ~= '' then add('deadline_at', deadline) end
   if steps ~= '' then
-    fields[#fields + 1] = 'steps'
-    fields[#fields + 1] = steps
+    add('steps', steps)
     redis.call('ZADD', K.promotions, tonumber(next_at), id)
   end
-  redis.call('HSET', K.job(id), unpack(fields))
 end
 
 -- Model-warm affinity (docs/scheduling.md). `best` is the lowest-score head among heads[1..n]

@@ -37,13 +37,18 @@ for i = 1, n do
   local tag, fin = seq, nil
   if tonumber(cost) > 0 then tag, fin = fair_tag(band, service, customer, tonumber(cost), seq) end
   local score = band * CFG.pscale + tag
-  redis.call('HSET', K.job(id), 'id', id, 'service', service, 'class', class,
+  local fields = {'id', id, 'service', service, 'class', class,
     'requirements', req, 'priority', priority, 'seq', seq, 'score', score,
     'customer', customer, 'status', 'pending', 'attempt', 0, 'failures', 0, 'orphans', 0,
     'max_attempts', max_attempts, 'timeout', timeout, 'payload', payload,
-    'created_at', NOW_S, 'progress', 0, 'client', client)
-  schedule_promotions(id, effective, urgency, deadline, steps, next_at)
-  if fin then redis.call('HSET', K.job(id), 'fair_band', band, 'fair_s', tag, 'fair_f', fin) end
+    'created_at', NOW_S, 'progress', 0, 'client', client}
+  schedule_promotions(fields, id, effective, urgency, deadline, steps, next_at)
+  if fin then
+    for _, v in ipairs({'fair_band', band, 'fair_s', tag, 'fair_f', fin}) do
+      fields[#fields + 1] = v
+    end
+  end
+  redis.call('HSET', K.job(id), unpack(fields))  -- one write of the whole record
   if redis.call('HSETNX', K.classes, class, req) == 1 then
     redis.call('INCR', K.classes_ver)
     new_classes[#new_classes + 1] = class
@@ -68,5 +73,7 @@ announce(pending, ARGV[5])
 -- A single job's place in line (jobs of its class ahead of it; -1: claimed), saving a
 -- round trip.
 local rank = -1
-if n == 1 then rank = redis.call('ZRANK', K.queue(jobs[1][3]), jobs[1][1]) or -1 end
+if n == 1 and not taken[jobs[1][1]] then
+  rank = redis.call('ZRANK', K.queue(jobs[1][3]), jobs[1][1]) or -1
+end
 return {first, new_classes, rank, claimed}
