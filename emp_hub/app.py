@@ -18,6 +18,7 @@ from typing import Any
 
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import JSONResponse
+from starlette.middleware.exceptions import ExceptionMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import emp_hub
@@ -104,12 +105,19 @@ def stop_streams_on_signals(stopping: asyncio.Event) -> None:
 
 
 class HubApp(FastAPI):
-    """FastAPI with `RequestId` outside all of its middleware: the lines logged for a
-    request (its 500 and uvicorn's access line included) carry the request's id."""
+    """FastAPI with `RequestId` outside all of its middleware (the lines logged for a
+    request, its 500 and uvicorn's access line included, carry the request's id), and the
+    routes' shortcuts (`api.FastPaths`) before its router."""
 
     def build_middleware_stack(self) -> ASGIApp:
-        """Starlette's stack, inside `RequestId`."""
-        return RequestId(super().build_middleware_stack())
+        """Starlette's stack, `FastPaths` just inside its exception handlers, all inside
+        `RequestId`."""
+        stack = super().build_middleware_stack()
+        layer: Any = stack  # each middleware holds the next as `app`
+        while not isinstance(layer, ExceptionMiddleware):
+            layer = layer.app
+        layer.app = api.FastPaths(layer.app, [api.router])
+        return RequestId(stack)
 
 
 #: A request id taken from a request's X-Request-ID: at most 128 safe characters.

@@ -21,7 +21,8 @@ from pydantic import SecretStr, ValidationError
 from emp_hub.auth import Role, TokenStore
 from emp_hub.broker import Broker, BrokerSettings, connect
 from emp_hub.hub import open_hub
-from emp_hub.routes.api import StrictJSONRequest, _submit_shortcut
+from emp_hub.app import create_app
+from emp_hub.routes.api import FastPaths, StrictJSONRequest, _submit_shortcut
 from emp_hub.settings import HubSettings
 from emp_protocol.capabilities import WorkerCapabilities
 from emp_worker.testing import eventually
@@ -435,6 +436,30 @@ async def test_the_submit_shortcut_takes_the_common_case_and_leaves_the_rest(
         ]
         assert left == [None] * len(left)
         assert await hub.broker.stats() == before  # nothing stored for those
+
+
+def test_the_shortcuts_come_before_the_router(hub_settings: HubSettings) -> None:
+    """FastPaths sits between the exception handlers and the router: a submit reaches
+    its shortcut without routing, and its errors are answered as the route's."""
+    app = create_app(hub_settings)
+    layer: Any = app.build_middleware_stack()
+    while not isinstance(layer, FastPaths):
+        assert not isinstance(layer, type(app.router)), "no FastPaths before the router"
+        layer = layer.app
+    assert layer.shortcuts == {("POST", "/api/jobs"): _submit_shortcut}
+    inner = layer.app
+    while inner is not app.router:  # FastAPI's exit stack for dependencies, then it
+        inner = inner.app
+
+
+async def test_a_request_the_shortcut_leaves_reaches_fastapi_with_its_body(
+    http: httpx.AsyncClient,
+) -> None:
+    """The shortcut has read the body, found a field it does not know, and left the
+    request: FastAPI's handler gets the same body and names that field."""
+    r = await http.post("/api/jobs", json={"job_type": "s", "colour": "red"})
+    assert r.status_code == 422
+    assert [e["loc"] for e in r.json()["detail"]] == [["body", "colour"]]
 
 
 async def test_a_submit_answers_alike_through_the_shortcut_and_fastapi(
