@@ -447,9 +447,6 @@ class Dispatcher:
         one frame when it reads batches)."""
         messages: list[HubMessage] = []
         for job, token in jobs:
-            latency = (job.claimed_at or 0) - job.created_at
-            self.metrics.submit_to_start.observe(latency)
-            self.metrics.series.started(latency)
             session.held[job.id] = token
             session.services[job.id] = job.service
             messages.append(
@@ -472,6 +469,11 @@ class Dispatcher:
                 session.services.pop(job.id, None)
                 with contextlib.suppress(BrokerError):
                     await self.broker.release(job.id, token)
+            return
+        for job, _ in jobs:  # counted once the worker has been told (not on its way)
+            latency = (job.claimed_at or 0) - job.created_at
+            self.metrics.submit_to_start.observe(latency)
+            self.metrics.series.started(latency)
 
     async def offer(self, session: WorkerSession, claim: Claim) -> None:
         """Offer a job to an original worker: it is reserved for it for OFFER_S;

@@ -85,8 +85,9 @@ class Hub:
                 started = time.perf_counter()
                 submitted, claims = await self.broker.submit_and_claim(specs, want, allowance)
                 if claims is not None:
-                    self.metrics.claim_seconds.observe(time.perf_counter() - started)
-                    await self.dispatcher.claimed(session, claims)
+                    took = time.perf_counter() - started
+                    await self.dispatcher.claimed(session, claims)  # the worker told first
+                    self.metrics.claim_seconds.observe(took)
             finally:
                 session.claim_lock.release()
         taken = {claim.job.id for claim in claims or ()}

@@ -592,7 +592,7 @@ async def submit_job(
         message=f"Job submitted successfully with ID: {submitted.id}",
         status=status.value,
         position=position,
-        unschedulable=await _why_waiting(hub, spec.job_requirements(), status),
+        unschedulable=await _why_waiting(hub, hub.broker.requirements(spec), status),
     )
 
 
