@@ -18,10 +18,10 @@ import websockets
 from fastapi import Response
 from pydantic import SecretStr, ValidationError
 
+from emp_hub.app import create_app
 from emp_hub.auth import Role, TokenStore
 from emp_hub.broker import Broker, BrokerSettings, connect
 from emp_hub.hub import open_hub
-from emp_hub.app import create_app
 from emp_hub.routes.api import FastPaths, StrictJSONRequest, _submit_shortcut
 from emp_hub.settings import HubSettings
 from emp_protocol.capabilities import WorkerCapabilities
@@ -439,15 +439,16 @@ async def test_the_submit_shortcut_takes_the_common_case_and_leaves_the_rest(
 
 
 def test_the_shortcuts_come_before_the_router(hub_settings: HubSettings) -> None:
-    """FastPaths sits between the exception handlers and the router: a submit reaches
-    its shortcut without routing, and its errors are answered as the route's."""
+    """FastPaths sits inside the exception handlers (test_rate_limit's 429 comes from the
+    shortcut through them) and before the router: a submit reaches its shortcut without
+    routing."""
     app = create_app(hub_settings)
     layer: Any = app.build_middleware_stack()
     while not isinstance(layer, FastPaths):
         assert not isinstance(layer, type(app.router)), "no FastPaths before the router"
         layer = layer.app
     assert layer.shortcuts == {("POST", "/api/jobs"): _submit_shortcut}
-    inner = layer.app
+    inner: Any = layer.app
     while inner is not app.router:  # FastAPI's exit stack for dependencies, then it
         inner = inner.app
 

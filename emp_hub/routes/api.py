@@ -121,8 +121,8 @@ class FastPaths:
     """The routers' shortcuts (`fast_path`), tried before routing: a request for one, by
     its exact method and path, goes to it first; one it leaves goes on to the router with
     its body as sent. Placed inside the app's exception handlers (app.py), so an error in a
-    shortcut is answered as the route's would be. Routing alone (FastAPI's, then the
-    route's request machinery) was 40 to 100 us of a submit on a 2-core VM."""
+    shortcut is answered as the route's would be. The router and the route's request
+    machinery took 43 us of a submit in a run with timestamps (docs/benchmarks.md)."""
 
     def __init__(self, app: ASGIApp, routers: Iterable[APIRouter]) -> None:
         self.app = app
@@ -532,7 +532,7 @@ async def _duplicate(hub: Hub, principal: Principal, job_id: str) -> SubmitRespo
 async def _submit_shortcut(request: Request) -> Response | None:
     """submit_job's common case: a JSON body that validates, from a caller who may submit
     (by header). FastAPI's dependency solving was about 0.3 ms of a submit's latency on a
-    2-core VM, its routing 40 to 100 us more (docs/benchmarks.md)."""
+    2-core VM (docs/benchmarks.md)."""
     if request.headers.get("content-type") != "application/json" or request.query_params:
         return None
     hub = await get_hub(request)
